@@ -1,0 +1,26 @@
+//! # kandinsky-core
+//!
+//! What every kandinsky-rs model crate needs:
+//! - [`traits`]: the shared tensor traits the pipeline composes (text/image encoders,
+//!   embedding prior, denoiser, latent codec, scheduler);
+//! - [`loading`]: diffusers-layout folders, memory-mapped safetensors (sharded, `fp16`
+//!   variants), typed errors naming file, key and shapes;
+//! - [`manifest`]: proving a model requests exactly a real checkpoint's tensors;
+//! - [`attention`]: the single attention entry point;
+//! - [`nn`], [`embeddings`]: layers shared by several networks;
+//! - [`noise`]: seeded host-side noise (same seed, same image on every device);
+//! - [`device`]: dtype / device choice; [`error`]: the typed errors.
+#![warn(missing_docs)]
+
+pub mod attention;
+pub mod device;
+pub mod embeddings;
+pub mod error;
+pub mod loading;
+pub mod manifest;
+pub mod nn;
+pub mod noise;
+pub mod testing;
+pub mod traits;
+
+pub use error::{Error, LoadError, Result};

@@ -1,0 +1,158 @@
+//! The shared tensor traits through which kandinsky-pipeline composes the networks.
+//!
+//! Model crates implement them; the pipeline depends only on them, so another
+//! implementation (Kandinsky 2.1's UNet, a quantised UNet, a remote encoder) can be swapped in.
+//! Shapes use diffusers' conventions (batch first, NCHW images).
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+use crate::noise::NoiseSource;
+
+/// Output of a text encoder.
+#[derive(Debug, Clone)]
+pub struct TextEncoding {
+    /// Per-token hidden states `[B, L, C]` (after the final norm).
+    pub last_hidden_state: Tensor,
+    /// Pooled (and projected, where the model has a projection) embedding `[B, E]`.
+    pub text_embeds: Tensor,
+}
+
+/// Tokens → hidden states + pooled embedding (CLIP text tower, M-CLIP).
+pub trait TextEncoder {
+    /// Encode `input_ids` `[B, L]` (u32). `attention_mask` `[B, L]` is used by encoders that
+    /// pool with it (M-CLIP); CLIP ignores it, as transformers does for the 2.2 prior.
+    fn encode_text(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<TextEncoding>;
+    /// The device the weights live on.
+    fn device(&self) -> &Device;
+}
+
+/// Preprocessed pixels → image embedding (CLIP vision tower with projection).
+pub trait ImageEncoder {
+    /// `pixel_values` `[B, 3, S, S]` (normalised) → `image_embeds` `[B, E]`.
+    fn encode_image(&self, pixel_values: &Tensor) -> Result<Tensor>;
+    /// The square input size `S`.
+    fn image_size(&self) -> usize;
+    /// The device the weights live on.
+    fn device(&self) -> &Device;
+    /// The dtype of the weights.
+    fn dtype(&self) -> DType;
+}
+
+/// Conditioning of one prior forward.
+#[derive(Debug, Clone, Copy)]
+pub struct PriorCondition<'a> {
+    /// Pooled text embedding `[B, E]` (`text_embeds`).
+    pub proj_embedding: &'a Tensor,
+    /// Text hidden states `[B, 77, E]`.
+    pub encoder_hidden_states: &'a Tensor,
+    /// Tokenizer attention mask `[B, 77]` (1 = token, 0 = padding).
+    pub attention_mask: &'a Tensor,
+}
+
+/// The diffusion prior: noisy image embedding + text → predicted (normalised) image embedding.
+pub trait EmbeddingPrior {
+    /// One denoiser evaluation at `timestep` for every batch element.
+    fn predict(&self, latents: &Tensor, timestep: f64, cond: &PriorCondition<'_>)
+        -> Result<Tensor>;
+    /// Map the final latents from the normalised space to CLIP space (`z·std + mean`).
+    fn post_process_latents(&self, latents: &Tensor) -> Result<Tensor>;
+    /// Width of the image embedding.
+    fn embedding_dim(&self) -> usize;
+    /// The device the weights live on.
+    fn device(&self) -> &Device;
+    /// The dtype of the weights.
+    fn dtype(&self) -> DType;
+}
+
+/// Conditioning of one decoder UNet forward.
+#[derive(Debug, Clone, Default)]
+pub struct DenoiserCondition {
+    /// CLIP image embeddings `[B, E]`.
+    pub image_embeds: Option<Tensor>,
+    /// ControlNet hint `[B, 3, H·8, W·8]` in [0, 1].
+    pub hint: Option<Tensor>,
+    /// Kandinsky 2.1: pooled text embedding `[B, 768]`.
+    pub text_embeds: Option<Tensor>,
+    /// Kandinsky 2.1: text hidden states `[B, 77, 1024]`.
+    pub text_hidden_states: Option<Tensor>,
+}
+
+/// The decoder UNet: noisy latents + timestep + conditioning → prediction.
+pub trait Denoiser {
+    /// `sample` `[B, in_channels, h, w]`, `timesteps` one per batch element → `[B, out_channels, h, w]`.
+    fn predict(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        cond: &DenoiserCondition,
+    ) -> Result<Tensor>;
+    /// Channels of `sample` (4, 9 for inpainting; the ControlNet variant takes 4 + a hint).
+    fn sample_channels(&self) -> usize;
+    /// Output channels (8: ε and the learned variance).
+    fn out_channels(&self) -> usize;
+    /// The device the weights live on.
+    fn device(&self) -> &Device;
+    /// The dtype of the weights.
+    fn dtype(&self) -> DType;
+}
+
+/// Image ↔ latents (MoVQ).
+pub trait LatentCodec {
+    /// `[B, 3, H, W]` in [-1, 1] → latents `[B, C, H/f, W/f]`.
+    fn encode(&self, image: &Tensor) -> Result<Tensor>;
+    /// Latents → image in [-1, 1] (not clamped); `force_not_quantize` skips the codebook.
+    fn decode(&self, latents: &Tensor, force_not_quantize: bool) -> Result<Tensor>;
+    /// Spatial down-scaling factor `f` (8).
+    fn scale_factor(&self) -> usize;
+    /// Latent channels `C` (4).
+    fn latent_channels(&self) -> usize;
+    /// The device the weights live on.
+    fn device(&self) -> &Device;
+    /// The dtype of the weights.
+    fn dtype(&self) -> DType;
+}
+
+/// A diffusion scheduler, driven by step index.
+///
+/// `set_timesteps` fixes the schedule; the pipeline feeds `timesteps()[i]` to the model and
+/// calls `step(i, …)`. Stochastic schedulers draw their noise from the given source, so a
+/// run is reproducible.
+pub trait Scheduler {
+    /// Prepare `num_inference_steps` steps.
+    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
+    /// The timesteps fed to the model, in order.
+    fn timesteps(&self) -> &[f64];
+    /// Standard deviation of the initial noise.
+    fn init_noise_sigma(&self) -> f64;
+    /// Scale the model input at step `step_index` (identity for DDPM/DDIM).
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// One denoising step from `sample` at `timesteps()[step_index]` to the next.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor>;
+    /// Noise `original` to the level of `timesteps()[step_index]`.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// True if the model's extra output channels carry a learned variance the step uses.
+    fn uses_learned_variance(&self) -> bool;
+    /// Index of the first step for img2img at `strength` (diffusers' `get_timesteps`:
+    /// `init = min(int(steps·strength), steps)`, start = `steps − init`).
+    fn img2img_start(&self, strength: f64) -> Result<usize> {
+        if !(0.0..=1.0).contains(&strength) || strength.is_nan() {
+            return Err(crate::Error::invalid(format!(
+                "strength must be in [0, 1], got {strength}"
+            )));
+        }
+        let steps = self.timesteps().len();
+        let init = ((steps as f64 * strength) as usize).min(steps);
+        Ok(steps - init)
+    }
+}

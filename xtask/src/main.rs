@@ -1,0 +1,20 @@
+//! Developer tasks: `cargo xtask <command>`.
+//!
+//! - `fixtures [--only a,b]`: create the pinned Python virtualenv (`.venv/`) if needed and
+//!   regenerate `fixtures/` with the diffusers/transformers generator in `xtask/fixtures/`.
+
+mod python;
+
+use anyhow::{bail, Result};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        bail!("usage: cargo xtask <fixtures> [options]");
+    };
+    let rest = &args[1..];
+    match cmd.as_str() {
+        "fixtures" => python::fixtures(rest),
+        other => bail!("unknown xtask command `{other}`; available: fixtures"),
+    }
+}

@@ -1,0 +1,61 @@
+//! The pinned Python environment used to produce reference data with diffusers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Path of the virtualenv's python, creating and filling the venv when missing.
+pub fn venv_python() -> Result<PathBuf> {
+    let root = root();
+    let venv = root.join(".venv");
+    let python = venv.join("bin/python");
+    let requirements = root.join("xtask/fixtures/requirements.txt");
+    let stamp = venv.join(".requirements");
+    let wanted = std::fs::read_to_string(&requirements).context("reading requirements.txt")?;
+    if python.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str())
+    {
+        return Ok(python);
+    }
+    if !python.is_file() {
+        eprintln!("creating {}", venv.display());
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    eprintln!("installing {}", requirements.display());
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "-q", "-r"])
+        .arg(&requirements))?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(python)
+}
+
+/// Run a command, failing on a non-zero exit.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// `cargo xtask fixtures [--only a,b]`.
+pub fn fixtures(args: &[String]) -> Result<()> {
+    let python = venv_python()?;
+    let root = root();
+    let mut cmd = Command::new(python);
+    cmd.arg(root.join("xtask/fixtures/generate.py"))
+        .arg("--out")
+        .arg(root.join("fixtures"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("PYTHONHASHSEED", "0");
+    run(&mut cmd)
+}
