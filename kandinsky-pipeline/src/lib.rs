@@ -1,1 +1,17 @@
-//! placeholder
+//! # kandinsky-pipeline
+//!
+//! Thin composition of the kandinsky-rs networks into diffusers' Kandinsky 2.2 flows:
+//! the prior (prompt → CLIP image embedding, with fusion and emb2emb) and the decoder flows
+//! (text2img, img2img, inpainting, ControlNet). Flows depend only on the shared traits of
+//! kandinsky-core; the loaders build the concrete models from diffusers-layout folders.
+//! The library never prints: progress goes through a step callback, warnings through `tracing`.
+#![warn(missing_docs)]
+
+pub mod callback;
+pub mod decoder;
+pub mod guidance;
+pub mod prior;
+
+pub use callback::{Callback, Control, Hooks, Stage, StepEvent};
+pub use decoder::{DecoderModels, DecoderOptions};
+pub use prior::{ImageEmbeds, PriorModels, PriorOptions};
