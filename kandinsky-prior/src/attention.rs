@@ -79,9 +79,7 @@ impl BasicTransformerBlock {
 
     /// `x` `[B, L, dim]`, `mask` additive, broadcastable to `[B, H, L, L]`.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let h = self
-            .attn1
-            .forward(&layer_norm_f32(&self.norm1, x)?, mask)?;
+        let h = self.attn1.forward(&layer_norm_f32(&self.norm1, x)?, mask)?;
         let x = (h + x)?;
         let h = self.ff.forward(&layer_norm_f32(&self.norm3, &x)?)?;
         Ok((h + x)?)

@@ -295,7 +295,11 @@ impl PriorTransformer {
             transformer_blocks: blocks,
             norm_in,
             norm_out: layer_norm(inner, LN_EPS, vb.pp("norm_out"))?,
-            proj_to_clip_embeddings: linear(inner, cfg.output_dim(), vb.pp("proj_to_clip_embeddings"))?,
+            proj_to_clip_embeddings: linear(
+                inner,
+                cfg.output_dim(),
+                vb.pp("proj_to_clip_embeddings"),
+            )?,
             clip_mean: vb.get((1, cfg.output_dim()), "clip_mean")?,
             clip_std: vb.get((1, cfg.output_dim()), "clip_std")?,
             cfg: cfg.clone(),
@@ -323,7 +327,11 @@ impl PriorTransformer {
         let b = text_mask.dim(0)?;
         let l = self.cfg.seq_len();
         let text = ((text_mask.to_dtype(DType::F32)?.affine(-1.0, 1.0)?) * MASK_VALUE)?;
-        let pad = Tensor::zeros((b, self.cfg.additional_embeddings), DType::F32, &self.device)?;
+        let pad = Tensor::zeros(
+            (b, self.cfg.additional_embeddings),
+            DType::F32,
+            &self.device,
+        )?;
         let keys = Tensor::cat(&[&text.to_device(&self.device)?, &pad], 1)?;
         let causal: Vec<f32> = (0..l * l)
             .map(|i| {
@@ -459,9 +467,7 @@ impl PriorTransformer {
         )?;
         let mut h = tokens.broadcast_add(&self.positional_embedding)?;
 
-        let mask = attention_mask
-            .map(|m| self.attention_bias(m))
-            .transpose()?;
+        let mask = attention_mask.map(|m| self.attention_bias(m)).transpose()?;
         if let Some(ln) = &self.norm_in {
             h = layer_norm_f32(ln, &h)?;
         }
@@ -486,8 +492,7 @@ impl PriorTransformer {
             }
         }
         let z = latents.to_dtype(self.dtype)?;
-        Ok(z
-            .broadcast_mul(&self.clip_std)?
+        Ok(z.broadcast_mul(&self.clip_std)?
             .broadcast_add(&self.clip_mean)?)
     }
 }

@@ -69,7 +69,9 @@ impl ZeroImageEmbedding {
             (META_IMAGE_SIZE.to_string(), self.image_size.to_string()),
         ]);
         let bytes = safetensors::serialize([(NEGATIVE_IMAGE_EMBEDS_KEY, &embeds)], Some(metadata))
-            .map_err(|e| Error::invalid(format!("cannot serialise the zero-image embedding: {e}")))?;
+            .map_err(|e| {
+                Error::invalid(format!("cannot serialise the zero-image embedding: {e}"))
+            })?;
         let io_err = |source| Error::Io {
             path: path.to_path_buf(),
             source,

@@ -39,37 +39,67 @@ fn check_forwards(model: &PriorTransformer, f: &HashMap<String, Tensor>, what: &
     let ts = timesteps(f)?;
     assert_eq!(ts, vec![999.0, 500.0, 0.0]);
     let out = model.forward(x, &ts, p, enc, Some(mask))?;
-    assert_close(&format!("{what} per-element timesteps"), &out, get(f, "out")?, TOL_F32)?;
+    assert_close(
+        &format!("{what} per-element timesteps"),
+        &out,
+        get(f, "out")?,
+        TOL_F32,
+    )?;
 
     let out = model.forward(x, &[42.0], p, enc, Some(mask))?;
-    assert_close(&format!("{what} scalar timestep"), &out, get(f, "out_scalar_t")?, TOL_F32)?;
+    assert_close(
+        &format!("{what} scalar timestep"),
+        &out,
+        get(f, "out_scalar_t")?,
+        TOL_F32,
+    )?;
 
     let out = model.forward(x, &ts, p, enc, None)?;
-    assert_close(&format!("{what} no mask"), &out, get(f, "out_no_mask")?, TOL_F32)?;
+    assert_close(
+        &format!("{what} no mask"),
+        &out,
+        get(f, "out_no_mask")?,
+        TOL_F32,
+    )?;
 
     // The three references must differ from each other, or the comparisons above prove
     // nothing about timesteps and masks.
     let d_t = diff(get(f, "out")?, get(f, "out_scalar_t")?)?.max_abs;
     let d_m = diff(get(f, "out")?, get(f, "out_no_mask")?)?.max_abs;
-    assert!(d_t > 1e-2 && d_m > 1e-2, "fixture outputs too similar: {d_t} {d_m}");
+    assert!(
+        d_t > 1e-2 && d_m > 1e-2,
+        "fixture outputs too similar: {d_t} {d_m}"
+    );
     // Ignoring the text padding (an all-ones mask) must change the padded rows.
     let ones = mask.ones_like()?;
     let unpadded = model.forward(x, &ts, p, enc, Some(&ones))?;
     for row in 0..2 {
         let d = diff(&unpadded.get(row)?, &get(f, "out")?.get(row)?)?.max_abs;
-        assert!(d > 1e-2, "{what}: row {row} does not depend on its padding mask ({d})");
+        assert!(
+            d > 1e-2,
+            "{what}: row {row} does not depend on its padding mask ({d})"
+        );
     }
 
     let post = model.post_process_latents(get(f, "post_in")?)?;
     // Post-processing is one multiply-add per element.
-    assert_close(&format!("{what} post_process_latents"), &post, get(f, "post_out")?, 1e-6)?;
+    assert_close(
+        &format!("{what} post_process_latents"),
+        &post,
+        get(f, "post_out")?,
+        1e-6,
+    )?;
     Ok(())
 }
 
 #[test]
 fn tiny_prior_matches_diffusers() -> Result<()> {
     let model = PriorTransformer::load(tiny_dir(), DType::F32, &Device::Cpu)?;
-    check_forwards(&model, &load_fixture("prior/forward.safetensors")?, "tiny prior")
+    check_forwards(
+        &model,
+        &load_fixture("prior/forward.safetensors")?,
+        "tiny prior",
+    )
 }
 
 #[test]
@@ -144,7 +174,12 @@ fn half_precision_close_to_f32() -> Result<()> {
         assert_eq!(out.dtype(), dt);
         assert_close(&format!("{dt:?} vs f32 reference"), &out, reference, tol)?;
         let post = model.post_process_latents(&get(&f, "post_in")?.to_dtype(dt)?)?;
-        assert_close(&format!("{dt:?} post_process"), &post, get(&f, "post_out")?, tol)?;
+        assert_close(
+            &format!("{dt:?} post_process"),
+            &post,
+            get(&f, "post_out")?,
+            tol,
+        )?;
     }
     Ok(())
 }
