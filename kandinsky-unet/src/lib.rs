@@ -1,1 +1,27 @@
-//! placeholder
+//! # kandinsky-unet
+//!
+//! The Kandinsky 2.2 decoder UNet (diffusers `UNet2DConditionModel` with SimpleCrossAttn
+//! blocks, scale-shift ResNets and image conditioning), with its inpainting (9 input
+//! channels) and ControlNet-depth (`image_hint`) variants. Numerically exact to diffusers;
+//! loads the real checkpoints key for key.
+//!
+//! ```no_run
+//! # fn main() -> kandinsky_core::Result<()> {
+//! use candle_core::{DType, Device};
+//! use kandinsky_unet::UNet2DConditionModel;
+//! let unet = UNet2DConditionModel::from_dir("kandinsky-2-2-decoder/unet", DType::F16, &Device::Cpu)?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod attention_processor;
+pub mod embeddings;
+pub mod layers;
+pub mod resnet;
+pub mod unet_2d_blocks;
+pub mod unet_2d_condition;
+
+pub use unet_2d_condition::{
+    AddEmbedding, AdditionEmbedType, EncoderHidDimType, PerBlock, UNet2DConditionConfig,
+    UNet2DConditionModel,
+};

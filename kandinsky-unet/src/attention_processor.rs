@@ -1,0 +1,110 @@
+//! The added-KV attention of the SimpleCrossAttn blocks (diffusers `Attention` with
+//! `added_kv_proj_dim`, run by `AttnAddedKVProcessor2_0`).
+//!
+//! The spatial tokens attend to the image tokens (through `add_k_proj`/`add_v_proj`) *and*
+//! to themselves (through `to_k`/`to_v`), in one softmax, image tokens first.
+
+use candle_core::Tensor;
+use candle_nn::{Module, VarBuilder};
+use kandinsky_core::attention::{attention, merge_heads, split_heads, KvSegment};
+use kandinsky_core::nn::{group_norm, GroupNorm};
+use kandinsky_core::{Error, Result};
+
+use crate::layers::{linear, needs_f32, Linear};
+
+/// diffusers' `Attention` default GroupNorm epsilon (not the UNet's `norm_eps`).
+const ATTENTION_NORM_EPS: f64 = 1e-5;
+
+/// `Attention(query_dim=C, cross_attention_dim=C, added_kv_proj_dim=E, heads=C/d, dim_head=d,
+/// norm_num_groups=G, bias=True)`.
+///
+/// Keys: `group_norm, to_q, to_k, to_v, add_k_proj, add_v_proj, to_out.0`.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    add_k_proj: Linear,
+    add_v_proj: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    /// Load an attention over `channels` spatial channels in heads of `head_dim`, with image
+    /// tokens of width `added_kv_proj_dim`.
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        head_dim: usize,
+        added_kv_proj_dim: usize,
+        groups: usize,
+    ) -> Result<Self> {
+        if head_dim == 0 || channels % head_dim != 0 {
+            // diffusers would build to_q with heads·head_dim ≠ C outputs and then fail to
+            // reshape; reject up front.
+            return Err(Error::unsupported(
+                "attention_head_dim",
+                head_dim,
+                format!("a divisor of every attention block's channel count ({channels})"),
+            ));
+        }
+        let heads = channels / head_dim;
+        Ok(Self {
+            group_norm: group_norm(groups, channels, ATTENTION_NORM_EPS, vb.pp("group_norm"))?,
+            to_q: linear(channels, channels, vb.pp("to_q"))?,
+            to_k: linear(channels, channels, vb.pp("to_k"))?,
+            to_v: linear(channels, channels, vb.pp("to_v"))?,
+            add_k_proj: linear(added_kv_proj_dim, channels, vb.pp("add_k_proj"))?,
+            add_v_proj: linear(added_kv_proj_dim, channels, vb.pp("add_v_proj"))?,
+            to_out: linear(channels, channels, vb.pp("to_out").pp("0"))?,
+            heads,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+        })
+    }
+
+    /// `x` `[B, C, H, W]`, `encoder_hidden_states` `[B, L, E]` → `[B, C, H, W]` (residual
+    /// included).
+    pub fn forward(&self, x: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        // GroupNorm over channels on the [B, C, HW] view, then tokens [B, HW, C].
+        let tokens = self
+            .group_norm
+            .forward(&x.reshape((b, c, h * w))?)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = split_heads(&self.to_q.forward(&tokens)?, self.heads)?;
+        let k_self = split_heads(&self.to_k.forward(&tokens)?, self.heads)?;
+        let v_self = split_heads(&self.to_v.forward(&tokens)?, self.heads)?;
+        let k_img = split_heads(&self.add_k_proj.forward(encoder_hidden_states)?, self.heads)?;
+        let v_img = split_heads(&self.add_v_proj.forward(encoder_hidden_states)?, self.heads)?;
+        // candle has no bf16 matmul on the CPU: run the attention in f32 there.
+        let (q, k_img, v_img, k_self, v_self) = if needs_f32(&q) {
+            let f = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+            (f(&q)?, f(&k_img)?, f(&v_img)?, f(&k_self)?, f(&v_self)?)
+        } else {
+            (q, k_img, v_img, k_self, v_self)
+        };
+        let out = attention(
+            &q,
+            &[
+                KvSegment {
+                    k: &k_img,
+                    v: &v_img,
+                },
+                KvSegment {
+                    k: &k_self,
+                    v: &v_self,
+                },
+            ],
+            None,
+            self.scale,
+        )?;
+        let out = merge_heads(&out.to_dtype(x.dtype())?)?.contiguous()?;
+        let out = self.to_out.forward(&out)?;
+        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
+        Ok((out + x)?)
+    }
+}

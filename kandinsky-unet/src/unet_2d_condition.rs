@@ -1,0 +1,936 @@
+//! `UNet2DConditionModel` (diffusers `models/unets/unet_2d_condition.py`) as configured by
+//! the Kandinsky 2.2 decoder, inpainting and ControlNet-depth checkpoints.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Module, VarBuilder};
+use kandinsky_core::embeddings::{timestep_embedding, TimestepEmbedding};
+use kandinsky_core::loading::{ComponentDir, WeightVariant};
+use kandinsky_core::nn::{group_norm, Activation, Conv2dConfig, GroupNorm};
+use kandinsky_core::traits::{Denoiser, DenoiserCondition};
+use kandinsky_core::{Error, Result};
+use serde::Deserialize;
+
+use crate::embeddings::{ImageHintTimeEmbedding, ImageProjection, ImageTimeEmbedding};
+use crate::layers::{conv2d, Conv2d};
+use crate::resnet::ResnetSettings;
+use crate::unet_2d_blocks::{
+    AttentionSettings, BlockChannels, DownBlock, ResnetDownsampleBlock2D, ResnetUpsampleBlock2D,
+    SimpleCrossAttnDownBlock2D, SimpleCrossAttnUpBlock2D, UNetMidBlock2DSimpleCrossAttn, UpBlock,
+};
+
+/// A config value given either once for every block or once per block (diffusers accepts
+/// both for `layers_per_block`, `attention_head_dim`, `cross_attention_dim`,
+/// `only_cross_attention`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    /// One value for every block.
+    One(T),
+    /// One value per down block.
+    Many(Vec<T>),
+}
+
+impl<T: Clone + std::fmt::Debug> PerBlock<T> {
+    fn expand(&self, n: usize, field: &str) -> Result<Vec<T>> {
+        match self {
+            Self::One(v) => Ok(vec![v.clone(); n]),
+            Self::Many(v) if v.len() == n => Ok(v.clone()),
+            Self::Many(v) => Err(Error::unsupported(
+                field,
+                v,
+                format!("one value, or one per down block ({n})"),
+            )),
+        }
+    }
+}
+
+/// `config.json` of a diffusers `UNet2DConditionModel`, with diffusers' defaults for absent
+/// fields. Fields that do not change the Kandinsky 2.2 network (`sample_size`,
+/// `transformer_layers_per_block`, `use_linear_projection`, `upcast_attention`,
+/// `addition_embed_type_num_heads`, ...) are ignored, as diffusers ignores them for these
+/// block types.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNet2DConditionConfig {
+    /// Channels of `conv_in`'s input (4; 9 inpainting; 8 = latents + hint for ControlNet).
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    /// Output channels (8: ε and the learned variance).
+    #[serde(default = "default_in_channels")]
+    pub out_channels: usize,
+    /// `center_input_sample` (must be false).
+    #[serde(default)]
+    pub center_input_sample: bool,
+    /// Sinusoid order: `[cos, sin]` when true.
+    #[serde(default = "default_true")]
+    pub flip_sin_to_cos: bool,
+    /// `downscale_freq_shift` of the sinusoid.
+    #[serde(default)]
+    pub freq_shift: f64,
+    /// Down block types.
+    #[serde(default = "default_down_block_types")]
+    pub down_block_types: Vec<String>,
+    /// Mid block type.
+    #[serde(default = "default_mid_block_type")]
+    pub mid_block_type: Option<String>,
+    /// Up block types.
+    #[serde(default = "default_up_block_types")]
+    pub up_block_types: Vec<String>,
+    /// `only_cross_attention` (must be false).
+    #[serde(default = "default_false_per_block")]
+    pub only_cross_attention: PerBlock<bool>,
+    /// `mid_block_only_cross_attention` (must be null or false).
+    #[serde(default)]
+    pub mid_block_only_cross_attention: Option<bool>,
+    /// Width of each level.
+    #[serde(default = "default_block_out_channels")]
+    pub block_out_channels: Vec<usize>,
+    /// ResNets per down block (up blocks have one more).
+    #[serde(default = "default_layers_per_block")]
+    pub layers_per_block: PerBlock<usize>,
+    /// Output divisor of the mid block's ResNets.
+    #[serde(default = "default_one")]
+    pub mid_block_scale_factor: f64,
+    /// Non-linearity of the ResNets and the time embedding.
+    #[serde(default = "default_act_fn")]
+    pub act_fn: String,
+    /// GroupNorm groups (must be set: `null` drops `conv_norm_out`, unsupported).
+    #[serde(default = "default_norm_num_groups")]
+    pub norm_num_groups: Option<usize>,
+    /// GroupNorm epsilon of the ResNets and `conv_norm_out`.
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// Width of the cross-attention tokens.
+    #[serde(default = "default_cross_attention_dim")]
+    pub cross_attention_dim: PerBlock<usize>,
+    /// Width of the conditioning embedding (the CLIP image embedding).
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+    /// How the conditioning becomes cross-attention tokens (`image_proj`).
+    #[serde(default)]
+    pub encoder_hid_dim_type: Option<String>,
+    /// Per-head dimension of the SimpleCrossAttn blocks (heads = channels / this).
+    #[serde(default = "default_attention_head_dim")]
+    pub attention_head_dim: PerBlock<usize>,
+    /// `num_attention_heads` (must be null, as diffusers requires).
+    #[serde(default)]
+    pub num_attention_heads: Option<serde_json::Value>,
+    /// `dual_cross_attention` (must be false).
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    /// `class_embed_type` (must be null).
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    /// `num_class_embeds` (must be null).
+    #[serde(default)]
+    pub num_class_embeds: Option<usize>,
+    /// `class_embeddings_concat` (must be false).
+    #[serde(default)]
+    pub class_embeddings_concat: bool,
+    /// The additive time-embedding term: `image`, `image_hint` (`text_image` is 2.1's).
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    /// ResNet time conditioning (must be `scale_shift`).
+    #[serde(default = "default_resnet_time_scale_shift")]
+    pub resnet_time_scale_shift: String,
+    /// ResNets skip the activation before `time_emb_proj`.
+    #[serde(default)]
+    pub resnet_skip_time_act: bool,
+    /// Output divisor of the block ResNets.
+    #[serde(default = "default_one")]
+    pub resnet_out_scale_factor: f64,
+    /// Must be `positional`.
+    #[serde(default = "default_time_embedding_type")]
+    pub time_embedding_type: String,
+    /// Width of the time embedding (default 4 × `block_out_channels[0]`).
+    #[serde(default)]
+    pub time_embedding_dim: Option<usize>,
+    /// Activation after adding the image term (must be null).
+    #[serde(default)]
+    pub time_embedding_act_fn: Option<String>,
+    /// `timestep_post_act` (must be null).
+    #[serde(default)]
+    pub timestep_post_act: Option<String>,
+    /// `time_cond_proj_dim` (must be null).
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    /// Kernel of `conv_in` (odd).
+    #[serde(default = "default_kernel")]
+    pub conv_in_kernel: usize,
+    /// Kernel of `conv_out` (odd).
+    #[serde(default = "default_kernel")]
+    pub conv_out_kernel: usize,
+    /// Must be `default`.
+    #[serde(default = "default_attention_type")]
+    pub attention_type: String,
+    /// `cross_attention_norm` (must be null).
+    #[serde(default)]
+    pub cross_attention_norm: Option<String>,
+}
+
+fn default_in_channels() -> usize {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+fn default_one() -> f64 {
+    1.0
+}
+fn default_down_block_types() -> Vec<String> {
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_mid_block_type() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn default_up_block_types() -> Vec<String> {
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_false_per_block() -> PerBlock<bool> {
+    PerBlock::One(false)
+}
+fn default_block_out_channels() -> Vec<usize> {
+    vec![320, 640, 1280, 1280]
+}
+fn default_layers_per_block() -> PerBlock<usize> {
+    PerBlock::One(2)
+}
+fn default_act_fn() -> String {
+    "silu".into()
+}
+fn default_norm_num_groups() -> Option<usize> {
+    Some(32)
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_cross_attention_dim() -> PerBlock<usize> {
+    PerBlock::One(1280)
+}
+fn default_attention_head_dim() -> PerBlock<usize> {
+    PerBlock::One(8)
+}
+fn default_resnet_time_scale_shift() -> String {
+    "default".into()
+}
+fn default_time_embedding_type() -> String {
+    "positional".into()
+}
+fn default_kernel() -> usize {
+    3
+}
+fn default_attention_type() -> String {
+    "default".into()
+}
+
+/// The additive time-embedding term (`addition_embed_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdditionEmbedType {
+    /// `image`: `ImageTimeEmbedding` (decoder, inpainting).
+    Image,
+    /// `image_hint`: `ImageHintTimeEmbedding`; the encoded hint is concatenated to the
+    /// latents (ControlNet).
+    ImageHint,
+    /// `text_image`: Kandinsky 2.1's `TextImageTimeEmbedding` (not implemented yet).
+    TextImage,
+}
+
+/// How the conditioning becomes cross-attention tokens (`encoder_hid_dim_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncoderHidDimType {
+    /// `image_proj`: `ImageProjection`, 32 tokens.
+    ImageProj,
+    /// `text_image_proj`: Kandinsky 2.1's `TextImageProjection` (not implemented yet).
+    TextImageProj,
+}
+
+/// The checked, expanded form of [`UNet2DConditionConfig`].
+#[derive(Debug, Clone)]
+struct Plan {
+    down: Vec<DownKind>,
+    up: Vec<UpKind>,
+    layers: Vec<usize>,
+    head_dims: Vec<usize>,
+    cross_dims: Vec<usize>,
+    groups: usize,
+    act: Activation,
+    encoder_hid_dim: usize,
+    addition: AdditionEmbedType,
+    time_embed_dim: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DownKind {
+    ResnetDownsample,
+    SimpleCrossAttn,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpKind {
+    SimpleCrossAttn,
+    ResnetUpsample,
+}
+
+const DOWN_TYPES: &str = "ResnetDownsampleBlock2D, SimpleCrossAttnDownBlock2D";
+const UP_TYPES: &str = "SimpleCrossAttnUpBlock2D, ResnetUpsampleBlock2D";
+
+fn require<T: std::fmt::Debug + PartialEq>(
+    field: &str,
+    value: &T,
+    ok: T,
+    supported: &str,
+) -> Result<()> {
+    if *value == ok {
+        Ok(())
+    } else {
+        Err(Error::unsupported(field, value, supported))
+    }
+}
+
+impl UNet2DConditionConfig {
+    /// Read `config.json` from a component folder.
+    pub fn from_dir(dir: &ComponentDir) -> Result<Self> {
+        let path = dir.path().join("config.json");
+        let cfg: Self = dir.read_config("config.json")?;
+        cfg.validate().map_err(|e| e.in_file(&path))?;
+        Ok(cfg)
+    }
+
+    /// Check that every value is one kandinsky-rs implements.
+    pub fn validate(&self) -> Result<()> {
+        self.plan().map(|_| ())
+    }
+
+    /// The additive time-embedding term.
+    pub fn addition_embed_type(&self) -> Result<AdditionEmbedType> {
+        match self.addition_embed_type.as_deref() {
+            Some("image") => Ok(AdditionEmbedType::Image),
+            Some("image_hint") => Ok(AdditionEmbedType::ImageHint),
+            Some("text_image") => Ok(AdditionEmbedType::TextImage),
+            other => Err(Error::unsupported(
+                "addition_embed_type",
+                other,
+                "\"image\", \"image_hint\" (\"text_image\" is Kandinsky 2.1's, not implemented yet)",
+            )),
+        }
+    }
+
+    /// The conditioning-token projection.
+    pub fn encoder_hid_dim_type(&self) -> Result<EncoderHidDimType> {
+        match self.encoder_hid_dim_type.as_deref() {
+            Some("image_proj") => Ok(EncoderHidDimType::ImageProj),
+            Some("text_image_proj") => Ok(EncoderHidDimType::TextImageProj),
+            other => Err(Error::unsupported(
+                "encoder_hid_dim_type",
+                other,
+                "\"image_proj\" (\"text_image_proj\" is Kandinsky 2.1's, not implemented yet)",
+            )),
+        }
+    }
+
+    /// Number of 2× upsamplings: latent sides must be multiples of `2^this`.
+    pub fn num_upsamplers(&self) -> usize {
+        self.block_out_channels.len().saturating_sub(1)
+    }
+
+    fn plan(&self) -> Result<Plan> {
+        require(
+            "center_input_sample",
+            &self.center_input_sample,
+            false,
+            "false",
+        )?;
+        require(
+            "dual_cross_attention",
+            &self.dual_cross_attention,
+            false,
+            "false",
+        )?;
+        require("class_embed_type", &self.class_embed_type, None, "null")?;
+        require("num_class_embeds", &self.num_class_embeds, None, "null")?;
+        require(
+            "class_embeddings_concat",
+            &self.class_embeddings_concat,
+            false,
+            "false",
+        )?;
+        require(
+            "resnet_time_scale_shift",
+            &self.resnet_time_scale_shift.as_str(),
+            "scale_shift",
+            "\"scale_shift\"",
+        )?;
+        require(
+            "time_embedding_type",
+            &self.time_embedding_type.as_str(),
+            "positional",
+            "\"positional\"",
+        )?;
+        require(
+            "time_embedding_act_fn",
+            &self.time_embedding_act_fn,
+            None,
+            "null",
+        )?;
+        require("timestep_post_act", &self.timestep_post_act, None, "null")?;
+        require("time_cond_proj_dim", &self.time_cond_proj_dim, None, "null")?;
+        require(
+            "attention_type",
+            &self.attention_type.as_str(),
+            "default",
+            "\"default\"",
+        )?;
+        require(
+            "cross_attention_norm",
+            &self.cross_attention_norm,
+            None,
+            "null",
+        )?;
+        if let Some(v) = &self.num_attention_heads {
+            if !v.is_null() {
+                return Err(Error::unsupported(
+                    "num_attention_heads",
+                    v,
+                    "null (diffusers uses attention_head_dim)",
+                ));
+            }
+        }
+        if self.mid_block_only_cross_attention == Some(true) {
+            return Err(Error::unsupported(
+                "mid_block_only_cross_attention",
+                true,
+                "null, false",
+            ));
+        }
+        for (field, k) in [
+            ("conv_in_kernel", self.conv_in_kernel),
+            ("conv_out_kernel", self.conv_out_kernel),
+        ] {
+            if k % 2 == 0 {
+                return Err(Error::unsupported(field, k, "an odd kernel size"));
+            }
+        }
+
+        let n = self.block_out_channels.len();
+        if n == 0 || self.block_out_channels.contains(&0) {
+            return Err(Error::unsupported(
+                "block_out_channels",
+                &self.block_out_channels,
+                "one or more positive widths",
+            ));
+        }
+        for (field, len) in [
+            ("down_block_types", self.down_block_types.len()),
+            ("up_block_types", self.up_block_types.len()),
+        ] {
+            if len != n {
+                return Err(Error::unsupported(
+                    field,
+                    len,
+                    format!("one block per block_out_channels entry ({n})"),
+                ));
+            }
+        }
+        let down = self
+            .down_block_types
+            .iter()
+            .map(|t| match t.as_str() {
+                "ResnetDownsampleBlock2D" => Ok(DownKind::ResnetDownsample),
+                "SimpleCrossAttnDownBlock2D" => Ok(DownKind::SimpleCrossAttn),
+                other => Err(Error::unsupported("down_block_types", other, DOWN_TYPES)),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let up = self
+            .up_block_types
+            .iter()
+            .map(|t| match t.as_str() {
+                "SimpleCrossAttnUpBlock2D" => Ok(UpKind::SimpleCrossAttn),
+                "ResnetUpsampleBlock2D" => Ok(UpKind::ResnetUpsample),
+                other => Err(Error::unsupported("up_block_types", other, UP_TYPES)),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        require(
+            "mid_block_type",
+            &self.mid_block_type.as_deref(),
+            Some("UNetMidBlock2DSimpleCrossAttn"),
+            "\"UNetMidBlock2DSimpleCrossAttn\"",
+        )?;
+        let only_cross = self
+            .only_cross_attention
+            .expand(n, "only_cross_attention")?;
+        if only_cross.iter().any(|&b| b) {
+            return Err(Error::unsupported(
+                "only_cross_attention",
+                &only_cross,
+                "false",
+            ));
+        }
+        let layers = self.layers_per_block.expand(n, "layers_per_block")?;
+        if layers.contains(&0) {
+            return Err(Error::unsupported(
+                "layers_per_block",
+                &layers,
+                "positive counts",
+            ));
+        }
+        let head_dims = self.attention_head_dim.expand(n, "attention_head_dim")?;
+        let cross_dims = self.cross_attention_dim.expand(n, "cross_attention_dim")?;
+        let act = Activation::from_name(&self.act_fn)?;
+
+        let groups = self.norm_num_groups.ok_or_else(|| {
+            Error::unsupported(
+                "norm_num_groups",
+                "null",
+                "a group count dividing every width",
+            )
+        })?;
+        let encoder_hid_dim = self.encoder_hid_dim.ok_or_else(|| {
+            Error::unsupported("encoder_hid_dim", "null", "the image-embedding width")
+        })?;
+        let hid_type = self.encoder_hid_dim_type()?;
+        let addition = self.addition_embed_type()?;
+        if hid_type == EncoderHidDimType::TextImageProj || addition == AdditionEmbedType::TextImage
+        {
+            return Err(Error::unsupported(
+                "addition_embed_type / encoder_hid_dim_type",
+                (
+                    self.addition_embed_type.as_deref(),
+                    self.encoder_hid_dim_type.as_deref(),
+                ),
+                "\"image\" or \"image_hint\" with \"image_proj\" (Kandinsky 2.1's \
+                 text_image / text_image_proj is not implemented yet)",
+            ));
+        }
+        // ImageProjection is built with cross_attention_dim as an int; diffusers fails on a
+        // per-block list here, so require one width.
+        if cross_dims.iter().any(|&c| c != cross_dims[0]) {
+            return Err(Error::unsupported(
+                "cross_attention_dim",
+                &cross_dims,
+                "one width (image_proj builds one token projection)",
+            ));
+        }
+        let hint_channels = match addition {
+            AdditionEmbedType::ImageHint => ImageHintTimeEmbedding::HINT_OUT_CHANNELS,
+            _ => 0,
+        };
+        if self.in_channels <= hint_channels {
+            return Err(Error::unsupported(
+                "in_channels",
+                self.in_channels,
+                format!("more than the {hint_channels} channels of the encoded hint"),
+            ));
+        }
+        let time_embed_dim = self
+            .time_embedding_dim
+            .unwrap_or(4 * self.block_out_channels[0]);
+        Ok(Plan {
+            down,
+            up,
+            layers,
+            head_dims,
+            cross_dims,
+            groups,
+            act,
+            encoder_hid_dim,
+            addition,
+            time_embed_dim,
+        })
+    }
+}
+
+/// The additive time-embedding module.
+#[derive(Debug, Clone)]
+pub enum AddEmbedding {
+    /// `ImageTimeEmbedding`.
+    Image(ImageTimeEmbedding),
+    /// `ImageHintTimeEmbedding`.
+    ImageHint(ImageHintTimeEmbedding),
+}
+
+/// The Kandinsky 2.2 decoder UNet.
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    conv_in: Conv2d,
+    time_embedding: TimestepEmbedding,
+    encoder_hid_proj: ImageProjection,
+    add_embedding: AddEmbedding,
+    down_blocks: Vec<DownBlock>,
+    mid_block: UNetMidBlock2DSimpleCrossAttn,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    act: Activation,
+    config: UNet2DConditionConfig,
+    device: Device,
+    dtype: DType,
+}
+
+impl UNet2DConditionModel {
+    /// Build the network from `cfg`; every `vb.pp` segment is a checkpoint key segment.
+    pub fn new(vb: VarBuilder, cfg: &UNet2DConditionConfig) -> Result<Self> {
+        let plan = cfg.plan()?;
+        let boc = &cfg.block_out_channels;
+        let n = boc.len();
+        let c0 = boc[0];
+        let groups = plan.groups;
+        let ted = plan.time_embed_dim;
+
+        let conv_in = conv2d(
+            cfg.in_channels,
+            c0,
+            cfg.conv_in_kernel,
+            Conv2dConfig {
+                padding: (cfg.conv_in_kernel - 1) / 2,
+                ..Default::default()
+            },
+            vb.pp("conv_in"),
+        )?;
+        // Always f32 (3M parameters at the real size): exact for half-precision models, and
+        // it lets the shared layer run bf16 models on the CPU, where candle has no bf16 matmul.
+        let time_embedding = TimestepEmbedding::new(
+            vb.pp("time_embedding").set_dtype(DType::F32),
+            c0,
+            ted,
+            ted,
+            plan.act,
+        )?;
+        let encoder_hid_proj = ImageProjection::new(
+            vb.pp("encoder_hid_proj"),
+            plan.encoder_hid_dim,
+            plan.cross_dims[0],
+        )?;
+        let add_embedding =
+            match plan.addition {
+                AdditionEmbedType::Image => AddEmbedding::Image(ImageTimeEmbedding::new(
+                    vb.pp("add_embedding"),
+                    plan.encoder_hid_dim,
+                    ted,
+                )?),
+                AdditionEmbedType::ImageHint => AddEmbedding::ImageHint(
+                    ImageHintTimeEmbedding::new(vb.pp("add_embedding"), plan.encoder_hid_dim, ted)?,
+                ),
+                // Rejected by plan(); kept exhaustive so 2.1 support is a compile-time reminder.
+                AdditionEmbedType::TextImage => {
+                    return Err(Error::unsupported(
+                        "addition_embed_type",
+                        "text_image",
+                        "image, image_hint",
+                    ))
+                }
+            };
+
+        let settings = |osf: f64| ResnetSettings {
+            temb_channels: ted,
+            groups,
+            eps: cfg.norm_eps,
+            act: plan.act,
+            skip_time_act: cfg.resnet_skip_time_act,
+            output_scale_factor: osf,
+        };
+        let block_settings = settings(cfg.resnet_out_scale_factor);
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut out_ch = c0;
+        for (i, kind) in plan.down.iter().enumerate() {
+            let in_ch = out_ch;
+            out_ch = boc[i];
+            let ch = BlockChannels {
+                in_channels: in_ch,
+                prev_output_channel: 0,
+                out_channels: out_ch,
+                layers: plan.layers[i],
+                resample: i + 1 != n,
+            };
+            let attn = AttentionSettings {
+                head_dim: plan.head_dims[i],
+                cross_attention_dim: plan.cross_dims[i],
+            };
+            let bvb = vb.pp("down_blocks").pp(i.to_string());
+            down_blocks.push(match kind {
+                DownKind::ResnetDownsample => DownBlock::ResnetDownsample(
+                    ResnetDownsampleBlock2D::new(bvb, &ch, &block_settings)?,
+                ),
+                DownKind::SimpleCrossAttn => DownBlock::SimpleCrossAttn(
+                    SimpleCrossAttnDownBlock2D::new(bvb, &ch, &block_settings, &attn)?,
+                ),
+            });
+        }
+
+        let mid_block = UNetMidBlock2DSimpleCrossAttn::new(
+            vb.pp("mid_block"),
+            boc[n - 1],
+            &settings(cfg.mid_block_scale_factor),
+            &AttentionSettings {
+                head_dim: plan.head_dims[n - 1],
+                cross_attention_dim: plan.cross_dims[n - 1],
+            },
+        )?;
+
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut out_ch = boc[n - 1];
+        for (i, kind) in plan.up.iter().enumerate() {
+            let prev = out_ch;
+            out_ch = boc[n - 1 - i];
+            let ch = BlockChannels {
+                in_channels: boc[(n - 1).saturating_sub(i + 1)],
+                prev_output_channel: prev,
+                out_channels: out_ch,
+                layers: plan.layers[n - 1 - i] + 1,
+                resample: i + 1 != n,
+            };
+            // diffusers indexes the up blocks' attention_head_dim *unreversed* (and the
+            // cross-attention dim reversed); identical for the uniform real config.
+            let attn = AttentionSettings {
+                head_dim: plan.head_dims[i],
+                cross_attention_dim: plan.cross_dims[n - 1 - i],
+            };
+            let bvb = vb.pp("up_blocks").pp(i.to_string());
+            up_blocks.push(match kind {
+                UpKind::SimpleCrossAttn => UpBlock::SimpleCrossAttn(SimpleCrossAttnUpBlock2D::new(
+                    bvb,
+                    &ch,
+                    &block_settings,
+                    &attn,
+                )?),
+                UpKind::ResnetUpsample => {
+                    UpBlock::ResnetUpsample(ResnetUpsampleBlock2D::new(bvb, &ch, &block_settings)?)
+                }
+            });
+        }
+
+        let conv_norm_out = group_norm(groups, c0, cfg.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_out = conv2d(
+            c0,
+            cfg.out_channels,
+            cfg.conv_out_kernel,
+            Conv2dConfig {
+                padding: (cfg.conv_out_kernel - 1) / 2,
+                ..Default::default()
+            },
+            vb.pp("conv_out"),
+        )?;
+        Ok(Self {
+            conv_in,
+            time_embedding,
+            encoder_hid_proj,
+            add_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_out,
+            act: plan.act,
+            config: cfg.clone(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Load a diffusers `unet/` folder (config + safetensors weights) in `dtype` on `device`.
+    pub fn from_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
+        let dir = ComponentDir::new(dir)?;
+        let cfg = UNet2DConditionConfig::from_dir(&dir)?;
+        dir.checkpoint(WeightVariant::Default)?
+            .build(dtype, device, |vb| Self::new(vb, &cfg))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &UNet2DConditionConfig {
+        &self.config
+    }
+
+    /// True for the ControlNet variant (`image_hint`), which needs a hint image.
+    pub fn takes_hint(&self) -> bool {
+        matches!(self.add_embedding, AddEmbedding::ImageHint(_))
+    }
+
+    /// Channels of the `sample` argument (the hint's encoded channels excluded).
+    pub fn sample_channels(&self) -> usize {
+        if self.takes_hint() {
+            self.config.in_channels - ImageHintTimeEmbedding::HINT_OUT_CHANNELS
+        } else {
+            self.config.in_channels
+        }
+    }
+
+    /// One forward.
+    ///
+    /// * `sample` `[B, sample_channels, h, w]`, `h` and `w` multiples of 8 (`2^(levels−1)`);
+    /// * `timesteps`: one per batch element;
+    /// * `image_embeds` `[B, encoder_hid_dim]`;
+    /// * `hint` `[B, 3, 8h, 8w]`: required by the ControlNet variant, refused otherwise.
+    ///
+    /// Returns `[B, out_channels, h, w]` in the model dtype.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        image_embeds: &Tensor,
+        hint: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, h, w) = self.check_inputs(sample, timesteps, image_embeds, hint)?;
+        let sample = sample.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let image_embeds = image_embeds.to_device(&self.device)?.to_dtype(self.dtype)?;
+
+        // Time embedding: sinusoid and MLP in f32, then the model dtype.
+        let t_emb = timestep_embedding(
+            timesteps,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+            &self.device,
+        )?;
+        let emb = self.time_embedding.forward(&t_emb)?.to_dtype(self.dtype)?;
+        let (aug, sample) = match (&self.add_embedding, hint) {
+            (AddEmbedding::Image(e), _) => (e.forward(&image_embeds)?, sample),
+            (AddEmbedding::ImageHint(e), Some(hint)) => {
+                let hint = hint.to_device(&self.device)?.to_dtype(self.dtype)?;
+                let (aug, hint) = e.forward(&image_embeds, &hint)?;
+                (aug, Tensor::cat(&[&sample, &hint], 1)?)
+            }
+            (AddEmbedding::ImageHint(_), None) => unreachable!("checked by check_inputs"),
+        };
+        let emb = (emb + aug)?;
+        let encoder_hidden_states = self.encoder_hid_proj.forward(&image_embeds)?;
+
+        let mut x = self.conv_in.forward(&sample)?;
+        let mut skips = Vec::with_capacity(1 + self.down_blocks.len() * 4);
+        skips.push(x.clone());
+        for block in &self.down_blocks {
+            x = block.forward(&x, &emb, &encoder_hidden_states, &mut skips)?;
+        }
+        x = self.mid_block.forward(&x, &emb, &encoder_hidden_states)?;
+        for block in &self.up_blocks {
+            x = block.forward(&x, &mut skips, &emb, &encoder_hidden_states)?;
+        }
+        debug_assert!(skips.is_empty());
+        let x = self.act.apply(&self.conv_norm_out.forward(&x)?)?;
+        let out = self.conv_out.forward(&x)?;
+        debug_assert_eq!(out.dims4()?, (b, self.config.out_channels, h, w));
+        Ok(out)
+    }
+
+    fn check_inputs(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        image_embeds: &Tensor,
+        hint: Option<&Tensor>,
+    ) -> Result<(usize, usize, usize)> {
+        let expected_c = self.sample_channels();
+        let (b, c, h, w) = sample.dims4().map_err(|_| {
+            Error::invalid(format!(
+                "UNet sample must be [batch, {expected_c}, height, width], got shape {:?}",
+                sample.dims()
+            ))
+        })?;
+        if c != expected_c {
+            return Err(Error::invalid(format!(
+                "UNet sample has {c} channels, this UNet expects {expected_c}{}",
+                match (self.takes_hint(), self.config.in_channels) {
+                    (true, _) => " (latents; the hint is passed separately)",
+                    (false, 9) => " (noisy latents, masked-image latents, mask)",
+                    _ => "",
+                }
+            )));
+        }
+        let f = 1usize << self.config.num_upsamplers();
+        if h == 0 || w == 0 || h % f != 0 || w % f != 0 {
+            return Err(Error::invalid(format!(
+                "latent height and width must be positive multiples of {f} (image sides multiples \
+                 of {}), got {h}x{w}",
+                f * 8
+            )));
+        }
+        if timesteps.len() != b {
+            return Err(Error::invalid(format!(
+                "expected one timestep per batch element ({b}), got {}",
+                timesteps.len()
+            )));
+        }
+        let e = self.config.encoder_hid_dim.unwrap_or(0);
+        if image_embeds.dims() != [b, e] {
+            return Err(Error::invalid(format!(
+                "image_embeds must be [{b}, {e}] (batch of the latents, image-embedding width), got {:?}",
+                image_embeds.dims()
+            )));
+        }
+        match (self.takes_hint(), hint) {
+            (true, None) => {
+                return Err(Error::invalid(
+                    "this ControlNet UNet (addition_embed_type \"image_hint\") needs a hint image",
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(Error::invalid(
+                    "this UNet takes no hint (only addition_embed_type \"image_hint\" does)",
+                ))
+            }
+            (true, Some(hint)) => {
+                let d = ImageHintTimeEmbedding::HINT_DOWNSCALE;
+                let want = [b, ImageHintTimeEmbedding::HINT_CHANNELS, h * d, w * d];
+                if hint.dims() != want {
+                    return Err(Error::invalid(format!(
+                        "hint must be {want:?} (batch, RGB, {d}x the latent size), got {:?}",
+                        hint.dims()
+                    )));
+                }
+            }
+            (false, None) => {}
+        }
+        Ok((b, h, w))
+    }
+}
+
+impl Denoiser for UNet2DConditionModel {
+    fn predict(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        cond: &DenoiserCondition,
+    ) -> Result<Tensor> {
+        if cond.text_embeds.is_some() || cond.text_hidden_states.is_some() {
+            return Err(Error::invalid(
+                "the Kandinsky 2.2 UNet is conditioned on image embeddings only; text conditioning \
+                 is Kandinsky 2.1's",
+            ));
+        }
+        let image_embeds = cond
+            .image_embeds
+            .as_ref()
+            .ok_or_else(|| Error::invalid("the Kandinsky 2.2 UNet needs image_embeds"))?;
+        self.forward(sample, timesteps, image_embeds, cond.hint.as_ref())
+    }
+
+    fn sample_channels(&self) -> usize {
+        UNet2DConditionModel::sample_channels(self)
+    }
+
+    fn out_channels(&self) -> usize {
+        self.config.out_channels
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}

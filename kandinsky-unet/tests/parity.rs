@@ -1,0 +1,102 @@
+//! Parity with diffusers' `UNet2DConditionModel` on the tiny fixtures
+//! (`xtask/fixtures/gen_unet.py`): decoder, inpainting and ControlNet variants, batch 2,
+//! distinct timesteps, two latent sizes (one non-square).
+
+use candle_core::{DType, Device, Tensor};
+use kandinsky_core::testing::{assert_close, diff, fixtures_dir, get, load_fixture};
+use kandinsky_core::traits::{Denoiser, DenoiserCondition};
+use kandinsky_unet::UNet2DConditionModel;
+
+/// f32 parity tolerance (max abs) against diffusers; outputs are O(5).
+const TOL_F32: f32 = 1e-4;
+
+fn tiny(repo: &str, dtype: DType) -> anyhow::Result<UNet2DConditionModel> {
+    let dir = fixtures_dir().join("tiny").join(repo).join("unet");
+    Ok(UNet2DConditionModel::from_dir(dir, dtype, &Device::Cpu)?)
+}
+
+fn timesteps(t: &Tensor) -> anyhow::Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+}
+
+fn run_case(
+    unet: &UNet2DConditionModel,
+    fx: &std::collections::HashMap<String, Tensor>,
+    k: usize,
+) -> anyhow::Result<Tensor> {
+    let sample = get(fx, &format!("sample_{k}"))?;
+    let ts = timesteps(get(fx, &format!("timesteps_{k}"))?)?;
+    let emb = get(fx, &format!("image_embeds_{k}"))?;
+    let hint = fx.get(&format!("hint_{k}"));
+    Ok(unet.forward(sample, &ts, emb, hint)?)
+}
+
+fn parity(variant: &str, repo: &str) -> anyhow::Result<()> {
+    let unet = tiny(repo, DType::F32)?;
+    let fx = load_fixture(&format!("unet/{variant}.safetensors"))?;
+    for k in 0..2 {
+        let out = run_case(&unet, &fx, k)?;
+        let reference = get(&fx, &format!("output_{k}"))?;
+        assert_close(
+            &format!("{variant} {:?}", reference.dims()),
+            &out,
+            reference,
+            TOL_F32,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn decoder_matches_diffusers() -> anyhow::Result<()> {
+    parity("decoder", "kandinsky-2-2-decoder")
+}
+
+#[test]
+fn inpaint_matches_diffusers() -> anyhow::Result<()> {
+    parity("inpaint", "kandinsky-2-2-decoder-inpaint")
+}
+
+#[test]
+fn controlnet_matches_diffusers() -> anyhow::Result<()> {
+    parity("controlnet", "kandinsky-2-2-controlnet-depth")
+}
+
+/// The `Denoiser` trait path is the same computation as `forward`.
+#[test]
+fn denoiser_trait_matches_forward() -> anyhow::Result<()> {
+    let unet = tiny("kandinsky-2-2-controlnet-depth", DType::F32)?;
+    let fx = load_fixture("unet/controlnet.safetensors")?;
+    let cond = DenoiserCondition {
+        image_embeds: Some(get(&fx, "image_embeds_1")?.clone()),
+        hint: Some(get(&fx, "hint_1")?.clone()),
+        ..Default::default()
+    };
+    let ts = timesteps(get(&fx, "timesteps_1")?)?;
+    let out = unet.predict(get(&fx, "sample_1")?, &ts, &cond)?;
+    assert_close("trait", &out, get(&fx, "output_1")?, TOL_F32)?;
+    assert_eq!(Denoiser::sample_channels(&unet), 4);
+    assert_eq!(unet.out_channels(), 8);
+    Ok(())
+}
+
+/// f16 / bf16 forward against diffusers' f32 output (weights are f16-exact in the fixture,
+/// so only activation rounding differs). Tolerances relative to the output's max magnitude
+/// (≈ 4.4): f16 has an 11-bit mantissa, bf16 8 bits.
+#[test]
+fn half_precision_close_to_f32() -> anyhow::Result<()> {
+    let fx = load_fixture("unet/decoder.safetensors")?;
+    let reference = get(&fx, "output_1")?;
+    for (dtype, tol_rel) in [(DType::F16, 1e-2f32), (DType::BF16, 6e-2)] {
+        let unet = tiny("kandinsky-2-2-decoder", dtype)?;
+        let out = run_case(&unet, &fx, 1)?;
+        assert_eq!(out.dtype(), dtype);
+        let d = diff(&out, reference)?;
+        eprintln!(
+            "{dtype:?} vs diffusers f32: max abs {:.3e}, rel {:.3e} (tolerance rel {tol_rel:.0e})",
+            d.max_abs, d.rel
+        );
+        assert!(d.rel <= tol_rel, "{dtype:?}: rel {} > {tol_rel}", d.rel);
+    }
+    Ok(())
+}
