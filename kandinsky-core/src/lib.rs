@@ -13,6 +13,8 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
 pub mod embeddings;
 pub mod error;

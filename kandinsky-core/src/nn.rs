@@ -53,6 +53,13 @@ impl Activation {
     }
 }
 
+/// False when `KANDINSKY_PLAIN_KERNELS` is set: every op then takes candle's plain path
+/// (to compare against the fused kernels).
+pub fn use_fused_kernels() -> bool {
+    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FUSED.get_or_init(|| std::env::var_os("KANDINSKY_PLAIN_KERNELS").is_none())
+}
+
 /// GroupNorm with statistics in f32 whatever the input dtype (half-precision sums overflow).
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -83,9 +90,41 @@ impl GroupNorm {
         self.weight.dims1().unwrap_or(0)
     }
 
-    /// Normalise `x` of shape `[B, C, ...]` (the plain path: statistics in f32, one pass for
-    /// the mean, one for the variance, affine in the input dtype).
+    /// Normalise `x` of shape `[B, C, ...]`: the fused CUDA kernel on a GPU, else the plain
+    /// path (statistics in f32, one pass for the mean, one for the variance).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && x.rank() >= 3 && use_fused_kernels() {
+            return crate::cuda::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                false,
+            );
+        }
+        self.forward_plain(x)
+    }
+
+    /// `silu(GroupNorm(x))` in one pass where a fused kernel exists.
+    pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && x.rank() >= 3 && use_fused_kernels() {
+            return crate::cuda::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                true,
+            );
+        }
+        self.forward_plain(x)?.silu()
+    }
+
+    /// The reference path: statistics in f32, affine in f32, cast back.
+    pub fn forward_plain(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         if dims.len() < 3 {
             candle_core::bail!("GroupNorm expects [B, C, ...], got {dims:?}");

@@ -1,0 +1,121 @@
+// Fused GroupNorm (+ optional SiLU) for NCHW tensors, f32 statistics for every input type.
+//
+// Two launches over a grid of (batch·groups)·splits blocks, so even batch 2 × 32 groups fills
+// the GPU: `group_norm_stats_*` writes a partial (count, mean, M2) per block (Welford), and
+// `group_norm_apply_*` merges its group's partials (Chan et al.) and normalises its chunk.
+// candle's composite GroupNorm makes about a dozen passes; this makes two reads and a write.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
+
+struct Welford { float n, mean, m2; };
+
+__device__ __forceinline__ Welford merge(Welford a, Welford b) {
+  float n = a.n + b.n;
+  if (n == 0.f) return a;
+  float d = b.mean - a.mean;
+  float f = b.n / n;
+  return {n, a.mean + d * f, a.m2 + b.m2 + d * d * a.n * f};
+}
+
+__device__ __forceinline__ Welford warp_merge(Welford w) {
+  for (int o = 16; o > 0; o >>= 1) {
+    Welford other{__shfl_xor_sync(0xffffffff, w.n, o), __shfl_xor_sync(0xffffffff, w.mean, o),
+                  __shfl_xor_sync(0xffffffff, w.m2, o)};
+    w = merge(w, other);
+  }
+  return w;
+}
+
+// blockDim.x: a multiple of 32, at most 1024.
+__device__ Welford block_merge(Welford w) {
+  __shared__ float sn[32], sm[32], s2[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  w = warp_merge(w);
+  if (lane == 0) { sn[warp] = w.n; sm[warp] = w.mean; s2[warp] = w.m2; }
+  __syncthreads();
+  if (warp == 0) {
+    Welford r = lane < nwarps ? Welford{sn[lane], sm[lane], s2[lane]} : Welford{0.f, 0.f, 0.f};
+    r = warp_merge(r);
+    if (lane == 0) { sn[0] = r.n; sm[0] = r.mean; s2[0] = r.m2; }
+  }
+  __syncthreads();
+  Welford r{sn[0], sm[0], s2[0]};
+  __syncthreads();
+  return r;
+}
+
+// Block (gs, split): elements [split·chunk, (split+1)·chunk) of group gs (= b·G + g).
+template <typename T>
+__device__ void stats(const T* __restrict__ x, float* __restrict__ partial, long long group_elems,
+                      long long chunk, int splits) {
+  const int gs = blockIdx.x / splits, split = blockIdx.x % splits;
+  const T* xg = x + (long long)gs * group_elems;
+  long long lo = (long long)split * chunk, hi = min(lo + chunk, group_elems);
+  Welford w{0.f, 0.f, 0.f};
+  for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    float v = to_f(xg[i]);
+    w.n += 1.f;
+    float d = v - w.mean;
+    w.mean += d / w.n;
+    w.m2 += d * (v - w.mean);
+  }
+  w = block_merge(w);
+  if (threadIdx.x == 0) {
+    partial[3 * blockIdx.x] = w.n;
+    partial[3 * blockIdx.x + 1] = w.mean;
+    partial[3 * blockIdx.x + 2] = w.m2;
+  }
+}
+
+template <typename T>
+__device__ void apply(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
+                      const float* __restrict__ partial, T* __restrict__ y, long long group_elems,
+                      long long chunk, int splits, int groups, int cpg, long long hw, float eps, int silu) {
+  const int gs = blockIdx.x / splits, split = blockIdx.x % splits;
+  __shared__ float s_mean, s_rstd;
+  if (threadIdx.x == 0) {
+    Welford w{0.f, 0.f, 0.f};
+    for (int s = 0; s < splits; ++s) {
+      const float* p = partial + 3 * (gs * splits + s);
+      w = merge(w, Welford{p[0], p[1], p[2]});
+    }
+    s_mean = w.mean;
+    s_rstd = rsqrtf(w.m2 / w.n + eps);
+  }
+  __syncthreads();
+  const float mean = s_mean, rstd = s_rstd;
+  const int g = gs % groups;
+  const long long base = (long long)gs * group_elems;
+  long long lo = (long long)split * chunk, hi = min(lo + chunk, group_elems);
+  for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    const int c = g * cpg + (int)(i / hw);
+    float v = (to_f(x[base + i]) - mean) * rstd * to_f(gamma[c]) + to_f(beta[c]);
+    if (silu) v = v / (1.f + __expf(-v));
+    y[base + i] = from_f<T>(v);
+  }
+}
+
+#define GN_KERNELS(T, SUF)                                                                        \
+  extern "C" __global__ void group_norm_stats_##SUF(const T* x, float* partial, long long ge,     \
+                                                    long long chunk, int splits) {                \
+    stats<T>(x, partial, ge, chunk, splits);                                                      \
+  }                                                                                               \
+  extern "C" __global__ void group_norm_apply_##SUF(const T* x, const T* gamma, const T* beta,    \
+                                                    const float* partial, T* y, long long ge,     \
+                                                    long long chunk, int splits, int groups,      \
+                                                    int cpg, long long hw, float eps, int silu) { \
+    apply<T>(x, gamma, beta, partial, y, ge, chunk, splits, groups, cpg, hw, eps, silu);          \
+  }
+
+GN_KERNELS(float, f32)
+GN_KERNELS(__half, f16)
+GN_KERNELS(__nv_bfloat16, bf16)
