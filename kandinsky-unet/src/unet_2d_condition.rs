@@ -539,6 +539,7 @@ impl UNet2DConditionConfig {
         let time_embed_dim = self
             .time_embedding_dim
             .unwrap_or(4 * self.block_out_channels[0]);
+        self.check_widths(groups, &layers, &head_dims, &down, &up)?;
         Ok(Plan {
             down,
             up,
@@ -551,6 +552,65 @@ impl UNet2DConditionConfig {
             addition,
             time_embed_dim,
         })
+    }
+}
+
+impl UNet2DConditionConfig {
+    /// Every GroupNorm width (skip concatenations included) must split into `groups`, and
+    /// every attention width into heads of `head_dim`, as the blocks are built.
+    fn check_widths(
+        &self,
+        groups: usize,
+        layers: &[usize],
+        head_dims: &[usize],
+        down: &[DownKind],
+        up: &[UpKind],
+    ) -> Result<()> {
+        let boc = &self.block_out_channels;
+        let n = boc.len();
+        let mut norm_widths = vec![boc[0]];
+        let mut attn_widths = vec![(boc[n - 1], head_dims[n - 1])];
+        for i in 0..n {
+            let cin = if i == 0 { boc[0] } else { boc[i - 1] };
+            norm_widths.extend([cin, boc[i]]);
+            if down[i] == DownKind::SimpleCrossAttn {
+                attn_widths.push((boc[i], head_dims[i]));
+            }
+            let out = boc[n - 1 - i];
+            let prev = if i == 0 { boc[n - 1] } else { boc[n - i] };
+            let deepest_skip = boc[(n - 1).saturating_sub(i + 1)];
+            let up_layers = layers[n - 1 - i] + 1;
+            for l in 0..up_layers {
+                let cin = if l == 0 { prev } else { out };
+                let skip = if l + 1 == up_layers {
+                    deepest_skip
+                } else {
+                    out
+                };
+                norm_widths.push(cin + skip);
+            }
+            if up[i] == UpKind::SimpleCrossAttn {
+                attn_widths.push((out, head_dims[i]));
+            }
+        }
+        if let Some(w) = norm_widths
+            .iter()
+            .find(|&&w| groups == 0 || w % groups != 0)
+        {
+            return Err(Error::unsupported(
+                "norm_num_groups",
+                groups,
+                format!("a divisor of every normalized width (not of {w})"),
+            ));
+        }
+        if let Some((w, d)) = attn_widths.iter().find(|(w, d)| *d == 0 || w % d != 0) {
+            return Err(Error::unsupported(
+                "attention_head_dim",
+                d,
+                format!("a divisor of every attention block's channel count (not of {w})"),
+            ));
+        }
+        Ok(())
     }
 }
 
