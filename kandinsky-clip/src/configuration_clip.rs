@@ -166,7 +166,40 @@ fn nonzero(field: &str, v: usize) -> Result<()> {
     Ok(())
 }
 
+impl Default for ClipTextConfig {
+    /// transformers' `CLIPTextConfig()` defaults (OpenAI ViT-B/32's text tower).
+    fn default() -> Self {
+        Self {
+            vocab_size: default_vocab_size(),
+            hidden_size: default_text_hidden(),
+            intermediate_size: default_text_intermediate(),
+            projection_dim: default_projection_dim(),
+            num_hidden_layers: default_layers(),
+            num_attention_heads: default_text_heads(),
+            max_position_embeddings: default_max_positions(),
+            hidden_act: default_hidden_act(),
+            layer_norm_eps: default_eps(),
+            eos_token_id: default_eos(),
+        }
+    }
+}
+
 impl ClipTextConfig {
+    /// The effective config of kandinsky-2-2-prior's `text_encoder` (OpenCLIP ViT-bigG/14
+    /// text tower, legacy `eos_token_id` 2).
+    pub fn kandinsky_2_2_prior() -> Self {
+        Self {
+            hidden_size: 1280,
+            intermediate_size: 5120,
+            projection_dim: 1280,
+            num_hidden_layers: 32,
+            num_attention_heads: 20,
+            hidden_act: "gelu".into(),
+            eos_token_id: serde_json::Value::from(2),
+            ..Self::default()
+        }
+    }
+
     /// Read and validate `config.json` of a text-encoder folder.
     pub fn from_dir(dir: &ComponentDir) -> Result<Self> {
         let cfg: Self = dir.read_config("config.json")?;

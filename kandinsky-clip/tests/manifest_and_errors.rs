@@ -126,3 +126,11 @@ fn processor_config_rejects_unsupported_resampling() -> anyhow::Result<()> {
     assert!(e.contains("resample") && e.contains("bicubic"), "{e}");
     Ok(())
 }
+
+#[test]
+fn builtin_bigg_config_equals_the_real_file() -> anyhow::Result<()> {
+    let a = ClipTextConfig::kandinsky_2_2_prior();
+    let b = real_text()?;
+    assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    Ok(())
+}
