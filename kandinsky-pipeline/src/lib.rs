@@ -10,8 +10,12 @@
 pub mod callback;
 pub mod decoder;
 pub mod guidance;
+pub mod hub;
+pub mod images;
+pub mod load;
 pub mod prior;
 
 pub use callback::{Callback, Control, Hooks, Stage, StepEvent};
 pub use decoder::{DecoderModels, DecoderOptions};
+pub use load::{DecoderPipeline, ImageEncoderUse, Placement, PriorPipeline, SchedulerChoice};
 pub use prior::{ImageEmbeds, PriorModels, PriorOptions};

@@ -1,0 +1,421 @@
+//! Loading pipelines from diffusers-layout folders (or hub repos, see [`crate::hub`]) and
+//! running the flows on them.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use image::DynamicImage;
+use kandinsky_clip::{
+    ClipImageProcessor, ClipTextModelWithProjection, ClipTokenizer, ClipVisionModelWithProjection,
+};
+use kandinsky_core::loading::ModelIndex;
+use kandinsky_core::traits::LatentCodec;
+use kandinsky_core::{Error, Result};
+use kandinsky_movq::VQModel;
+use kandinsky_prior::{PriorTransformer, ZeroImageEmbedding};
+use kandinsky_schedulers::{AnyScheduler, SchedulerConfig, SchedulerKind};
+use kandinsky_unet::UNet2DConditionModel;
+
+use crate::callback::Hooks;
+use crate::decoder::{self, DecoderModels, DecoderOptions};
+use crate::prior::{
+    self, FusionInput, FusionOptions, ImageEmbeds, PriorModels, PriorOptions, PromptTokenizer,
+    Tokens,
+};
+
+/// Where a component lives and in which dtype.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    /// Device of the weights.
+    pub device: Device,
+    /// Dtype of the weights.
+    pub dtype: DType,
+}
+
+impl Placement {
+    /// f32 on the CPU.
+    pub fn cpu() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+impl PromptTokenizer for ClipTokenizer {
+    fn tokenize(&self, prompts: &[String]) -> Result<Tokens> {
+        let batch = self.encode_batch(prompts)?;
+        Ok(Tokens {
+            ids: batch.input_ids(&Device::Cpu)?,
+            mask: batch.attention_mask(&Device::Cpu)?,
+        })
+    }
+}
+
+fn expect_class(index: &ModelIndex, dir: &Path, allowed: &[&str]) -> Result<()> {
+    if allowed.contains(&index.class_name.as_str()) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{} is a `{}` folder; expected one of: {}",
+            dir.display(),
+            index.class_name,
+            allowed.join(", ")
+        )))
+    }
+}
+
+/// What to do with the 1.8B-parameter CLIP image encoder of the prior folder.
+#[derive(Debug, Clone)]
+pub enum ImageEncoderUse {
+    /// Keep it loaded (fusion with images, emb2emb from pictures).
+    Load,
+    /// Only the zero-image embedding is needed: read it from this cache file when present,
+    /// else load the encoder once, compute it, write the cache and drop the encoder.
+    ZeroEmbeddingOnly {
+        /// Cache file (safetensors).
+        cache: Option<PathBuf>,
+    },
+}
+
+/// The prior stage of `kandinsky-2-2-prior` (`KandinskyV22PriorPipeline`).
+pub struct PriorPipeline {
+    /// CLIP tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// CLIP text tower.
+    pub text_encoder: ClipTextModelWithProjection,
+    /// The diffusion prior.
+    pub prior: PriorTransformer,
+    /// UnCLIP scheduler (from `scheduler/scheduler_config.json`).
+    pub scheduler: AnyScheduler,
+    /// CLIP vision tower, when kept.
+    pub image_encoder: Option<ClipVisionModelWithProjection>,
+    /// The image processor, when the image encoder is kept.
+    pub image_processor: Option<ClipImageProcessor>,
+    /// Image encoder applied to an all-zeros image, `[1, E]`.
+    pub zero_image_embed: Tensor,
+}
+
+impl PriorPipeline {
+    /// Load from a `kandinsky-2-2-prior` folder; text encoder and prior each on their placement.
+    pub fn load(
+        dir: &Path,
+        text: &Placement,
+        prior: &Placement,
+        image_encoder: ImageEncoderUse,
+    ) -> Result<Self> {
+        let index = ModelIndex::read(dir)?;
+        expect_class(
+            &index,
+            dir,
+            &["KandinskyV22PriorPipeline", "KandinskyPriorPipeline"],
+        )?;
+        let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
+        let text_encoder =
+            ClipTextModelWithProjection::load(dir.join("text_encoder"), text.dtype, &text.device)?;
+        let prior_model = PriorTransformer::load(dir.join("prior"), prior.dtype, &prior.device)?;
+        let scheduler = AnyScheduler::from_file(dir.join("scheduler/scheduler_config.json"))?;
+        let (image_encoder, image_processor, zero) = match image_encoder {
+            ImageEncoderUse::Load => {
+                let enc = ClipVisionModelWithProjection::load(
+                    dir.join("image_encoder"),
+                    text.dtype,
+                    &text.device,
+                )?;
+                let proc_ = ClipImageProcessor::from_dir(dir.join("image_processor"))?;
+                let zero = kandinsky_prior::zero_image_embedding(&enc)?;
+                (Some(enc), Some(proc_), zero)
+            }
+            ImageEncoderUse::ZeroEmbeddingOnly { cache } => {
+                let source = dir.join("image_encoder").display().to_string();
+                let dim = kandinsky_core::traits::EmbeddingPrior::embedding_dim(&prior_model);
+                let cached = match &cache {
+                    Some(path) if path.is_file() => Some(ZeroImageEmbedding::load_checked(
+                        path,
+                        &source,
+                        dim,
+                        &prior.device,
+                    )?),
+                    _ => None,
+                };
+                let zero = match cached {
+                    Some(z) => z,
+                    None => {
+                        let enc = ClipVisionModelWithProjection::load(
+                            dir.join("image_encoder"),
+                            text.dtype,
+                            &text.device,
+                        )?;
+                        let z = ZeroImageEmbedding::compute(&enc, source)?;
+                        if let Some(path) = &cache {
+                            if let Some(parent) = path.parent() {
+                                std::fs::create_dir_all(parent).map_err(|source| Error::Io {
+                                    path: parent.to_path_buf(),
+                                    source,
+                                })?;
+                            }
+                            z.save(path)?;
+                        }
+                        z.embeds
+                    }
+                };
+                (None, None, zero)
+            }
+        };
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            prior: prior_model,
+            scheduler,
+            image_encoder,
+            image_processor,
+            zero_image_embed: zero,
+        })
+    }
+
+    /// Prompt (+ negative prompt) → embeddings (diffusers' `__call__`).
+    pub fn generate(
+        &mut self,
+        prompts: &[String],
+        negative_prompts: Option<&[String]>,
+        opts: &PriorOptions,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<ImageEmbeds> {
+        let models = PriorModels {
+            tokenizer: &self.tokenizer,
+            text_encoder: &self.text_encoder,
+            prior: &self.prior,
+        };
+        prior::prior(
+            &models,
+            &mut self.scheduler,
+            prompts,
+            negative_prompts,
+            &self.zero_image_embed,
+            opts,
+            hooks,
+        )
+    }
+
+    /// Preprocess a picture for the image encoder.
+    pub fn pixels(&self, image: &DynamicImage) -> Result<Tensor> {
+        let p = self.image_processor.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "image inputs need the image encoder: load the prior with ImageEncoderUse::Load",
+            )
+        })?;
+        p.preprocess(image, &self.text_encoder_device())
+    }
+
+    fn text_encoder_device(&self) -> Device {
+        kandinsky_core::traits::TextEncoder::device(&self.text_encoder).clone()
+    }
+
+    /// Fusion of texts and images with weights (diffusers' `interpolate`).
+    pub fn interpolate(
+        &mut self,
+        inputs: &[(FusionInput, f64)],
+        opts: &FusionOptions,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<ImageEmbeds> {
+        let enc = self
+            .image_encoder
+            .as_ref()
+            .map(|e| e as &dyn kandinsky_core::traits::ImageEncoder);
+        let models = PriorModels {
+            tokenizer: &self.tokenizer,
+            text_encoder: &self.text_encoder,
+            prior: &self.prior,
+        };
+        prior::interpolate(
+            &models,
+            enc,
+            &mut self.scheduler,
+            inputs,
+            &self.zero_image_embed,
+            opts,
+            hooks,
+        )
+    }
+
+    /// Image-guided prior (diffusers' `KandinskyV22PriorEmb2EmbPipeline`) from CLIP image
+    /// embeddings `[N, E]` (use [`PriorPipeline::embed_image`] for a picture).
+    pub fn emb2emb(
+        &mut self,
+        prompts: &[String],
+        image_embeds: &Tensor,
+        strength: f64,
+        negative_prompts: Option<&[String]>,
+        opts: &PriorOptions,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<ImageEmbeds> {
+        let models = PriorModels {
+            tokenizer: &self.tokenizer,
+            text_encoder: &self.text_encoder,
+            prior: &self.prior,
+        };
+        prior::emb2emb(
+            &models,
+            &mut self.scheduler,
+            prompts,
+            image_embeds,
+            strength,
+            negative_prompts,
+            &self.zero_image_embed,
+            opts,
+            hooks,
+        )
+    }
+
+    /// CLIP image embedding of a picture `[1, E]`.
+    pub fn embed_image(&self, image: &DynamicImage) -> Result<Tensor> {
+        let enc = self.image_encoder.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "image inputs need the image encoder: load the prior with ImageEncoderUse::Load",
+            )
+        })?;
+        let px = self.pixels(image)?;
+        use kandinsky_core::traits::ImageEncoder;
+        enc.encode_image(&px.to_dtype(ImageEncoder::dtype(enc))?)
+    }
+}
+
+/// Which scheduler the decoder uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SchedulerChoice {
+    /// The one `scheduler/scheduler_config.json` names (DDPM for the 2.2 decoder).
+    #[default]
+    Default,
+    /// Another class built from the same config (diffusers' `from_config`).
+    Kind(SchedulerKind),
+}
+
+/// The decoder stage: `kandinsky-2-2-decoder`, `-decoder-inpaint` or `-controlnet-depth`.
+pub struct DecoderPipeline {
+    /// The UNet.
+    pub unet: UNet2DConditionModel,
+    /// The MoVQ codec.
+    pub movq: VQModel,
+    /// The scheduler.
+    pub scheduler: AnyScheduler,
+    /// `model_index.json`'s `_class_name`.
+    pub class_name: String,
+}
+
+impl DecoderPipeline {
+    /// Load a decoder folder; UNet and MoVQ each on their placement.
+    pub fn load(
+        dir: &Path,
+        unet: &Placement,
+        movq: &Placement,
+        scheduler: SchedulerChoice,
+    ) -> Result<Self> {
+        let index = ModelIndex::read(dir)?;
+        expect_class(
+            &index,
+            dir,
+            &[
+                "KandinskyV22Pipeline",
+                "KandinskyV22Img2ImgPipeline",
+                "KandinskyV22InpaintPipeline",
+                "KandinskyV22ControlnetPipeline",
+                "KandinskyV22ControlnetImg2ImgPipeline",
+                "KandinskyV22CombinedPipeline",
+            ],
+        )?;
+        let cfg = SchedulerConfig::from_file(dir.join("scheduler/scheduler_config.json"))?;
+        let scheduler = match scheduler {
+            SchedulerChoice::Default => AnyScheduler::from_config(&cfg)?,
+            SchedulerChoice::Kind(k) => AnyScheduler::from_config_as(&cfg, k)?,
+        };
+        Ok(Self {
+            unet: UNet2DConditionModel::from_dir(dir.join("unet"), unet.dtype, &unet.device)?,
+            movq: VQModel::load(dir.join("movq"), movq.dtype, &movq.device)?,
+            scheduler,
+            class_name: index.class_name,
+        })
+    }
+
+    /// text2img (with `hint`: ControlNet) → images in [-1, 1].
+    pub fn text2img(
+        &mut self,
+        embeds: &ImageEmbeds,
+        opts: &DecoderOptions,
+        hint: Option<&Tensor>,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<Tensor> {
+        let models = DecoderModels {
+            unet: &self.unet,
+            movq: &self.movq,
+        };
+        let latents = decoder::text2img(
+            &models,
+            &mut self.scheduler,
+            &embeds.image_embeds,
+            &embeds.negative_image_embeds,
+            opts,
+            hint,
+            hooks,
+        )?;
+        decoder::decode(&self.movq, &latents)
+    }
+
+    /// img2img (with `hint`: ControlNet img2img) → images in [-1, 1].
+    pub fn img2img(
+        &mut self,
+        embeds: &ImageEmbeds,
+        image: &Tensor,
+        strength: f64,
+        opts: &DecoderOptions,
+        hint: Option<&Tensor>,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<Tensor> {
+        let models = DecoderModels {
+            unet: &self.unet,
+            movq: &self.movq,
+        };
+        let latents = decoder::img2img(
+            &models,
+            &mut self.scheduler,
+            &embeds.image_embeds,
+            &embeds.negative_image_embeds,
+            image,
+            strength,
+            opts,
+            hint,
+            hooks,
+        )?;
+        decoder::decode(&self.movq, &latents)
+    }
+
+    /// Inpainting → images in [-1, 1].
+    pub fn inpaint(
+        &mut self,
+        embeds: &ImageEmbeds,
+        image: &Tensor,
+        mask: &Tensor,
+        opts: &DecoderOptions,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<Tensor> {
+        let models = DecoderModels {
+            unet: &self.unet,
+            movq: &self.movq,
+        };
+        let latents = decoder::inpaint(
+            &models,
+            &mut self.scheduler,
+            &embeds.image_embeds,
+            &embeds.negative_image_embeds,
+            image,
+            mask,
+            opts,
+            hooks,
+        )?;
+        decoder::decode(&self.movq, &latents)
+    }
+
+    /// The MoVQ codec as the shared trait.
+    pub fn codec(&self) -> &dyn LatentCodec {
+        &self.movq
+    }
+}
