@@ -4,6 +4,7 @@
 //!   regenerate `fixtures/` with the diffusers/transformers generator in `xtask/fixtures/`.
 
 mod python;
+mod unet_full;
 
 use anyhow::{bail, Result};
 
@@ -15,6 +16,7 @@ fn main() -> Result<()> {
     let rest = &args[1..];
     match cmd.as_str() {
         "fixtures" => python::fixtures(rest),
+        "unet-full" => unet_full::unet_full(rest),
         other => bail!("unknown xtask command `{other}`; available: fixtures"),
     }
 }
