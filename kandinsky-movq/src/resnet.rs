@@ -1,0 +1,83 @@
+//! `ResnetBlock2D` (encoder: GroupNorm, no time embedding) and `ResnetBlockCondNorm2D`
+//! (MoVQ decoder: SpatialNorm conditioned on the latent), which differ only in their norms.
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use kandinsky_core::nn::Activation;
+use kandinsky_core::Result;
+
+use crate::attention_processor::{Norm, NormKind};
+use crate::conv::{Conv2d, Padding};
+
+/// `norm1 → act → conv1 → norm2 → act → conv2`, plus the (1×1 `conv_shortcut` when the
+/// channel count changes) input. Keys `norm1`, `conv1`, `norm2`, `conv2`, `[conv_shortcut]`.
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: Norm,
+    conv1: Conv2d,
+    norm2: Norm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    act: Activation,
+}
+
+impl ResnetBlock2D {
+    /// Load a block `in_channels → out_channels` whose norms are of kind `norm`.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        act: Activation,
+        norm: NormKind,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let conv_shortcut = if in_channels != out_channels {
+            Some(Conv2d::new(
+                in_channels,
+                out_channels,
+                1,
+                1,
+                Padding::same(0),
+                vb.pp("conv_shortcut"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: norm.build(in_channels, vb.pp("norm1"))?,
+            conv1: Conv2d::new(
+                in_channels,
+                out_channels,
+                3,
+                1,
+                Padding::same(1),
+                vb.pp("conv1"),
+            )?,
+            norm2: norm.build(out_channels, vb.pp("norm2"))?,
+            conv2: Conv2d::new(
+                out_channels,
+                out_channels,
+                3,
+                1,
+                Padding::same(1),
+                vb.pp("conv2"),
+            )?,
+            conv_shortcut,
+            act,
+        })
+    }
+
+    /// Forward `x` `[B, C, H, W]`; `zq` is the latent for spatial norms.
+    pub fn forward(&self, x: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.norm1.forward(x, zq, Some(self.act))?;
+        let h = self.conv1.forward(&h)?;
+        let h = self.norm2.forward(&h, zq, Some(self.act))?;
+        let h = self.conv2.forward(&h)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        // output_scale_factor is 1 in every VQ-VAE block.
+        Ok((shortcut + h)?)
+    }
+}
