@@ -6,6 +6,11 @@
 //! Pillow's bicubic filter on u8 pixels, center crop, rescale by 1/255 (f64, then f32), and
 //! normalisation in f32. Every step reproduces Pillow/NumPy's arithmetic, so for 8-bit inputs
 //! the pixel values equal transformers' (the parity test demands exact equality).
+//!
+//! Decoding is the one step that may differ: PNG (8-bit) decodes identically, but JPEG
+//! decoders (`image`'s zune-jpeg vs Pillow's libjpeg-turbo) may differ by a level or two in
+//! some pixels, and 16-bit images are reduced to 8 bits by rounding here where Pillow may not;
+//! such differences pass through the resize unchanged in size (at most a few 1/255 steps).
 
 use std::path::Path;
 

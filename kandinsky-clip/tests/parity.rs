@@ -51,6 +51,35 @@ fn text_encoder_matches_transformers() -> anyhow::Result<()> {
 }
 
 #[test]
+fn prompt_to_text_embeds_end_to_end() -> anyhow::Result<()> {
+    // The prompts gen_clip.py fed to transformers' tokenizer, then to the text encoder.
+    let fx = load_fixture("clip/text_encoder.safetensors")?;
+    let tok = kandinsky_clip::ClipTokenizer::from_dir(prior_dir("tokenizer"))?;
+    let long = format!("it's a 😀 {}long prompt", "very ".repeat(90));
+    let batch = tok.encode_batch(&["a red cat, 4k photo", "", long.as_str()])?;
+    let ids = batch.input_ids(&Device::Cpu)?;
+    assert_eq!(
+        ids.to_vec2::<u32>()?,
+        ids(get(&fx, "input_ids")?)?.to_vec2::<u32>()?
+    );
+    let mask = batch.attention_mask(&Device::Cpu)?;
+    assert_eq!(
+        mask.to_vec2::<u32>()?,
+        ids(get(&fx, "attention_mask")?)?.to_vec2::<u32>()?
+    );
+    let model =
+        ClipTextModelWithProjection::load(prior_dir("text_encoder"), DType::F32, &Device::Cpu)?;
+    let out = model.encode_text(&ids, Some(&mask))?;
+    assert_close(
+        "text_embeds from prompts",
+        &out.text_embeds,
+        get(&fx, "text_embeds")?,
+        1e-4,
+    )?;
+    Ok(())
+}
+
+#[test]
 fn text_encoder_first_eos_rule_and_quick_gelu() -> anyhow::Result<()> {
     let fx = load_fixture("clip/text_encoder.safetensors")?;
     let dir = ComponentDir::new(prior_dir("text_encoder"))?;

@@ -22,9 +22,19 @@ fn tokenizer_dir() -> std::path::PathBuf {
     fixtures_dir().join("tiny/kandinsky-2-2-prior/tokenizer")
 }
 
-fn cases() -> anyhow::Result<Cases> {
-    let path = fixtures_dir().join("clip/tokenizer_cases.json");
+fn cases_file(name: &str) -> anyhow::Result<Cases> {
+    let path = fixtures_dir().join("clip").join(name);
     Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+}
+
+fn cases() -> anyhow::Result<Cases> {
+    cases_file("tokenizer_cases.json")
+}
+
+fn temp_dir(tag: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("kandinsky-clip-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 fn check_all(tok: &ClipTokenizer, cases: &Cases) -> anyhow::Result<()> {
@@ -77,8 +87,7 @@ fn ids_and_masks_match_transformers_on_all_prompts() -> anyhow::Result<()> {
 #[test]
 fn a_saved_tokenizer_json_is_used_and_equivalent() -> anyhow::Result<()> {
     let tok = ClipTokenizer::from_dir(tokenizer_dir())?;
-    let dir = std::env::temp_dir().join(format!("kandinsky-clip-tokjson-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = temp_dir("tokjson")?;
     tok.inner()
         .save(dir.join("tokenizer.json"), false)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -121,5 +130,62 @@ fn missing_files_are_typed_errors() -> anyhow::Result<()> {
     }
     let err = ClipTokenizer::from_dir("/definitely/not/here").unwrap_err();
     assert!(matches!(err, Error::MissingFile { .. }), "{err}");
+    Ok(())
+}
+
+#[test]
+fn kandinsky_2_1_pad_token_matches_transformers() -> anyhow::Result<()> {
+    // Same vocabulary, `pad_token` "!" (id 0), which transformers registers as a special token.
+    let dir = temp_dir("tok21")?;
+    for f in ["vocab.json", "merges.txt"] {
+        std::fs::copy(tokenizer_dir().join(f), dir.join(f))?;
+    }
+    for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+        std::fs::copy(
+            fixtures_dir().join("clip/tokenizer_2_1").join(f),
+            dir.join(f),
+        )?;
+    }
+    let tok = ClipTokenizer::from_dir(&dir)?;
+    std::fs::remove_dir_all(&dir)?;
+    assert_eq!(tok.pad_id(), 0);
+    check_all(&tok, &cases_file("tokenizer_2_1_cases.json")?)
+}
+
+/// Counts WARN events (a minimal subscriber: the crate only needs `tracing`).
+struct WarnCounter(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl tracing::Subscriber for WarnCounter {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        if *event.metadata().level() == tracing::Level::WARN {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn truncation_warns_through_tracing() -> anyhow::Result<()> {
+    let tok = ClipTokenizer::from_dir(tokenizer_dir())?;
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let long = "cat ".repeat(100);
+    tracing::subscriber::with_default(WarnCounter(count.clone()), || {
+        tok.encode_batch(&["a short prompt", ""]).map(|_| ())
+    })?;
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 0);
+    tracing::subscriber::with_default(WarnCounter(count.clone()), || {
+        tok.encode_batch(&[long.as_str(), "short", long.as_str()])
+            .map(|_| ())
+    })?;
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
     Ok(())
 }
