@@ -57,9 +57,9 @@ fn prompt_to_text_embeds_end_to_end() -> anyhow::Result<()> {
     let tok = kandinsky_clip::ClipTokenizer::from_dir(prior_dir("tokenizer"))?;
     let long = format!("it's a 😀 {}long prompt", "very ".repeat(90));
     let batch = tok.encode_batch(&["a red cat, 4k photo", "", long.as_str()])?;
-    let ids = batch.input_ids(&Device::Cpu)?;
+    let input_ids = batch.input_ids(&Device::Cpu)?;
     assert_eq!(
-        ids.to_vec2::<u32>()?,
+        input_ids.to_vec2::<u32>()?,
         ids(get(&fx, "input_ids")?)?.to_vec2::<u32>()?
     );
     let mask = batch.attention_mask(&Device::Cpu)?;
@@ -69,7 +69,7 @@ fn prompt_to_text_embeds_end_to_end() -> anyhow::Result<()> {
     );
     let model =
         ClipTextModelWithProjection::load(prior_dir("text_encoder"), DType::F32, &Device::Cpu)?;
-    let out = model.encode_text(&ids, Some(&mask))?;
+    let out = model.encode_text(&input_ids, Some(&mask))?;
     assert_close(
         "text_embeds from prompts",
         &out.text_embeds,
