@@ -90,11 +90,7 @@ impl DdimScheduler {
     /// Build from a typed config, rejecting values that are not implemented.
     pub fn new(config: DdimSchedulerConfig) -> Result<Self> {
         if config.rescale_betas_zero_snr {
-            return Err(Error::unsupported(
-                "rescale_betas_zero_snr",
-                true,
-                "false",
-            ));
+            return Err(Error::unsupported("rescale_betas_zero_snr", true, "false"));
         }
         let tables = NoiseTables::from_fields(
             config.trained_betas.as_deref(),
@@ -162,7 +158,7 @@ impl DdimScheduler {
 
     /// Set η ≥ 0 (0: deterministic DDIM, 1: DDPM-like variance).
     pub fn set_eta(&mut self, eta: f64) -> Result<()> {
-        if !(eta >= 0.0) || !eta.is_finite() {
+        if eta.is_nan() || eta < 0.0 || eta.is_infinite() {
             return Err(Error::invalid(format!(
                 "eta must be a finite number ≥ 0, got {eta}"
             )));
@@ -189,9 +185,9 @@ impl DdimScheduler {
         sample: &Tensor,
         noise: &mut dyn NoiseSource,
     ) -> Result<Tensor> {
-        let n = self.num_inference_steps.ok_or_else(|| {
-            Error::invalid("set_timesteps must be called before stepping")
-        })?;
+        let n = self
+            .num_inference_steps
+            .ok_or_else(|| Error::invalid("set_timesteps must be called before stepping"))?;
         if t < 0 || t as usize >= self.tables.len() {
             return Err(Error::invalid(format!(
                 "timestep {t} is outside [0, {})",
@@ -250,7 +246,7 @@ impl Scheduler for DdimScheduler {
             num_inference_steps,
             self.config.num_train_timesteps,
             self.config.steps_offset,
-        );
+        )?;
         self.timesteps_f64 = as_f64(&self.timesteps);
         Ok(())
     }

@@ -160,11 +160,7 @@ impl DdpmScheduler {
     /// Build from a typed config, rejecting values that are not implemented.
     pub fn new(config: DdpmSchedulerConfig) -> Result<Self> {
         if config.rescale_betas_zero_snr {
-            return Err(Error::unsupported(
-                "rescale_betas_zero_snr",
-                true,
-                "false",
-            ));
+            return Err(Error::unsupported("rescale_betas_zero_snr", true, "false"));
         }
         let tables = NoiseTables::from_fields(
             config.trained_betas.as_deref(),
@@ -265,9 +261,7 @@ impl DdpmScheduler {
         let x0 = match self.prediction_type {
             PredictionType::Epsilon => div(&(&x - mul(&eps, beta_prod_t.sqrt())?)?, a_t.sqrt())?,
             PredictionType::Sample => eps.clone(),
-            PredictionType::VPrediction => {
-                (mul(&x, a_t.sqrt())? - mul(&eps, beta_prod_t.sqrt())?)?
-            }
+            PredictionType::VPrediction => (mul(&x, a_t.sqrt())? - mul(&eps, beta_prod_t.sqrt())?)?,
         };
         let x0 = self.clip.apply(x0)?;
 
@@ -319,7 +313,7 @@ impl Scheduler for DdpmScheduler {
             num_inference_steps,
             self.config.num_train_timesteps,
             self.config.steps_offset,
-        );
+        )?;
         self.timesteps_f64 = as_f64(&self.timesteps);
         Ok(())
     }

@@ -181,13 +181,7 @@ impl DpmSolverMultistepScheduler {
         let solver_type = match config.solver_type.as_str() {
             "midpoint" => SolverType::Midpoint,
             "heun" => SolverType::Heun,
-            other => {
-                return Err(Error::unsupported(
-                    "solver_type",
-                    other,
-                    "midpoint, heun",
-                ))
-            }
+            other => return Err(Error::unsupported("solver_type", other, "midpoint, heun")),
         };
         let final_sigmas = match config.final_sigmas_type.as_str() {
             "zero" => FinalSigmas::Zero,
@@ -382,7 +376,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let n = num_inference_steps;
         // lambda_min_clipped = −∞ keeps every training timestep.
         let last = train;
-        let mut timesteps: Vec<i64> = match self.spacing {
+        let timesteps: Vec<i64> = match self.spacing {
             TimestepSpacing::Linspace => {
                 let mut v: Vec<i64> = np_linspace(0.0, (last - 1) as f64, n + 1)
                     .into_iter()
@@ -407,13 +401,14 @@ impl Scheduler for DpmSolverMultistepScheduler {
                     .collect()
             }
         };
-        let mut sigmas: Vec<f32> = if self.config.use_karras_sigmas {
+        let timesteps = crate::scheduling_utils::check_range(timesteps, n, train)?;
+        let (timesteps, mut sigmas): (Vec<i64>, Vec<f32>) = if self.config.use_karras_sigmas {
             let log_sigmas: Vec<f32> = self.train_sigmas.iter().map(|s| s.ln()).collect();
             let karras = self.karras_sigmas(n);
             let round = BetaSchedule::parse(&self.config.beta_schedule).ok()
                 != Some(BetaSchedule::SquaredcosCapV2)
                 || self.config.trained_betas.is_some();
-            timesteps = karras
+            let karras_ts: Vec<i64> = karras
                 .iter()
                 .map(|&s| {
                     let t = Self::sigma_to_t(s, &log_sigmas);
@@ -421,15 +416,13 @@ impl Scheduler for DpmSolverMultistepScheduler {
                     (if round { t.round_ties_even() } else { t }) as i64
                 })
                 .collect();
-            karras.into_iter().map(|s| s as f32).collect()
+            (karras_ts, karras.into_iter().map(|s| s as f32).collect())
         } else {
-            timesteps
+            let sigmas = timesteps
                 .iter()
-                .map(|&t| {
-                    let t = t.clamp(0, train as i64 - 1) as usize;
-                    self.train_sigmas[t]
-                })
-                .collect()
+                .map(|&t| self.train_sigmas[t as usize])
+                .collect();
+            (timesteps, sigmas)
         };
         sigmas.push(match self.final_sigmas {
             FinalSigmas::Zero => 0.0,

@@ -8,8 +8,8 @@ use serde::Deserialize;
 
 use crate::scheduling_ddpm::missing_variance;
 use crate::scheduling_utils::{
-    add_noise_ddpm, as_f64, check_steps, div, draw_noise, mul, split_variance, timestep_at,
-    upcast, BetaSchedule, NoiseTables, PredictionType, SchedulerConfig,
+    add_noise_ddpm, as_f64, check_steps, div, draw_noise, mul, split_variance, timestep_at, upcast,
+    BetaSchedule, NoiseTables, PredictionType, SchedulerConfig,
 };
 
 /// The fields of an `UnCLIPScheduler` config, with diffusers' defaults.
@@ -66,8 +66,7 @@ pub struct UnClipScheduler {
 impl UnClipScheduler {
     /// Build from a typed config, rejecting values that are not implemented.
     pub fn new(config: UnClipSchedulerConfig) -> Result<Self> {
-        if BetaSchedule::parse(&config.beta_schedule).ok() != Some(BetaSchedule::SquaredcosCapV2)
-        {
+        if BetaSchedule::parse(&config.beta_schedule).ok() != Some(BetaSchedule::SquaredcosCapV2) {
             return Err(Error::unsupported(
                 "beta_schedule",
                 &config.beta_schedule,
@@ -188,8 +187,7 @@ impl UnClipScheduler {
                     Some(v) => {
                         let frac = ((v + 1.0)? * 0.5)?;
                         let one_minus = frac.affine(-1.0, 1.0)?;
-                        let log_var =
-                            (mul(&frac, beta.ln())? + mul(&one_minus, variance.ln())?)?;
+                        let log_var = (mul(&frac, beta.ln())? + mul(&one_minus, variance.ln())?)?;
                         (mul(&log_var, 0.5)?.exp()? * &z)?
                     }
                     None => return Err(missing_variance(model_output, sample)),

@@ -333,7 +333,9 @@ pub fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
 
 /// Cosine ᾱ(t) of the `squaredcos_cap_v2` schedule.
 fn alpha_bar_cosine(t: f64) -> f64 {
-    ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2)
+    ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+        .cos()
+        .powi(2)
 }
 
 /// The betas of a schedule, as the float32 tensor diffusers stores. `squaredcos_cap_v2` is
@@ -465,8 +467,44 @@ pub(crate) fn check_steps(num_inference_steps: usize, num_train_timesteps: usize
     Ok(())
 }
 
+/// Refuse a timestep list that leaves `[0, T)`: NumPy's float `arange` in the `trailing`
+/// spacing yields one extra entry, −1, for some step counts (e.g. 217), and an offset can
+/// push `leading` to T; diffusers would then index ᾱ[−1] (the last entry) or fail.
+pub(crate) fn check_range(
+    timesteps: Vec<i64>,
+    num_inference_steps: usize,
+    num_train_timesteps: usize,
+) -> Result<Vec<i64>> {
+    if let Some(bad) = timesteps
+        .iter()
+        .find(|&&t| t < 0 || t >= num_train_timesteps as i64)
+    {
+        return Err(Error::invalid(format!(
+            "{num_inference_steps} steps with this timestep spacing give timestep {bad}, outside \
+             [0, {num_train_timesteps}) (diffusers does the same and then misbehaves); use another \
+             step count or spacing"
+        )));
+    }
+    Ok(timesteps)
+}
+
 /// The DDPM/DDIM timesteps (descending) for a spacing.
 pub(crate) fn spaced_timesteps(
+    spacing: TimestepSpacing,
+    num_inference_steps: usize,
+    num_train_timesteps: usize,
+    steps_offset: i64,
+) -> Result<Vec<i64>> {
+    let ts = spaced_timesteps_unchecked(
+        spacing,
+        num_inference_steps,
+        num_train_timesteps,
+        steps_offset,
+    );
+    check_range(ts, num_inference_steps, num_train_timesteps)
+}
+
+fn spaced_timesteps_unchecked(
     spacing: TimestepSpacing,
     num_inference_steps: usize,
     num_train_timesteps: usize,
