@@ -102,6 +102,26 @@ fn tiny_prior_matches_diffusers() -> Result<()> {
     )
 }
 
+/// The real widths (32 heads × 64, inner 2048, embedding 1280; 2 of the 20 layers) against
+/// diffusers. The fixture is ~460 MB, so it is not committed: generate it with
+/// `python xtask/fixtures/gen_prior.py --real-width DIR` and run with
+/// `KANDINSKY_PRIOR_REAL_WIDTH=DIR cargo test -p kandinsky-prior -- --ignored`.
+/// Measured: max abs 3.2e-6 (outputs up to 2.7).
+#[test]
+#[ignore = "needs the uncommitted real-width fixture (KANDINSKY_PRIOR_REAL_WIDTH)"]
+fn real_width_prior_matches_diffusers() -> Result<()> {
+    let dir = std::path::PathBuf::from(std::env::var("KANDINSKY_PRIOR_REAL_WIDTH")?);
+    let model = PriorTransformer::load(
+        dir.join("tiny/kandinsky-2-2-prior/prior"),
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    assert_eq!(model.config().inner_dim(), 2048);
+    let path = dir.join("prior/forward.safetensors");
+    let f = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    check_forwards(&model, &f, "real-width prior")
+}
+
 #[test]
 fn variant_prior_matches_diffusers() -> Result<()> {
     // norm_in + embedding_proj_norm LayerNorms, time_embed_dim 24, embedding_proj_dim 20,
