@@ -54,8 +54,14 @@ fn prior_step(c: &mut Criterion) {
         let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
         let model = PriorTransformer::new(vb, &cfg).expect("build prior");
         let e = cfg.embedding_dim;
-        let x = Tensor::randn(0f32, 1.0, (b, e), &device).unwrap().to_dtype(dtype).unwrap();
-        let p = Tensor::randn(0f32, 1.0, (b, e), &device).unwrap().to_dtype(dtype).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (b, e), &device)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let p = Tensor::randn(0f32, 1.0, (b, e), &device)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
         let enc = Tensor::randn(0f32, 1.0, (b, 77, e), &device)
             .unwrap()
             .to_dtype(dtype)
@@ -65,13 +71,16 @@ fn prior_step(c: &mut Criterion) {
         m[..2].fill(1);
         m[77..77 + 12].fill(1);
         let mask = Tensor::from_vec(m, (b, 77), &device).unwrap();
-        group.bench_function(BenchmarkId::from_parameter(format!("{dtype:?}_b{b}")), |bench| {
-            bench.iter(|| {
-                let out = model.forward(&x, &[500.0], &p, &enc, Some(&mask)).unwrap();
-                device.synchronize().unwrap();
-                out
-            })
-        });
+        group.bench_function(
+            BenchmarkId::from_parameter(format!("{dtype:?}_b{b}")),
+            |bench| {
+                bench.iter(|| {
+                    let out = model.forward(&x, &[500.0], &p, &enc, Some(&mask)).unwrap();
+                    device.synchronize().unwrap();
+                    out
+                })
+            },
+        );
     }
     group.finish();
 }
