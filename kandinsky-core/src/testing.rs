@@ -82,7 +82,7 @@ pub fn assert_close(what: &str, actual: &Tensor, reference: &Tensor, tol: f32) -
         "{what}: max abs {:.3e}, rel {:.3e} (tolerance {tol:.0e})",
         d.max_abs, d.rel
     );
-    if !(d.max_abs <= tol) {
+    if d.max_abs.is_nan() || d.max_abs > tol {
         return Err(Error::invalid(format!(
             "{what}: max abs difference {} exceeds {tol} (rel {})",
             d.max_abs, d.rel
