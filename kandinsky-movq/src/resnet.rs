@@ -69,15 +69,16 @@ impl ResnetBlock2D {
 
     /// Forward `x` `[B, C, H, W]`; `zq` is the latent for spatial norms.
     pub fn forward(&self, x: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.norm1.forward(x, zq, Some(self.act))?;
-        let h = self.conv1.forward(&h)?;
-        let h = self.norm2.forward(&h, zq, Some(self.act))?;
-        let h = self.conv2.forward(&h)?;
-        let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(x)?,
-            None => x.clone(),
-        };
+        // Reassigning one binding frees each full-size intermediate as soon as the next exists
+        // (shadowing would keep all of them alive until the end of the block: +2 GB at 1024²).
+        let mut h = self.norm1.forward(x, zq, Some(self.act))?;
+        h = self.conv1.forward(&h)?;
+        h = self.norm2.forward(&h, zq, Some(self.act))?;
+        h = self.conv2.forward(&h)?;
         // output_scale_factor is 1 in every VQ-VAE block.
-        Ok((shortcut + h)?)
+        Ok(match &self.conv_shortcut {
+            Some(c) => (c.forward(x)? + h)?,
+            None => (x + h)?,
+        })
     }
 }

@@ -198,13 +198,13 @@ impl Decoder {
     /// `z` `[B, C, h, w]` (after `post_quant_conv`) → `[B, out, h·f, w·f]`; `zq` is the
     /// latent the spatial norms are conditioned on.
     pub fn forward(&self, z: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv_in.forward(z)?;
-        let mut h = self.mid_block.forward(&h, zq)?;
+        let mut h = self.conv_in.forward(z)?;
+        h = self.mid_block.forward(&h, zq)?;
         for block in &self.up_blocks {
             h = block.forward(&h, zq)?;
         }
-        // `conv_act` is always SiLU.
-        let h = self.conv_norm_out.forward(&h, zq, Some(Activation::Silu))?;
+        // `conv_act` is always SiLU. Reassigned, not shadowed, to free the previous map.
+        h = self.conv_norm_out.forward(&h, zq, Some(Activation::Silu))?;
         self.conv_out.forward(&h)
     }
 }

@@ -3,6 +3,7 @@
 //! - `fixtures [--only a,b]`: create the pinned Python virtualenv (`.venv/`) if needed and
 //!   regenerate `fixtures/` with the diffusers/transformers generator in `xtask/fixtures/`.
 
+mod movq_full;
 mod python;
 mod unet_full;
 
@@ -16,6 +17,7 @@ fn main() -> Result<()> {
     let rest = &args[1..];
     match cmd.as_str() {
         "fixtures" => python::fixtures(rest),
+        "movq-full" => movq_full::movq_full(rest),
         "unet-full" => unet_full::unet_full(rest),
         other => bail!("unknown xtask command `{other}`; available: fixtures"),
     }
