@@ -155,3 +155,9 @@ pub fn group_norm(
         },
     )
 }
+
+/// `(free, total)` bytes of the current CUDA device's memory.
+pub fn mem_info() -> candle_core::Result<(usize, usize)> {
+    cudarc::driver::result::mem_get_info()
+        .map_err(|e| candle_core::Error::Msg(format!("cuMemGetInfo: {e:?}")))
+}

@@ -85,6 +85,23 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
 }
 
 impl GroupNorm {
+    /// A GroupNorm from its tensors (`weight`, `bias` of shape `[C]`).
+    pub fn from_parts(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let c = weight.dims1()?;
+        if groups == 0 || c % groups != 0 || bias.dims1()? != c {
+            return Err(Error::invalid(format!(
+                "GroupNorm: weight [{c}], bias {:?} and {groups} groups do not fit",
+                bias.dims()
+            )));
+        }
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+            eps,
+        })
+    }
+
     /// Number of channels.
     pub fn channels(&self) -> usize {
         self.weight.dims1().unwrap_or(0)

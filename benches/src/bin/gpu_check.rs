@@ -1,0 +1,360 @@
+//! One prepared GPU run (issue: performance/CUDA): tiny-fixture parity of every flow on the
+//! device, the fused kernels against candle's plain path, and timings of the real-config
+//! networks with random weights. Prints a table last.
+//!
+//! Build here with the CUDA recipe (`../shared/cuda/README.md`), run on the GPU machine:
+//! `gpu_check [--quick]`. Without a CUDA device it runs the same on the CPU (slowly).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use kandinsky_benches::{random_var_builder, sync};
+use kandinsky_core::attention::{attention, KvSegment};
+use kandinsky_core::testing::{diff, fixtures_dir, get, load_fixture};
+use kandinsky_core::traits::{
+    Denoiser, DenoiserCondition, EmbeddingPrior, PriorCondition, TextEncoder,
+};
+use kandinsky_pipeline::decoder::DecoderOptions;
+use kandinsky_pipeline::prior::{ImageEmbeds, PriorOptions};
+use kandinsky_pipeline::{
+    images, DecoderPipeline, Hooks, ImageEncoderUse, Placement, PriorPipeline, SchedulerChoice,
+};
+
+struct Row {
+    what: String,
+    value: String,
+    ok: Option<bool>,
+}
+
+fn cfg<T: serde::de::DeserializeOwned>(name: &str) -> Result<T> {
+    let p = fixtures_dir().join("real-configs").join(name);
+    let text = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn time<F: FnMut() -> Result<()>>(
+    dev: &Device,
+    warmup: usize,
+    iters: usize,
+    mut f: F,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    sync(dev)?;
+    let mut ts = Vec::new();
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        f()?;
+        sync(dev)?;
+        ts.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    ts.sort_by(|a, b| a.total_cmp(b));
+    Ok(ts[ts.len() / 2])
+}
+
+#[cfg(feature = "cuda")]
+fn used_mib(dev: &Device) -> f64 {
+    let _ = dev.synchronize();
+    match kandinsky_core::cuda::mem_info() {
+        Ok((free, total)) => (total - free) as f64 / 1048576.0,
+        Err(_) => f64::NAN,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn used_mib(_dev: &Device) -> f64 {
+    f64::NAN
+}
+
+fn parity(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    let place = Placement {
+        device: dev.clone(),
+        dtype: DType::F32,
+    };
+    let tiny = fixtures_dir().join("tiny");
+    // Prior: recorded noise replayed, as in the CPU end-to-end test.
+    let f = load_fixture("pipeline/prior.safetensors")?;
+    let mut keys: Vec<&String> = f.keys().filter(|k| k.starts_with("noise_")).collect();
+    keys.sort();
+    let mut noise =
+        kandinsky_core::noise::RecordedNoise::new(keys.into_iter().map(|k| f[k].clone()));
+    let mut p = PriorPipeline::load(
+        &tiny.join("kandinsky-2-2-prior"),
+        &place,
+        &place,
+        ImageEncoderUse::Load,
+    )?;
+    let opts = PriorOptions {
+        steps: 5,
+        ..Default::default()
+    };
+    let e = p.generate(
+        &["a red cat on a sofa".into()],
+        None,
+        &opts,
+        &mut Hooks {
+            noise: Some(&mut noise),
+            ..Default::default()
+        },
+    )?;
+    let d = diff(&e.image_embeds, get(&f, "image_embeds")?)?;
+    rows.push(Row {
+        what: "parity prior (CUDA f32 vs diffusers)".into(),
+        value: format!("{:.2e}", d.max_abs),
+        ok: Some(d.max_abs <= 1e-3),
+    });
+    for (repo, file, hint) in [
+        ("kandinsky-2-2-decoder", "text2img", false),
+        ("kandinsky-2-2-controlnet-depth", "controlnet", true),
+    ] {
+        let f = load_fixture(&format!("pipeline/{file}.safetensors"))?;
+        let mut dp = DecoderPipeline::load(
+            &tiny.join(repo),
+            &place,
+            &place,
+            SchedulerChoice::Kind(kandinsky_schedulers::SchedulerKind::Ddim),
+        )?;
+        let (_, _, h, w) = get(&f, "image")?.dims4()?;
+        let o = DecoderOptions {
+            height: h,
+            width: w,
+            steps: 4,
+            guidance_scale: 4.0,
+            noise: Some(get(&f, "latents")?.clone()),
+            ..Default::default()
+        };
+        let emb = ImageEmbeds {
+            image_embeds: get(&f, "image_embeds")?.clone(),
+            negative_image_embeds: get(&f, "negative_image_embeds")?.clone(),
+        };
+        let hint_t = if hint {
+            Some(get(&f, "hint")?.to_device(dev)?)
+        } else {
+            None
+        };
+        let img = dp.text2img(&emb, &o, hint_t.as_ref(), &mut Hooks::default())?;
+        let d = diff(&images::to_unit_range(&img)?, get(&f, "output")?)?;
+        rows.push(Row {
+            what: format!("parity {file} (CUDA f32 vs diffusers)"),
+            value: format!("{:.2e}", d.max_abs),
+            ok: Some(d.max_abs <= 1e-3),
+        });
+    }
+    Ok(())
+}
+
+fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    // GroupNorm kernel vs the plain path at UNet shapes (batch 2).
+    for (c, s) in [
+        (384usize, 96usize),
+        (768, 48),
+        (1536, 12),
+        (3072, 12),
+        (128, 256),
+    ] {
+        let gn_w = (Tensor::randn(0f32, 0.1, c, dev)? + 1.0)?;
+        let gn_b = Tensor::randn(0f32, 0.1, c, dev)?;
+        let x = ((Tensor::randn(0f32, 1.0, (2, c, s, s), dev)? * 3.0)? + 0.5)?;
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let xd = x.to_dtype(dt)?;
+            let gn = kandinsky_core::nn::GroupNorm::from_parts(
+                gn_w.to_dtype(dt)?,
+                gn_b.to_dtype(dt)?,
+                32,
+                1e-5,
+            )?;
+            let fused = gn.forward_silu(&xd)?;
+            let plain = gn.forward_plain(&xd)?.silu()?;
+            let d = diff(&fused, &plain)?;
+            let tol = match dt {
+                DType::F32 => 1e-4,
+                DType::F16 => 5e-3,
+                _ => 1e-2,
+            };
+            let t_f = time(dev, 2, 10, || {
+                gn.forward_silu(&xd)?;
+                Ok(())
+            })?;
+            let t_p = time(dev, 2, 10, || {
+                gn.forward_plain(&xd)?.silu()?;
+                Ok(())
+            })?;
+            rows.push(Row {
+                what: format!("groupnorm+silu {c}x{s}x{s} {dt:?}: rel err / fused ms / plain ms"),
+                value: format!("{:.1e} / {:.3} / {:.3}", d.rel, t_f, t_p),
+                ok: Some(d.rel <= tol && !d.rel.is_nan()),
+            });
+        }
+    }
+    // The attention entry point at the UNet's shapes (latent 96: levels 48/24/12).
+    for (level, heads) in [(48usize, 12usize), (24, 18), (12, 24)] {
+        for dt in [DType::F16, DType::BF16] {
+            let n = level * level;
+            let q = Tensor::randn(0f32, 1.0, (2, heads, n, 64), dev)?.to_dtype(dt)?;
+            let ki = Tensor::randn(0f32, 1.0, (2, heads, 32, 64), dev)?.to_dtype(dt)?;
+            let vi = Tensor::randn(0f32, 1.0, (2, heads, 32, 64), dev)?.to_dtype(dt)?;
+            let ks = Tensor::randn(0f32, 1.0, (2, heads, n, 64), dev)?.to_dtype(dt)?;
+            let vs = Tensor::randn(0f32, 1.0, (2, heads, n, 64), dev)?.to_dtype(dt)?;
+            let segs = [KvSegment { k: &ki, v: &vi }, KvSegment { k: &ks, v: &vs }];
+            let ms = time(dev, 2, 10, || {
+                attention(&q, &segs, None, 0.125)?;
+                Ok(())
+            })?;
+            let flops = 4.0 * 2.0 * heads as f64 * n as f64 * (n + 32) as f64 * 64.0;
+            rows.push(Row {
+                what: format!("attention {level}x{level} h{heads} {dt:?}"),
+                value: format!("{ms:.3} ms, {:.0} TFLOP/s", flops / ms / 1e9),
+                ok: None,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
+    let iters = if quick { 3 } else { 10 };
+    let unet_cfg: kandinsky_unet::UNet2DConditionConfig = cfg("kandinsky-2-2-decoder__unet.json")?;
+    for dt in [DType::F16, DType::BF16] {
+        let base = used_mib(dev);
+        let unet =
+            kandinsky_unet::UNet2DConditionModel::new(random_var_builder(dt, dev), &unet_cfg)?;
+        let sizes: &[usize] = if dt == DType::F16 {
+            &[64, 96, 128]
+        } else {
+            &[96]
+        };
+        for &s in sizes {
+            let x = Tensor::randn(0f32, 1.0, (2, 4, s, s), dev)?.to_dtype(dt)?;
+            let cond = DenoiserCondition {
+                image_embeds: Some(Tensor::randn(0f32, 1.0, (2, 1280), dev)?.to_dtype(dt)?),
+                ..Default::default()
+            };
+            let ms = time(dev, 2, iters, || {
+                unet.predict(&x, &[500.0, 500.0], &cond)?;
+                Ok(())
+            })?;
+            rows.push(Row {
+                what: format!("unet step {}px b2 {dt:?}", s * 8),
+                value: format!("{ms:.2} ms, ~{:.0} MiB used", used_mib(dev) - base),
+                ok: None,
+            });
+        }
+        drop(unet);
+    }
+    let movq_cfg: kandinsky_movq::VQModelConfig = cfg("kandinsky-2-2-decoder__movq.json")?;
+    let movq = kandinsky_movq::VQModel::new(random_var_builder(DType::F16, dev), &movq_cfg)?;
+    for px in [512usize, 768, 1024] {
+        let z = Tensor::randn(0f32, 1.0, (1, 4, px / 8, px / 8), dev)?.to_dtype(DType::F16)?;
+        let ms = time(dev, 1, iters.min(5), || {
+            movq.decode(&z, true)?;
+            Ok(())
+        })?;
+        let out = movq.decode(&z, true)?;
+        let finite = out
+            .to_dtype(DType::F32)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?
+            .is_finite();
+        rows.push(Row {
+            what: format!("movq decode {px}px F16"),
+            value: format!("{ms:.2} ms"),
+            ok: Some(finite),
+        });
+    }
+    drop(movq);
+    let prior_cfg: kandinsky_prior::PriorTransformerConfig =
+        cfg("kandinsky-2-2-prior__prior.json")?;
+    let prior =
+        kandinsky_prior::PriorTransformer::new(random_var_builder(DType::F16, dev), &prior_cfg)?;
+    let lat = Tensor::randn(0f32, 1.0, (2, 1280), dev)?.to_dtype(DType::F16)?;
+    let pe = Tensor::randn(0f32, 1.0, (2, 1280), dev)?.to_dtype(DType::F16)?;
+    let hs = Tensor::randn(0f32, 1.0, (2, 77, 1280), dev)?.to_dtype(DType::F16)?;
+    let mask = Tensor::ones((2, 77), DType::U8, dev)?;
+    let pc = PriorCondition {
+        proj_embedding: &pe,
+        encoder_hidden_states: &hs,
+        attention_mask: &mask,
+    };
+    let ms = time(dev, 2, iters, || {
+        prior.predict(&lat, 500.0, &pc)?;
+        Ok(())
+    })?;
+    rows.push(Row {
+        what: "prior step b2 F16".into(),
+        value: format!("{ms:.2} ms"),
+        ok: None,
+    });
+    drop(prior);
+    let text_cfg: kandinsky_clip::ClipTextConfig = cfg("kandinsky-2-2-prior__text_encoder.json")?;
+    let te = kandinsky_clip::ClipTextModelWithProjection::new(
+        random_var_builder(DType::F16, dev),
+        &text_cfg,
+    )?;
+    let ids = Tensor::from_vec(
+        (0..154u32).map(|i| (i * 331) % 49000).collect::<Vec<_>>(),
+        (2, 77),
+        dev,
+    )?;
+    let ms = time(dev, 2, iters, || {
+        te.encode_text(&ids, None)?;
+        Ok(())
+    })?;
+    rows.push(Row {
+        what: "clip text encoder b2x77 F16".into(),
+        value: format!("{ms:.2} ms"),
+        ok: None,
+    });
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let only_timings = std::env::args().any(|a| a == "--timings-only");
+    let dev = Device::new_cuda(0).unwrap_or(Device::Cpu);
+    eprintln!("device: {dev:?}");
+    let mut rows = Vec::new();
+    if !only_timings {
+        if let Err(e) = parity(&dev, &mut rows) {
+            rows.push(Row {
+                what: "parity".into(),
+                value: format!("ERROR {e:#}"),
+                ok: Some(false),
+            });
+        }
+        if let Err(e) = kernels(&dev, &mut rows) {
+            rows.push(Row {
+                what: "kernels".into(),
+                value: format!("ERROR {e:#}"),
+                ok: Some(false),
+            });
+        }
+    }
+    if let Err(e) = timings(&dev, &mut rows, quick) {
+        rows.push(Row {
+            what: "timings".into(),
+            value: format!("ERROR {e:#}"),
+            ok: Some(false),
+        });
+    }
+    println!("\n{:<62} {:<40} ok", "check", "value");
+    for r in &rows {
+        let ok = match r.ok {
+            Some(true) => "PASS",
+            Some(false) => "FAIL",
+            None => "",
+        };
+        println!("{:<62} {:<40} {ok}", r.what, r.value);
+    }
+    let failed = rows.iter().filter(|r| r.ok == Some(false)).count();
+    println!(
+        "GPU_CHECK: {} checks, {failed} failed",
+        rows.iter().filter(|r| r.ok.is_some()).count()
+    );
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}

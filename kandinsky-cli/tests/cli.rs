@@ -1,0 +1,302 @@
+//! The `kandinsky` binary on the tiny fixture pipelines: every subcommand, the PNG text
+//! chunk, `--seed` reproducibility and the errors a new user meets.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("fixtures")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kandinsky-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn kandinsky(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kandinsky"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env(
+            "XDG_CACHE_HOME",
+            std::env::temp_dir().join("kandinsky-cli-cache"),
+        )
+        .output()
+        .expect("the binary runs")
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn tiny(repo: &str) -> String {
+    fixtures().join("tiny").join(repo).display().to_string()
+}
+
+/// Width, height and text chunks of a PNG.
+fn png_info(path: &Path) -> (u32, u32, Vec<(String, String)>) {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let reader = dec.read_info().unwrap();
+    let info = reader.info();
+    let text = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    (info.width, info.height, text)
+}
+
+fn write_png(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) {
+    let mut data = Vec::new();
+    for y in 0..h {
+        for x in 0..w {
+            data.extend(f(x, y));
+        }
+    }
+    let file = std::fs::File::create(path).unwrap();
+    let mut enc = png::Encoder::new(file, w, h);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header().unwrap().write_image_data(&data).unwrap();
+}
+
+/// Replace the value of `flag` in `args`.
+fn set<'a>(args: &mut [&'a str], flag: &str, value: &'a str) {
+    let i = args.iter().position(|a| *a == flag).expect("flag present") + 1;
+    args[i] = value;
+}
+
+fn base<'a>(prior: &'a str, decoder: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "--prompt",
+        "a red cat",
+        "--prior",
+        prior,
+        "--decoder",
+        decoder,
+        "--steps",
+        "2",
+        "--prior-steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "7",
+        "--out",
+        out,
+    ]
+}
+
+#[test]
+fn text2img_writes_png_with_parameters_and_seed_reproduces() {
+    let d = scratch("t2i");
+    let prior = tiny("kandinsky-2-2-prior");
+    let dec = tiny("kandinsky-2-2-decoder");
+    let a = d.join("a.png").display().to_string();
+    let b = d.join("b.png").display().to_string();
+    let mut args = vec!["text2img"];
+    args.extend(base(&prior, &dec, &a));
+    ok(&kandinsky(&args));
+    let mut args = vec!["text2img"];
+    args.extend(base(&prior, &dec, &b));
+    ok(&kandinsky(&args));
+    let (w, h, text) = png_info(Path::new(&a));
+    assert_eq!((w, h), (64, 64));
+    let get = |k: &str| text.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone());
+    assert_eq!(get("prompt").as_deref(), Some("a red cat"));
+    assert_eq!(get("seed").as_deref(), Some("7"));
+    assert_eq!(get("steps").as_deref(), Some("2"));
+    assert_eq!(get("size").as_deref(), Some("64x64"));
+    assert!(get("models").unwrap().contains("kandinsky-2-2-decoder"));
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "same seed, same bytes"
+    );
+    // Another seed gives another image.
+    let c = d.join("c.png").display().to_string();
+    let mut args = vec!["text2img"];
+    args.extend(base(&prior, &dec, &c));
+    set(&mut args, "--seed", "8");
+    ok(&kandinsky(&args));
+    assert_ne!(std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap());
+}
+
+#[test]
+fn batches_get_numbered_files_and_sizes_round_up_to_64() {
+    let d = scratch("batch");
+    let out = d.join("img.png").display().to_string();
+    let (prior, dec) = (tiny("kandinsky-2-2-prior"), tiny("kandinsky-2-2-decoder"));
+    let mut args = vec!["text2img"];
+    args.extend(base(&prior, &dec, &out));
+    set(&mut args, "--width", "100");
+    args.extend(["--num-images", "2"]);
+    ok(&kandinsky(&args));
+    for i in 0..2 {
+        let (w, h, _) = png_info(&d.join(format!("img-{i}.png")));
+        assert_eq!((w, h), (128, 64));
+    }
+}
+
+#[test]
+fn prior_then_decoder_from_saved_embeddings() {
+    let d = scratch("prior");
+    let emb = d.join("e.safetensors").display().to_string();
+    let prior = tiny("kandinsky-2-2-prior");
+    ok(&kandinsky(&[
+        "prior",
+        "--prompt",
+        "a dog",
+        "--prior",
+        &prior,
+        "--prior-steps",
+        "2",
+        "--out",
+        &emb,
+    ]));
+    let t = candle_core::safetensors::load(&emb, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t["image_embeds"].dims(), &[1, 32]);
+    assert_eq!(t["negative_image_embeds"].dims(), &[1, 32]);
+    let out = d.join("o.png").display().to_string();
+    let dec = tiny("kandinsky-2-2-decoder");
+    ok(&kandinsky(&[
+        "text2img",
+        "--image-embeds",
+        &emb,
+        "--decoder",
+        &dec,
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        &out,
+    ]));
+    assert_eq!(png_info(Path::new(&out)).0, 64);
+}
+
+#[test]
+fn img2img_inpaint_controlnet_and_mix_run() {
+    let d = scratch("flows");
+    let img = d.join("in.png");
+    write_png(&img, 64, 64, |x, y| [(x * 4) as u8, (y * 4) as u8, 128]);
+    let mask = d.join("mask.png");
+    write_png(&mask, 64, 64, |x, _| if x > 32 { [255; 3] } else { [0; 3] });
+    let (prior, dec) = (tiny("kandinsky-2-2-prior"), tiny("kandinsky-2-2-decoder"));
+    let (inp, cn) = (
+        tiny("kandinsky-2-2-decoder-inpaint"),
+        tiny("kandinsky-2-2-controlnet-depth"),
+    );
+    let (img_s, mask_s) = (img.display().to_string(), mask.display().to_string());
+    let fusion = fixtures().join("pipeline/fusion.png").display().to_string();
+    let cases: Vec<(&str, &str, Vec<&str>)> = vec![
+        (
+            "img2img",
+            dec.as_str(),
+            vec!["--image", &img_s, "--strength", "0.5"],
+        ),
+        (
+            "inpaint",
+            inp.as_str(),
+            vec!["--image", &img_s, "--mask", &mask_s],
+        ),
+        ("controlnet", cn.as_str(), vec!["--hint", &img_s]),
+        (
+            "controlnet",
+            cn.as_str(),
+            vec!["--hint", &img_s, "--image", &img_s, "--strength", "0.5"],
+        ),
+        (
+            "mix",
+            dec.as_str(),
+            vec![
+                "--text-weight",
+                "0.4",
+                "--mix-image",
+                &fusion,
+                "--image-weight",
+                "0.6",
+            ],
+        ),
+    ];
+    for (i, (cmd, decoder, extra)) in cases.into_iter().enumerate() {
+        let out = d.join(format!("{cmd}-{i}.png")).display().to_string();
+        let mut args = vec![cmd];
+        args.extend(base(&prior, decoder, &out));
+        args.extend(extra);
+        ok(&kandinsky(&args));
+        assert_eq!(png_info(Path::new(&out)).0, 64, "{cmd}");
+    }
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let out = kandinsky(args);
+    assert!(!out.status.success(), "{args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn errors_are_one_clear_line() {
+    let d = scratch("errors");
+    let prior = tiny("kandinsky-2-2-prior");
+    let dec = tiny("kandinsky-2-2-decoder");
+    let out = d.join("o.png").display().to_string();
+    // A folder that is not a diffusers pipeline.
+    let not_pipeline = d.display().to_string();
+    let mut a = vec!["text2img"];
+    a.extend(base(&prior, &not_pipeline, &out));
+    fails_with(&a, "model_index.json");
+    // No weights and no network: a hub id with HF_HUB_OFFLINE and an empty cache.
+    let mut a = vec!["text2img"];
+    a.extend(base(
+        &prior,
+        "kandinsky-community/kandinsky-2-2-decoder",
+        &out,
+    ));
+    fails_with(&a, "HF_HUB_OFFLINE");
+    // An unreadable image.
+    let bad = d.join("bad.png");
+    std::fs::write(&bad, b"not an image").unwrap();
+    let bad_s = bad.display().to_string();
+    let mut a = vec!["img2img"];
+    a.extend(base(&prior, &dec, &out));
+    a.extend(["--image", &bad_s]);
+    fails_with(&a, "cannot decode");
+    // A mask of the wrong size.
+    let img = d.join("in.png");
+    write_png(&img, 64, 64, |_, _| [10, 20, 30]);
+    let mask = d.join("m.png");
+    write_png(&mask, 32, 32, |_, _| [255; 3]);
+    let (img_s, mask_s) = (img.display().to_string(), mask.display().to_string());
+    let inp = tiny("kandinsky-2-2-decoder-inpaint");
+    let mut a = vec!["inpaint"];
+    a.extend(base(&prior, &inp, &out));
+    a.extend(["--image", &img_s, "--mask", &mask_s]);
+    fails_with(&a, "same size");
+    // A size the flow cannot take (img2img needs multiples of 64).
+    let mut a = vec!["img2img"];
+    a.extend(base(&prior, &dec, &out));
+    set(&mut a, "--width", "96");
+    a.extend(["--image", &img_s]);
+    fails_with(&a, "multiples of 64");
+    // Inpainting with the plain decoder.
+    let mut a = vec!["inpaint"];
+    a.extend(base(&prior, &dec, &out));
+    a.extend(["--image", &img_s, "--mask", &img_s]);
+    fails_with(&a, "9-channel");
+}
