@@ -276,7 +276,6 @@ fn run_prior(
             prior.generate(&[prompt], neg.as_deref(), &opts, &mut hooks)?
         }
     };
-    drop(hooks);
     steps.mark("prior");
     Ok(out)
 }
@@ -414,7 +413,6 @@ fn decode_flow(c: &Common, default_decoder: &str, flow: Flow) -> Result<()> {
             }
         }
     };
-    drop(hooks);
     steps.mark("decoder+decode");
     let rgb = images::to_rgb8(&out)?;
     let text = vec![

@@ -290,7 +290,7 @@ pub enum FusionInput {
 }
 
 /// Options of a fusion run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct FusionOptions {
     /// The prior run options.
     pub prior: PriorOptions,
@@ -300,15 +300,6 @@ pub struct FusionOptions {
     pub negative_prompt: String,
 }
 
-impl Default for FusionOptions {
-    fn default() -> Self {
-        Self {
-            prior: PriorOptions::default(),
-            negative_prior_prompt: None,
-            negative_prompt: String::new(),
-        }
-    }
-}
 
 /// Mix texts and images with weights (diffusers' `interpolate`): Σ wᵢ·embedᵢ (weights are not
 /// normalised); the negative embedding comes from a prior run on `negative_prompt`.
