@@ -300,7 +300,6 @@ pub struct FusionOptions {
     pub negative_prompt: String,
 }
 
-
 /// Mix texts and images with weights (diffusers' `interpolate`): Σ wᵢ·embedᵢ (weights are not
 /// normalised); the negative embedding comes from a prior run on `negative_prompt`.
 pub fn interpolate(
