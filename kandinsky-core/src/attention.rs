@@ -177,6 +177,33 @@ mod tests {
     }
 
     #[test]
+    fn bf16_on_cpu_works_and_stays_close_to_f32() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 16, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 20, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 20, 8), &dev)?;
+        let r = plain(&q, &k, &v, None, 0.35)?;
+        let b = |t: &Tensor| t.to_dtype(DType::BF16);
+        let h = attention(
+            &b(&q)?,
+            &[KvSegment {
+                k: &b(&k)?,
+                v: &b(&v)?,
+            }],
+            None,
+            0.35,
+        )?;
+        assert_eq!(h.dtype(), DType::BF16);
+        let d = (h.to_dtype(DType::F32)? - r)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        // bf16 keeps 8 bits of mantissa: inputs and output rounding dominate.
+        assert!(d < 3e-2, "bf16 attention differs by {d}");
+        Ok(())
+    }
+
+    #[test]
     fn softmax_rows_sum_to_one_with_mask() -> anyhow::Result<()> {
         let dev = Device::Cpu;
         let q = Tensor::randn(0f32, 1.0, (2, 1, 3, 4), &dev)?;

@@ -243,6 +243,9 @@ fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
         }
         drop(unet);
     }
+    if std::env::args().any(|a| a == "--unet-only") {
+        return Ok(());
+    }
     let movq_cfg: kandinsky_movq::VQModelConfig = cfg("kandinsky-2-2-decoder__movq.json")?;
     let movq = kandinsky_movq::VQModel::new(random_var_builder(DType::F16, dev), &movq_cfg)?;
     for px in [512usize, 768, 1024] {
