@@ -106,7 +106,11 @@ impl ResnetBlock2D {
     /// `x` `[B, C_in, H, W]`, `temb` `[B, temb_channels]` → `[B, C_out, H', W']`.
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         let act = self.settings.act;
-        let h = act.apply(&self.norm1.forward(x)?)?;
+        // One fused pass on CUDA (GroupNorm + SiLU).
+        let h = match act {
+            Activation::Silu => self.norm1.forward_silu(x)?,
+            _ => act.apply(&self.norm1.forward(x)?)?,
+        };
         let h = self.resample.apply(&h)?;
         let residual = self.resample.apply(x)?;
         let h = self.conv1.forward(&h)?;

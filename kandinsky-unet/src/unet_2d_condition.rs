@@ -880,7 +880,10 @@ impl UNet2DConditionModel {
             x = block.forward(&x, &mut skips, &emb, &encoder_hidden_states)?;
         }
         debug_assert!(skips.is_empty());
-        let x = self.act.apply(&self.conv_norm_out.forward(&x)?)?;
+        let x = match self.act {
+            Activation::Silu => self.conv_norm_out.forward_silu(&x)?,
+            act => act.apply(&self.conv_norm_out.forward(&x)?)?,
+        };
         let out = self.conv_out.forward(&x)?;
         debug_assert_eq!(out.dims4()?, (b, self.config.out_channels, h, w));
         Ok(out)
