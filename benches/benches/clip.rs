@@ -24,19 +24,7 @@ fn real_config(layers: usize) -> ClipTextConfig {
 }
 
 fn dtypes(device: &Device) -> Vec<DType> {
-    match std::env::var("KANDINSKY_BENCH_CLIP_DTYPES") {
-        Ok(s) => s
-            .split(',')
-            .map(|d| match d.trim() {
-                "f16" => DType::F16,
-                "bf16" => DType::BF16,
-                "f32" => DType::F32,
-                other => panic!("unknown dtype {other} (f32, f16, bf16)"),
-            })
-            .collect(),
-        Err(_) if device.is_cuda() => vec![DType::F16, DType::BF16],
-        Err(_) => vec![DType::F32],
-    }
+    kandinsky_benches::env_dtypes("KANDINSKY_BENCH_CLIP_DTYPES", device)
 }
 
 fn tokenizer() -> ClipTokenizer {

@@ -21,32 +21,12 @@ fn real_config() -> UNet2DConditionConfig {
     read_json(&path).expect("real decoder UNet config")
 }
 
-fn env_list(name: &str) -> Option<Vec<String>> {
-    std::env::var(name)
-        .ok()
-        .map(|s| s.split(',').map(|x| x.trim().to_string()).collect())
-}
-
 fn dtypes(device: &Device) -> Vec<DType> {
-    match env_list("KANDINSKY_BENCH_UNET_DTYPES") {
-        Some(list) => list
-            .iter()
-            .map(|d| match d.as_str() {
-                "f16" => DType::F16,
-                "bf16" => DType::BF16,
-                "f32" => DType::F32,
-                other => panic!("unknown dtype {other} (f32, f16, bf16)"),
-            })
-            .collect(),
-        None if device.is_cuda() => vec![DType::F16, DType::BF16],
-        None => vec![DType::F32],
-    }
+    kandinsky_benches::env_dtypes("KANDINSKY_BENCH_UNET_DTYPES", device)
 }
 
 fn sizes() -> Vec<usize> {
-    env_list("KANDINSKY_BENCH_UNET_SIZES")
-        .map(|l| l.iter().map(|s| s.parse().expect("latent size")).collect())
-        .unwrap_or_else(|| vec![32, 64])
+    kandinsky_benches::env_sizes("KANDINSKY_BENCH_UNET_SIZES", &[32, 64])
 }
 
 fn unet_step(c: &mut Criterion) {

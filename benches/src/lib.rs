@@ -55,3 +55,34 @@ pub fn random_var_builder(dtype: DType, device: &Device) -> VarBuilder<'static> 
 pub fn sync(device: &Device) -> candle_core::Result<()> {
     device.synchronize()
 }
+
+/// Dtypes to bench from a comma-separated env var (`f32,f16,bf16`); default f16+bf16 on CUDA,
+/// f32 on the CPU.
+pub fn env_dtypes(var: &str, device: &Device) -> Vec<DType> {
+    match std::env::var(var) {
+        Ok(s) => s
+            .split(',')
+            .map(|d| {
+                kandinsky_core::device::parse_dtype(d.trim())
+                    .unwrap_or_else(|e| panic!("{var}: {e}"))
+            })
+            .collect(),
+        Err(_) if device.is_cuda() => vec![DType::F16, DType::BF16],
+        Err(_) => vec![DType::F32],
+    }
+}
+
+/// Sizes to bench from a comma-separated env var, else `default`.
+pub fn env_sizes(var: &str, default: &[usize]) -> Vec<usize> {
+    match std::env::var(var) {
+        Ok(s) => s
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{var}: `{x}` is not a size"))
+            })
+            .collect(),
+        Err(_) => default.to_vec(),
+    }
+}
