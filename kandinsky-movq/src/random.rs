@@ -10,9 +10,10 @@ use kandinsky_core::Result;
 
 use crate::vq_model::{VQModel, VQModelConfig};
 
-/// A model with random weights of sane scale: norm weights 1, biases 0, convolution and
-/// linear weights uniform in ±1/√fan_in (PyTorch's default init), the codebook in ±1/K.
-pub fn random_vq_model(cfg: &VQModelConfig, dtype: DType, device: &Device) -> Result<VQModel> {
+/// Random f32 weights of sane scale for `cfg`, keyed like the checkpoint: norm weights 1,
+/// biases 0, convolution and linear weights uniform in ±1/√fan_in (PyTorch's default init),
+/// the codebook in ±1/K.
+pub fn random_weights(cfg: &VQModelConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
     let shapes = record_requests(|vb| VQModel::new(vb, cfg))?;
     let mut tensors = HashMap::with_capacity(shapes.len());
     for (name, shape) in shapes {
@@ -28,7 +29,25 @@ pub fn random_vq_model(cfg: &VQModelConfig, dtype: DType, device: &Device) -> Re
             let bound = 1.0 / (fan_in as f64).sqrt();
             Tensor::rand(-bound as f32, bound as f32, shape.as_slice(), device)?
         };
-        tensors.insert(name, t.to_dtype(dtype)?);
+        tensors.insert(name, t);
     }
-    VQModel::new(VarBuilder::from_tensors(tensors, dtype, device), cfg)
+    Ok(tensors)
+}
+
+/// A model built from `weights` (see [`random_weights`]) in `dtype`.
+pub fn vq_model_from_weights(
+    cfg: &VQModelConfig,
+    weights: &HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> Result<VQModel> {
+    VQModel::new(
+        VarBuilder::from_tensors(weights.clone(), dtype, device),
+        cfg,
+    )
+}
+
+/// A model with fresh [`random_weights`].
+pub fn random_vq_model(cfg: &VQModelConfig, dtype: DType, device: &Device) -> Result<VQModel> {
+    vq_model_from_weights(cfg, &random_weights(cfg, device)?, dtype, device)
 }
