@@ -162,6 +162,65 @@ fn conditioning(
     })
 }
 
+/// diffusers' prompt bookkeeping: with negative prompts the batch is `prompts ‖ negatives`
+/// (the prior also produces the negative embedding), and the unconditional texts are the
+/// negatives twice; without, the unconditional text is "".
+fn prompt_lists(
+    prompts: &[String],
+    negative_prompts: Option<&[String]>,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let Some(neg) = negative_prompts else {
+        return Ok((prompts.to_vec(), vec![String::new(); prompts.len()]));
+    };
+    let neg: Vec<String> = match neg.len() {
+        1 => vec![neg[0].clone(); prompts.len()],
+        n if n == prompts.len() => neg.to_vec(),
+        n => {
+            return Err(Error::invalid(format!(
+                "{n} negative prompts for {} prompts: give one, or one per prompt",
+                prompts.len()
+            )))
+        }
+    };
+    let mut all = prompts.to_vec();
+    all.extend(neg.iter().cloned());
+    let mut uncond = neg.clone();
+    uncond.extend(neg);
+    Ok((all, uncond))
+}
+
+/// Split the prior's result: with negative prompts its second half is the negative
+/// embedding, else the zero-image embedding is repeated to the batch.
+fn split_result(
+    embeds: Tensor,
+    has_negative: bool,
+    zero_image_embed: &Tensor,
+) -> Result<ImageEmbeds> {
+    let (batch, e) = embeds.dims2()?;
+    if has_negative {
+        let half = batch / 2;
+        return Ok(ImageEmbeds {
+            image_embeds: embeds.narrow(0, 0, half)?,
+            negative_image_embeds: embeds.narrow(0, half, half)?,
+        });
+    }
+    let zero = zero_image_embed
+        .to_device(embeds.device())?
+        .to_dtype(embeds.dtype())?
+        .broadcast_as((batch, e))
+        .map_err(|_| {
+            Error::invalid(format!(
+                "zero-image embedding has shape {:?}, expected [1, {e}]",
+                zero_image_embed.dims()
+            ))
+        })?
+        .contiguous()?;
+    Ok(ImageEmbeds {
+        image_embeds: embeds,
+        negative_image_embeds: zero,
+    })
+}
+
 /// Prompt (+ optional negative prompt) → `image_embeds`, `negative_image_embeds`
 /// (diffusers' `KandinskyV22PriorPipeline.__call__`).
 ///
@@ -182,27 +241,7 @@ pub fn prior(
         return Err(Error::invalid("the prior needs at least one prompt"));
     }
     let n = opts.num_images_per_prompt.max(1);
-    let (all, uncond): (Vec<String>, Vec<String>) = match negative_prompts {
-        Some(neg) => {
-            let neg: Vec<String> = if neg.len() == 1 {
-                vec![neg[0].clone(); prompts.len()]
-            } else if neg.len() == prompts.len() {
-                neg.to_vec()
-            } else {
-                return Err(Error::invalid(format!(
-                    "{} negative prompts for {} prompts: give one, or one per prompt",
-                    neg.len(),
-                    prompts.len()
-                )));
-            };
-            let mut all = prompts.to_vec();
-            all.extend(neg.iter().cloned());
-            let mut uncond = neg.clone();
-            uncond.extend(neg);
-            (all, uncond)
-        }
-        None => (prompts.to_vec(), vec![String::new(); prompts.len()]),
-    };
+    let (all, uncond) = prompt_lists(prompts, negative_prompts)?;
     let cfg = enabled(opts.guidance_scale);
     let cond = conditioning(models, &all, &uncond, n, cfg)?;
     scheduler.set_timesteps(opts.steps)?;
@@ -231,29 +270,7 @@ pub fn prior(
         noise,
         &mut hooks.callback,
     )?;
-    if negative_prompts.is_some() {
-        let half = batch / 2;
-        Ok(ImageEmbeds {
-            image_embeds: embeds.narrow(0, 0, half)?,
-            negative_image_embeds: embeds.narrow(0, half, half)?,
-        })
-    } else {
-        let zero = zero_image_embed
-            .to_device(embeds.device())?
-            .to_dtype(embeds.dtype())?
-            .broadcast_as((batch, e))
-            .map_err(|_| {
-                Error::invalid(format!(
-                    "zero-image embedding has shape {:?}, expected [1, {e}]",
-                    zero_image_embed.dims()
-                ))
-            })?
-            .contiguous()?;
-        Ok(ImageEmbeds {
-            image_embeds: embeds,
-            negative_image_embeds: zero,
-        })
-    }
+    split_result(embeds, negative_prompts.is_some(), zero_image_embed)
 }
 
 fn initial_latents(
@@ -392,26 +409,7 @@ pub fn emb2emb(
     }
     let n = opts.num_images_per_prompt.max(1);
     let cfg = enabled(opts.guidance_scale);
-    let (all, uncond): (Vec<String>, Vec<String>) = match negative_prompts {
-        Some(neg) if neg.len() == prompts.len() || neg.len() == 1 => {
-            let neg: Vec<String> = (0..prompts.len())
-                .map(|i| neg[i.min(neg.len() - 1)].clone())
-                .collect();
-            let mut all = prompts.to_vec();
-            all.extend(neg.iter().cloned());
-            let mut uncond = neg.clone();
-            uncond.extend(neg);
-            (all, uncond)
-        }
-        Some(neg) => {
-            return Err(Error::invalid(format!(
-                "{} negative prompts for {} prompts",
-                neg.len(),
-                prompts.len()
-            )))
-        }
-        None => (prompts.to_vec(), vec![String::new(); prompts.len()]),
-    };
+    let (all, uncond) = prompt_lists(prompts, negative_prompts)?;
     let cond = conditioning(models, &all, &uncond, n, cfg)?;
     scheduler.set_timesteps(opts.steps)?;
     let start = scheduler.img2img_start(strength)?;
@@ -465,21 +463,5 @@ pub fn emb2emb(
         noise,
         &mut hooks.callback,
     )?;
-    if negative_prompts.is_some() {
-        let half = batch / 2;
-        Ok(ImageEmbeds {
-            image_embeds: embeds.narrow(0, 0, half)?,
-            negative_image_embeds: embeds.narrow(0, half, half)?,
-        })
-    } else {
-        let zero = zero_image_embed
-            .to_device(embeds.device())?
-            .to_dtype(embeds.dtype())?
-            .broadcast_as((batch, e))?
-            .contiguous()?;
-        Ok(ImageEmbeds {
-            image_embeds: embeds,
-            negative_image_embeds: zero,
-        })
-    }
+    split_result(embeds, negative_prompts.is_some(), zero_image_embed)
 }
