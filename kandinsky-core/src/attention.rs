@@ -76,6 +76,11 @@ pub fn attention(
         }
         lk += kl;
     }
+    #[cfg(feature = "cuda")]
+    if crate::nn::use_fused_kernels() && crate::cuda::flash_covers(q, kv.len(), mask.is_some()) {
+        let segs: Vec<(&Tensor, &Tensor)> = kv.iter().map(|s| (s.k, s.v)).collect();
+        return Ok(crate::cuda::flash_attention(q, &segs, scale)?);
+    }
     let (k, v) = concat_segments(kv)?;
     match choose_path(q.device(), b, h, lq, lk) {
         AttentionPath::Plain => plain(q, &k, &v, mask, scale),

@@ -10,6 +10,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Tens
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 const GROUP_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
+const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
 
 /// Fused GroupNorm(+SiLU) of a contiguous `[B, C, ...]` tensor.
 struct GroupNormOp {
@@ -160,4 +161,157 @@ pub fn group_norm(
 pub fn mem_info() -> candle_core::Result<(usize, usize)> {
     cudarc::driver::result::mem_get_info()
         .map_err(|e| candle_core::Error::Msg(format!("cuMemGetInfo: {e:?}")))
+}
+
+/// Flash attention over one or two key/value segments (`q`, `k1`, `v1` are the op's inputs;
+/// the optional second segment rides along in the op).
+struct FlashOp {
+    second: Option<(Tensor, Tensor)>,
+    scale: f32,
+}
+
+fn cuda_ptr_check(l: &Layout, what: &str) -> candle_core::Result<usize> {
+    let (o, _) = l.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg(format!("flash attention: {what} must be contiguous"))
+    })?;
+    if o % 8 != 0 {
+        candle_core::bail!("flash attention: {what} starts at an unaligned offset {o}");
+    }
+    Ok(o)
+}
+
+impl CustomOp3 for FlashOp {
+    fn name(&self) -> &'static str {
+        "kandinsky-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kandinsky-flash-attention is a CUDA kernel")
+    }
+
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (b, h, lq, d) = ql.shape().dims4()?;
+        let l1 = kl.shape().dims4()?.2;
+        if d != 64 {
+            candle_core::bail!("flash attention: head size {d}, the kernel takes 64");
+        }
+        let (qo, ko, vo) = (
+            cuda_ptr_check(ql, "q")?,
+            cuda_ptr_check(kl, "k")?,
+            cuda_ptr_check(vl, "v")?,
+        );
+        let dev = qs.device().clone();
+        let second = self
+            .second
+            .as_ref()
+            .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()));
+        let cfg = LaunchConfig {
+            grid_dim: (lq.div_ceil(64) as u32, (b * h) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! launch {
+            ($t:ty, $name:literal) => {{
+                let q = qs.as_cuda_slice::<$t>()?.slice(qo..);
+                let k1 = ks.as_cuda_slice::<$t>()?.slice(ko..);
+                let v1 = vs.as_cuda_slice::<$t>()?.slice(vo..);
+                let (k2, v2, l2) = match &second {
+                    Some(((k2s, k2l), (v2s, v2l))) => {
+                        let (candle_core::Storage::Cuda(k2c), candle_core::Storage::Cuda(v2c)) =
+                            (&**k2s, &**v2s)
+                        else {
+                            candle_core::bail!("flash attention: second segment is not on the GPU");
+                        };
+                        let k2o = cuda_ptr_check(k2l, "k2")?;
+                        let v2o = cuda_ptr_check(v2l, "v2")?;
+                        (
+                            k2c.as_cuda_slice::<$t>()?.slice(k2o..),
+                            v2c.as_cuda_slice::<$t>()?.slice(v2o..),
+                            k2l.shape().dims4()?.2,
+                        )
+                    }
+                    None => (
+                        ks.as_cuda_slice::<$t>()?.slice(ko..),
+                        vs.as_cuda_slice::<$t>()?.slice(vo..),
+                        0,
+                    ),
+                };
+                let out = unsafe { dev.alloc::<$t>(b * h * lq * d)? };
+                let f =
+                    dev.get_or_load_custom_func($name, "kandinsky_flash_attention", FLASH_PTX)?;
+                let (l1i, l2i, lqi) = (l1 as i32, l2 as i32, lq as i32);
+                let mut a = f.builder();
+                a.arg(&q);
+                a.arg(&k1);
+                a.arg(&v1);
+                a.arg(&l1i);
+                a.arg(&k2);
+                a.arg(&v2);
+                a.arg(&l2i);
+                a.arg(&out);
+                a.arg(&lqi);
+                a.arg(&self.scale);
+                unsafe { a.launch(cfg) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match qs.dtype() {
+            DType::F16 => launch!(half::f16, "flash_attention_f16"),
+            DType::BF16 => launch!(half::bf16, "flash_attention_bf16"),
+            dt => candle_core::bail!("flash attention: unsupported dtype {dt:?}"),
+        };
+        Ok((out, ql.shape().clone()))
+    }
+}
+
+/// Whether the attention entry point dispatches to [`flash_attention`]: CUDA, f16, head
+/// size 64, one or two key segments, no mask. bf16 is left to the plain path for now: the
+/// kernel rounds the probabilities to bf16 before P·V and measured 1.2e-2 relative error at
+/// the 12×12 level on an H200 (the bar is 1e-2); f16 measured ≤ 1.6e-3.
+pub fn flash_covers(q: &Tensor, segments: usize, masked: bool) -> bool {
+    q.device().is_cuda()
+        && q.dtype() == DType::F16
+        && q.dims().len() == 4
+        && q.dims()[3] == 64
+        && (1..=2).contains(&segments)
+        && !masked
+}
+
+/// `softmax(q·kᵀ·scale)·v` with the keys/values of `kv` (one or two `(k, v)` segments,
+/// `[B, H, L_i, 64]`) read in place; `q` `[B, H, Lq, 64]`.
+pub fn flash_attention(
+    q: &Tensor,
+    kv: &[(&Tensor, &Tensor)],
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let q = q.contiguous()?;
+    let (k1, v1) = (kv[0].0.contiguous()?, kv[0].1.contiguous()?);
+    let second = match kv.get(1) {
+        Some((k, v)) => Some((k.contiguous()?, v.contiguous()?)),
+        None => None,
+    };
+    q.apply_op3_no_bwd(
+        &k1,
+        &v1,
+        &FlashOp {
+            second,
+            scale: scale as f32,
+        },
+    )
 }

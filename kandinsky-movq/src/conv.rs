@@ -92,6 +92,9 @@ impl Conv2d {
 
     /// Convolve `x` `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.device().is_cpu() {
+            return self.forward_whole(x);
+        }
         let (_, _, h, w) = x.dims4()?;
         let (oh, ow) = self.out_size(h, w);
         let p = self.padding;
@@ -102,6 +105,18 @@ impl Conv2d {
             let hi = ((r1 - 1) * self.stride + self.kernel) as isize - p.top as isize;
             self.band_input(x, lo, hi, h)
         })
+    }
+
+    /// The whole map in one candle convolution: on a GPU the banding (a CPU memory measure)
+    /// would only add launches.
+    fn forward_whole(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.padding;
+        let x = x
+            .pad_with_zeros(2, p.top, p.bottom)?
+            .pad_with_zeros(3, p.left, p.right)?;
+        let w = self.weight.to_dtype(x.dtype())?;
+        let y = x.conv2d(&w, 0, self.stride, 1, 1)?;
+        Ok(y.broadcast_add(&self.bias4(x.dtype())?)?)
     }
 
     /// Output rows per band: the im2col matrix of a band (`k²·C` values per output pixel)
@@ -119,7 +134,7 @@ impl Conv2d {
         let (_, _, h, w) = x.dims4()?;
         let (uh, uw) = (2 * h, 2 * w);
         let p = self.padding;
-        if self.stride != 1 || p != Padding::same(p.top) {
+        if self.stride != 1 || p != Padding::same(p.top) || !x.device().is_cpu() {
             let up = x.upsample_nearest2d(uh, uw)?;
             return self.forward(&up);
         }

@@ -126,6 +126,9 @@ impl GroupNorm {
             }
             None => (1, 1),
         };
+        if !x.device().is_cpu() {
+            return self.forward_device(x, modulation, act);
+        }
         let rows = Self::band_rows(dims, sh);
         let per_group = ((c / self.groups) * h * w) as f64;
 
@@ -171,6 +174,40 @@ impl GroupNorm {
             r0 += n;
         }
         Ok(out)
+    }
+}
+
+impl GroupNorm {
+    /// Off the CPU: kandinsky-core's GroupNorm (the fused kernel on CUDA) on the whole map;
+    /// the banding is a CPU memory measure.
+    fn forward_device(
+        &self,
+        x: &Tensor,
+        modulation: Option<Modulation<'_>>,
+        act: Option<Activation>,
+    ) -> Result<Tensor> {
+        let gn = kandinsky_core::nn::GroupNorm::from_parts(
+            self.weight.clone(),
+            self.bias.clone(),
+            self.groups,
+            self.eps,
+        )?;
+        let (_, _, h, w) = x.dims4()?;
+        let y = match (modulation, act) {
+            (None, Some(Activation::Silu)) => return Ok(gn.forward_silu(x)?),
+            _ => gn.forward(x)?,
+        };
+        let y = match modulation {
+            Some(m) => {
+                let up = |t: &Tensor| t.to_dtype(x.dtype())?.upsample_nearest2d(h, w);
+                y.mul(&up(m.scale)?)?.add(&up(m.shift)?)?
+            }
+            None => y,
+        };
+        Ok(match act {
+            Some(a) => a.apply(&y)?,
+            None => y,
+        })
     }
 }
 
