@@ -127,10 +127,15 @@ pub trait Scheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
     /// The timesteps fed to the model, in order.
     fn timesteps(&self) -> &[f64];
-    /// Standard deviation of the initial noise.
-    fn init_noise_sigma(&self) -> f64;
-    /// Scale the model input at step `step_index` (identity for DDPM/DDIM).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// Standard deviation of the initial noise (1 for the DDPM family; sigma-based
+    /// schedulers such as Euler override it).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// Scale the model input at step `step_index` (identity for the DDPM family).
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One denoising step from `sample` at `timesteps()[step_index]` to the next.
     fn step(
         &mut self,

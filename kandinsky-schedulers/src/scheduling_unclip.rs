@@ -222,14 +222,6 @@ impl Scheduler for UnClipScheduler {
         &self.timesteps_f64
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     /// Steps to the next entry of the timestep list (`t − 1` after the last), as the prior
     /// pipeline does.
     fn step(
