@@ -55,6 +55,16 @@ fn png_info(path: &Path) -> (u32, u32, Vec<(String, String)>) {
     (info.width, info.height, text)
 }
 
+/// Decoded RGB bytes of a PNG (the text chunks differ between schedulers).
+fn pixels(path: &Path) -> Vec<u8> {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    buf
+}
+
 fn write_png(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) {
     let mut data = Vec::new();
     for y in 0..h {
@@ -299,4 +309,30 @@ fn errors_are_one_clear_line() {
     a.extend(base(&prior, &dec, &out));
     a.extend(["--image", &img_s, "--mask", &img_s]);
     fails_with(&a, "9-channel");
+}
+
+#[test]
+fn every_scheduler_choice_runs_and_changes_the_image() {
+    let d = scratch("sched");
+    let (prior, dec) = (tiny("kandinsky-2-2-prior"), tiny("kandinsky-2-2-decoder"));
+    let mut outputs = Vec::new();
+    for s in ["default", "ddpm", "ddim", "dpm-solver"] {
+        let out = d.join(format!("{s}.png")).display().to_string();
+        let mut args = vec!["text2img"];
+        args.extend(base(&prior, &dec, &out));
+        args.extend(["--scheduler", s]);
+        ok(&kandinsky(&args));
+        let (_, _, text) = png_info(Path::new(&out));
+        let sched = text
+            .iter()
+            .find(|(k, _)| k == "scheduler")
+            .map(|(_, v)| v.clone());
+        assert_eq!(sched.as_deref(), Some(s.replace('-', "").as_str()));
+        outputs.push(pixels(Path::new(&out)));
+    }
+    // The decoder's scheduler is DDPM: "default" and "ddpm" give the same pixels, the
+    // deterministic solvers other images.
+    assert_eq!(outputs[0], outputs[1]);
+    assert_ne!(outputs[1], outputs[2]);
+    assert_ne!(outputs[2], outputs[3]);
 }
