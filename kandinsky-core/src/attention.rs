@@ -35,6 +35,14 @@ pub enum AttentionPath {
 /// Largest score-matrix slice (in bytes of f32) the chunked path materialises at once.
 pub const CHUNK_SCORE_BYTES: usize = 128 << 20;
 
+/// False when `KANDINSKY_NO_FLASH` is set: attention then takes the plain path even where the
+/// CUDA kernel covers the shape (to measure the kernel inside a model).
+#[cfg(feature = "cuda")]
+fn use_flash() -> bool {
+    static FLASH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FLASH.get_or_init(|| std::env::var_os("KANDINSKY_NO_FLASH").is_none())
+}
+
 /// Choose the path for these shapes.
 pub fn choose_path(device: &Device, b: usize, h: usize, lq: usize, lk: usize) -> AttentionPath {
     let score_bytes = b * h * lq * lk * 4;
@@ -77,7 +85,10 @@ pub fn attention(
         lk += kl;
     }
     #[cfg(feature = "cuda")]
-    if crate::nn::use_fused_kernels() && crate::cuda::flash_covers(q, kv.len(), mask.is_some()) {
+    if crate::nn::use_fused_kernels()
+        && use_flash()
+        && crate::cuda::flash_covers(q, kv.len(), mask.is_some())
+    {
         let segs: Vec<(&Tensor, &Tensor)> = kv.iter().map(|s| (s.k, s.v)).collect();
         return Ok(crate::cuda::flash_attention(q, &segs, scale)?);
     }

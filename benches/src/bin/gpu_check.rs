@@ -280,6 +280,22 @@ fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
         }
         drop(unet);
     }
+    // One added-KV attention block of the UNet at the 48×48 level (768 px), alone.
+    {
+        let vb = random_var_builder(DType::F16, dev);
+        let block = kandinsky_unet::attention_processor::Attention::new(vb, 768, 64, 768, 32)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 768, 48, 48), dev)?.to_dtype(DType::F16)?;
+        let e = Tensor::randn(0f32, 1.0, (2, 32, 768), dev)?.to_dtype(DType::F16)?;
+        let ms = time(dev, 2, iters, || {
+            block.forward(&x, &e)?;
+            Ok(())
+        })?;
+        rows.push(Row {
+            what: "unet attention block 48x48 C768 F16".into(),
+            value: format!("{ms:.3} ms"),
+            ok: None,
+        });
+    }
     if std::env::args().any(|a| a == "--unet-only") {
         return Ok(());
     }
