@@ -127,6 +127,8 @@ pub trait Scheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
     /// The timesteps fed to the model, in order.
     fn timesteps(&self) -> &[f64];
+    /// Length of the training schedule (`config.num_train_timesteps`, 1000 for Kandinsky).
+    fn num_train_timesteps(&self) -> usize;
     /// Standard deviation of the initial noise (1 for the DDPM family; sigma-based
     /// schedulers such as Euler override it).
     fn init_noise_sigma(&self) -> f64 {

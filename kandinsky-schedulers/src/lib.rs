@@ -31,7 +31,8 @@ pub use scheduling_dpmsolver_multistep::{
 };
 pub use scheduling_unclip::{UnClipScheduler, UnClipSchedulerConfig};
 pub use scheduling_utils::{
-    BetaSchedule, NoiseTables, PredictionType, SchedulerConfig, TimestepSpacing,
+    add_noise_ddpm, torch_linspace_f32, BetaSchedule, NoiseTables, PredictionType, SchedulerConfig,
+    TimestepSpacing,
 };
 
 /// The scheduler classes this crate implements.
@@ -168,6 +169,10 @@ impl Scheduler for AnyScheduler {
 
     fn timesteps(&self) -> &[f64] {
         dispatch!(self, s => s.timesteps())
+    }
+
+    fn num_train_timesteps(&self) -> usize {
+        dispatch!(self, s => s.num_train_timesteps())
     }
 
     fn init_noise_sigma(&self) -> f64 {

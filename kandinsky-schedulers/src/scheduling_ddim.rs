@@ -238,6 +238,10 @@ impl DdimScheduler {
 }
 
 impl Scheduler for DdimScheduler {
+    fn num_train_timesteps(&self) -> usize {
+        self.config.num_train_timesteps
+    }
+
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         check_steps(num_inference_steps, self.config.num_train_timesteps)?;
         self.num_inference_steps = Some(num_inference_steps);

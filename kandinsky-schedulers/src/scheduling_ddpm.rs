@@ -306,6 +306,10 @@ pub(crate) fn missing_variance(model_output: &Tensor, sample: &Tensor) -> Error 
 }
 
 impl Scheduler for DdpmScheduler {
+    fn num_train_timesteps(&self) -> usize {
+        self.config.num_train_timesteps
+    }
+
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         check_steps(num_inference_steps, self.config.num_train_timesteps)?;
         self.timesteps = spaced_timesteps(

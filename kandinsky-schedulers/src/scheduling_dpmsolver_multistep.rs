@@ -370,6 +370,10 @@ impl DpmSolverMultistepScheduler {
 }
 
 impl Scheduler for DpmSolverMultistepScheduler {
+    fn num_train_timesteps(&self) -> usize {
+        self.config.num_train_timesteps
+    }
+
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let train = self.config.num_train_timesteps;
         check_steps(num_inference_steps, train)?;

@@ -200,6 +200,10 @@ impl UnClipScheduler {
 }
 
 impl Scheduler for UnClipScheduler {
+    fn num_train_timesteps(&self) -> usize {
+        self.config.num_train_timesteps
+    }
+
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         check_steps(num_inference_steps, self.config.num_train_timesteps)?;
         if num_inference_steps < 2 {

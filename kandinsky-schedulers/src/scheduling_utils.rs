@@ -653,8 +653,9 @@ pub(crate) fn timestep_at(timesteps: &[i64], step_index: usize) -> Result<i64> {
     })
 }
 
-/// `add_noise` of the DDPM family: `√ᾱ_t·x0 + √(1−ᾱ_t)·ε`.
-pub(crate) fn add_noise_ddpm(
+/// `add_noise` of the DDPM family at a training timestep `t`: `√ᾱ_t·x0 + √(1−ᾱ_t)·ε`
+/// (computed in f32 like diffusers; also used with Kandinsky 2.1's fixed img2img schedule).
+pub fn add_noise_ddpm(
     tables: &NoiseTables,
     original: &Tensor,
     noise: &Tensor,
