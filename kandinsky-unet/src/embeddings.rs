@@ -1,7 +1,12 @@
-//! The image conditioning of the Kandinsky 2.2 UNet (diffusers `models/embeddings.py`):
-//! `ImageProjection` (image embedding → cross-attention tokens), `ImageTimeEmbedding` and
-//! `ImageHintTimeEmbedding` (image embedding → a term added to the time embedding; the hint
-//! variant also encodes the ControlNet hint image).
+//! The conditioning of the Kandinsky UNets (diffusers `models/embeddings.py`).
+//!
+//! Kandinsky 2.2: `ImageProjection` (image embedding → cross-attention tokens),
+//! `ImageTimeEmbedding` and `ImageHintTimeEmbedding` (image embedding → a term added to the
+//! time embedding; the hint variant also encodes the ControlNet hint image).
+//!
+//! Kandinsky 2.1: `TextImageProjection` (image embedding → 10 tokens, followed by the
+//! projected M-CLIP hidden states) and `TextImageTimeEmbedding` (pooled text embedding and
+//! image embedding → the time-embedding term).
 
 use candle_core::Tensor;
 use candle_nn::{Module, VarBuilder};
@@ -78,6 +83,96 @@ impl ImageTimeEmbedding {
     pub fn forward(&self, image_embeds: &Tensor) -> Result<Tensor> {
         let h = self.image_proj.forward(image_embeds)?;
         Ok(layer_norm_f32(&self.image_norm, &h)?)
+    }
+}
+
+/// `TextImageProjection` (Kandinsky 2.1): image embedding `[B, E]` → 10 tokens of `C`
+/// (Linear, reshape; no norm), text hidden states `[B, L, D]` → `[B, L, C]` (Linear); the
+/// context is `[image tokens ‖ text tokens]`, `[B, 10 + L, C]`.
+///
+/// Keys: `image_embeds`, `text_proj`.
+#[derive(Debug, Clone)]
+pub struct TextImageProjection {
+    image_embeds: Linear,
+    text_proj: Linear,
+    num_tokens: usize,
+    cross_attention_dim: usize,
+}
+
+impl TextImageProjection {
+    /// diffusers' `num_image_text_embeds` default for `TextImageProjection` (Kandinsky 2.1).
+    pub const NUM_IMAGE_TOKENS: usize = 10;
+
+    /// Load the projections: `image_embed_dim` → 10 × `cross_attention_dim` and
+    /// `text_embed_dim` → `cross_attention_dim`. (diffusers builds the 2.1 UNet with
+    /// `text_embed_dim = encoder_hid_dim` and `image_embed_dim = cross_attention_dim`.)
+    pub fn new(
+        vb: VarBuilder,
+        text_embed_dim: usize,
+        image_embed_dim: usize,
+        cross_attention_dim: usize,
+    ) -> Result<Self> {
+        let num_tokens = Self::NUM_IMAGE_TOKENS;
+        Ok(Self {
+            image_embeds: linear(
+                image_embed_dim,
+                num_tokens * cross_attention_dim,
+                vb.pp("image_embeds"),
+            )?,
+            text_proj: linear(text_embed_dim, cross_attention_dim, vb.pp("text_proj"))?,
+            num_tokens,
+            cross_attention_dim,
+        })
+    }
+
+    /// `text_hidden_states` `[B, L, D]`, `image_embeds` `[B, E]` → `[B, 10 + L, C]`.
+    pub fn forward(&self, text_hidden_states: &Tensor, image_embeds: &Tensor) -> Result<Tensor> {
+        let b = image_embeds.dim(0)?;
+        let image_tokens = self.image_embeds.forward(image_embeds)?.reshape((
+            b,
+            self.num_tokens,
+            self.cross_attention_dim,
+        ))?;
+        let text_tokens = self.text_proj.forward(text_hidden_states)?;
+        // Image tokens first, as diffusers concatenates them.
+        Ok(Tensor::cat(&[&image_tokens, &text_tokens], 1)?)
+    }
+}
+
+/// `TextImageTimeEmbedding` (Kandinsky 2.1): `LayerNorm(text_proj(text_embeds)) +
+/// image_proj(image_embeds)`, `[B, T]`, added to the time embedding. The image term has no
+/// norm.
+///
+/// Keys: `text_proj`, `text_norm`, `image_proj`.
+#[derive(Debug, Clone)]
+pub struct TextImageTimeEmbedding {
+    text_proj: Linear,
+    text_norm: LayerNorm,
+    image_proj: Linear,
+}
+
+impl TextImageTimeEmbedding {
+    /// Load the projections of `text_embed_dim` and `image_embed_dim` to `time_embed_dim`
+    /// (both inputs are `cross_attention_dim` wide in diffusers' 2.1 UNet).
+    pub fn new(
+        vb: VarBuilder,
+        text_embed_dim: usize,
+        image_embed_dim: usize,
+        time_embed_dim: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            text_proj: linear(text_embed_dim, time_embed_dim, vb.pp("text_proj"))?,
+            text_norm: layer_norm(time_embed_dim, LAYER_NORM_EPS, vb.pp("text_norm"))?,
+            image_proj: linear(image_embed_dim, time_embed_dim, vb.pp("image_proj"))?,
+        })
+    }
+
+    /// `text_embeds` `[B, Et]`, `image_embeds` `[B, Ei]` → `[B, T]`.
+    pub fn forward(&self, text_embeds: &Tensor, image_embeds: &Tensor) -> Result<Tensor> {
+        let text = self.text_proj.forward(text_embeds)?;
+        let text = layer_norm_f32(&self.text_norm, &text)?;
+        let image = self.image_proj.forward(image_embeds)?;
+        Ok((image + text)?)
     }
 }
 

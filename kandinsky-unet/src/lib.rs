@@ -2,8 +2,11 @@
 //!
 //! The Kandinsky 2.2 decoder UNet (diffusers `UNet2DConditionModel` with SimpleCrossAttn
 //! blocks, scale-shift ResNets and image conditioning), with its inpainting (9 input
-//! channels) and ControlNet-depth (`image_hint`) variants. Numerically exact to diffusers;
-//! loads the real checkpoints key for key.
+//! channels) and ControlNet-depth (`image_hint`) variants, and the Kandinsky 2.1 decoder and
+//! inpainting UNets (`text_image` / `text_image_proj`: conditioned on the CLIP image
+//! embedding, the pooled M-CLIP text embedding and the M-CLIP hidden states; see
+//! [`UNet2DConditionModel::forward_text_image`]). Numerically exact to diffusers; loads the
+//! real checkpoints key for key.
 //!
 //! ```no_run
 //! # fn main() -> kandinsky_core::Result<()> {
@@ -22,6 +25,6 @@ pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 
 pub use unet_2d_condition::{
-    AddEmbedding, AdditionEmbedType, EncoderHidDimType, PerBlock, UNet2DConditionConfig,
-    UNet2DConditionModel,
+    AddEmbedding, AdditionEmbedType, EncoderHidDimType, EncoderHidProj, PerBlock,
+    UNet2DConditionConfig, UNet2DConditionModel,
 };

@@ -1,5 +1,6 @@
 //! `UNet2DConditionModel` (diffusers `models/unets/unet_2d_condition.py`) as configured by
-//! the Kandinsky 2.2 decoder, inpainting and ControlNet-depth checkpoints.
+//! the Kandinsky 2.2 decoder, inpainting and ControlNet-depth checkpoints and the Kandinsky
+//! 2.1 decoder and inpainting checkpoints (text + image conditioning).
 
 use std::path::Path;
 
@@ -12,7 +13,10 @@ use kandinsky_core::traits::{Denoiser, DenoiserCondition};
 use kandinsky_core::{Error, Result};
 use serde::Deserialize;
 
-use crate::embeddings::{ImageHintTimeEmbedding, ImageProjection, ImageTimeEmbedding};
+use crate::embeddings::{
+    ImageHintTimeEmbedding, ImageProjection, ImageTimeEmbedding, TextImageProjection,
+    TextImageTimeEmbedding,
+};
 use crate::layers::{conv2d, Conv2d};
 use crate::resnet::ResnetSettings;
 use crate::unet_2d_blocks::{
@@ -104,10 +108,11 @@ pub struct UNet2DConditionConfig {
     /// Width of the cross-attention tokens.
     #[serde(default = "default_cross_attention_dim")]
     pub cross_attention_dim: PerBlock<usize>,
-    /// Width of the conditioning embedding (the CLIP image embedding).
+    /// Width of the conditioning input of `encoder_hid_proj`: the CLIP image embedding
+    /// (`image_proj`, 2.2) or the M-CLIP text hidden states (`text_image_proj`, 2.1).
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
-    /// How the conditioning becomes cross-attention tokens (`image_proj`).
+    /// How the conditioning becomes cross-attention tokens (`image_proj`, `text_image_proj`).
     #[serde(default)]
     pub encoder_hid_dim_type: Option<String>,
     /// Per-head dimension of the SimpleCrossAttn blocks (heads = channels / this).
@@ -128,7 +133,7 @@ pub struct UNet2DConditionConfig {
     /// `class_embeddings_concat` (must be false).
     #[serde(default)]
     pub class_embeddings_concat: bool,
-    /// The additive time-embedding term: `image`, `image_hint` (`text_image` is 2.1's).
+    /// The additive time-embedding term: `image`, `image_hint` (2.2), `text_image` (2.1).
     #[serde(default)]
     pub addition_embed_type: Option<String>,
     /// ResNet time conditioning (must be `scale_shift`).
@@ -246,7 +251,8 @@ pub enum AdditionEmbedType {
     /// `image_hint`: `ImageHintTimeEmbedding`; the encoded hint is concatenated to the
     /// latents (ControlNet).
     ImageHint,
-    /// `text_image`: Kandinsky 2.1's `TextImageTimeEmbedding` (not implemented yet).
+    /// `text_image`: Kandinsky 2.1's `TextImageTimeEmbedding` (pooled text embedding and
+    /// image embedding).
     TextImage,
 }
 
@@ -255,7 +261,8 @@ pub enum AdditionEmbedType {
 pub enum EncoderHidDimType {
     /// `image_proj`: `ImageProjection`, 32 tokens.
     ImageProj,
-    /// `text_image_proj`: Kandinsky 2.1's `TextImageProjection` (not implemented yet).
+    /// `text_image_proj`: Kandinsky 2.1's `TextImageProjection`, 10 image tokens followed by
+    /// the projected text hidden states.
     TextImageProj,
 }
 
@@ -270,6 +277,7 @@ struct Plan {
     groups: usize,
     act: Activation,
     encoder_hid_dim: usize,
+    hid_type: EncoderHidDimType,
     addition: AdditionEmbedType,
     time_embed_dim: usize,
 }
@@ -325,7 +333,7 @@ impl UNet2DConditionConfig {
             other => Err(Error::unsupported(
                 "addition_embed_type",
                 other,
-                "\"image\", \"image_hint\" (\"text_image\" is Kandinsky 2.1's, not implemented yet)",
+                "\"image\", \"image_hint\", \"text_image\"",
             )),
         }
     }
@@ -338,7 +346,7 @@ impl UNet2DConditionConfig {
             other => Err(Error::unsupported(
                 "encoder_hid_dim_type",
                 other,
-                "\"image_proj\" (\"text_image_proj\" is Kandinsky 2.1's, not implemented yet)",
+                "\"image_proj\", \"text_image_proj\"",
             )),
         }
     }
@@ -500,29 +508,43 @@ impl UNet2DConditionConfig {
             )
         })?;
         let encoder_hid_dim = self.encoder_hid_dim.ok_or_else(|| {
-            Error::unsupported("encoder_hid_dim", "null", "the image-embedding width")
+            Error::unsupported(
+                "encoder_hid_dim",
+                "null",
+                "the image-embedding width (image_proj) or the text hidden-state width \
+                 (text_image_proj)",
+            )
         })?;
         let hid_type = self.encoder_hid_dim_type()?;
         let addition = self.addition_embed_type()?;
-        if hid_type == EncoderHidDimType::TextImageProj || addition == AdditionEmbedType::TextImage
-        {
+        // Only the pairings of the real checkpoints: 2.1 feeds text to both modules, 2.2 to
+        // neither, and the embeddings' expected widths differ between the two.
+        let text_hid = hid_type == EncoderHidDimType::TextImageProj;
+        let text_add = addition == AdditionEmbedType::TextImage;
+        if text_hid != text_add {
             return Err(Error::unsupported(
-                "addition_embed_type / encoder_hid_dim_type",
-                (
-                    self.addition_embed_type.as_deref(),
-                    self.encoder_hid_dim_type.as_deref(),
+                "encoder_hid_dim_type",
+                self.encoder_hid_dim_type.as_deref(),
+                format!(
+                    "\"{}\" with addition_embed_type {:?} (Kandinsky 2.1 pairs \
+                     \"text_image_proj\" with \"text_image\", 2.2 \"image_proj\" with \
+                     \"image\" / \"image_hint\")",
+                    if text_add {
+                        "text_image_proj"
+                    } else {
+                        "image_proj"
+                    },
+                    self.addition_embed_type.as_deref().unwrap_or("null"),
                 ),
-                "\"image\" or \"image_hint\" with \"image_proj\" (Kandinsky 2.1's \
-                 text_image / text_image_proj is not implemented yet)",
             ));
         }
-        // ImageProjection is built with cross_attention_dim as an int; diffusers fails on a
-        // per-block list here, so require one width.
+        // ImageProjection / TextImageProjection are built with cross_attention_dim as an
+        // int; diffusers fails on a per-block list here, so require one width.
         if cross_dims.iter().any(|&c| c != cross_dims[0]) {
             return Err(Error::unsupported(
                 "cross_attention_dim",
                 &cross_dims,
-                "one width (image_proj builds one token projection)",
+                "one width (encoder_hid_proj builds one token projection)",
             ));
         }
         let hint_channels = match addition {
@@ -549,6 +571,7 @@ impl UNet2DConditionConfig {
             groups,
             act,
             encoder_hid_dim,
+            hid_type,
             addition,
             time_embed_dim,
         })
@@ -621,14 +644,25 @@ pub enum AddEmbedding {
     Image(ImageTimeEmbedding),
     /// `ImageHintTimeEmbedding`.
     ImageHint(ImageHintTimeEmbedding),
+    /// `TextImageTimeEmbedding` (Kandinsky 2.1).
+    TextImage(TextImageTimeEmbedding),
 }
 
-/// The Kandinsky 2.2 decoder UNet.
+/// The cross-attention token projection (`encoder_hid_proj`).
+#[derive(Debug, Clone)]
+pub enum EncoderHidProj {
+    /// `ImageProjection` (Kandinsky 2.2): 32 image tokens.
+    Image(ImageProjection),
+    /// `TextImageProjection` (Kandinsky 2.1): 10 image tokens and the projected text tokens.
+    TextImage(TextImageProjection),
+}
+
+/// The Kandinsky 2.2 / 2.1 decoder UNet.
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
-    encoder_hid_proj: ImageProjection,
+    encoder_hid_proj: EncoderHidProj,
     add_embedding: AddEmbedding,
     down_blocks: Vec<DownBlock>,
     mid_block: UNetMidBlock2DSimpleCrossAttn,
@@ -670,28 +704,36 @@ impl UNet2DConditionModel {
             ted,
             plan.act,
         )?;
-        let encoder_hid_proj = ImageProjection::new(
-            vb.pp("encoder_hid_proj"),
-            plan.encoder_hid_dim,
-            plan.cross_dims[0],
-        )?;
+        let cross = plan.cross_dims[0];
+        // diffusers' widths: 2.2 takes the image embedding at encoder_hid_dim; 2.1 takes the
+        // image and pooled text embeddings at cross_attention_dim and the text hidden states
+        // at encoder_hid_dim.
+        let encoder_hid_proj = match plan.hid_type {
+            EncoderHidDimType::ImageProj => EncoderHidProj::Image(ImageProjection::new(
+                vb.pp("encoder_hid_proj"),
+                plan.encoder_hid_dim,
+                cross,
+            )?),
+            EncoderHidDimType::TextImageProj => {
+                EncoderHidProj::TextImage(TextImageProjection::new(
+                    vb.pp("encoder_hid_proj"),
+                    plan.encoder_hid_dim,
+                    cross,
+                    cross,
+                )?)
+            }
+        };
+        let add_vb = vb.pp("add_embedding");
         let add_embedding =
             match plan.addition {
-                AdditionEmbedType::Image => AddEmbedding::Image(ImageTimeEmbedding::new(
-                    vb.pp("add_embedding"),
-                    plan.encoder_hid_dim,
-                    ted,
-                )?),
+                AdditionEmbedType::Image => {
+                    AddEmbedding::Image(ImageTimeEmbedding::new(add_vb, plan.encoder_hid_dim, ted)?)
+                }
                 AdditionEmbedType::ImageHint => AddEmbedding::ImageHint(
-                    ImageHintTimeEmbedding::new(vb.pp("add_embedding"), plan.encoder_hid_dim, ted)?,
+                    ImageHintTimeEmbedding::new(add_vb, plan.encoder_hid_dim, ted)?,
                 ),
-                // Rejected by plan(); kept exhaustive so 2.1 support is a compile-time reminder.
                 AdditionEmbedType::TextImage => {
-                    return Err(Error::unsupported(
-                        "addition_embed_type",
-                        "text_image",
-                        "image, image_hint",
-                    ))
+                    AddEmbedding::TextImage(TextImageTimeEmbedding::new(add_vb, cross, cross, ted)?)
                 }
             };
 
@@ -820,6 +862,36 @@ impl UNet2DConditionModel {
         matches!(self.add_embedding, AddEmbedding::ImageHint(_))
     }
 
+    /// True for Kandinsky 2.1 (`text_image`), which needs the pooled text embedding and the
+    /// text hidden states besides the image embedding.
+    pub fn takes_text(&self) -> bool {
+        matches!(self.add_embedding, AddEmbedding::TextImage(_))
+    }
+
+    /// Width of `image_embeds`: `encoder_hid_dim` for 2.2 (1280), `cross_attention_dim` for
+    /// 2.1 (768), as diffusers builds the modules.
+    pub fn image_embed_dim(&self) -> usize {
+        match self.text_dims() {
+            Some((pooled, _)) => pooled,
+            None => self.config.encoder_hid_dim.unwrap_or(0),
+        }
+    }
+
+    /// Kandinsky 2.1 only: (width of the pooled text embedding `text_embeds` =
+    /// `cross_attention_dim` (768), width of the text hidden states = `encoder_hid_dim`
+    /// (1024)). `None` for the 2.2 UNets.
+    pub fn text_dims(&self) -> Option<(usize, usize)> {
+        if !self.takes_text() {
+            return None;
+        }
+        // validate() guaranteed one cross_attention_dim and a set encoder_hid_dim.
+        let cross = match &self.config.cross_attention_dim {
+            PerBlock::One(c) => *c,
+            PerBlock::Many(v) => v.first().copied().unwrap_or(0),
+        };
+        Some((cross, self.config.encoder_hid_dim.unwrap_or(0)))
+    }
+
     /// Channels of the `sample` argument (the hint's encoded channels excluded).
     pub fn sample_channels(&self) -> usize {
         if self.takes_hint() {
@@ -829,7 +901,8 @@ impl UNet2DConditionModel {
         }
     }
 
-    /// One forward.
+    /// One forward of a Kandinsky 2.2 UNet (image conditioning; for 2.1 use
+    /// [`forward_text_image`](Self::forward_text_image) or [`Denoiser::predict`]).
     ///
     /// * `sample` `[B, sample_channels, h, w]`, `h` and `w` multiples of 8 (`2^(levels−1)`);
     /// * `timesteps`: one per batch element;
@@ -844,9 +917,59 @@ impl UNet2DConditionModel {
         image_embeds: &Tensor,
         hint: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, h, w) = self.check_inputs(sample, timesteps, image_embeds, hint)?;
-        let sample = sample.to_device(&self.device)?.to_dtype(self.dtype)?;
-        let image_embeds = image_embeds.to_device(&self.device)?.to_dtype(self.dtype)?;
+        self.run(
+            sample,
+            timesteps,
+            Cond {
+                image_embeds: Some(image_embeds),
+                hint,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// One forward of a Kandinsky 2.1 UNet (`text_image` / `text_image_proj`).
+    ///
+    /// * `sample` `[B, sample_channels, h, w]` (4 channels; 9 for inpainting), `h` and `w`
+    ///   multiples of 8;
+    /// * `timesteps`: one per batch element;
+    /// * `image_embeds` `[B, cross_attention_dim]` (the CLIP image embedding, 768);
+    /// * `text_embeds` `[B, cross_attention_dim]` (the pooled, projected M-CLIP embedding);
+    /// * `text_hidden_states` `[B, L, encoder_hid_dim]` (M-CLIP's last hidden states, L = 77
+    ///   in the pipeline; no mask is applied, as in diffusers).
+    ///
+    /// Returns `[B, out_channels, h, w]` in the model dtype.
+    pub fn forward_text_image(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        image_embeds: &Tensor,
+        text_embeds: &Tensor,
+        text_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        self.run(
+            sample,
+            timesteps,
+            Cond {
+                image_embeds: Some(image_embeds),
+                text_embeds: Some(text_embeds),
+                text_hidden_states: Some(text_hidden_states),
+                hint: None,
+            },
+        )
+    }
+
+    fn run(&self, sample: &Tensor, timesteps: &[f64], cond: Cond<'_>) -> Result<Tensor> {
+        let checked = self.check_inputs(sample, timesteps, cond)?;
+        let (b, h, w) = (checked.batch, checked.height, checked.width);
+        let to_model =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?) };
+        let mut sample = to_model(sample)?;
+        let image_embeds = to_model(checked.image_embeds)?;
+        let text = match checked.text {
+            Some((pooled, hidden)) => Some((to_model(pooled)?, to_model(hidden)?)),
+            None => None,
+        };
 
         // Time embedding: sinusoid and MLP in f32, then the model dtype.
         let t_emb = timestep_embedding(
@@ -857,17 +980,28 @@ impl UNet2DConditionModel {
             &self.device,
         )?;
         let emb = self.time_embedding.forward(&t_emb)?.to_dtype(self.dtype)?;
-        let (aug, sample) = match (&self.add_embedding, hint) {
-            (AddEmbedding::Image(e), _) => (e.forward(&image_embeds)?, sample),
-            (AddEmbedding::ImageHint(e), Some(hint)) => {
-                let hint = hint.to_device(&self.device)?.to_dtype(self.dtype)?;
-                let (aug, hint) = e.forward(&image_embeds, &hint)?;
-                (aug, Tensor::cat(&[&sample, &hint], 1)?)
+        let mismatch = || Error::invalid("the conditioning does not match this UNet's type");
+        let aug = match (&self.add_embedding, &text, checked.hint) {
+            (AddEmbedding::Image(e), None, None) => e.forward(&image_embeds)?,
+            (AddEmbedding::ImageHint(e), None, Some(hint)) => {
+                let (aug, hint) = e.forward(&image_embeds, &to_model(hint)?)?;
+                sample = Tensor::cat(&[&sample, &hint], 1)?;
+                aug
             }
-            (AddEmbedding::ImageHint(_), None) => unreachable!("checked by check_inputs"),
+            (AddEmbedding::TextImage(e), Some((pooled, _)), None) => {
+                e.forward(pooled, &image_embeds)?
+            }
+            // check_inputs pairs the conditioning with the UNet type.
+            _ => return Err(mismatch()),
         };
         let emb = (emb + aug)?;
-        let encoder_hidden_states = self.encoder_hid_proj.forward(&image_embeds)?;
+        let encoder_hidden_states = match (&self.encoder_hid_proj, &text) {
+            (EncoderHidProj::Image(p), None) => p.forward(&image_embeds)?,
+            (EncoderHidProj::TextImage(p), Some((_, hidden))) => {
+                p.forward(hidden, &image_embeds)?
+            }
+            _ => return Err(mismatch()),
+        };
 
         let mut x = self.conv_in.forward(&sample)?;
         let mut skips = Vec::with_capacity(1 + self.down_blocks.len() * 4);
@@ -889,13 +1023,12 @@ impl UNet2DConditionModel {
         Ok(out)
     }
 
-    fn check_inputs(
+    fn check_inputs<'a>(
         &self,
         sample: &Tensor,
         timesteps: &[f64],
-        image_embeds: &Tensor,
-        hint: Option<&Tensor>,
-    ) -> Result<(usize, usize, usize)> {
+        cond: Cond<'a>,
+    ) -> Result<Checked<'a>> {
         let expected_c = self.sample_channels();
         let (b, c, h, w) = sample.dims4().map_err(|_| {
             Error::invalid(format!(
@@ -927,14 +1060,69 @@ impl UNet2DConditionModel {
                 timesteps.len()
             )));
         }
-        let e = self.config.encoder_hid_dim.unwrap_or(0);
+        let version = if self.takes_text() { "2.1" } else { "2.2" };
+        let e = self.image_embed_dim();
+        let image_embeds = cond.image_embeds.ok_or_else(|| {
+            Error::invalid(format!(
+                "the Kandinsky {version} UNet needs image_embeds [{b}, {e}]"
+            ))
+        })?;
         if image_embeds.dims() != [b, e] {
             return Err(Error::invalid(format!(
                 "image_embeds must be [{b}, {e}] (batch of the latents, image-embedding width), got {:?}",
                 image_embeds.dims()
             )));
         }
-        match (self.takes_hint(), hint) {
+        let text = match (self.text_dims(), cond.text_embeds, cond.text_hidden_states) {
+            (None, None, None) => None,
+            (None, _, _) => {
+                return Err(Error::invalid(
+                    "the Kandinsky 2.2 UNet is conditioned on image embeddings only; text \
+                     conditioning (text_embeds, text_hidden_states) is Kandinsky 2.1's",
+                ))
+            }
+            (Some((pooled_dim, hidden_dim)), pooled, hidden) => {
+                let missing: Vec<String> = [
+                    pooled.is_none().then(|| {
+                        format!("text_embeds [{b}, {pooled_dim}] (the pooled M-CLIP embedding)")
+                    }),
+                    hidden.is_none().then(|| {
+                        format!(
+                            "text_hidden_states [{b}, L, {hidden_dim}] (the M-CLIP hidden states)"
+                        )
+                    }),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                let (Some(pooled), Some(hidden)) = (pooled, hidden) else {
+                    return Err(Error::invalid(format!(
+                        "this Kandinsky 2.1 UNet (addition_embed_type \"text_image\") needs {} \
+                         besides image_embeds (use forward_text_image or Denoiser::predict)",
+                        missing.join(" and ")
+                    )));
+                };
+                if pooled.dims() != [b, pooled_dim] {
+                    return Err(Error::invalid(format!(
+                        "text_embeds must be [{b}, {pooled_dim}] (batch of the latents, pooled \
+                         text-embedding width = cross_attention_dim), got {:?}",
+                        pooled.dims()
+                    )));
+                }
+                match hidden.dims() {
+                    &[hb, l, d] if hb == b && l > 0 && d == hidden_dim => {}
+                    dims => {
+                        return Err(Error::invalid(format!(
+                            "text_hidden_states must be [{b}, L, {hidden_dim}] (batch of the \
+                             latents, L ≥ 1 tokens, text hidden width = encoder_hid_dim), got \
+                             {dims:?}"
+                        )))
+                    }
+                }
+                Some((pooled, hidden))
+            }
+        };
+        match (self.takes_hint(), cond.hint) {
             (true, None) => {
                 return Err(Error::invalid(
                     "this ControlNet UNet (addition_embed_type \"image_hint\") needs a hint image",
@@ -957,28 +1145,57 @@ impl UNet2DConditionModel {
             }
             (false, None) => {}
         }
-        Ok((b, h, w))
+        Ok(Checked {
+            batch: b,
+            height: h,
+            width: w,
+            image_embeds,
+            text,
+            hint: cond.hint,
+        })
     }
 }
 
+/// The conditioning of one forward, before checking.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cond<'a> {
+    image_embeds: Option<&'a Tensor>,
+    text_embeds: Option<&'a Tensor>,
+    text_hidden_states: Option<&'a Tensor>,
+    hint: Option<&'a Tensor>,
+}
+
+/// The inputs after [`UNet2DConditionModel::check_inputs`]: present and of the right shapes.
+struct Checked<'a> {
+    batch: usize,
+    height: usize,
+    width: usize,
+    image_embeds: &'a Tensor,
+    /// (pooled `text_embeds`, `text_hidden_states`), Kandinsky 2.1 only.
+    text: Option<(&'a Tensor, &'a Tensor)>,
+    hint: Option<&'a Tensor>,
+}
+
 impl Denoiser for UNet2DConditionModel {
+    /// Kandinsky 2.2 takes `image_embeds` (and `hint` for ControlNet); Kandinsky 2.1 takes
+    /// `image_embeds`, `text_embeds` and `text_hidden_states`. Missing or extra conditioning
+    /// is an [`Error::InvalidInput`] naming it.
     fn predict(
         &self,
         sample: &Tensor,
         timesteps: &[f64],
         cond: &DenoiserCondition,
     ) -> Result<Tensor> {
-        if cond.text_embeds.is_some() || cond.text_hidden_states.is_some() {
-            return Err(Error::invalid(
-                "the Kandinsky 2.2 UNet is conditioned on image embeddings only; text conditioning \
-                 is Kandinsky 2.1's",
-            ));
-        }
-        let image_embeds = cond
-            .image_embeds
-            .as_ref()
-            .ok_or_else(|| Error::invalid("the Kandinsky 2.2 UNet needs image_embeds"))?;
-        self.forward(sample, timesteps, image_embeds, cond.hint.as_ref())
+        self.run(
+            sample,
+            timesteps,
+            Cond {
+                image_embeds: cond.image_embeds.as_ref(),
+                text_embeds: cond.text_embeds.as_ref(),
+                text_hidden_states: cond.text_hidden_states.as_ref(),
+                hint: cond.hint.as_ref(),
+            },
+        )
     }
 
     fn sample_channels(&self) -> usize {

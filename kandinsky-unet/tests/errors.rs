@@ -6,7 +6,9 @@ use kandinsky_core::loading::read_json;
 use kandinsky_core::testing::fixtures_dir;
 use kandinsky_core::traits::{Denoiser, DenoiserCondition};
 use kandinsky_core::Error;
-use kandinsky_unet::{AdditionEmbedType, UNet2DConditionConfig, UNet2DConditionModel};
+use kandinsky_unet::{
+    AdditionEmbedType, EncoderHidDimType, UNet2DConditionConfig, UNet2DConditionModel,
+};
 use serde_json::{json, Value};
 
 fn real_json() -> Value {
@@ -98,21 +100,38 @@ fn unsupported_values_name_their_field() {
 }
 
 #[test]
-fn kandinsky_21_is_reported_as_not_implemented() {
-    let mut v = real_json();
-    v["addition_embed_type"] = json!("text_image");
-    v["encoder_hid_dim_type"] = json!("text_image_proj");
-    v["encoder_hid_dim"] = json!(1024);
-    let cfg: UNet2DConditionConfig = serde_json::from_value(v).unwrap();
-    assert_eq!(
-        cfg.addition_embed_type().unwrap(),
-        AdditionEmbedType::TextImage
-    );
-    let msg = cfg.validate().unwrap_err().to_string();
-    assert!(
-        msg.contains("2.1") && msg.contains("not implemented"),
-        "{msg}"
-    );
+fn kandinsky_21_configs_validate() {
+    for name in ["kandinsky-2-1__unet", "kandinsky-2-1-inpaint__unet"] {
+        let path = fixtures_dir().join(format!("real-configs/{name}.json"));
+        let cfg: UNet2DConditionConfig = read_json(&path).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.addition_embed_type().unwrap(),
+            AdditionEmbedType::TextImage
+        );
+        assert_eq!(
+            cfg.encoder_hid_dim_type().unwrap(),
+            EncoderHidDimType::TextImageProj
+        );
+    }
+}
+
+/// 2.1's text projection with 2.2's image-only time term (or the reverse) is no real
+/// checkpoint; it is rejected naming encoder_hid_dim_type and the valid pairings.
+#[test]
+fn mixed_21_22_conditioning_is_rejected() {
+    for (addition, hid) in [("text_image", "image_proj"), ("image", "text_image_proj")] {
+        let mut v = real_json();
+        v["addition_embed_type"] = json!(addition);
+        v["encoder_hid_dim_type"] = json!(hid);
+        let cfg: UNet2DConditionConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(unsupported_field(&cfg), "encoder_hid_dim_type");
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(
+            msg.contains("\"text_image_proj\" with \"text_image\""),
+            "{msg}"
+        );
+    }
 }
 
 #[test]
@@ -229,4 +248,128 @@ fn denoiser_condition_mismatches() {
     assert!(msg.contains("2.1"), "{msg}");
     let msg = invalid(unet.forward(&zeros(&[1, 4, 8, 8]), &[1.0], &zeros(&[1, 32]), None));
     assert!(msg.contains("masked-image latents"), "{msg}");
+}
+
+/// Kandinsky 2.1 (tiny: image / pooled text width 32, text hidden width 48): missing text
+/// conditioning and wrong widths are typed errors naming what is missing or expected.
+#[test]
+fn bad_inputs_to_kandinsky_21() {
+    let unet = tiny("kandinsky-2-1");
+    assert!(unet.takes_text());
+    assert_eq!(unet.image_embed_dim(), 32);
+    assert_eq!(unet.text_dims(), Some((32, 48)));
+    let x = zeros(&[2, 4, 16, 16]);
+    let t = [10.0, 20.0];
+    let image = zeros(&[2, 32]);
+    let pooled = zeros(&[2, 32]);
+    let hidden = zeros(&[2, 77, 48]);
+
+    // The 2.2 entry point cannot carry text.
+    let msg = invalid(unet.forward(&x, &t, &image, None));
+    assert!(
+        msg.contains("text_embeds [2, 32]") && msg.contains("text_hidden_states [2, L, 48]"),
+        "{msg}"
+    );
+    // Through the trait: each missing input is named (and only it).
+    let cond = |image: bool, pooled_: bool, hidden_: bool| DenoiserCondition {
+        image_embeds: image.then(|| zeros(&[2, 32])),
+        text_embeds: pooled_.then(|| zeros(&[2, 32])),
+        text_hidden_states: hidden_.then(|| zeros(&[2, 77, 48])),
+        hint: None,
+    };
+    let msg = invalid(unet.predict(&x, &t, &cond(true, false, true)));
+    assert!(
+        msg.contains("needs text_embeds [2, 32]") && !msg.contains("text_hidden_states"),
+        "{msg}"
+    );
+    let msg = invalid(unet.predict(&x, &t, &cond(true, true, false)));
+    assert!(
+        msg.contains("needs text_hidden_states [2, L, 48]") && !msg.contains("text_embeds"),
+        "{msg}"
+    );
+    let msg = invalid(unet.predict(&x, &t, &cond(false, true, true)));
+    assert!(msg.contains("2.1 UNet needs image_embeds [2, 32]"), "{msg}");
+
+    // Wrong widths / batches: expected vs got.
+    let msg = invalid(unet.forward_text_image(&x, &t, &zeros(&[2, 1280]), &pooled, &hidden));
+    assert!(
+        msg.contains("[2, 32]") && msg.contains("[2, 1280]"),
+        "{msg}"
+    );
+    let msg = invalid(unet.forward_text_image(&x, &t, &image, &zeros(&[2, 48]), &hidden));
+    assert!(
+        msg.contains("text_embeds must be [2, 32]") && msg.contains("[2, 48]"),
+        "{msg}"
+    );
+    let msg = invalid(unet.forward_text_image(&x, &t, &image, &zeros(&[1, 32]), &hidden));
+    assert!(msg.contains("text_embeds must be [2, 32]"), "{msg}");
+    let msg = invalid(unet.forward_text_image(&x, &t, &image, &pooled, &zeros(&[2, 77, 32])));
+    assert!(
+        msg.contains("text_hidden_states must be [2, L, 48]") && msg.contains("[2, 77, 32]"),
+        "{msg}"
+    );
+    let msg = invalid(unet.forward_text_image(&x, &t, &image, &pooled, &zeros(&[2, 48])));
+    assert!(
+        msg.contains("[2, L, 48]") && msg.contains("[2, 48]"),
+        "{msg}"
+    );
+    let msg = invalid(unet.forward_text_image(&x, &t, &image, &pooled, &zeros(&[1, 77, 48])));
+    assert!(
+        msg.contains("[2, L, 48]") && msg.contains("[1, 77, 48]"),
+        "{msg}"
+    );
+    // A hint is ControlNet's only.
+    let with_hint = DenoiserCondition {
+        hint: Some(zeros(&[2, 3, 128, 128])),
+        ..cond(true, true, true)
+    };
+    let msg = invalid(unet.predict(&x, &t, &with_hint));
+    assert!(msg.contains("takes no hint"), "{msg}");
+    // Any token count works (diffusers applies no mask and no fixed length).
+    let out = unet
+        .forward_text_image(&x, &t, &image, &pooled, &zeros(&[2, 5, 48]))
+        .unwrap();
+    assert_eq!(out.dims(), &[2, 8, 16, 16]);
+}
+
+/// The 9-channel 2.1 inpainting UNet: sample channels and text conditioning both checked.
+#[test]
+fn bad_inputs_to_kandinsky_21_inpaint() {
+    let unet = tiny("kandinsky-2-1-inpaint");
+    assert_eq!(unet.sample_channels(), 9);
+    let t = [10.0];
+    let (image, pooled, hidden) = (zeros(&[1, 32]), zeros(&[1, 32]), zeros(&[1, 77, 48]));
+    let msg = invalid(unet.forward_text_image(&zeros(&[1, 4, 8, 8]), &t, &image, &pooled, &hidden));
+    assert!(msg.contains("masked-image latents"), "{msg}");
+    let msg = invalid(unet.predict(
+        &zeros(&[1, 9, 8, 8]),
+        &t,
+        &DenoiserCondition {
+            image_embeds: Some(image),
+            ..Default::default()
+        },
+    ));
+    assert!(
+        msg.contains("text_embeds [1, 32]") && msg.contains("text_hidden_states [1, L, 48]"),
+        "{msg}"
+    );
+}
+
+/// A 2.2 UNet refuses the 2.1 entry point with the same message as the trait path.
+#[test]
+fn kandinsky_22_refuses_text() {
+    let unet = tiny("kandinsky-2-2-decoder");
+    assert!(!unet.takes_text());
+    assert_eq!(unet.text_dims(), None);
+    let msg = invalid(unet.forward_text_image(
+        &zeros(&[1, 4, 8, 8]),
+        &[1.0],
+        &zeros(&[1, 32]),
+        &zeros(&[1, 16]),
+        &zeros(&[1, 77, 32]),
+    ));
+    assert!(
+        msg.contains("image embeddings only") && msg.contains("2.1"),
+        "{msg}"
+    );
 }

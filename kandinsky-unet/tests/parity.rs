@@ -1,6 +1,7 @@
 //! Parity with diffusers' `UNet2DConditionModel` on the tiny fixtures
-//! (`xtask/fixtures/gen_unet.py`): decoder, inpainting and ControlNet variants, batch 2,
-//! distinct timesteps, two latent sizes (one non-square).
+//! (`xtask/fixtures/gen_unet.py`, `gen_unet21.py`): Kandinsky 2.2 decoder, inpainting and
+//! ControlNet variants, Kandinsky 2.1 decoder and inpainting variants, batch 2, distinct
+//! timesteps, two latent sizes (one non-square).
 
 use candle_core::{DType, Device, Tensor};
 use kandinsky_core::testing::{assert_close, diff, fixtures_dir, get, load_fixture};
@@ -62,6 +63,99 @@ fn controlnet_matches_diffusers() -> anyhow::Result<()> {
     parity("controlnet", "kandinsky-2-2-controlnet-depth")
 }
 
+/// Kandinsky 2.1 case `k`: image, pooled text and text hidden states.
+fn run_case_21(
+    unet: &UNet2DConditionModel,
+    fx: &std::collections::HashMap<String, Tensor>,
+    k: usize,
+) -> anyhow::Result<Tensor> {
+    let sample = get(fx, &format!("sample_{k}"))?;
+    let ts = timesteps(get(fx, &format!("timesteps_{k}"))?)?;
+    Ok(unet.forward_text_image(
+        sample,
+        &ts,
+        get(fx, &format!("image_embeds_{k}"))?,
+        get(fx, &format!("text_embeds_{k}"))?,
+        get(fx, &format!("text_hidden_states_{k}"))?,
+    )?)
+}
+
+fn parity_21(variant: &str, repo: &str) -> anyhow::Result<()> {
+    let unet = tiny(repo, DType::F32)?;
+    assert!(unet.takes_text());
+    let fx = load_fixture(&format!("unet/{variant}.safetensors"))?;
+    for k in 0..2 {
+        let out = run_case_21(&unet, &fx, k)?;
+        let reference = get(&fx, &format!("output_{k}"))?;
+        // Same tolerance as the 2.2 variants: 1e-4 max abs (outputs are O(5)).
+        assert_close(
+            &format!("{variant} {:?}", reference.dims()),
+            &out,
+            reference,
+            TOL_F32,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn kandinsky21_decoder_matches_diffusers() -> anyhow::Result<()> {
+    parity_21("decoder21", "kandinsky-2-1")
+}
+
+#[test]
+fn kandinsky21_inpaint_matches_diffusers() -> anyhow::Result<()> {
+    parity_21("inpaint21", "kandinsky-2-1-inpaint")
+}
+
+/// The text conditioning reaches the output through both paths (the time-embedding term and
+/// the cross-attention tokens): changing either input changes the prediction.
+#[test]
+fn kandinsky21_text_inputs_matter() -> anyhow::Result<()> {
+    let unet = tiny("kandinsky-2-1", DType::F32)?;
+    let fx = load_fixture("unet/decoder21.safetensors")?;
+    let sample = get(&fx, "sample_0")?;
+    let ts = timesteps(get(&fx, "timesteps_0")?)?;
+    let image = get(&fx, "image_embeds_0")?;
+    let pooled = get(&fx, "text_embeds_0")?;
+    let hidden = get(&fx, "text_hidden_states_0")?;
+    let base = unet.forward_text_image(sample, &ts, image, pooled, hidden)?;
+    let changed_pooled = unet.forward_text_image(sample, &ts, image, &pooled.neg()?, hidden)?;
+    let changed_hidden = unet.forward_text_image(sample, &ts, image, pooled, &hidden.neg()?)?;
+    for (what, out) in [
+        ("text_embeds", changed_pooled),
+        ("text_hidden_states", changed_hidden),
+    ] {
+        let d = diff(&out, &base)?;
+        assert!(
+            d.max_abs > 1e-2,
+            "{what} does not change the output ({d:?})"
+        );
+    }
+    Ok(())
+}
+
+/// The `Denoiser` trait path of Kandinsky 2.1 is the same computation as
+/// `forward_text_image` (inpainting variant: 9 sample channels).
+#[test]
+fn kandinsky21_denoiser_trait_matches() -> anyhow::Result<()> {
+    let unet = tiny("kandinsky-2-1-inpaint", DType::F32)?;
+    let fx = load_fixture("unet/inpaint21.safetensors")?;
+    let cond = DenoiserCondition {
+        image_embeds: Some(get(&fx, "image_embeds_1")?.clone()),
+        text_embeds: Some(get(&fx, "text_embeds_1")?.clone()),
+        text_hidden_states: Some(get(&fx, "text_hidden_states_1")?.clone()),
+        hint: None,
+    };
+    let ts = timesteps(get(&fx, "timesteps_1")?)?;
+    let out = unet.predict(get(&fx, "sample_1")?, &ts, &cond)?;
+    assert_close("2.1 trait", &out, get(&fx, "output_1")?, TOL_F32)?;
+    assert_eq!(Denoiser::sample_channels(&unet), 9);
+    assert_eq!(unet.image_embed_dim(), 32);
+    assert_eq!(unet.text_dims(), Some((32, 48)));
+    Ok(())
+}
+
 /// The `Denoiser` trait path is the same computation as `forward`.
 #[test]
 fn denoiser_trait_matches_forward() -> anyhow::Result<()> {
@@ -94,6 +188,26 @@ fn half_precision_close_to_f32() -> anyhow::Result<()> {
         let d = diff(&out, reference)?;
         eprintln!(
             "{dtype:?} vs diffusers f32: max abs {:.3e}, rel {:.3e} (tolerance rel {tol_rel:.0e})",
+            d.max_abs, d.rel
+        );
+        assert!(d.rel <= tol_rel, "{dtype:?}: rel {} > {tol_rel}", d.rel);
+    }
+    Ok(())
+}
+
+/// Kandinsky 2.1 in f16 / bf16 against diffusers' f32 output, same tolerances as 2.2 (the
+/// text path adds two Linear layers and a LayerNorm, all rounded like the rest).
+#[test]
+fn kandinsky21_half_precision_close_to_f32() -> anyhow::Result<()> {
+    let fx = load_fixture("unet/decoder21.safetensors")?;
+    let reference = get(&fx, "output_1")?;
+    for (dtype, tol_rel) in [(DType::F16, 1e-2f32), (DType::BF16, 6e-2)] {
+        let unet = tiny("kandinsky-2-1", dtype)?;
+        let out = run_case_21(&unet, &fx, 1)?;
+        assert_eq!(out.dtype(), dtype);
+        let d = diff(&out, reference)?;
+        eprintln!(
+            "2.1 {dtype:?} vs diffusers f32: max abs {:.3e}, rel {:.3e} (tolerance rel {tol_rel:.0e})",
             d.max_abs, d.rel
         );
         assert!(d.rel <= tol_rel, "{dtype:?}: rel {} > {tol_rel}", d.rel);
