@@ -51,7 +51,7 @@ impl<T: Clone + std::fmt::Debug> PerBlock<T> {
 }
 
 /// `config.json` of a diffusers `UNet2DConditionModel`, with diffusers' defaults for absent
-/// fields. Fields that do not change the Kandinsky 2.2 network (`sample_size`,
+/// fields. Fields that do not change the Kandinsky 2.2 / 2.1 networks (`sample_size`,
 /// `transformer_layers_per_block`, `use_linear_projection`, `upcast_attention`,
 /// `addition_embed_type_num_heads`, ...) are ignored, as diffusers ignores them for these
 /// block types.
