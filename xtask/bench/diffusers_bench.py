@@ -5,6 +5,12 @@ same workloads as the Rust benches. Prints one JSON object per workload and a ta
 
     python diffusers_bench.py --device cuda --dtype fp16 --unet 64,96,128 --movq 512,768 \
         --prior --text --attn 64,96 --json out.jsonl
+
+CPU comparison mode (`cargo xtask bench-compare`): ONE workload per process, f32, so that the
+process's peak RSS belongs to that workload; prints one JSON line in the format of the Rust
+runner `benches/src/bin/cpu_compare.rs` (same workload names, shapes and inputs):
+
+    python diffusers_bench.py --cpu-workload unet_step_256 --reps 3 --warmup 1 --threads 2
 """
 import argparse
 import json
@@ -46,6 +52,104 @@ def peak(device):
     return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
 
 
+def proc_status_mib(field):
+    """A field of /proc/self/status in MiB (VmHWM = peak RSS, VmRSS = current)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+CPU_WORKLOADS = ["unet_step_256", "unet_step_512", "movq_decode_256", "movq_decode_512",
+                 "prior_step", "clip_text", "attention_32x32", "attention_48x48"]
+
+
+def build_cpu_workload(name):
+    """The model (random weights at the real config, PyTorch's default init as the fixture
+    generators build them) and a closure running one repetition, f32 on the CPU."""
+    if name in ("unet_step_256", "unet_step_512"):
+        from diffusers import UNet2DConditionModel
+        s = 32 if name == "unet_step_256" else 64
+        unet = UNet2DConditionModel(**REAL_UNET_22).eval()
+        x = torch.randn(2, 4, s, s)
+        emb = torch.randn(2, 1280)
+        t = torch.tensor([500, 500])
+        return lambda: unet(x, t, encoder_hidden_states=None,
+                            added_cond_kwargs={"image_embeds": emb})
+    if name in ("movq_decode_256", "movq_decode_512"):
+        from diffusers import VQModel
+        px = 256 if name == "movq_decode_256" else 512
+        movq = VQModel(**REAL_MOVQ).eval()
+        z = torch.randn(1, 4, px // 8, px // 8)
+        return lambda: movq.decode(z, force_not_quantize=True)
+    if name == "prior_step":
+        from diffusers import PriorTransformer
+        prior = PriorTransformer(**REAL_PRIOR_22).eval()
+        x = torch.randn(2, 1280)
+        pe = torch.randn(2, 1280)
+        hs = torch.randn(2, 77, 1280)
+        mask = torch.ones(2, 77, dtype=torch.bool)
+        return lambda: prior(x, 500, proj_embedding=pe, encoder_hidden_states=hs,
+                             attention_mask=mask)
+    if name == "clip_text":
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+        cfg_path = (Path(__file__).resolve().parents[2] / "fixtures" / "real-configs"
+                    / "kandinsky-2-2-prior__text_encoder.json")
+        cfg = CLIPTextConfig.from_dict(json.loads(cfg_path.read_text()))
+        te = CLIPTextModelWithProjection(cfg).eval()
+        # Same ids as the Rust side: (i * 331) mod 49000.
+        ids = torch.tensor([(i * 331) % 49000 for i in range(154)]).reshape(2, 77)
+        return lambda: te(ids)
+    if name in ("attention_32x32", "attention_48x48"):
+        import torch.nn.functional as F
+        level = 32 if name == "attention_32x32" else 48
+        b, h, n, d = 2, 12, level * level, 64
+        q = torch.randn(b, h, n, d)
+        ki, vi = torch.randn(b, h, 32, d), torch.randn(b, h, 32, d)
+        ks, vs = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+        # diffusers' AttnAddedKVProcessor concatenates the image tokens' keys/values in front
+        # of the spatial ones, then calls SDPA: time both, as the Rust entry point does both.
+        return lambda: F.scaled_dot_product_attention(
+            q, torch.cat([ki, ks], 2), torch.cat([vi, vs], 2), scale=0.125)
+    raise SystemExit(f"unknown workload `{name}`; available: {', '.join(CPU_WORKLOADS)}")
+
+
+def cpu_workload(name, reps, warmup, threads):
+    """Run one workload and print one JSON line (the Rust runner's format)."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rss_start = proc_status_mib("VmRSS:")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        fn = build_cpu_workload(name)
+    build_s = time.perf_counter() - t0
+    rss_after_load = proc_status_mib("VmRSS:")
+    ms = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        for _ in range(max(1, reps)):
+            t = time.perf_counter()
+            fn()
+            ms.append((time.perf_counter() - t) * 1e3)
+    ms.sort()
+    peak = proc_status_mib("VmHWM:")
+    from importlib.metadata import version
+    print(json.dumps({
+        "impl": "pytorch", "workload": name, "median_ms": ms[len(ms) // 2], "min_ms": ms[0],
+        "all_ms": ms, "reps": len(ms), "warmup": warmup,
+        "peak_rss_mib": peak, "rss_start_mib": rss_start, "rss_after_load_mib": rss_after_load,
+        "build_s": build_s, "threads": torch.get_num_threads(), "dtype": "f32",
+        "torch": torch.__version__, "diffusers": version("diffusers"),
+        "transformers": version("transformers"),
+    }), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -57,7 +161,15 @@ def main():
     ap.add_argument("--attn", default="", help="latent sizes whose attention levels to time")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", default="")
+    ap.add_argument("--cpu-workload", default="",
+                    help="run ONE CPU f32 workload (cargo xtask bench-compare) and exit")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
+    if a.cpu_workload:
+        cpu_workload(a.cpu_workload, a.reps, a.warmup, a.threads)
+        return
     dev, dt = a.device, DT[a.dtype]
     torch.manual_seed(0)
     rows = []

@@ -2,7 +2,11 @@
 //!
 //! - `fixtures [--only a,b]`: create the pinned Python virtualenv (`.venv/`) if needed and
 //!   regenerate `fixtures/` with the diffusers/transformers generator in `xtask/fixtures/`.
+//! - `bench-compare [--only a,b] [--reps N] [--warmup W] [--threads T] [--large] [--no-write]`:
+//!   the same CPU f32 workloads with kandinsky-rs and diffusers/PyTorch, one process each;
+//!   writes the table into `benches/RESULTS.md` (see `bench_compare.rs`).
 
+mod bench_compare;
 mod movq_full;
 mod python;
 mod unet_full;
@@ -17,8 +21,9 @@ fn main() -> Result<()> {
     let rest = &args[1..];
     match cmd.as_str() {
         "fixtures" => python::fixtures(rest),
+        "bench-compare" => bench_compare::bench_compare(rest),
         "movq-full" => movq_full::movq_full(rest),
         "unet-full" => unet_full::unet_full(rest),
-        other => bail!("unknown xtask command `{other}`; available: fixtures"),
+        other => bail!("unknown xtask command `{other}`; available: fixtures, bench-compare, movq-full, unet-full"),
     }
 }
