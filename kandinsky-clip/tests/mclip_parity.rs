@@ -1,0 +1,138 @@
+//! Parity of Kandinsky 2.1's `MultilingualCLIP` with diffusers 0.42.1 / transformers 5.24 on
+//! the tiny fixture (f16-stored weights, references computed in f32 from the rounded weights).
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use kandinsky_clip::{MultilingualClip, XlmRobertaTokenizer};
+use kandinsky_core::testing::{assert_close, diff, fixtures_dir, get, load_fixture};
+use kandinsky_core::traits::TextEncoder;
+
+fn repo(component: &str) -> std::path::PathBuf {
+    fixtures_dir().join("tiny/kandinsky-2-1").join(component)
+}
+
+fn u32s(t: &Tensor) -> anyhow::Result<Tensor> {
+    Ok(t.to_dtype(DType::U32)?)
+}
+
+#[test]
+fn mclip_matches_diffusers_in_f32() -> anyhow::Result<()> {
+    let fx = load_fixture("clip/mclip.safetensors")?;
+    let model = MultilingualClip::load(repo("text_encoder"), DType::F32, &Device::Cpu)?;
+    // i64 ids and mask straight from the fixture.
+    let out = model.encode_text(get(&fx, "input_ids")?, Some(get(&fx, "attention_mask")?))?;
+    assert_eq!(out.last_hidden_state.dims(), &[4, 77, 48]);
+    assert_eq!(out.text_embeds.dims(), &[4, 32]);
+    // f32 vs torch f32 on the same weights: only summation order differs.
+    assert_close(
+        "last_hidden_state",
+        &out.last_hidden_state,
+        get(&fx, "last_hidden_state")?,
+        1e-4,
+    )?;
+    assert_close(
+        "text_embeds",
+        &out.text_embeds,
+        get(&fx, "text_embeds")?,
+        1e-4,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn prompts_to_embeddings_end_to_end() -> anyhow::Result<()> {
+    // The prompts gen_mclip.py tokenized with transformers and fed to diffusers.
+    let fx = load_fixture("clip/mclip.safetensors")?;
+    let tok = XlmRobertaTokenizer::from_dir(repo("tokenizer"))?;
+    let long = "portrait of a young woman, oil painting by Rembrandt ".repeat(8);
+    let batch = tok.encode_batch(&[
+        "a red cat, 4k photo",
+        "",
+        "красный кот 🐱 一只红色的猫",
+        long.as_str(),
+    ])?;
+    assert_eq!(batch.truncated, vec![false, false, false, true]);
+    let ids = batch.input_ids(&Device::Cpu)?;
+    let mask = batch.attention_mask(&Device::Cpu)?;
+    assert_eq!(
+        ids.to_vec2::<u32>()?,
+        u32s(get(&fx, "input_ids")?)?.to_vec2::<u32>()?
+    );
+    assert_eq!(
+        mask.to_vec2::<u32>()?,
+        u32s(get(&fx, "attention_mask")?)?.to_vec2::<u32>()?
+    );
+    let model = MultilingualClip::load(repo("text_encoder"), DType::F32, &Device::Cpu)?;
+    let out = model.encode_text(&ids, Some(&mask))?;
+    assert_close(
+        "text_embeds from prompts",
+        &out.text_embeds,
+        get(&fx, "text_embeds")?,
+        1e-4,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn the_mask_matters_and_rows_are_independent() -> anyhow::Result<()> {
+    let fx = load_fixture("clip/mclip.safetensors")?;
+    let model = MultilingualClip::load(repo("text_encoder"), DType::F32, &Device::Cpu)?;
+    let ids = u32s(get(&fx, "input_ids")?)?;
+    let mask = u32s(get(&fx, "attention_mask")?)?;
+    // Attending to and averaging over the padding too gives other numbers: the comparison
+    // above would catch an ignored mask.
+    let ones = Tensor::ones(ids.dims(), DType::U32, &Device::Cpu)?;
+    let unmasked = model.forward(&ids, &ones)?;
+    let d = diff(&unmasked.text_embeds, get(&fx, "text_embeds")?)?;
+    assert!(d.max_abs > 1e-2, "an all-ones mask changed nothing: {d:?}");
+    // A row alone equals the row inside the padded batch.
+    let full = model.forward(&ids, &mask)?;
+    for i in 0..4 {
+        let one = model.forward(&ids.i(i..i + 1)?, &mask.i(i..i + 1)?)?;
+        let d = diff(&one.text_embeds, &full.text_embeds.i(i..i + 1)?)?;
+        assert!(d.max_abs < 1e-5, "row {i}: {d:?}");
+    }
+    // Only the first tokens (no padding): the shorter input must equal the padded one at
+    // the real positions, since padding is masked out in attention.
+    let n = mask.i(0)?.to_vec1::<u32>()?.iter().sum::<u32>() as usize;
+    let short = model.forward(&ids.i((0..1, 0..n))?, &mask.i((0..1, 0..n))?)?;
+    let d = diff(
+        &short.last_hidden_state,
+        &full.last_hidden_state.i((0..1, 0..n))?,
+    )?;
+    assert!(d.max_abs < 1e-5, "unpadded row differs: {d:?}");
+    let d = diff(&short.text_embeds, &full.text_embeds.i(0..1)?)?;
+    assert!(d.max_abs < 1e-5, "unpadded pooled row differs: {d:?}");
+    Ok(())
+}
+
+#[test]
+fn half_precision_is_close() -> anyhow::Result<()> {
+    let fx = load_fixture("clip/mclip.safetensors")?;
+    let ids = get(&fx, "input_ids")?;
+    let mask = get(&fx, "attention_mask")?;
+    for dtype in [DType::F16, DType::BF16] {
+        let model = MultilingualClip::load(repo("text_encoder"), dtype, &Device::Cpu)?;
+        let out = model.encode_text(ids, Some(mask))?;
+        assert_eq!(out.text_embeds.dtype(), dtype);
+        assert_eq!(out.last_hidden_state.dtype(), dtype);
+        // Half-precision activations: loose bounds, only to catch broken paths (NaN, overflow).
+        let (th, te) = if dtype == DType::F16 {
+            (2e-2, 2e-2)
+        } else {
+            (1.5e-1, 1.5e-1)
+        };
+        assert_close(
+            &format!("last_hidden_state {dtype:?}"),
+            &out.last_hidden_state,
+            get(&fx, "last_hidden_state")?,
+            th,
+        )?;
+        assert_close(
+            &format!("text_embeds {dtype:?}"),
+            &out.text_embeds,
+            get(&fx, "text_embeds")?,
+            te,
+        )?;
+    }
+    Ok(())
+}
