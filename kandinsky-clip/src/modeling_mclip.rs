@@ -168,6 +168,9 @@ impl XlmRobertaLayer {
     }
 }
 
+/// `[B][L]` host values (ids or mask).
+type Rows = Vec<Vec<u32>>;
+
 /// `XLMRobertaModel` without its pooler (see [`UNUSED_CHECKPOINT_KEYS`]).
 #[derive(Debug, Clone)]
 pub struct XlmRobertaModel {
@@ -198,11 +201,7 @@ impl XlmRobertaModel {
     }
 
     /// Host rows of `input_ids` and `attention_mask`, validated.
-    fn prepare(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-    ) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    fn prepare(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<(Rows, Rows)> {
         let ids = host_rows(input_ids, "input_ids")?;
         let mask = host_rows(attention_mask, "attention_mask")?;
         let (b, l) = (ids.len(), ids.first().map_or(0, |r| r.len()));
