@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Kandinsky 2.2 text-to-image on candle.
+/// Kandinsky 2.2 (and 2.1) text-to-image on candle.
 #[derive(Debug, Parser)]
 #[command(name = "kandinsky", version, about)]
 pub struct Cli {
@@ -33,11 +33,25 @@ pub enum Command {
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum SchedulerArg {
-    /// The scheduler the checkpoint names (DDPM for the 2.2 decoder).
+    /// The scheduler the checkpoint names (DDPM for the 2.2 decoder, DDIM for 2.1).
     Default,
     Ddpm,
     Ddim,
     DpmSolver,
+    /// Kandinsky 2.1's shipped `ddpm_scheduler` (learned-range variance, dynamic thresholding).
+    ShippedDdpm,
+}
+
+/// Which Kandinsky: picks the default hub repositories of every flow.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
+pub enum Generation {
+    /// Kandinsky 2.2 (CLIP ViT-bigG prior; image-conditioned decoder).
+    #[default]
+    #[value(name = "2.2")]
+    V22,
+    /// Kandinsky 2.1 (CLIP ViT-L prior; decoder also reads the prompt, in any language).
+    #[value(name = "2.1")]
+    V21,
 }
 
 /// Prior options and sources.
@@ -55,9 +69,13 @@ pub struct PriorArgs {
     /// Prior guidance scale.
     #[arg(long, default_value_t = 4.0)]
     pub prior_guidance: f64,
-    /// Prior source: a local diffusers folder or a hub repo id.
-    #[arg(long, default_value = "kandinsky-community/kandinsky-2-2-prior")]
-    pub prior: String,
+    /// Prior source: a local diffusers folder or a hub repo id (default: the prior repo of
+    /// --kandinsky).
+    #[arg(long)]
+    pub prior: Option<String>,
+    /// Model generation, for the default repositories: 2.2 or 2.1.
+    #[arg(long, value_enum, default_value_t = Generation::V22)]
+    pub kandinsky: Generation,
     /// Use these embeddings (safetensors with `image_embeds`, `negative_image_embeds`) instead of running the prior.
     #[arg(long)]
     pub image_embeds: Option<PathBuf>,

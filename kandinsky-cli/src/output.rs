@@ -21,7 +21,8 @@ pub fn numbered(out: &Path, index: usize, count: usize) -> PathBuf {
     out.with_file_name(format!("{stem}-{index}.{ext}"))
 }
 
-/// Write a PNG with `tEXt` chunks (keyword, text).
+/// Write a PNG with text chunks (keyword, text): `tEXt` when the text is Latin-1, else
+/// UTF-8 `iTXt` (a Russian or Chinese prompt cannot be stored in `tEXt`).
 pub fn write_png(path: &Path, img: &Rgb8, text: &[(String, String)]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -32,7 +33,11 @@ pub fn write_png(path: &Path, img: &Rgb8, text: &[(String, String)]) -> Result<(
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     for (k, v) in text {
-        enc.add_text_chunk(k.clone(), v.clone())?;
+        if v.chars().all(|c| (c as u32) < 256) {
+            enc.add_text_chunk(k.clone(), v.clone())?;
+        } else {
+            enc.add_itxt_chunk(k.clone(), v.clone())?;
+        }
     }
     let mut w = enc.write_header()?;
     w.write_image_data(&img.data)?;

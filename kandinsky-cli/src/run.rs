@@ -13,20 +13,51 @@ use kandinsky_pipeline::{
 };
 use kandinsky_schedulers::SchedulerKind;
 
-use crate::args::{Cli, Command, Common, PriorArgs, SchedulerArg};
+use crate::args::{Cli, Command, Common, Generation, PriorArgs, SchedulerArg};
 use crate::output::{numbered, write_png, Rgb8};
 use crate::progress::{spinner, Steps};
 
-const DECODER: &str = "kandinsky-community/kandinsky-2-2-decoder";
-const INPAINT: &str = "kandinsky-community/kandinsky-2-2-decoder-inpaint";
-const CONTROLNET: &str = "kandinsky-community/kandinsky-2-2-controlnet-depth";
+/// The decoder repository a flow uses by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DecoderRepo {
+    Decoder,
+    Inpaint,
+    Controlnet,
+}
+
+impl DecoderRepo {
+    fn default_source(self, generation: Generation) -> Result<&'static str> {
+        Ok(match (generation, self) {
+            (Generation::V22, Self::Decoder) => "kandinsky-community/kandinsky-2-2-decoder",
+            (Generation::V22, Self::Inpaint) => "kandinsky-community/kandinsky-2-2-decoder-inpaint",
+            (Generation::V22, Self::Controlnet) => {
+                "kandinsky-community/kandinsky-2-2-controlnet-depth"
+            }
+            (Generation::V21, Self::Decoder) => "kandinsky-community/kandinsky-2-1",
+            (Generation::V21, Self::Inpaint) => "kandinsky-community/kandinsky-2-1-inpaint",
+            (Generation::V21, Self::Controlnet) => {
+                bail!("ControlNet exists only for Kandinsky 2.2: drop --kandinsky 2.1")
+            }
+        })
+    }
+}
+
+fn prior_source(args: &PriorArgs) -> String {
+    args.prior.clone().unwrap_or_else(|| {
+        match args.kandinsky {
+            Generation::V22 => "kandinsky-community/kandinsky-2-2-prior",
+            Generation::V21 => "kandinsky-community/kandinsky-2-1-prior",
+        }
+        .to_string()
+    })
+}
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Text2img(a) => decode_flow(&a.common, DECODER, Flow::Text2Img),
+        Command::Text2img(a) => decode_flow(&a.common, DecoderRepo::Decoder, Flow::Text2Img),
         Command::Img2img(a) => decode_flow(
             &a.common,
-            DECODER,
+            DecoderRepo::Decoder,
             Flow::Img2Img {
                 image: a.image,
                 strength: a.strength,
@@ -34,7 +65,7 @@ pub fn run(cli: Cli) -> Result<()> {
         ),
         Command::Inpaint(a) => decode_flow(
             &a.common,
-            INPAINT,
+            DecoderRepo::Inpaint,
             Flow::Inpaint {
                 image: a.image,
                 mask: a.mask,
@@ -42,7 +73,7 @@ pub fn run(cli: Cli) -> Result<()> {
         ),
         Command::Controlnet(a) => decode_flow(
             &a.common,
-            CONTROLNET,
+            DecoderRepo::Controlnet,
             Flow::Controlnet {
                 hint: a.hint,
                 image: a.image,
@@ -78,7 +109,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if inputs.is_empty() {
                 bail!("nothing to mix: give --prompt/--mix-prompt with --text-weight and/or --mix-image with --image-weight");
             }
-            decode_flow(&a.common, DECODER, Flow::Mix(inputs))
+            decode_flow(&a.common, DecoderRepo::Decoder, Flow::Mix(inputs))
         }
         Command::Prior(a) => {
             let device = parse_device(&a.device)?;
@@ -204,7 +235,7 @@ fn load_prior(
     keep_image_encoder: bool,
 ) -> Result<PriorPipeline> {
     let pb = spinner("loading the prior");
-    let dir = resolve(&args.prior, &prior_files(keep_image_encoder))?;
+    let dir = resolve(&prior_source(args), &prior_files(keep_image_encoder))?;
     let placement = Placement {
         device: device.clone(),
         dtype,
@@ -280,23 +311,46 @@ fn run_prior(
     Ok(out)
 }
 
+/// The text a Kandinsky 2.1 decoder reads (2.2 decoders ignore it): --prompt, or for `mix`
+/// the first text mixed.
+fn decoder_prompt(c: &Common, flow: &Flow) -> Vec<String> {
+    let text = c.prior.prompt.clone().or_else(|| match flow {
+        Flow::Mix(items) => items.iter().find_map(|i| match i {
+            MixItem::Text(t, _) => Some(t.clone()),
+            MixItem::Image(..) => None,
+        }),
+        _ => None,
+    });
+    vec![text.unwrap_or_default()]
+}
+
 fn scheduler_choice(s: SchedulerArg) -> SchedulerChoice {
     match s {
         SchedulerArg::Default => SchedulerChoice::Default,
         SchedulerArg::Ddpm => SchedulerChoice::Kind(SchedulerKind::Ddpm),
         SchedulerArg::Ddim => SchedulerChoice::Kind(SchedulerKind::Ddim),
         SchedulerArg::DpmSolver => SchedulerChoice::Kind(SchedulerKind::DpmSolverMultistep),
+        SchedulerArg::ShippedDdpm => SchedulerChoice::Folder("ddpm_scheduler"),
     }
 }
 
-fn decoder_files() -> Vec<(String, bool)> {
+fn decoder_files(generation: Generation, scheduler: SchedulerArg) -> Vec<(String, bool)> {
     let mut f = component_files("unet", "UNet2DConditionModel");
     f.extend(component_files("movq", "VQModel"));
     f.extend(component_files("scheduler", "DDPMScheduler"));
+    if generation == Generation::V21 {
+        f.extend(component_files("text_encoder", "MultilingualCLIP"));
+        f.extend(component_files("tokenizer", "XLMRobertaTokenizerFast"));
+    }
+    if scheduler == SchedulerArg::ShippedDdpm {
+        f.extend(component_files("ddpm_scheduler", "DDPMScheduler"));
+    }
     f
 }
 
-fn decode_flow(c: &Common, default_decoder: &str, flow: Flow) -> Result<()> {
+fn decode_flow(c: &Common, repo: DecoderRepo, flow: Flow) -> Result<()> {
+    let generation = c.prior.kandinsky;
+    let default_decoder = repo.default_source(generation)?;
     let device = parse_device(&c.device)?;
     let dtype = parse_dtype(&c.dtype)?;
     if c.num_images == 0 {
@@ -326,7 +380,7 @@ fn decode_flow(c: &Common, default_decoder: &str, flow: Flow) -> Result<()> {
         .clone()
         .unwrap_or_else(|| default_decoder.to_string());
     let pb = spinner("loading the decoder");
-    let dir = resolve(&source, &decoder_files())?;
+    let dir = resolve(&source, &decoder_files(generation, c.scheduler))?;
     let placement = Placement {
         device: device.clone(),
         dtype,
@@ -356,6 +410,8 @@ fn decode_flow(c: &Common, default_decoder: &str, flow: Flow) -> Result<()> {
         num_images_per_prompt: c.num_images,
         seed: c.seed,
         noise,
+        prompt: decoder_prompt(c, &flow),
+        negative_prompt: c.prior.negative_prompt.clone().map(|n| vec![n]),
     };
     let mut cb = |ev: &kandinsky_pipeline::StepEvent<'_>| steps.on_step(ev);
     let mut hooks = Hooks {
@@ -439,7 +495,7 @@ fn decode_flow(c: &Common, default_decoder: &str, flow: Flow) -> Result<()> {
         ("size".to_string(), format!("{width}x{height}")),
         (
             "models".to_string(),
-            format!("prior={} decoder={source}", c.prior.prior),
+            format!("prior={} decoder={source}", prior_source(&c.prior)),
         ),
         (
             "software".to_string(),

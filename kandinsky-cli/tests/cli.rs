@@ -47,11 +47,16 @@ fn png_info(path: &Path) -> (u32, u32, Vec<(String, String)>) {
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
     let reader = dec.read_info().unwrap();
     let info = reader.info();
-    let text = info
+    let mut text: Vec<(String, String)> = info
         .uncompressed_latin1_text
         .iter()
         .map(|t| (t.keyword.clone(), t.text.clone()))
         .collect();
+    text.extend(
+        info.utf8_text
+            .iter()
+            .map(|t| (t.keyword.clone(), t.get_text().unwrap())),
+    );
     (info.width, info.height, text)
 }
 
@@ -335,4 +340,112 @@ fn every_scheduler_choice_runs_and_changes_the_image() {
     assert_eq!(outputs[0], outputs[1]);
     assert_ne!(outputs[1], outputs[2]);
     assert_ne!(outputs[2], outputs[3]);
+}
+
+fn text_of(path: &Path, key: &str) -> Option<String> {
+    png_info(path)
+        .2
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+#[test]
+fn kandinsky_2_1_flows_run_with_prompts_in_any_language() {
+    let d = scratch("v21");
+    let prior = tiny("kandinsky-2-1-prior");
+    let (dec, inp) = (tiny("kandinsky-2-1"), tiny("kandinsky-2-1-inpaint"));
+    // text2img, Russian prompt, through the 2.1 prior and decoder.
+    let a = d.join("ru.png").display().to_string();
+    let mut args = vec!["text2img", "--kandinsky", "2.1"];
+    args.extend(base(&prior, &dec, &a));
+    set(&mut args, "--prompt", "рыжий кот на диване");
+    ok(&kandinsky(&args));
+    let (w, h, _) = png_info(Path::new(&a));
+    assert_eq!((w, h), (64, 64));
+    // The prompt is stored as UTF-8 (iTXt): tEXt cannot hold Cyrillic.
+    assert_eq!(
+        text_of(Path::new(&a), "prompt").as_deref(),
+        Some("рыжий кот на диване")
+    );
+
+    // The 2.1 decoder reads the prompt itself: same embeddings and seed, another prompt
+    // (Chinese) gives another image, the same prompt the same bytes.
+    let emb = d.join("emb.safetensors").display().to_string();
+    ok(&kandinsky(&[
+        "prior",
+        "--kandinsky",
+        "2.1",
+        "--prior",
+        &prior,
+        "--prompt",
+        "a red cat",
+        "--prior-steps",
+        "2",
+        "--out",
+        &emb,
+    ]));
+    let mut images = Vec::new();
+    for (name, prompt) in [("zh", "一只红猫"), ("zh2", "一只红猫"), ("en", "a red cat")] {
+        let out = d.join(format!("{name}.png")).display().to_string();
+        let mut args = vec!["text2img", "--kandinsky", "2.1", "--image-embeds", &emb];
+        args.extend(base(&prior, &dec, &out));
+        set(&mut args, "--prompt", prompt);
+        ok(&kandinsky(&args));
+        images.push(pixels(Path::new(&out)));
+    }
+    assert_eq!(images[0], images[1]);
+    assert_ne!(images[0], images[2]);
+
+    // img2img, inpainting and 2.1's shipped DDPM scheduler.
+    let img = d.join("in.png");
+    write_png(&img, 64, 64, |x, y| [(x * 4) as u8, (y * 4) as u8, 128]);
+    let mask = d.join("mask.png");
+    write_png(&mask, 64, 64, |x, _| if x > 32 { [255; 3] } else { [0; 3] });
+    let (img_s, mask_s) = (img.display().to_string(), mask.display().to_string());
+    let cases: Vec<(&str, &str, Vec<&str>)> = vec![
+        (
+            "img2img",
+            dec.as_str(),
+            vec!["--image", &img_s, "--strength", "0.5"],
+        ),
+        (
+            "inpaint",
+            inp.as_str(),
+            vec!["--image", &img_s, "--mask", &mask_s],
+        ),
+        (
+            "text2img",
+            dec.as_str(),
+            vec!["--scheduler", "shipped-ddpm"],
+        ),
+    ];
+    for (i, (cmd, decoder, extra)) in cases.into_iter().enumerate() {
+        let out = d.join(format!("{cmd}-{i}.png")).display().to_string();
+        let mut args = vec![cmd, "--kandinsky", "2.1"];
+        args.extend(base(&prior, decoder, &out));
+        set(&mut args, "--prompt", "Ein roter Kater auf dem Sofa");
+        args.extend(extra);
+        ok(&kandinsky(&args));
+        assert_eq!(png_info(Path::new(&out)).0, 64, "{cmd}");
+    }
+
+    // ControlNet has no 2.1 checkpoint.
+    let out = d.join("cn.png").display().to_string();
+    fails_with(
+        &[
+            "controlnet",
+            "--kandinsky",
+            "2.1",
+            "--prompt",
+            "x",
+            "--prior",
+            &prior,
+            "--hint",
+            &img_s,
+            "--out",
+            &out,
+        ],
+        "only for Kandinsky 2.2",
+    );
 }

@@ -1,20 +1,37 @@
 //! The decoder flows: text2img, img2img, inpainting and ControlNet (diffusers'
-//! `KandinskyV22{,Img2Img,Inpaint,Controlnet,ControlnetImg2Img}Pipeline`).
+//! `KandinskyV22{,Img2Img,Inpaint,Controlnet,ControlnetImg2Img}Pipeline`), and Kandinsky
+//! 2.1's text2img, img2img and inpainting (`Kandinsky{,Img2Img,Inpaint}Pipeline`).
 
 use candle_core::{DType, Tensor};
 use kandinsky_core::noise::{NoiseSource, SeededNoise};
-use kandinsky_core::traits::{Denoiser, DenoiserCondition, LatentCodec, Scheduler};
+use kandinsky_core::traits::{Denoiser, DenoiserCondition, LatentCodec, Scheduler, TextEncoder};
 use kandinsky_core::{Error, Result};
+use kandinsky_schedulers::{add_noise_ddpm, torch_linspace_f32, NoiseTables};
 
 use crate::callback::{report, Callback, Hooks, Stage, StepEvent};
 use crate::guidance::{decoder_prediction, enabled, repeat_interleave};
+use crate::prior::PromptTokenizer;
+
+/// Kandinsky 2.1's text side of the decoder: its UNet also reads the prompt, encoded by the
+/// multilingual M-CLIP text encoder.
+#[derive(Clone, Copy)]
+pub struct DecoderText<'a> {
+    /// The XLM-Roberta tokenizer (77 tokens, padded, truncated).
+    pub tokenizer: &'a dyn PromptTokenizer,
+    /// The M-CLIP text encoder: hidden states `[B, 77, C]` + pooled projected `[B, E]`.
+    pub text_encoder: &'a dyn TextEncoder,
+}
 
 /// The networks of the decoder stage.
 pub struct DecoderModels<'a> {
-    /// The decoder UNet (2.2, inpainting or ControlNet variant).
+    /// The decoder UNet (2.2, inpainting or ControlNet variant; or a 2.1 UNet).
     pub unet: &'a dyn Denoiser,
     /// The MoVQ codec.
     pub movq: &'a dyn LatentCodec,
+    /// `Some` for a Kandinsky 2.1 decoder. The flows then follow diffusers' 2.1 pipelines:
+    /// the UNet is conditioned on [`DecoderOptions::prompt`] too, img2img noises the image
+    /// with 2.1's fixed schedule, and inpainting does not paste the known region back.
+    pub text: Option<DecoderText<'a>>,
 }
 
 /// Options shared by every decoder flow (diffusers' defaults).
@@ -35,6 +52,12 @@ pub struct DecoderOptions {
     /// Explicit initial Gaussian noise `[B, 4, h/8, w/8]`: text2img's starting latents, or
     /// the noise added to the encoded image (img2img, inpainting).
     pub noise: Option<Tensor>,
+    /// Kandinsky 2.1 only (its UNet reads the text; 2.2 decoders ignore it): one prompt, or
+    /// one per image embedding.
+    pub prompt: Vec<String>,
+    /// Kandinsky 2.1 only: the unconditional text under CFG (one, or one per prompt);
+    /// `None` = the empty prompt, as diffusers does.
+    pub negative_prompt: Option<Vec<String>>,
 }
 
 impl Default for DecoderOptions {
@@ -47,6 +70,8 @@ impl Default for DecoderOptions {
             num_images_per_prompt: 1,
             seed: 0,
             noise: None,
+            prompt: Vec::new(),
+            negative_prompt: None,
         }
     }
 }
@@ -112,12 +137,85 @@ fn stacked_embeds(
     Ok(t.to_device(unet.device())?.to_dtype(unet.dtype())?)
 }
 
+/// Kandinsky 2.1's text conditioning at the UNet's batch (`[negative; positive]` under CFG).
+struct TextCond {
+    text_embeds: Tensor,
+    hidden: Tensor,
+}
+
+/// One prompt list spread over `batch` image embeddings (1 → repeated, `batch` → as is).
+fn spread(prompts: &[String], batch: usize, what: &str) -> Result<Vec<String>> {
+    match prompts.len() {
+        1 => Ok(vec![prompts[0].clone(); batch]),
+        n if n == batch => Ok(prompts.to_vec()),
+        n => Err(Error::invalid(format!(
+            "{n} {what} for {batch} image embeddings: give one, or one per image embedding"
+        ))),
+    }
+}
+
+fn encode_text(
+    text: &DecoderText<'_>,
+    unet: &dyn Denoiser,
+    prompts: &[String],
+    n: usize,
+) -> Result<TextCond> {
+    let tokens = text.tokenizer.tokenize(prompts)?;
+    let dev = text.text_encoder.device();
+    let out = text.text_encoder.encode_text(
+        &tokens.ids.to_device(dev)?,
+        Some(&tokens.mask.to_device(dev)?),
+    )?;
+    let place = |t: &Tensor| -> Result<Tensor> {
+        repeat_interleave(&t.to_device(unet.device())?.to_dtype(unet.dtype())?, n)
+    };
+    Ok(TextCond {
+        text_embeds: place(&out.text_embeds)?,
+        hidden: place(&out.last_hidden_state)?,
+    })
+}
+
+/// Kandinsky 2.1: encode the prompts (and, under CFG, the negative prompts first), as
+/// diffusers' `KandinskyPipeline._encode_prompt` does. `None` for 2.2 decoders.
+fn text_conditioning(
+    models: &DecoderModels<'_>,
+    opts: &DecoderOptions,
+    batch: usize,
+    n: usize,
+    cfg: bool,
+) -> Result<Option<TextCond>> {
+    let Some(text) = &models.text else {
+        return Ok(None);
+    };
+    if opts.prompt.is_empty() {
+        return Err(Error::invalid(
+            "a Kandinsky 2.1 decoder is conditioned on text too: give the prompt (DecoderOptions::prompt)",
+        ));
+    }
+    let prompts = spread(&opts.prompt, batch, "prompts")?;
+    let cond = encode_text(text, models.unet, &prompts, n)?;
+    if !cfg {
+        return Ok(Some(cond));
+    }
+    let negative = match &opts.negative_prompt {
+        Some(neg) if !neg.is_empty() => spread(neg, batch, "negative prompts")?,
+        _ => vec![String::new(); batch],
+    };
+    let un = encode_text(text, models.unet, &negative, n)?;
+    Ok(Some(TextCond {
+        text_embeds: Tensor::cat(&[&un.text_embeds, &cond.text_embeds], 0)?,
+        hidden: Tensor::cat(&[&un.hidden, &cond.hidden], 0)?,
+    }))
+}
+
 /// Per-flow extras of the denoising loop.
 struct LoopInputs<'a> {
     /// Inpainting: `(masked image latents, keep-mask)` at batch `B` (doubled for CFG inside).
     inpaint: Option<InpaintState<'a>>,
     /// ControlNet hint at batch `B`.
     hint: Option<Tensor>,
+    /// Kandinsky 2.1's text conditioning.
+    text: Option<TextCond>,
 }
 
 struct InpaintState<'a> {
@@ -125,6 +223,8 @@ struct InpaintState<'a> {
     mask: &'a Tensor,
     masked: &'a Tensor,
     noise: &'a Tensor,
+    /// 2.2 re-noises the known region and pastes it back after every step; 2.1 does not.
+    paste: bool,
 }
 
 fn dup(x: &Tensor, cfg: bool) -> Result<Tensor> {
@@ -154,7 +254,8 @@ fn denoise(
     let cond = DenoiserCondition {
         image_embeds: Some(embeds.clone()),
         hint: inputs.hint.as_ref().map(|h| dup(h, cfg)).transpose()?,
-        ..Default::default()
+        text_embeds: inputs.text.as_ref().map(|t| t.text_embeds.clone()),
+        text_hidden_states: inputs.text.as_ref().map(|t| t.hidden.clone()),
     };
     let extra = match &inputs.inpaint {
         Some(st) => Some((dup(st.masked, cfg)?, dup(st.mask, cfg)?)),
@@ -172,7 +273,7 @@ fn denoise(
         let pred = models.unet.predict(&model_in, &ts, &cond)?;
         let pred = decoder_prediction(&pred, channels, cfg.then_some(guidance), keep_variance)?;
         latents = scheduler.step(&pred.to_dtype(latents.dtype())?, i, &latents, noise)?;
-        if let Some(st) = &inputs.inpaint {
+        if let Some(st) = inputs.inpaint.as_ref().filter(|st| st.paste) {
             // Re-noise the known region to the next level and paste it back (diffusers does
             // this with element 0 only; here every batch element keeps its own image).
             let proper = if i + 1 < timesteps.len() {
@@ -193,7 +294,7 @@ fn denoise(
             },
         )?;
     }
-    if let Some(st) = &inputs.inpaint {
+    if let Some(st) = inputs.inpaint.as_ref().filter(|st| st.paste) {
         latents = blend(st.mask, st.image_latents, &latents)?;
     }
     Ok(latents)
@@ -263,6 +364,7 @@ pub fn text2img(
     let inputs = LoopInputs {
         inpaint: None,
         hint,
+        text: text_conditioning(models, opts, batch / n, n, cfg)?,
     };
     denoise(
         models,
@@ -373,10 +475,15 @@ pub fn img2img(
         None => &mut seeded,
     };
     let eps = initial_noise(opts, init.dims(), models.unet, noise)?;
-    let latents = scheduler.add_noise(&init, &eps, start)?;
+    let latents = if models.text.is_some() {
+        kandinsky21_img2img_noise(scheduler, &init, &eps, strength)?
+    } else {
+        scheduler.add_noise(&init, &eps, start)?
+    };
     let inputs = LoopInputs {
         inpaint: None,
         hint,
+        text: text_conditioning(models, opts, batch / n, n, cfg)?,
     };
     denoise(
         models,
@@ -389,6 +496,22 @@ pub fn img2img(
         noise,
         &mut hooks.callback,
     )
+}
+
+/// Kandinsky 2.1's img2img noising (`KandinskyImg2ImgPipeline.add_noise`, from the original
+/// repository): whatever the scheduler, the encoded image is noised with the fixed schedule
+/// β = linspace(0.0001, 0.02, 1000) at `t = int(T·strength) − 2`. diffusers indexes its table
+/// with a negative `t` for strength < 0.002 (wrapping to almost pure noise); here `t` stops at 0.
+fn kandinsky21_img2img_noise(
+    scheduler: &dyn Scheduler,
+    init: &Tensor,
+    eps: &Tensor,
+    strength: f64,
+) -> Result<Tensor> {
+    let t = ((scheduler.num_train_timesteps() as f64 * strength) as i64 - 2).max(0);
+    let tables = NoiseTables::from_betas(torch_linspace_f32(0.0001, 0.02, 1000));
+    let init = (init * scheduler.init_noise_sigma())?;
+    add_noise_ddpm(&tables, &init, eps, t)
 }
 
 /// The inpainting keep-mask in latent space, from a user mask `[N, 1, H, W]` in [0, 1]
@@ -455,8 +578,10 @@ pub fn latent_keep_mask(mask: &Tensor, lh: usize, lw: usize) -> Result<Tensor> {
 /// Inpainting: repaint where the mask is white, keep the rest of `image`.
 ///
 /// `image` `[N, 3, H, W]` in [-1, 1], `mask` `[N, 1, H, W]` in [0, 1] (1 = repaint), N = 1 or
-/// one per image embedding. Unlike diffusers, every batch element is blended with its own
-/// image and mask.
+/// one per image embedding. With a 2.2 UNet the known region is re-noised and pasted back
+/// after every step and at the end; unlike diffusers, every batch element is blended with its
+/// own image and mask. A 2.1 decoder relies on the 9-channel input alone, as diffusers'
+/// `KandinskyInpaintPipeline` does.
 #[allow(clippy::too_many_arguments)]
 pub fn inpaint(
     models: &DecoderModels<'_>,
@@ -478,7 +603,7 @@ pub fn inpaint(
     }
     if models.unet.sample_channels() != 9 {
         return Err(Error::invalid(format!(
-            "inpainting needs the 9-channel inpainting UNet (kandinsky-2-2-decoder-inpaint); this UNet takes {} channels",
+            "inpainting needs a 9-channel inpainting UNet (kandinsky-2-2-decoder-inpaint, kandinsky-2-1-inpaint); this UNet takes {} channels",
             models.unet.sample_channels()
         )));
     }
@@ -515,8 +640,10 @@ pub fn inpaint(
             mask: &keep,
             masked: &masked,
             noise: &eps,
+            paste: models.text.is_none(),
         }),
         hint: None,
+        text: text_conditioning(models, opts, batch / n, n, cfg)?,
     };
     denoise(
         models,

@@ -22,6 +22,12 @@ pub fn component_files(component: &str, class: &str) -> Vec<(String, bool)> {
             vec![f("scheduler_config.json", true)]
         }
         "CLIPImageProcessor" => vec![f("preprocessor_config.json", true)],
+        "XLMRobertaTokenizerFast" | "XLMRobertaTokenizer" => vec![
+            f("tokenizer.json", true),
+            f("tokenizer_config.json", false),
+            f("special_tokens_map.json", false),
+        ],
+        "MultilingualCLIP" => vec![f("config.json", true), f("model.safetensors", true)],
         "CLIPTextModelWithProjection" | "CLIPVisionModelWithProjection" => {
             vec![f("config.json", true), f("model.safetensors", true)]
         }

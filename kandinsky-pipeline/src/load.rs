@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use image::DynamicImage;
 use kandinsky_clip::{
     ClipImageProcessor, ClipTextModelWithProjection, ClipTokenizer, ClipVisionModelWithProjection,
+    MultilingualClip, XlmRobertaTokenizer,
 };
 use kandinsky_core::loading::ModelIndex;
 use kandinsky_core::traits::LatentCodec;
@@ -17,7 +18,7 @@ use kandinsky_schedulers::{AnyScheduler, SchedulerConfig, SchedulerKind};
 use kandinsky_unet::UNet2DConditionModel;
 
 use crate::callback::Hooks;
-use crate::decoder::{self, DecoderModels, DecoderOptions};
+use crate::decoder::{self, DecoderModels, DecoderOptions, DecoderText};
 use crate::prior::{
     self, FusionInput, FusionOptions, ImageEmbeds, PriorModels, PriorOptions, PromptTokenizer,
     Tokens,
@@ -43,6 +44,16 @@ impl Placement {
 }
 
 impl PromptTokenizer for ClipTokenizer {
+    fn tokenize(&self, prompts: &[String]) -> Result<Tokens> {
+        let batch = self.encode_batch(prompts)?;
+        Ok(Tokens {
+            ids: batch.input_ids(&Device::Cpu)?,
+            mask: batch.attention_mask(&Device::Cpu)?,
+        })
+    }
+}
+
+impl PromptTokenizer for XlmRobertaTokenizer {
     fn tokenize(&self, prompts: &[String]) -> Result<Tokens> {
         let batch = self.encode_batch(prompts)?;
         Ok(Tokens {
@@ -78,7 +89,19 @@ pub enum ImageEncoderUse {
     },
 }
 
-/// The prior stage of `kandinsky-2-2-prior` (`KandinskyV22PriorPipeline`).
+/// Where each network of a prior folder goes.
+#[derive(Debug, Clone)]
+pub struct PriorPlacements {
+    /// The CLIP text tower.
+    pub text_encoder: Placement,
+    /// The diffusion prior.
+    pub prior: Placement,
+    /// The CLIP vision tower (the largest network of the 2.2 prior folder: 1.8B parameters).
+    pub image_encoder: Placement,
+}
+
+/// The prior stage of `kandinsky-2-2-prior` (`KandinskyV22PriorPipeline`) or
+/// `kandinsky-2-1-prior` (`KandinskyPriorPipeline`).
 pub struct PriorPipeline {
     /// CLIP tokenizer.
     pub tokenizer: ClipTokenizer,
@@ -97,13 +120,29 @@ pub struct PriorPipeline {
 }
 
 impl PriorPipeline {
-    /// Load from a `kandinsky-2-2-prior` folder; text encoder and prior each on their placement.
+    /// Load from a prior folder; the text encoder and the prior each on their placement, the
+    /// image encoder beside the text encoder.
     pub fn load(
         dir: &Path,
         text: &Placement,
         prior: &Placement,
         image_encoder: ImageEncoderUse,
     ) -> Result<Self> {
+        let places = PriorPlacements {
+            text_encoder: text.clone(),
+            prior: prior.clone(),
+            image_encoder: text.clone(),
+        };
+        Self::load_with(dir, &places, image_encoder)
+    }
+
+    /// Load from a prior folder with every network on its own placement.
+    pub fn load_with(
+        dir: &Path,
+        places: &PriorPlacements,
+        image_encoder: ImageEncoderUse,
+    ) -> Result<Self> {
+        let (text, prior, vision) = (&places.text_encoder, &places.prior, &places.image_encoder);
         let index = ModelIndex::read(dir)?;
         expect_class(
             &index,
@@ -119,8 +158,8 @@ impl PriorPipeline {
             ImageEncoderUse::Load => {
                 let enc = ClipVisionModelWithProjection::load(
                     dir.join("image_encoder"),
-                    text.dtype,
-                    &text.device,
+                    vision.dtype,
+                    &vision.device,
                 )?;
                 let proc_ = ClipImageProcessor::from_dir(dir.join("image_processor"))?;
                 let zero = kandinsky_prior::zero_image_embedding(&enc)?;
@@ -143,8 +182,8 @@ impl PriorPipeline {
                     None => {
                         let enc = ClipVisionModelWithProjection::load(
                             dir.join("image_encoder"),
-                            text.dtype,
-                            &text.device,
+                            vision.dtype,
+                            &vision.device,
                         )?;
                         let z = ZeroImageEmbedding::compute(&enc, source)?;
                         if let Some(path) = &cache {
@@ -204,11 +243,11 @@ impl PriorPipeline {
                 "image inputs need the image encoder: load the prior with ImageEncoderUse::Load",
             )
         })?;
-        p.preprocess(image, &self.text_encoder_device())
-    }
-
-    fn text_encoder_device(&self) -> Device {
-        kandinsky_core::traits::TextEncoder::device(&self.text_encoder).clone()
+        let device = match &self.image_encoder {
+            Some(enc) => kandinsky_core::traits::ImageEncoder::device(enc).clone(),
+            None => kandinsky_core::traits::TextEncoder::device(&self.text_encoder).clone(),
+        };
+        p.preprocess(image, &device)
     }
 
     /// Fusion of texts and images with weights (diffusers' `interpolate`).
@@ -288,9 +327,48 @@ pub enum SchedulerChoice {
     Default,
     /// Another class built from the same config (diffusers' `from_config`).
     Kind(SchedulerKind),
+    /// The scheduler of another folder of the checkpoint, e.g. `ddpm_scheduler` (Kandinsky
+    /// 2.1 ships a DDPM with learned-range variance and dynamic thresholding there).
+    Folder(&'static str),
 }
 
-/// The decoder stage: `kandinsky-2-2-decoder`, `-decoder-inpaint` or `-controlnet-depth`.
+/// Where each network of a decoder folder goes.
+#[derive(Debug, Clone)]
+pub struct DecoderPlacements {
+    /// The UNet.
+    pub unet: Placement,
+    /// The MoVQ codec.
+    pub movq: Placement,
+    /// Kandinsky 2.1's M-CLIP text encoder (unused by 2.2 decoders).
+    pub text_encoder: Placement,
+}
+
+/// Kandinsky 2.1's decoder text side: the XLM-Roberta tokenizer and the M-CLIP encoder.
+pub struct DecoderTextEncoder {
+    /// `tokenizer/` (XLM-Roberta SentencePiece).
+    pub tokenizer: XlmRobertaTokenizer,
+    /// `text_encoder/` (`MultilingualCLIP`).
+    pub text_encoder: MultilingualClip,
+}
+
+const DECODER_CLASSES_22: &[&str] = &[
+    "KandinskyV22Pipeline",
+    "KandinskyV22Img2ImgPipeline",
+    "KandinskyV22InpaintPipeline",
+    "KandinskyV22ControlnetPipeline",
+    "KandinskyV22ControlnetImg2ImgPipeline",
+    "KandinskyV22CombinedPipeline",
+];
+
+const DECODER_CLASSES_21: &[&str] = &[
+    "KandinskyPipeline",
+    "KandinskyImg2ImgPipeline",
+    "KandinskyInpaintPipeline",
+    "KandinskyCombinedPipeline",
+];
+
+/// The decoder stage: `kandinsky-2-2-decoder`, `-decoder-inpaint`, `-controlnet-depth`, or
+/// Kandinsky 2.1's `kandinsky-2-1` / `kandinsky-2-1-inpaint` (which add a text encoder).
 pub struct DecoderPipeline {
     /// The UNet.
     pub unet: UNet2DConditionModel,
@@ -300,40 +378,71 @@ pub struct DecoderPipeline {
     pub scheduler: AnyScheduler,
     /// `model_index.json`'s `_class_name`.
     pub class_name: String,
+    /// Kandinsky 2.1 only: the text side of the decoder.
+    pub text: Option<DecoderTextEncoder>,
 }
 
 impl DecoderPipeline {
-    /// Load a decoder folder; UNet and MoVQ each on their placement.
+    /// Load a decoder folder; UNet and MoVQ each on their placement (a 2.1 text encoder goes
+    /// beside the UNet).
     pub fn load(
         dir: &Path,
         unet: &Placement,
         movq: &Placement,
         scheduler: SchedulerChoice,
     ) -> Result<Self> {
+        let places = DecoderPlacements {
+            unet: unet.clone(),
+            movq: movq.clone(),
+            text_encoder: unet.clone(),
+        };
+        Self::load_with(dir, &places, scheduler)
+    }
+
+    /// Load a decoder folder with every network on its own placement.
+    pub fn load_with(
+        dir: &Path,
+        places: &DecoderPlacements,
+        scheduler: SchedulerChoice,
+    ) -> Result<Self> {
         let index = ModelIndex::read(dir)?;
-        expect_class(
-            &index,
-            dir,
-            &[
-                "KandinskyV22Pipeline",
-                "KandinskyV22Img2ImgPipeline",
-                "KandinskyV22InpaintPipeline",
-                "KandinskyV22ControlnetPipeline",
-                "KandinskyV22ControlnetImg2ImgPipeline",
-                "KandinskyV22CombinedPipeline",
-            ],
-        )?;
+        let all: Vec<&str> = DECODER_CLASSES_22
+            .iter()
+            .chain(DECODER_CLASSES_21)
+            .copied()
+            .collect();
+        expect_class(&index, dir, &all)?;
+        let is_21 = DECODER_CLASSES_21.contains(&index.class_name.as_str());
         let cfg = SchedulerConfig::from_file(dir.join("scheduler/scheduler_config.json"))?;
         let scheduler = match scheduler {
             SchedulerChoice::Default => AnyScheduler::from_config(&cfg)?,
             SchedulerChoice::Kind(k) => AnyScheduler::from_config_as(&cfg, k)?,
+            SchedulerChoice::Folder(name) => {
+                AnyScheduler::from_file(dir.join(name).join("scheduler_config.json"))?
+            }
         };
+        let text = if is_21 {
+            let t = &places.text_encoder;
+            Some(DecoderTextEncoder {
+                tokenizer: XlmRobertaTokenizer::from_dir(dir.join("tokenizer"))?,
+                text_encoder: MultilingualClip::load(dir.join("text_encoder"), t.dtype, &t.device)?,
+            })
+        } else {
+            None
+        };
+        let (unet, movq) = (&places.unet, &places.movq);
         Ok(Self {
             unet: UNet2DConditionModel::from_dir(dir.join("unet"), unet.dtype, &unet.device)?,
             movq: VQModel::load(dir.join("movq"), movq.dtype, &movq.device)?,
             scheduler,
             class_name: index.class_name,
+            text,
         })
+    }
+
+    /// True for a Kandinsky 2.1 decoder (its UNet reads the prompt too).
+    pub fn is_kandinsky_2_1(&self) -> bool {
+        self.text.is_some()
     }
 
     /// text2img (with `hint`: ControlNet) → images in [-1, 1].
@@ -344,12 +453,8 @@ impl DecoderPipeline {
         hint: Option<&Tensor>,
         hooks: &mut Hooks<'_>,
     ) -> Result<Tensor> {
-        let models = DecoderModels {
-            unet: &self.unet,
-            movq: &self.movq,
-        };
         let latents = decoder::text2img(
-            &models,
+            &decoder_models(&self.unet, &self.movq, self.text.as_ref()),
             &mut self.scheduler,
             &embeds.image_embeds,
             &embeds.negative_image_embeds,
@@ -370,12 +475,8 @@ impl DecoderPipeline {
         hint: Option<&Tensor>,
         hooks: &mut Hooks<'_>,
     ) -> Result<Tensor> {
-        let models = DecoderModels {
-            unet: &self.unet,
-            movq: &self.movq,
-        };
         let latents = decoder::img2img(
-            &models,
+            &decoder_models(&self.unet, &self.movq, self.text.as_ref()),
             &mut self.scheduler,
             &embeds.image_embeds,
             &embeds.negative_image_embeds,
@@ -397,12 +498,8 @@ impl DecoderPipeline {
         opts: &DecoderOptions,
         hooks: &mut Hooks<'_>,
     ) -> Result<Tensor> {
-        let models = DecoderModels {
-            unet: &self.unet,
-            movq: &self.movq,
-        };
         let latents = decoder::inpaint(
-            &models,
+            &decoder_models(&self.unet, &self.movq, self.text.as_ref()),
             &mut self.scheduler,
             &embeds.image_embeds,
             &embeds.negative_image_embeds,
@@ -417,5 +514,22 @@ impl DecoderPipeline {
     /// The MoVQ codec as the shared trait.
     pub fn codec(&self) -> &dyn LatentCodec {
         &self.movq
+    }
+}
+
+/// The flows' view of a loaded decoder (split borrows: the scheduler is borrowed mutably
+/// beside it).
+fn decoder_models<'a>(
+    unet: &'a UNet2DConditionModel,
+    movq: &'a VQModel,
+    text: Option<&'a DecoderTextEncoder>,
+) -> DecoderModels<'a> {
+    DecoderModels {
+        unet,
+        movq,
+        text: text.map(|t| DecoderText {
+            tokenizer: &t.tokenizer,
+            text_encoder: &t.text_encoder,
+        }),
     }
 }

@@ -259,6 +259,7 @@ fn inpaint_matches_diffusers() -> anyhow::Result<()> {
     let models = kandinsky_pipeline::DecoderModels {
         unet: &d.unet,
         movq: &d.movq,
+        text: None,
     };
     let latents = kandinsky_pipeline::decoder::inpaint(
         &models,
