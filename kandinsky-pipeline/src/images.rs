@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use image::{DynamicImage, RgbImage};
-use kandinsky_clip::pil_resample::resize_bicubic;
+use image::{DynamicImage, GrayAlphaImage, GrayImage, ImageBuffer, Pixel, RgbImage, RgbaImage};
+use kandinsky_clip::pil_resample::{self, resize_bicubic, Filter};
 use kandinsky_core::{Error, Result};
 use kandinsky_movq::image_processor::{rgb8_to_tensor, tensor_to_rgb8, Rgb8Image};
 
@@ -41,24 +41,76 @@ pub fn image_tensor(
     rgb8_to_tensor(&[px], DType::F32, device)
 }
 
-/// An inpainting mask `[1, 1, H, W]` in [0, 1] (white = repaint), from its luminance.
+/// An inpainting mask `[1, 1, H, W]` in [0, 1] (white = repaint): [`mask_luma`] / 255, as
+/// diffusers' `prepare_mask_and_masked_image` before it binarises at 0.5.
 pub fn mask_tensor(
     img: &DynamicImage,
     width: usize,
     height: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let rgb = rgb_at(img, width, height);
-    // PIL "L": (299 R + 587 G + 114 B) / 1000, rounded.
-    let l: Vec<f32> = rgb
-        .pixels()
-        .map(|p| {
-            let [r, g, b] = p.0;
-            let v = (r as u32 * 299 + g as u32 * 587 + b as u32 * 114 + 500) / 1000;
-            v as f32 / 255.0
-        })
-        .collect();
-    Ok(Tensor::from_vec(l, (1, 1, height, width), device)?)
+    let l = mask_luma(img, width, height)?;
+    let data: Vec<f32> = l.into_raw().into_iter().map(|v| v as f32 / 255.0).collect();
+    Ok(Tensor::from_vec(data, (1, 1, height, width), device)?)
+}
+
+/// The mask as diffusers' Kandinsky inpaint pipelines see it, bit-exact with Pillow 13:
+/// `mask.resize((width, height), resample=LANCZOS).convert("L")`.
+///
+/// The mask is resized in its own mode, only when its size differs: `L` and `RGB` directly,
+/// `LA` and `RGBA` premultiplied by alpha (as `Image.resize` does), then converted to `L` with
+/// Pillow's integer luma (alpha ignored). What the decoder hands over decides the mode: the
+/// `image` crate yields `L`, `LA`, `RGB` or `RGBA` for 8-bit PNG/JPEG/WebP masks, as Pillow
+/// does, except for palette, 1-bit and `tRNS` PNGs, which it expands to `RGB(A)`/`L(A)` where
+/// Pillow keeps `P`/`1` (resized nearest-neighbour) or ignores the transparency. 16-bit
+/// `RGB(A)`/`LA` keep their high byte, as Pillow's PNG decoder does (its 16-bit `LA` opens as
+/// a grey `RGBA`, which gives the same `L`); 16-bit grey (Pillow's `I;16`, resampled in 16
+/// bits and clipped to 255 by `convert("L")`) and float images are reduced to 8-bit
+/// `L`/`RGB(A)` by the `image` crate first, an approximation.
+pub fn mask_luma(img: &DynamicImage, width: usize, height: usize) -> Result<GrayImage> {
+    let too_big = |d: usize| {
+        u32::try_from(d).map_err(|_| Error::invalid(format!("mask size {d} is too large")))
+    };
+    let (w, h) = (too_big(width)?, too_big(height)?);
+    // `Image.resize` returns a copy when the size is unchanged; the wrappers do too.
+    let l = match img {
+        DynamicImage::ImageLuma8(m) => pil_resample::resize_luma(m, w, h, Filter::Lanczos),
+        DynamicImage::ImageLumaA8(m) => luma_alpha_l(m, w, h),
+        DynamicImage::ImageRgb8(m) => rgb_l(m, w, h),
+        DynamicImage::ImageRgba8(m) => rgba_l(m, w, h),
+        DynamicImage::ImageLumaA16(m) => luma_alpha_l(&high_byte(m), w, h),
+        DynamicImage::ImageRgb16(m) => rgb_l(&high_byte(m), w, h),
+        DynamicImage::ImageRgba16(m) => rgba_l(&high_byte(m), w, h),
+        DynamicImage::ImageLuma16(_) => {
+            pil_resample::resize_luma(&img.to_luma8(), w, h, Filter::Lanczos)
+        }
+        other if other.color().has_alpha() => rgba_l(&other.to_rgba8(), w, h),
+        other => rgb_l(&other.to_rgb8(), w, h),
+    };
+    Ok(l)
+}
+
+fn luma_alpha_l(m: &GrayAlphaImage, w: u32, h: u32) -> GrayImage {
+    pil_resample::luma_alpha_to_l(&pil_resample::resize_luma_alpha(m, w, h, Filter::Lanczos))
+}
+
+fn rgb_l(m: &RgbImage, w: u32, h: u32) -> GrayImage {
+    pil_resample::rgb_to_l(&pil_resample::resize_rgb(m, w, h, Filter::Lanczos))
+}
+
+fn rgba_l(m: &RgbaImage, w: u32, h: u32) -> GrayImage {
+    pil_resample::rgba_to_l(&pil_resample::resize_rgba(m, w, h, Filter::Lanczos))
+}
+
+/// 16 → 8 bits by the high byte, as Pillow unpacks 16-bit PNG `RGB`/`RGBA`/`LA` (`;16B`).
+fn high_byte<P, Q>(m: &ImageBuffer<P, Vec<u16>>) -> ImageBuffer<Q, Vec<u8>>
+where
+    P: Pixel<Subpixel = u16>,
+    Q: Pixel<Subpixel = u8>,
+{
+    let raw = m.as_raw().iter().map(|&v| (v >> 8) as u8).collect();
+    ImageBuffer::from_raw(m.width(), m.height(), raw)
+        .unwrap_or_else(|| ImageBuffer::new(m.width(), m.height()))
 }
 
 /// A ControlNet hint `[1, 3, H, W]` in [0, 1].
