@@ -383,7 +383,8 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
         "`cargo xtask bench-compare{}` — each workload in its own process, kandinsky-rs \
          (`benches/src/bin/cpu_compare.rs`) and diffusers/PyTorch \
          (`xtask/bench/diffusers_bench.py --cpu-workload`) alternately, random weights at the \
-         real configs, {} warm-up + {} timed repetitions, median shown.",
+         real configs, {} warm-up + {} timed repetitions: median (and minimum, the better estimate \
+         when other work shares the machine).",
         if args.is_empty() {
             String::new()
         } else {
@@ -423,7 +424,11 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
     let mut errors = Vec::new();
     for (w, rs, pt) in &rows {
         let ratio = match (rs, pt) {
-            (Ok(r), Ok(p)) => format!("{:.2}", r.median_ms / p.median_ms),
+            (Ok(r), Ok(p)) => format!(
+                "{:.2} (min {:.2})",
+                r.median_ms / p.median_ms,
+                r.min_ms / p.min_ms
+            ),
             _ => "—".into(),
         };
         let above = match (rs, pt) {

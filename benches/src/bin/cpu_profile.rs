@@ -1,0 +1,356 @@
+//! Where the CPU time of a `cpu_compare` workload goes: times the pieces of one workload
+//! separately (f32, random weights, the thread count of `RAYON_NUM_THREADS`), and candidate
+//! rewrites of the slow pieces built from candle ops, so a proposed change to a model crate
+//! can be measured before it is made.
+//!
+//! `cpu_profile attention [--level 32] [--reps 3]`: the attention entry point's steps
+//! (segment concatenation, kᵀ copy, q·kᵀ, scale, softmax, p·v) and variants of the whole.
+//! `cpu_profile movq [--reps 3]`: the MoVQ decoder's pieces at their 256 px shapes (batch 1):
+//! a `ResnetBlockCondNorm2D`, its SpatialNorm+SiLU, its banded 3×3 convolution, candle's own
+//! convolution at the same shape, the fused upsample convolution.
+//! `cpu_profile unet [--reps 3]`: the decoder UNet's pieces at their 256 px shapes (batch 2):
+//! a ResNet block per level, its GroupNorm+SiLU and candle convolution, the banded im2col
+//! convolution of kandinsky-movq at the same shape, an attention block per level.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use kandinsky_core::attention::{attention, plain, KvSegment};
+
+fn time<T>(reps: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    f()?;
+    let mut ms = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    Ok(ms[ms.len() / 2])
+}
+
+fn row(what: &str, ms: f64) {
+    println!("{what:<72} {ms:>9.1} ms");
+}
+
+fn arg(args: &[String], flag: &str, default: usize) -> usize {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// softmax(q·kᵀ·scale)·v with the scale folded into q (a `[Lq, D]` pass instead of an
+/// `[Lq, Lk]` one) and the queries in chunks of `rows` per batch·head.
+fn chunked_prescaled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    rows: usize,
+) -> candle_core::Result<Tensor> {
+    let (_, _, lq, _) = q.dims4()?;
+    let q = (q * scale)?;
+    let kt = k.transpose(2, 3)?.contiguous()?;
+    let v = v.contiguous()?;
+    let mut outs = Vec::new();
+    let mut s = 0;
+    while s < lq {
+        let n = rows.min(lq - s);
+        let qc = q.narrow(2, s, n)?.contiguous()?;
+        let p = candle_nn::ops::softmax_last_dim(&qc.matmul(&kt)?)?;
+        outs.push(p.matmul(&v)?);
+        s += n;
+    }
+    Tensor::cat(&outs, 2)
+}
+
+fn attention_profile(args: &[String]) -> Result<()> {
+    let reps = arg(args, "--reps", 3);
+    let level = arg(args, "--level", 32);
+    let dev = Device::Cpu;
+    let (b, h, n, d) = (2, 12, level * level, 64);
+    let scale = 0.125;
+    println!(
+        "attention b{b} h{h} q{n} k32+{n} d{d}, {} threads",
+        candle_core::utils::get_num_threads()
+    );
+    let q = Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?;
+    let ki = Tensor::randn(0f32, 1.0, (b, h, 32, d), &dev)?;
+    let vi = Tensor::randn(0f32, 1.0, (b, h, 32, d), &dev)?;
+    let ks = Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?;
+    let vs = Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?;
+    let segs = [KvSegment { k: &ki, v: &vi }, KvSegment { k: &ks, v: &vs }];
+    row(
+        "entry point `attention` (as cpu_compare)",
+        time(reps, || Ok(attention(&q, &segs, None, scale)?))?,
+    );
+    let k = Tensor::cat(&[&ki, &ks], 2)?;
+    let v = Tensor::cat(&[&vi, &vs], 2)?;
+    row(
+        "  cat segments (k and v)",
+        time(reps, || {
+            Ok((Tensor::cat(&[&ki, &ks], 2)?, Tensor::cat(&[&vi, &vs], 2)?))
+        })?,
+    );
+    row(
+        "  `plain` on concatenated k, v",
+        time(reps, || Ok(plain(&q, &k, &v, None, scale)?))?,
+    );
+    let kt = k.transpose(2, 3)?.contiguous()?;
+    row(
+        "    kᵀ contiguous copy",
+        time(reps, || Ok(k.transpose(2, 3)?.contiguous()?))?,
+    );
+    row("    q·kᵀ (matmul)", time(reps, || Ok(q.matmul(&kt)?))?);
+    let scores = q.matmul(&kt)?;
+    row("    scores × scale", time(reps, || Ok((&scores * scale)?))?);
+    row(
+        "    softmax_last_dim",
+        time(reps, || Ok(candle_nn::ops::softmax_last_dim(&scores)?))?,
+    );
+    let p = candle_nn::ops::softmax_last_dim(&scores)?;
+    row("    p·v (matmul)", time(reps, || Ok(p.matmul(&v)?))?);
+    row("    q × scale (instead)", time(reps, || Ok((&q * scale)?))?);
+    let reference = plain(&q, &k, &v, None, scale)?;
+    for rows in [n, 1024, 256, 64] {
+        if rows > n {
+            continue;
+        }
+        let out = chunked_prescaled(&q, &k, &v, scale, rows)?;
+        let err = (out - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        row(
+            &format!("variant: scale folded into q, {rows} query rows per chunk (err {err:.1e})"),
+            time(reps, || Ok(chunked_prescaled(&q, &k, &v, scale, rows)?))?,
+        );
+    }
+    Ok(())
+}
+
+fn movq_profile(args: &[String]) -> Result<()> {
+    use candle_core::DType;
+    use kandinsky_core::nn::Activation;
+    use kandinsky_movq::attention_processor::NormKind;
+    use kandinsky_movq::conv::{Conv2d, Padding};
+    use kandinsky_movq::resnet::ResnetBlock2D;
+    let reps = arg(args, "--reps", 3);
+    let dev = Device::Cpu;
+    println!(
+        "MoVQ decoder pieces (256 px decode), {} threads",
+        candle_core::utils::get_num_threads()
+    );
+    let norm = NormKind::Spatial { zq_channels: 4 };
+    let zq = Tensor::randn(0f32, 1.0, (1, 4, 32, 32), &dev)?;
+    // (channels, side, how many of this resnet a 256 px decode runs)
+    for (c, side, count) in [
+        (512usize, 32usize, 5usize),
+        (256, 64, 3),
+        (256, 128, 3),
+        (128, 256, 3),
+    ] {
+        let vb = kandinsky_benches::random_var_builder(DType::F32, &dev);
+        let block = ResnetBlock2D::new(c, c, Activation::Silu, norm, vb.pp("r"))?;
+        let n = norm.build(c, vb.pp("n"))?;
+        let conv = Conv2d::new(c, c, 3, 1, Padding::same(1), vb.pp("c"))?;
+        let x = Tensor::randn(0f32, 1.0, (1, c, side, side), &dev)?;
+        let flops = 2.0 * (c * c * 9 * side * side) as f64;
+        println!("-- {c} channels at {side}x{side} (×{count} resnets per decode)");
+        row(
+            "resnet block (2 × (SpatialNorm+SiLU, conv 3×3))",
+            time(reps, || Ok(block.forward(&x, Some(&zq))?))?,
+        );
+        row(
+            "  SpatialNorm + SiLU",
+            time(reps, || {
+                Ok(n.forward(&x, Some(&zq), Some(Activation::Silu))?)
+            })?,
+        );
+        let ms = time(reps, || Ok(conv.forward(&x)?))?;
+        row(
+            &format!("  banded conv 3×3 ({:.0} GFLOP/s)", flops / ms / 1e6),
+            ms,
+        );
+        let w = Tensor::randn(0f32, 0.02, (c, c, 3, 3), &dev)?;
+        let ms = time(reps, || Ok(x.conv2d(&w, 1, 1, 1, 1)?))?;
+        row(
+            &format!(
+                "  candle conv2d 3×3, same shape ({:.0} GFLOP/s)",
+                flops / ms / 1e6
+            ),
+            ms,
+        );
+        // The GEMM alone: [c, 9c] × [9c, side²] (what an im2col convolution must do).
+        let a = Tensor::randn(0f32, 1.0, (c, 9 * c), &dev)?;
+        let bm = Tensor::randn(0f32, 1.0, (9 * c, side * side), &dev)?;
+        let ms = time(reps, || Ok(a.matmul(&bm)?))?;
+        row(
+            &format!(
+                "  bare GEMM of the same size ({:.0} GFLOP/s)",
+                flops / ms / 1e6
+            ),
+            ms,
+        );
+        if side >= 64 {
+            let half = Tensor::randn(0f32, 1.0, (1, c, side / 2, side / 2), &dev)?;
+            row(
+                "  fused nearest-2× upsample + conv 3×3 (Upsample2D)",
+                time(reps, || Ok(conv.forward_upsample2x(&half)?))?,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The weight `[out, in, k, k]` as the `[out, k·k·in]` matrix of an im2col product, computed
+/// once (what a convolution layer could keep from load time instead of rebuilding per call).
+fn weight_matrix(w: &Tensor) -> candle_core::Result<Tensor> {
+    let (o, i, k, _) = w.dims4()?;
+    w.permute((0, 2, 3, 1))?
+        .contiguous()?
+        .reshape((o, k * k * i))
+}
+
+/// 3×3, stride 1, padding 1 convolution as im2col (k² shifted views, one copy) and one GEMM
+/// per batch item with a precomputed weight matrix `wm` (see [`weight_matrix`]).
+fn conv3x3_cached(x: &Tensor, wm: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+    let mut taps = Vec::with_capacity(9);
+    for kh in 0..3 {
+        for kw in 0..3 {
+            taps.push(xp.narrow(2, kh, h)?.narrow(3, kw, w)?);
+        }
+    }
+    let col = Tensor::cat(&taps, 1)?.reshape((b, 9 * c, h * w))?;
+    let mut outs = Vec::with_capacity(b);
+    for i in 0..b {
+        outs.push(wm.matmul(&col.get(i)?)?);
+    }
+    let o = wm.dim(0)?;
+    Tensor::stack(&outs, 0)?
+        .reshape((b, o, h, w))?
+        .broadcast_add(&bias.reshape((1, o, 1, 1))?)
+}
+
+fn unet_profile(args: &[String]) -> Result<()> {
+    use candle_core::{DType, Module};
+    use kandinsky_core::nn::{Activation, Conv2dConfig};
+    use kandinsky_unet::resnet::{Resample, ResnetBlock2D, ResnetSettings};
+    let reps = arg(args, "--reps", 3);
+    let dev = Device::Cpu;
+    println!(
+        "decoder UNet pieces (256 px, batch 2), {} threads",
+        candle_core::utils::get_num_threads()
+    );
+    let settings = ResnetSettings {
+        temb_channels: 1536,
+        groups: 32,
+        eps: 1e-5,
+        act: Activation::Silu,
+        skip_time_act: false,
+        output_scale_factor: 1.0,
+    };
+    let temb = Tensor::randn(0f32, 1.0, (2, 1536), &dev)?;
+    let emb = Tensor::randn(0f32, 1.0, (2, 32, 768), &dev)?;
+    // (channels, side, resnets per step: 3 down + 4 up per level (+2 mid at the bottom))
+    for (c, side, count) in [
+        (384usize, 32usize, 7usize),
+        (768, 16, 7),
+        (1152, 8, 7),
+        (1536, 4, 9),
+    ] {
+        let vb = kandinsky_benches::random_var_builder(DType::F32, &dev);
+        let block = ResnetBlock2D::new(vb.pp("r"), c, c, Resample::None, &settings)?;
+        let gn = kandinsky_core::nn::group_norm(32, c, 1e-5, vb.pp("gn"))?;
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv = kandinsky_unet::layers::conv2d(c, c, 3, cfg, vb.pp("c"))?;
+        let banded = kandinsky_movq::conv::Conv2d::new(
+            c,
+            c,
+            3,
+            1,
+            kandinsky_movq::conv::Padding::same(1),
+            vb.pp("c"),
+        )?;
+        let x = Tensor::randn(0f32, 1.0, (2, c, side, side), &dev)?;
+        let flops = 2.0 * (2 * c * c * 9 * side * side) as f64;
+        println!("-- {c} channels at {side}x{side} (×{count} resnets per step)");
+        row(
+            "resnet block (GN+SiLU, conv, time proj, GN, SiLU, conv)",
+            time(reps, || Ok(block.forward(&x, &temb)?))?,
+        );
+        row(
+            "  GroupNorm + SiLU",
+            time(reps, || Ok(gn.forward_silu(&x)?))?,
+        );
+        let ms = time(reps, || Ok(conv.forward(&x)?))?;
+        row(
+            &format!("  candle conv2d 3×3 ({:.0} GFLOP/s)", flops / ms / 1e6),
+            ms,
+        );
+        let ms = time(reps, || Ok(banded.forward(&x)?))?;
+        row(
+            &format!(
+                "  kandinsky-movq banded im2col conv 3×3 ({:.0} GFLOP/s)",
+                flops / ms / 1e6
+            ),
+            ms,
+        );
+        let w = Tensor::randn(0f32, 0.02, (c, c, 3, 3), &dev)?;
+        let bias = Tensor::randn(0f32, 0.02, c, &dev)?;
+        let ms = time(reps, || Ok(weight_matrix(&w)?))?;
+        row(
+            "  weight → [out, 9·in] matrix (per call in both paths above)",
+            ms,
+        );
+        let wm = weight_matrix(&w)?;
+        let reference = x
+            .conv2d(&w, 1, 1, 1, 1)?
+            .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
+        let err = (conv3x3_cached(&x, &wm, &bias)? - reference)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        let ms = time(reps, || Ok(conv3x3_cached(&x, &wm, &bias)?))?;
+        row(
+            &format!(
+                "  variant: im2col + GEMM, weight matrix kept from load ({:.0} GFLOP/s, err {err:.0e})",
+                flops / ms / 1e6
+            ),
+            ms,
+        );
+        if c != 384 {
+            let head_dim = 64;
+            let attn = kandinsky_unet::attention_processor::Attention::new(
+                vb.pp("a"),
+                c,
+                head_dim,
+                768,
+                32,
+            )?;
+            row(
+                "attention block (GN, q/k/v/add_k/add_v, attention, out)",
+                time(reps, || Ok(attn.forward(&x, &emb)?))?,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("attention") => attention_profile(&args),
+        Some("movq") => movq_profile(&args),
+        Some("unet") => unet_profile(&args),
+        _ => bail!(
+            "usage: cpu_profile attention [--level 32|48] [--reps N] | movq [--reps N] \
+             | unet [--reps N]"
+        ),
+    }
+}
