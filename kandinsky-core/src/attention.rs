@@ -2,8 +2,9 @@
 //!
 //! Every network calls [`attention`]; it picks the fastest path available for the device,
 //! dtype and shape: a CUDA kernel (when built with the `cuda` feature and a kernel covers the
-//! shape), a query-chunked CPU path that never materialises more than a bounded slice of the
-//! score matrix, or the plain path. All paths compute
+//! shape), a fused flash-style CPU kernel (no mask; blocks of queries stream the keys with an
+//! online softmax), a query-chunked CPU path that never materialises more than a bounded slice
+//! of the score matrix (masked attention), or the plain path. All paths compute
 //! `softmax(q·kᵀ·scale + mask)·v` with the softmax in f32 for half-precision inputs
 //! (diffusers' `upcast_softmax`).
 
@@ -30,6 +31,8 @@ pub enum AttentionPath {
     Plain,
     /// Process queries in chunks bounded by [`CHUNK_SCORE_BYTES`].
     ChunkedQueries,
+    /// The fused CPU kernel (unmasked attention on the CPU).
+    FusedCpu,
 }
 
 /// Largest score-matrix slice (in bytes of f32) the chunked path materialises at once.
@@ -43,10 +46,19 @@ fn use_flash() -> bool {
     *FLASH.get_or_init(|| std::env::var_os("KANDINSKY_NO_FLASH").is_none())
 }
 
-/// Choose the path for these shapes.
-pub fn choose_path(device: &Device, b: usize, h: usize, lq: usize, lk: usize) -> AttentionPath {
+/// Choose the path for these shapes (`masked`: an additive mask is given).
+pub fn choose_path(
+    device: &Device,
+    b: usize,
+    h: usize,
+    lq: usize,
+    lk: usize,
+    masked: bool,
+) -> AttentionPath {
     let score_bytes = b * h * lq * lk * 4;
-    if device.is_cpu() && score_bytes > CHUNK_SCORE_BYTES && lq > 1 {
+    if device.is_cpu() && !masked && crate::nn::use_fused_kernels() {
+        AttentionPath::FusedCpu
+    } else if device.is_cpu() && score_bytes > CHUNK_SCORE_BYTES && lq > 1 {
         AttentionPath::ChunkedQueries
     } else {
         AttentionPath::Plain
@@ -92,9 +104,13 @@ pub fn attention(
         let segs: Vec<(&Tensor, &Tensor)> = kv.iter().map(|s| (s.k, s.v)).collect();
         return Ok(crate::cuda::flash_attention(q, &segs, scale)?);
     }
+    let path = choose_path(q.device(), b, h, lq, lk, mask.is_some());
+    if path == AttentionPath::FusedCpu {
+        return crate::cpu_attention::flash_attention(q, kv, scale);
+    }
     let (k, v) = concat_segments(kv)?;
-    match choose_path(q.device(), b, h, lq, lk) {
-        AttentionPath::Plain => plain(q, &k, &v, mask, scale),
+    match path {
+        AttentionPath::Plain | AttentionPath::FusedCpu => plain(q, &k, &v, mask, scale),
         AttentionPath::ChunkedQueries => {
             let rows = (CHUNK_SCORE_BYTES / (b * h * lk * 4)).max(1);
             let mut outs = Vec::with_capacity(lq.div_ceil(rows));
@@ -174,21 +190,53 @@ mod tests {
         let k2 = Tensor::randn(0f32, 1.0, (1, 2, 9000, 8), &dev)?;
         let v2 = Tensor::randn(0f32, 1.0, (1, 2, 9000, 8), &dev)?;
         assert_eq!(
-            choose_path(&dev, 1, 2, 2000, 9032),
+            choose_path(&dev, 1, 2, 2000, 9032, true),
             AttentionPath::ChunkedQueries
         );
-        let out = attention(
-            &q,
-            &[KvSegment { k: &k1, v: &v1 }, KvSegment { k: &k2, v: &v2 }],
-            None,
-            0.3,
-        )?;
         let k = Tensor::cat(&[&k1, &k2], 2)?;
         let v = Tensor::cat(&[&v1, &v2], 2)?;
+        // An all-zero mask takes the chunked path with the same arithmetic as plain.
+        let mask = Tensor::zeros((1, 1, 1, 9032), DType::F32, &dev)?;
+        let out = attention(&q, &[KvSegment { k: &k, v: &v }], Some(&mask), 0.3)?;
         let reference = plain(&q, &k, &v, None, 0.3)?;
         let diff = (out - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
         // Same arithmetic per row, only the batching differs.
         assert!(diff < 1e-6, "max abs diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_cpu_equals_plain_across_block_edges() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        // Query and key counts that are not multiples of the kernel's blocks (128 / 512),
+        // two key segments (the UNet's 32 image tokens + spatial tokens), large logits so
+        // the running maximum moves between key blocks.
+        for (lq, l1, l2, d) in [(1, 3, 0, 8), (150, 32, 600, 64), (300, 5, 1100, 40)] {
+            let q = (Tensor::randn(0f32, 1.0, (2, 3, lq, d), &dev)? * 3.0)?;
+            let k1 = Tensor::randn(0f32, 1.0, (2, 3, l1, d), &dev)?;
+            let v1 = Tensor::randn(0f32, 1.0, (2, 3, l1, d), &dev)?;
+            let mut segs = vec![(k1, v1)];
+            if l2 > 0 {
+                let k2 = (Tensor::randn(0f32, 1.0, (2, 3, l2, d), &dev)? * 2.0)?;
+                let v2 = Tensor::randn(0f32, 1.0, (2, 3, l2, d), &dev)?;
+                segs.push((k2, v2));
+            }
+            let kv: Vec<KvSegment> = segs.iter().map(|(k, v)| KvSegment { k, v }).collect();
+            assert_eq!(
+                choose_path(&dev, 2, 3, lq, l1 + l2, false),
+                AttentionPath::FusedCpu
+            );
+            let fused = attention(&q, &kv, None, 0.125)?;
+            let k = Tensor::cat(&segs.iter().map(|s| &s.0).collect::<Vec<_>>(), 2)?;
+            let v = Tensor::cat(&segs.iter().map(|s| &s.1).collect::<Vec<_>>(), 2)?;
+            let reference = plain(&q, &k, &v, None, 0.125)?;
+            let diff = (fused - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            // f32 throughout; only the summation order and the polynomial exp differ.
+            assert!(
+                diff < 2e-5,
+                "lq {lq} lk {l1}+{l2} d {d}: max abs diff {diff}"
+            );
+        }
         Ok(())
     }
 

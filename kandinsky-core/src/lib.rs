@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+mod cpu_attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
