@@ -30,7 +30,12 @@ const DEFAULT: &[&str] = &[
 const LARGE: &[&str] = &["unet_step_512"];
 
 /// The heading that starts the section this command owns in `benches/RESULTS.md`.
-pub const SECTION: &str = "## CPU comparison";
+pub const SECTION: &str = "## CPU comparison (CPU, f32)";
+/// The heading of the `--keep-freed-memory` section.
+pub const SECTION_KEEP: &str = "## CPU comparison, glibc keeping freed memory (CPU, f32)";
+/// glibc settings of `--keep-freed-memory`: never `mmap` (so a freed buffer is reused instead
+/// of being unmapped and page-faulted in again by the next allocation) and never trim the heap.
+pub const KEEP_TUNABLES: &str = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736";
 
 struct Options {
     only: Option<Vec<String>>,
@@ -39,6 +44,7 @@ struct Options {
     threads: usize,
     large: bool,
     write: bool,
+    keep_freed: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
@@ -49,6 +55,7 @@ fn parse(args: &[String]) -> Result<Options> {
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         large: false,
         write: true,
+        keep_freed: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -76,9 +83,11 @@ fn parse(args: &[String]) -> Result<Options> {
             "--threads" => o.threads = number("--threads", value("--threads")?)?.max(1),
             "--large" => o.large = true,
             "--no-write" => o.write = false,
+            "--keep-freed-memory" => o.keep_freed = true,
             other => bail!(
                 "bench-compare: unknown option `{other}`; usage: cargo xtask bench-compare \
-                 [--only a,b] [--reps N] [--warmup W] [--threads T] [--large] [--no-write]"
+                 [--only a,b] [--reps N] [--warmup W] [--threads T] [--large] [--no-write] \
+                 [--keep-freed-memory]"
             ),
         }
     }
@@ -219,21 +228,21 @@ fn fmt_cell(m: &Result<Measured>, f: impl Fn(&Measured) -> String) -> String {
     }
 }
 
-/// Replace the `## CPU comparison` section of `text` (up to the next `## ` heading) with
-/// `section`, or append it.
-pub fn replace_section(text: &str, section: &str) -> String {
+/// Replace the section of `text` whose heading starts with `heading` (up to the next `## `
+/// heading) with `section`, or append it.
+pub fn replace_section(text: &str, heading: &str, section: &str) -> String {
     let section = section.trim_end();
     let Some(start) = text
-        .find(&format!("\n{SECTION}"))
+        .find(&format!("\n{heading}"))
         .map(|i| i + 1)
-        .or_else(|| text.starts_with(SECTION).then_some(0))
+        .or_else(|| text.starts_with(heading).then_some(0))
     else {
         return format!("{}\n\n{section}\n", text.trim_end());
     };
-    let after = &text[start + SECTION.len()..];
+    let after = &text[start + heading.len()..];
     let end = after
         .find("\n## ")
-        .map_or(text.len(), |i| start + SECTION.len() + i + 1);
+        .map_or(text.len(), |i| start + heading.len() + i + 1);
     let mut out = text[..start].to_string();
     out.push_str(section);
     out.push('\n');
@@ -298,6 +307,7 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
     let started = command_output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
     eprintln!("load average at start: {load_start}");
     let threads = o.threads.to_string();
+    let heading = if o.keep_freed { SECTION_KEEP } else { SECTION };
     let mut rows = Vec::new();
     let mut raw = String::new();
     for (i, w) in workloads.iter().enumerate() {
@@ -324,6 +334,10 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
             .env("OMP_NUM_THREADS", &threads)
             .env("MKL_NUM_THREADS", &threads)
             .env("HF_HUB_OFFLINE", "1");
+        if o.keep_freed {
+            rust.env("GLIBC_TUNABLES", KEEP_TUNABLES);
+            torch.env("GLIBC_TUNABLES", KEEP_TUNABLES);
+        }
         // Alternate which side goes first, so neither always runs on a warmer/cooler machine.
         let (rs, pt) = if i % 2 == 0 {
             eprintln!("[{w}] kandinsky-rs …");
@@ -376,7 +390,7 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
 
     let mut s = String::new();
-    writeln!(s, "{SECTION} (CPU, f32) — {started}")?;
+    writeln!(s, "{heading} — {started}")?;
     writeln!(s)?;
     writeln!(
         s,
@@ -402,6 +416,13 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
         mem_mib("MemTotal:") / 1024.0,
         o.threads
     )?;
+    if o.keep_freed {
+        writeln!(
+            s,
+            "- both processes ran with `GLIBC_TUNABLES={KEEP_TUNABLES}` (freed memory is \
+             reused, not returned to the kernel and page-faulted in again)"
+        )?;
+    }
     writeln!(
         s,
         "- load average (1/5/15 min): {load_start} at start, {load_end} at the end (the \
@@ -497,7 +518,7 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
     if o.write {
         let path = root.join("benches/RESULTS.md");
         let text = std::fs::read_to_string(&path).unwrap_or_default();
-        std::fs::write(&path, replace_section(&text, &s))
+        std::fs::write(&path, replace_section(&text, heading, &s))
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote the CPU comparison into {}", path.display());
     }
@@ -517,15 +538,30 @@ mod tests {
     #[test]
     fn section_is_replaced_and_others_kept() {
         let text = "# R\n\n## GPU run 1\n\na\n\n## CPU comparison (CPU, f32) — old\n\nold\n\n## GPU run 2\n\nb\n";
-        let out = replace_section(text, "## CPU comparison (CPU, f32) — new\n\nnew\n");
+        let out = replace_section(text, SECTION, "## CPU comparison (CPU, f32) — new\n\nnew\n");
         assert_eq!(
             out,
             "# R\n\n## GPU run 1\n\na\n\n## CPU comparison (CPU, f32) — new\n\nnew\n\n## GPU run 2\n\nb\n"
         );
-        let appended = replace_section("# R\n\n## GPU\n\nx\n", "## CPU comparison\n\ny\n");
-        assert_eq!(appended, "# R\n\n## GPU\n\nx\n\n## CPU comparison\n\ny\n");
-        let last = replace_section(&appended, "## CPU comparison\n\nz\n");
-        assert_eq!(last, "# R\n\n## GPU\n\nx\n\n## CPU comparison\n\nz\n");
+        let appended = replace_section(
+            "# R\n\n## GPU\n\nx\n",
+            SECTION,
+            &format!("{SECTION}\n\ny\n"),
+        );
+        assert_eq!(appended, format!("# R\n\n## GPU\n\nx\n\n{SECTION}\n\ny\n"));
+        let last = replace_section(&appended, SECTION, &format!("{SECTION}\n\nz\n"));
+        assert_eq!(last, format!("# R\n\n## GPU\n\nx\n\n{SECTION}\n\nz\n"));
+        // The two headings do not replace each other.
+        let both = replace_section(&last, SECTION_KEEP, &format!("{SECTION_KEEP}\n\nk\n"));
+        assert_eq!(
+            both,
+            format!("# R\n\n## GPU\n\nx\n\n{SECTION}\n\nz\n\n{SECTION_KEEP}\n\nk\n")
+        );
+        let again = replace_section(&both, SECTION, &format!("{SECTION}\n\nw\n"));
+        assert_eq!(
+            again,
+            format!("# R\n\n## GPU\n\nx\n\n{SECTION}\n\nw\n\n{SECTION_KEEP}\n\nk\n")
+        );
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! - `fixtures [--only a,b]`: create the pinned Python virtualenv (`.venv/`) if needed and
 //!   regenerate `fixtures/` with the diffusers/transformers generator in `xtask/fixtures/`.
-//! - `bench-compare [--only a,b] [--reps N] [--warmup W] [--threads T] [--large] [--no-write]`:
+//! - `bench-compare [--only a,b] [--reps N] [--warmup W] [--threads T] [--large] [--no-write]
+//!   [--keep-freed-memory]`:
 //!   the same CPU f32 workloads with kandinsky-rs and diffusers/PyTorch, one process each;
 //!   writes the table into `benches/RESULTS.md` (see `bench_compare.rs`).
 

@@ -115,10 +115,10 @@ fn attention_profile(args: &[String]) -> Result<()> {
     row("    p·v (matmul)", time(reps, || Ok(p.matmul(&v)?))?);
     row("    q × scale (instead)", time(reps, || Ok((&q * scale)?))?);
     let reference = plain(&q, &k, &v, None, scale)?;
-    for rows in [n, 1024, 256, 64] {
-        if rows > n {
-            continue;
-        }
+    let mut chunk_rows = vec![n, 1024, 256, 64];
+    chunk_rows.retain(|&r| r <= n);
+    chunk_rows.dedup();
+    for rows in chunk_rows {
         let out = chunked_prescaled(&q, &k, &v, scale, rows)?;
         let err = (out - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
         row(
