@@ -13,6 +13,7 @@ use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kandinsky_clip::{ClipTextConfig, ClipTextModelWithProjection, ClipTokenizer};
+use kandinsky_core::ModelConfig;
 
 fn real_config(layers: usize) -> ClipTextConfig {
     let cfg = ClipTextConfig {

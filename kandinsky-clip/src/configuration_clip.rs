@@ -5,10 +5,8 @@
 //! does not implement are rejected by [`ClipTextConfig::validate`] /
 //! [`ClipVisionConfig::validate`] with [`Error::UnsupportedConfig`].
 
-use std::path::Path;
-
-use kandinsky_core::loading::ComponentDir;
 use kandinsky_core::nn::Activation;
+use kandinsky_core::ModelConfig;
 use kandinsky_core::{Error, Result};
 use serde::Deserialize;
 
@@ -200,37 +198,6 @@ impl ClipTextConfig {
         }
     }
 
-    /// Read and validate `config.json` of a text-encoder folder.
-    pub fn from_dir(dir: &ComponentDir) -> Result<Self> {
-        let cfg: Self = dir.read_config("config.json")?;
-        cfg.validate()
-            .map_err(|e| e.in_file(&dir.path().join("config.json")))?;
-        Ok(cfg)
-    }
-
-    /// Read and validate a config file.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = kandinsky_core::loading::read_json(path)?;
-        cfg.validate().map_err(|e| e.in_file(path))?;
-        Ok(cfg)
-    }
-
-    /// Reject values this implementation does not support.
-    pub fn validate(&self) -> Result<()> {
-        check_heads(self.hidden_size, self.num_attention_heads)?;
-        activation(&self.hidden_act)?;
-        self.pooling()?;
-        for (f, v) in [
-            ("vocab_size", self.vocab_size),
-            ("intermediate_size", self.intermediate_size),
-            ("projection_dim", self.projection_dim),
-            ("max_position_embeddings", self.max_position_embeddings),
-        ] {
-            nonzero(f, v)?;
-        }
-        Ok(())
-    }
-
     /// The activation of the MLPs.
     pub fn activation(&self) -> Result<Activation> {
         activation(&self.hidden_act)
@@ -255,24 +222,49 @@ impl ClipTextConfig {
     }
 }
 
-impl ClipVisionConfig {
-    /// Read and validate `config.json` of an image-encoder folder.
-    pub fn from_dir(dir: &ComponentDir) -> Result<Self> {
-        let cfg: Self = dir.read_config("config.json")?;
-        cfg.validate()
-            .map_err(|e| e.in_file(&dir.path().join("config.json")))?;
-        Ok(cfg)
-    }
-
-    /// Read and validate a config file.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = kandinsky_core::loading::read_json(path)?;
-        cfg.validate().map_err(|e| e.in_file(path))?;
-        Ok(cfg)
-    }
-
+impl ModelConfig for ClipTextConfig {
     /// Reject values this implementation does not support.
-    pub fn validate(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
+        check_heads(self.hidden_size, self.num_attention_heads)?;
+        activation(&self.hidden_act)?;
+        self.pooling()?;
+        for (f, v) in [
+            ("vocab_size", self.vocab_size),
+            ("intermediate_size", self.intermediate_size),
+            ("projection_dim", self.projection_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            nonzero(f, v)?;
+        }
+        Ok(())
+    }
+}
+
+impl ClipVisionConfig {
+    /// The activation of the MLPs.
+    pub fn activation(&self) -> Result<Activation> {
+        activation(&self.hidden_act)
+    }
+
+    /// Patches per side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Number of positions: patches + the class token.
+    pub fn num_positions(&self) -> usize {
+        self.grid() * self.grid() + 1
+    }
+
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+impl ModelConfig for ClipVisionConfig {
+    /// Reject values this implementation does not support.
+    fn validate(&self) -> Result<()> {
         check_heads(self.hidden_size, self.num_attention_heads)?;
         activation(&self.hidden_act)?;
         nonzero("patch_size", self.patch_size)?;
@@ -295,25 +287,5 @@ impl ClipVisionConfig {
             nonzero(f, v)?;
         }
         Ok(())
-    }
-
-    /// The activation of the MLPs.
-    pub fn activation(&self) -> Result<Activation> {
-        activation(&self.hidden_act)
-    }
-
-    /// Patches per side.
-    pub fn grid(&self) -> usize {
-        self.image_size / self.patch_size
-    }
-
-    /// Number of positions: patches + the class token.
-    pub fn num_positions(&self) -> usize {
-        self.grid() * self.grid() + 1
-    }
-
-    /// Size of one attention head.
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
     }
 }

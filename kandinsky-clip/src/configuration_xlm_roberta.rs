@@ -5,10 +5,8 @@
 //! dropout rates, `use_cache`, ...) are ignored; values this crate does not implement are
 //! rejected by [`MClipConfig::validate`] with [`Error::UnsupportedConfig`].
 
-use std::path::Path;
-
-use kandinsky_core::loading::ComponentDir;
 use kandinsky_core::nn::Activation;
+use kandinsky_core::ModelConfig;
 use kandinsky_core::{Error, Result};
 use serde::Deserialize;
 
@@ -124,23 +122,33 @@ impl MClipConfig {
         }
     }
 
-    /// Read and validate `config.json` of a text-encoder folder.
-    pub fn from_dir(dir: &ComponentDir) -> Result<Self> {
-        let cfg: Self = dir.read_config("config.json")?;
-        cfg.validate()
-            .map_err(|e| e.in_file(&dir.path().join("config.json")))?;
-        Ok(cfg)
+    /// The feed-forward activation (`hidden_act`).
+    pub fn activation(&self) -> Result<Activation> {
+        Activation::from_name(&self.hidden_act).map_err(|_| {
+            Error::unsupported(
+                "hidden_act",
+                &self.hidden_act,
+                "gelu, gelu_new, gelu_pytorch_tanh, quick_gelu, silu",
+            )
+        })
     }
 
-    /// Read and validate a config file.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = kandinsky_core::loading::read_json(path)?;
-        cfg.validate().map_err(|e| e.in_file(path))?;
-        Ok(cfg)
+    /// The longest input: positions run from `pad_token_id + 1` to
+    /// `max_position_embeddings − 1` (512 tokens for the real model).
+    pub fn max_positions(&self) -> usize {
+        self.max_position_embeddings
+            .saturating_sub(self.pad_token_id as usize + 1)
     }
 
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+impl ModelConfig for MClipConfig {
     /// Reject values this implementation does not support.
-    pub fn validate(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         if self.position_embedding_type != "absolute" {
             // transformers 5 implements only absolute positions for XLM-R, as does this crate.
             return Err(Error::unsupported(
@@ -191,28 +199,5 @@ impl MClipConfig {
             ));
         }
         Ok(())
-    }
-
-    /// The feed-forward activation (`hidden_act`).
-    pub fn activation(&self) -> Result<Activation> {
-        Activation::from_name(&self.hidden_act).map_err(|_| {
-            Error::unsupported(
-                "hidden_act",
-                &self.hidden_act,
-                "gelu, gelu_new, gelu_pytorch_tanh, quick_gelu, silu",
-            )
-        })
-    }
-
-    /// The longest input: positions run from `pad_token_id + 1` to
-    /// `max_position_embeddings − 1` (512 tokens for the real model).
-    pub fn max_positions(&self) -> usize {
-        self.max_position_embeddings
-            .saturating_sub(self.pad_token_id as usize + 1)
-    }
-
-    /// Size of one attention head.
-    pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
     }
 }

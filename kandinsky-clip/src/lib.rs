@@ -22,6 +22,7 @@ pub mod modeling_mclip;
 pub mod pil_resample;
 pub mod tokenization_clip;
 pub mod tokenization_xlm_roberta;
+pub mod tokenizer_config;
 
 pub use configuration_clip::{ClipTextConfig, ClipVisionConfig, EosPooling};
 pub use configuration_xlm_roberta::MClipConfig;
@@ -30,3 +31,4 @@ pub use modeling_clip::{ClipTextModelWithProjection, ClipVisionModelWithProjecti
 pub use modeling_mclip::MultilingualClip;
 pub use tokenization_clip::{ClipTokenizer, ClipTokenizerConfig, TokenizedBatch};
 pub use tokenization_xlm_roberta::{XlmRobertaTokenizer, XlmRobertaTokenizerConfig};
+pub use tokenizer_config::{SpecialTokensConfig, TokenSpec};

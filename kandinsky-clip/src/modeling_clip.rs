@@ -15,6 +15,7 @@ use kandinsky_core::nn::{
     layer_norm, layer_norm_f32, linear, linear_no_bias, Activation, LayerNorm, Linear,
 };
 use kandinsky_core::traits::{ImageEncoder, TextEncoder, TextEncoding};
+use kandinsky_core::ModelConfig;
 use kandinsky_core::{Error, Result};
 
 use crate::configuration_clip::{ClipTextConfig, ClipVisionConfig, EosPooling};

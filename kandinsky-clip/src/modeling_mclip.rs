@@ -18,6 +18,7 @@ use kandinsky_core::attention::{attention, merge_heads, split_heads, KvSegment};
 use kandinsky_core::loading::{ComponentDir, WeightVariant};
 use kandinsky_core::nn::{layer_norm, layer_norm_f32, linear, Activation, LayerNorm, Linear};
 use kandinsky_core::traits::{TextEncoder, TextEncoding};
+use kandinsky_core::ModelConfig;
 use kandinsky_core::{Error, Result};
 
 use crate::configuration_xlm_roberta::MClipConfig;

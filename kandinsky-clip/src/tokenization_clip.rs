@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use kandinsky_core::{Error, Result};
-use serde::Deserialize;
+
+use crate::tokenizer_config::SpecialTokensConfig;
+pub use crate::tokenizer_config::TokenSpec;
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormSeq, NFC};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -36,112 +38,27 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(e.to_string())
 }
 
-/// A special token as `tokenizer_config.json` / `special_tokens_map.json` write it: a plain
-/// string or an `AddedToken` object.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum TokenSpec {
-    /// `"<|endoftext|>"`.
-    Plain(String),
-    /// `{"content": "<|endoftext|>", "normalized": true, ...}`.
-    Added {
-        /// The token text.
-        content: String,
-        /// Whether the token is matched in the normalised (lower-cased) text.
-        #[serde(default)]
-        normalized: Option<bool>,
-    },
+/// The CLIP tokenizer's view of `tokenizer_config.json` (special tokens, padded length).
+pub type ClipTokenizerConfig = SpecialTokensConfig;
+
+/// CLIP's defaults for tokens the files do not name.
+fn bos(cfg: &ClipTokenizerConfig) -> TokenSpec {
+    SpecialTokensConfig::token_or(&cfg.bos_token, "<|startoftext|>")
+}
+fn eos(cfg: &ClipTokenizerConfig) -> TokenSpec {
+    SpecialTokensConfig::token_or(&cfg.eos_token, "<|endoftext|>")
+}
+fn pad(cfg: &ClipTokenizerConfig) -> TokenSpec {
+    SpecialTokensConfig::token_or(&cfg.pad_token, "<|endoftext|>")
+}
+fn unk(cfg: &ClipTokenizerConfig) -> TokenSpec {
+    SpecialTokensConfig::token_or(&cfg.unk_token, "<|endoftext|>")
 }
 
-impl TokenSpec {
-    /// The token text.
-    pub fn content(&self) -> &str {
-        match self {
-            Self::Plain(s) => s,
-            Self::Added { content, .. } => content,
-        }
-    }
-
-    /// transformers registers a plain-string special token with `normalized = false`.
-    fn normalized(&self) -> bool {
-        match self {
-            Self::Plain(_) => false,
-            Self::Added { normalized, .. } => normalized.unwrap_or(false),
-        }
-    }
-}
-
-/// The fields of `tokenizer_config.json` (or `special_tokens_map.json`) this crate uses.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct ClipTokenizerConfig {
-    /// Beginning of text (`<|startoftext|>`).
-    #[serde(default)]
-    pub bos_token: Option<TokenSpec>,
-    /// End of text (`<|endoftext|>`).
-    #[serde(default)]
-    pub eos_token: Option<TokenSpec>,
-    /// Padding (`<|endoftext|>` for Kandinsky 2.2, `!` for 2.1).
-    #[serde(default)]
-    pub pad_token: Option<TokenSpec>,
-    /// Unknown token (`<|endoftext|>`).
-    #[serde(default)]
-    pub unk_token: Option<TokenSpec>,
-    /// Padded / truncated length (77).
-    #[serde(default)]
-    pub model_max_length: Option<f64>,
-}
-
-impl ClipTokenizerConfig {
-    /// Read `tokenizer_config.json` then fill gaps from `special_tokens_map.json` (both optional).
-    pub fn from_dir(dir: &Path) -> Result<Self> {
-        let mut cfg = Self::default();
-        for name in ["tokenizer_config.json", "special_tokens_map.json"] {
-            let path = dir.join(name);
-            if !path.is_file() {
-                continue;
-            }
-            let other: Self = kandinsky_core::loading::read_json(&path)?;
-            cfg.bos_token = cfg.bos_token.or(other.bos_token);
-            cfg.eos_token = cfg.eos_token.or(other.eos_token);
-            cfg.pad_token = cfg.pad_token.or(other.pad_token);
-            cfg.unk_token = cfg.unk_token.or(other.unk_token);
-            cfg.model_max_length = cfg.model_max_length.or(other.model_max_length);
-        }
-        Ok(cfg)
-    }
-
-    fn or_default(spec: &Option<TokenSpec>, default: &str) -> TokenSpec {
-        spec.clone()
-            .unwrap_or_else(|| TokenSpec::Plain(default.to_string()))
-    }
-
-    fn bos(&self) -> TokenSpec {
-        Self::or_default(&self.bos_token, "<|startoftext|>")
-    }
-    fn eos(&self) -> TokenSpec {
-        Self::or_default(&self.eos_token, "<|endoftext|>")
-    }
-    fn pad(&self) -> TokenSpec {
-        Self::or_default(&self.pad_token, "<|endoftext|>")
-    }
-    fn unk(&self) -> TokenSpec {
-        Self::or_default(&self.unk_token, "<|endoftext|>")
-    }
-
-    /// The padded length; transformers' "unbounded" sentinel (≥ 1e29) and absent values fall
-    /// back to [`DEFAULT_MAX_LENGTH`].
-    pub fn max_length(&self) -> Result<usize> {
-        match self.model_max_length {
-            None => Ok(DEFAULT_MAX_LENGTH),
-            Some(v) if v >= 1e29 => Ok(DEFAULT_MAX_LENGTH),
-            Some(v) if v >= 2.0 && v.fract() == 0.0 && v <= 1e6 => Ok(v as usize),
-            Some(v) => Err(Error::unsupported(
-                "model_max_length",
-                v,
-                "an integer >= 2 (BOS + EOS)",
-            )),
-        }
-    }
+/// The padded length: `model_max_length`, or [`DEFAULT_MAX_LENGTH`] when it is absent or
+/// transformers' "unbounded" sentinel.
+fn max_length(cfg: &ClipTokenizerConfig) -> Result<usize> {
+    Ok(cfg.model_max_length()?.unwrap_or(DEFAULT_MAX_LENGTH))
 }
 
 /// Token ids and masks of a batch of prompts, padded to the same length.
@@ -238,7 +155,7 @@ impl ClipTokenizer {
                 .ok_or_else(|| Error::invalid(format!("non-UTF-8 path {}", p.display())))
         };
         let bpe = BPE::from_file(&path_str(vocab)?, &path_str(merges)?)
-            .unk_token(cfg.unk().content().to_string())
+            .unk_token(unk(cfg).content().to_string())
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix("</w>".into())
             .build()
@@ -273,7 +190,7 @@ impl ClipTokenizer {
         // Each special token once; as in transformers, any plain-string declaration of a
         // content (2.2's `pad_token`) makes it match only the raw, un-normalised text.
         let mut specials: BTreeMap<String, bool> = BTreeMap::new();
-        for spec in [cfg.pad(), cfg.bos(), cfg.eos(), cfg.unk()] {
+        for spec in [pad(cfg), bos(cfg), eos(cfg), unk(cfg)] {
             let e = specials.entry(spec.content().to_string()).or_insert(true);
             *e &= spec.normalized();
         }
@@ -291,8 +208,8 @@ impl ClipTokenizer {
             })
         };
         let post = RobertaProcessing::new(
-            (cfg.eos().content().to_string(), id(&cfg.eos())?),
-            (cfg.bos().content().to_string(), id(&cfg.bos())?),
+            (eos(cfg).content().to_string(), id(&eos(cfg))?),
+            (bos(cfg).content().to_string(), id(&bos(cfg))?),
         )
         .trim_offsets(false)
         .add_prefix_space(false);
@@ -302,8 +219,8 @@ impl ClipTokenizer {
 
     /// Wrap an assembled tokenizer: fixed padding to and truncation at `max_length`.
     pub fn from_tokenizer(mut tokenizer: Tokenizer, cfg: &ClipTokenizerConfig) -> Result<Self> {
-        let max_length = cfg.max_length()?;
-        let pad = cfg.pad();
+        let max_length = max_length(cfg)?;
+        let pad = pad(cfg);
         let pad_id = tokenizer.token_to_id(pad.content()).ok_or_else(|| {
             Error::Tokenizer(format!(
                 "pad token {:?} is not in the vocabulary",

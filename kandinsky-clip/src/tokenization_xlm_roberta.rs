@@ -13,7 +13,6 @@
 use std::path::Path;
 
 use kandinsky_core::{Error, Result};
-use serde::Deserialize;
 use serde_json::{json, Value};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{
@@ -21,74 +20,20 @@ use tokenizers::{
     TruncationParams, TruncationStrategy,
 };
 
-use crate::tokenization_clip::{TokenSpec, TokenizedBatch};
+use crate::tokenization_clip::TokenizedBatch;
+use crate::tokenizer_config::{SpecialTokensConfig, TokenSpec};
 
 /// The padded length the Kandinsky 2.1 pipeline asks for (`max_length=77`).
 pub const MCLIP_MAX_LENGTH: usize = 77;
 
-/// The fields of `tokenizer_config.json` / `special_tokens_map.json` this tokenizer uses.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct XlmRobertaTokenizerConfig {
-    /// Beginning of sequence (`<s>`, id 0).
-    #[serde(default)]
-    pub bos_token: Option<TokenSpec>,
-    /// End of sequence (`</s>`, id 2).
-    #[serde(default)]
-    pub eos_token: Option<TokenSpec>,
-    /// Padding (`<pad>`, id 1).
-    #[serde(default)]
-    pub pad_token: Option<TokenSpec>,
-    /// Unknown piece (`<unk>`, id 3).
-    #[serde(default)]
-    pub unk_token: Option<TokenSpec>,
-    /// Mask (`<mask>`, the last id).
-    #[serde(default)]
-    pub mask_token: Option<TokenSpec>,
-    /// transformers' `model_max_length` (informational: the pipeline passes 77 explicitly).
-    #[serde(default)]
-    pub model_max_length: Option<f64>,
-}
+/// The XLM-R tokenizer's view of `tokenizer_config.json` (`model_max_length` is only
+/// informational: the 2.1 pipeline passes 77 explicitly).
+pub type XlmRobertaTokenizerConfig = SpecialTokensConfig;
 
-impl XlmRobertaTokenizerConfig {
-    /// Read `tokenizer_config.json` then fill gaps from `special_tokens_map.json` (both
-    /// optional; malformed files are [`Error::Json`] naming the file).
-    pub fn from_dir(dir: &Path) -> Result<Self> {
-        let mut cfg = Self::default();
-        for name in ["tokenizer_config.json", "special_tokens_map.json"] {
-            let path = dir.join(name);
-            if !path.is_file() {
-                continue;
-            }
-            let other: Self = kandinsky_core::loading::read_json(&path)?;
-            cfg.bos_token = cfg.bos_token.or(other.bos_token);
-            cfg.eos_token = cfg.eos_token.or(other.eos_token);
-            cfg.pad_token = cfg.pad_token.or(other.pad_token);
-            cfg.unk_token = cfg.unk_token.or(other.unk_token);
-            cfg.mask_token = cfg.mask_token.or(other.mask_token);
-            cfg.model_max_length = cfg.model_max_length.or(other.model_max_length);
-        }
-        Ok(cfg)
-    }
-
-    fn content(spec: &Option<TokenSpec>, default: &str) -> String {
-        spec.as_ref()
-            .map_or_else(|| default.to_string(), |s| s.content().to_string())
-    }
-
-    /// `model_max_length` as an integer; transformers' "unbounded" sentinel (≥ 1e29) and an
-    /// absent value are `None`.
-    pub fn model_max_length(&self) -> Result<Option<usize>> {
-        match self.model_max_length {
-            None => Ok(None),
-            Some(v) if v >= 1e29 => Ok(None),
-            Some(v) if v >= 2.0 && v.fract() == 0.0 && v <= 1e6 => Ok(Some(v as usize)),
-            Some(v) => Err(Error::unsupported(
-                "model_max_length",
-                v,
-                "an integer >= 2 (<s> + </s>)",
-            )),
-        }
-    }
+fn content(spec: &Option<TokenSpec>, default: &str) -> String {
+    SpecialTokensConfig::token_or(spec, default)
+        .content()
+        .to_string()
 }
 
 /// Kandinsky 2.1's tokenizer, padding and truncating like transformers'
@@ -202,11 +147,11 @@ impl XlmRobertaTokenizer {
         mut tokenizer: Tokenizer,
         cfg: &XlmRobertaTokenizerConfig,
     ) -> Result<Self> {
-        let bos = XlmRobertaTokenizerConfig::content(&cfg.bos_token, "<s>");
-        let eos = XlmRobertaTokenizerConfig::content(&cfg.eos_token, "</s>");
-        let pad = XlmRobertaTokenizerConfig::content(&cfg.pad_token, "<pad>");
-        let unk = XlmRobertaTokenizerConfig::content(&cfg.unk_token, "<unk>");
-        let mask = XlmRobertaTokenizerConfig::content(&cfg.mask_token, "<mask>");
+        let bos = content(&cfg.bos_token, "<s>");
+        let eos = content(&cfg.eos_token, "</s>");
+        let pad = content(&cfg.pad_token, "<pad>");
+        let unk = content(&cfg.unk_token, "<unk>");
+        let mask = content(&cfg.mask_token, "<mask>");
         // Special tokens are matched whole in the raw text; `<mask>` also eats the space
         // before it (transformers' `lstrip=True`). Already-registered ones are kept as is.
         let mut specials: Vec<AddedToken> = [&bos, &pad, &eos, &unk]

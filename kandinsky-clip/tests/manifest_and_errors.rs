@@ -6,6 +6,7 @@ use kandinsky_clip::{ClipImageProcessor, ClipTextConfig, ClipVisionConfig, EosPo
 use kandinsky_core::manifest::{record_requests, Manifest};
 use kandinsky_core::testing::fixtures_dir;
 use kandinsky_core::Error;
+use kandinsky_core::ModelConfig;
 
 fn real_text() -> anyhow::Result<ClipTextConfig> {
     Ok(ClipTextConfig::from_file(

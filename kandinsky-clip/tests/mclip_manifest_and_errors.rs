@@ -13,6 +13,7 @@ use kandinsky_core::nn::Activation;
 use kandinsky_core::testing::fixtures_dir;
 use kandinsky_core::traits::TextEncoder;
 use kandinsky_core::Error;
+use kandinsky_core::ModelConfig;
 
 fn real_config(name: &str) -> std::path::PathBuf {
     fixtures_dir().join("real-configs").join(name)

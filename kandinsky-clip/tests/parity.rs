@@ -7,6 +7,7 @@ use kandinsky_clip::{ClipImageProcessor, ClipTextConfig};
 use kandinsky_core::loading::{ComponentDir, WeightVariant};
 use kandinsky_core::testing::{assert_close, fixtures_dir, get, load_fixture};
 use kandinsky_core::traits::{ImageEncoder, TextEncoder};
+use kandinsky_core::ModelConfig;
 
 const IMAGES: [&str; 3] = ["landscape_rgb", "portrait_gray", "wide_rgba"];
 

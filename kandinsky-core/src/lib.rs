@@ -27,3 +27,4 @@ pub mod testing;
 pub mod traits;
 
 pub use error::{Error, LoadError, Result};
+pub use loading::ModelConfig;

@@ -17,6 +17,27 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, LoadError, Result};
 
+/// A model config read from a diffusers/transformers `config.json`: serde does the
+/// parsing (with diffusers' defaults on the struct), [`ModelConfig::validate`] rejects what
+/// kandinsky-rs does not implement, and every error names the file.
+pub trait ModelConfig: DeserializeOwned {
+    /// Reject values this implementation does not support, naming the field and the
+    /// supported values.
+    fn validate(&self) -> Result<()>;
+
+    /// Read and validate a config file.
+    fn from_file(path: &Path) -> Result<Self> {
+        let cfg: Self = read_json(path)?;
+        cfg.validate().map_err(|e| e.in_file(path))?;
+        Ok(cfg)
+    }
+
+    /// Read and validate `config.json` of a component folder.
+    fn from_dir(dir: &ComponentDir) -> Result<Self> {
+        Self::from_file(&dir.path().join("config.json"))
+    }
+}
+
 /// Read and parse a JSON file, naming the file in every error.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|source| {

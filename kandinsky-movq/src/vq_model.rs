@@ -10,6 +10,7 @@ use serde::Deserialize;
 use kandinsky_core::loading::{ComponentDir, WeightVariant};
 use kandinsky_core::nn::Activation;
 use kandinsky_core::traits::LatentCodec;
+use kandinsky_core::ModelConfig;
 use kandinsky_core::{Error, Result};
 
 use crate::attention_processor::{NormKind, SPATIAL_NORM_GROUPS};
@@ -206,9 +207,11 @@ impl VQModelConfig {
             other => Err(Error::unsupported("norm_type", other, "group, spatial")),
         }
     }
+}
 
+impl ModelConfig for VQModelConfig {
     /// Check every value this implementation depends on.
-    pub fn validate(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         let levels = self.block_out_channels.len();
         if levels == 0 {
             return Err(Error::unsupported(
@@ -346,9 +349,7 @@ impl VQModel {
     /// Load a diffusers `movq/` folder (`config.json` + safetensors weights).
     pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
         let dir = ComponentDir::new(dir)?;
-        let cfg: VQModelConfig = dir.read_config("config.json")?;
-        let config_path = dir.path().join("config.json");
-        cfg.validate().map_err(|e| e.in_file(&config_path))?;
+        let cfg = VQModelConfig::from_dir(&dir)?;
         dir.checkpoint(WeightVariant::Default)?
             .build(dtype, device, |vb| Self::new(vb, &cfg))
     }

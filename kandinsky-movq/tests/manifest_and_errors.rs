@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Tensor};
 use kandinsky_core::manifest::{record_requests, Manifest};
 use kandinsky_core::testing::fixtures_dir;
 use kandinsky_core::Error;
+use kandinsky_core::ModelConfig;
 use kandinsky_movq::{rgb8_to_tensor, tensor_to_rgb8, Rgb8Image, VQModel, VQModelConfig};
 
 fn real_config() -> anyhow::Result<VQModelConfig> {

@@ -9,6 +9,7 @@ use kandinsky_core::embeddings::{timestep_embedding, TimestepEmbedding};
 use kandinsky_core::loading::{ComponentDir, WeightVariant};
 use kandinsky_core::nn::{layer_norm, layer_norm_f32, linear, Activation, LayerNorm, Linear};
 use kandinsky_core::traits::{EmbeddingPrior, PriorCondition};
+use kandinsky_core::ModelConfig;
 use kandinsky_core::{Error, Result};
 use serde::Deserialize;
 
@@ -135,16 +136,45 @@ fn optional_layer_norm(field: &str, value: &Option<String>) -> Result<bool> {
 }
 
 impl PriorTransformerConfig {
-    /// Read and validate `config.json` of a prior component folder.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = kandinsky_core::loading::read_json(path)?;
-        cfg.validate().map_err(|e| e.in_file(path))?;
-        Ok(cfg)
+    /// `num_attention_heads · attention_head_dim`.
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
     }
 
+    /// Width of the pooled text embedding input.
+    pub fn proj_embedding_dim(&self) -> usize {
+        self.embedding_proj_dim.unwrap_or(self.embedding_dim)
+    }
+
+    /// Width of the predicted embedding.
+    pub fn output_dim(&self) -> usize {
+        self.clip_embed_dim.unwrap_or(self.embedding_dim)
+    }
+
+    /// Sequence length: text tokens + additional tokens.
+    pub fn seq_len(&self) -> usize {
+        self.num_embeddings + self.additional_embeddings
+    }
+
+    fn time_embed_act(&self) -> Result<Activation> {
+        // diffusers' `get_activation` accepts swish/silu/mish/gelu/relu; the last two have no
+        // shared implementation here.
+        match self.time_embed_act_fn.as_str() {
+            "silu" | "swish" => Ok(Activation::Silu),
+            "gelu" => Ok(Activation::Gelu),
+            other => Err(Error::unsupported(
+                "time_embed_act_fn",
+                other,
+                "\"silu\", \"swish\", \"gelu\"",
+            )),
+        }
+    }
+}
+
+impl ModelConfig for PriorTransformerConfig {
     /// Reject values this implementation does not support (with the field and the
     /// supported values named).
-    pub fn validate(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         for (field, v) in [
             ("num_attention_heads", self.num_attention_heads),
             ("attention_head_dim", self.attention_head_dim),
@@ -191,40 +221,6 @@ impl PriorTransformerConfig {
             ));
         }
         Ok(())
-    }
-
-    /// `num_attention_heads · attention_head_dim`.
-    pub fn inner_dim(&self) -> usize {
-        self.num_attention_heads * self.attention_head_dim
-    }
-
-    /// Width of the pooled text embedding input.
-    pub fn proj_embedding_dim(&self) -> usize {
-        self.embedding_proj_dim.unwrap_or(self.embedding_dim)
-    }
-
-    /// Width of the predicted embedding.
-    pub fn output_dim(&self) -> usize {
-        self.clip_embed_dim.unwrap_or(self.embedding_dim)
-    }
-
-    /// Sequence length: text tokens + additional tokens.
-    pub fn seq_len(&self) -> usize {
-        self.num_embeddings + self.additional_embeddings
-    }
-
-    fn time_embed_act(&self) -> Result<Activation> {
-        // diffusers' `get_activation` accepts swish/silu/mish/gelu/relu; the last two have no
-        // shared implementation here.
-        match self.time_embed_act_fn.as_str() {
-            "silu" | "swish" => Ok(Activation::Silu),
-            "gelu" => Ok(Activation::Gelu),
-            other => Err(Error::unsupported(
-                "time_embed_act_fn",
-                other,
-                "\"silu\", \"swish\", \"gelu\"",
-            )),
-        }
     }
 }
 
@@ -311,7 +307,7 @@ impl PriorTransformer {
     /// Load a prior component folder (`config.json` + safetensors weights).
     pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
         let dir = ComponentDir::new(dir)?;
-        let cfg = PriorTransformerConfig::from_file(&dir.path().join("config.json"))?;
+        let cfg = PriorTransformerConfig::from_dir(&dir)?;
         dir.checkpoint(WeightVariant::Default)?
             .build(dtype, device, |vb| Self::new(vb, &cfg))
     }

@@ -5,6 +5,7 @@ use anyhow::Result;
 use kandinsky_core::manifest::{record_requests, Manifest};
 use kandinsky_core::testing::fixtures_dir;
 use kandinsky_core::Error;
+use kandinsky_core::ModelConfig;
 use kandinsky_prior::{PriorTransformer, PriorTransformerConfig};
 
 /// The hub's 252-byte `kandinsky-2-2-prior/prior/config.json` (REFERENCE.md §1.4).

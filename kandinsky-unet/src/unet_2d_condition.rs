@@ -10,6 +10,7 @@ use kandinsky_core::embeddings::{timestep_embedding, TimestepEmbedding};
 use kandinsky_core::loading::{ComponentDir, WeightVariant};
 use kandinsky_core::nn::{group_norm, Activation, Conv2dConfig, GroupNorm};
 use kandinsky_core::traits::{Denoiser, DenoiserCondition};
+use kandinsky_core::ModelConfig;
 use kandinsky_core::{Error, Result};
 use serde::Deserialize;
 
@@ -311,19 +312,6 @@ fn require<T: std::fmt::Debug + PartialEq>(
 }
 
 impl UNet2DConditionConfig {
-    /// Read `config.json` from a component folder.
-    pub fn from_dir(dir: &ComponentDir) -> Result<Self> {
-        let path = dir.path().join("config.json");
-        let cfg: Self = dir.read_config("config.json")?;
-        cfg.validate().map_err(|e| e.in_file(&path))?;
-        Ok(cfg)
-    }
-
-    /// Check that every value is one kandinsky-rs implements.
-    pub fn validate(&self) -> Result<()> {
-        self.plan().map(|_| ())
-    }
-
     /// The additive time-embedding term.
     pub fn addition_embed_type(&self) -> Result<AdditionEmbedType> {
         match self.addition_embed_type.as_deref() {
@@ -575,6 +563,13 @@ impl UNet2DConditionConfig {
             addition,
             time_embed_dim,
         })
+    }
+}
+
+impl ModelConfig for UNet2DConditionConfig {
+    /// Check that every value is one kandinsky-rs implements.
+    fn validate(&self) -> Result<()> {
+        self.plan().map(|_| ())
     }
 }
 

@@ -6,6 +6,7 @@ use kandinsky_core::loading::read_json;
 use kandinsky_core::testing::fixtures_dir;
 use kandinsky_core::traits::{Denoiser, DenoiserCondition};
 use kandinsky_core::Error;
+use kandinsky_core::ModelConfig;
 use kandinsky_unet::{
     AdditionEmbedType, EncoderHidDimType, UNet2DConditionConfig, UNet2DConditionModel,
 };
