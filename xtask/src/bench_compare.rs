@@ -420,9 +420,7 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
         writeln!(
             s,
             "- both processes ran with `GLIBC_TUNABLES={KEEP_TUNABLES}` (freed memory is \
-             reused, not returned to the kernel and page-faulted in again). The peak columns \
-             are NOT reliable in this mode: the kernel folds the resident set into VmHWM when \
-             memory is unmapped, which this mode avoids, so VmHWM can miss the true peak"
+             reused, not returned to the kernel and page-faulted in again)"
         )?;
     }
     writeln!(
