@@ -8,6 +8,8 @@ mod run;
 use clap::Parser;
 
 fn main() {
+    // Large CPU intermediates are reused instead of page-faulted in again on every step.
+    kandinsky_core::device::keep_freed_memory();
     let cli = args::Cli::parse();
     let _guard = progress::init_tracing(cli.tracing.as_deref());
     if let Err(e) = run::run(cli) {

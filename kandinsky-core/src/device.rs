@@ -41,6 +41,25 @@ pub fn best_device() -> Device {
     Device::new_cuda(0).unwrap_or(Device::Cpu)
 }
 
+/// Make glibc keep freed memory for reuse instead of handing it back to the kernel.
+///
+/// By default glibc serves every allocation above 32 MiB with its own `mmap` and unmaps it
+/// on free, so each large intermediate of a forward pass is page-faulted and zero-filled by
+/// the kernel again: on the CPU that cost more than the arithmetic in attention (98k page
+/// faults per call) and 31% of a MoVQ decode (benches/RESULTS.md, "CPU profile"). This sets
+/// `M_MMAP_MAX = 0` (no per-allocation mappings) and a 2 GiB trim threshold. It changes the
+/// whole process's allocator, so only binaries call it, once at start-up (the `kandinsky`
+/// CLI and the bench runners do); libraries never do. A no-op outside Linux/glibc.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator parameters; it is called before the program
+    // allocates anything large and takes plain integers.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -422,6 +422,14 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
             "- both processes ran with `GLIBC_TUNABLES={KEEP_TUNABLES}` (freed memory is \
              reused, not returned to the kernel and page-faulted in again)"
         )?;
+    } else {
+        writeln!(
+            s,
+            "- allocator: the kandinsky-rs runner calls `kandinsky_core::device::keep_freed_memory()` \
+             at start-up as the `kandinsky` CLI does (glibc keeps freed memory for reuse); the \
+             PyTorch process runs with glibc's defaults (`--keep-freed-memory` gives both the \
+             same setting)"
+        )?;
     }
     writeln!(
         s,

@@ -171,6 +171,11 @@ fn main() -> Result<()> {
     };
     let reps = arg_value(&args, "--reps")?.unwrap_or(3).max(1);
     let warmup = arg_value(&args, "--warmup")?.unwrap_or(1);
+    // As the `kandinsky` CLI does (see kandinsky_core::device::keep_freed_memory); the
+    // PyTorch side keeps glibc's defaults unless bench-compare runs with --keep-freed-memory.
+    if std::env::var_os("KANDINSKY_DEFAULT_MALLOC").is_none() {
+        kandinsky_core::device::keep_freed_memory();
+    }
     let dev = Device::Cpu;
     let rss_start = proc_status_mib("VmRSS:");
     let t0 = Instant::now();
