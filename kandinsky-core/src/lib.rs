@@ -14,6 +14,7 @@
 
 pub mod attention;
 mod cpu_attention;
+pub mod cpu_conv;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;

@@ -11,10 +11,14 @@
 //! tiled CPU kernel for a 128-channel 256² map, and bit-identical to it).
 //! The nearest-2× upsampling of `Upsample2D` is fused in the same way
 //! ([`Conv2d::forward_upsample2x`]), so the 4× larger upsampled map never exists.
+//! On the CPU, the 3×3 stride-1 convolutions go further with kandinsky-core's
+//! [`PackedConv3x3`] (no im2col matrix at all, weight arranged once at load; same banding).
 
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use kandinsky_core::cpu_conv::PackedConv3x3;
+use kandinsky_core::nn::use_fused_kernels;
 use kandinsky_core::Result;
 
 /// Largest im2col matrix (bytes) of one band.
@@ -46,8 +50,76 @@ impl Padding {
 }
 
 /// A 2-D convolution with bias (`weight [out, in, k, k]`, `bias [out]`).
+///
+/// On the CPU the 3×3 stride-1 padding-1 convolutions (almost all of the decoder's time) keep
+/// their weight pre-arranged from load and run kandinsky-core's [`PackedConv3x3`] (implicit
+/// GEMM over the padded width, memory bounded by bands as well, the 2× upsampling fused);
+/// the rest (1×1, the encoder's stride-2 downsampling, CUDA, or `KANDINSKY_PLAIN_KERNELS=1`
+/// read at load) use the banded im2col path below.
 #[derive(Debug, Clone)]
-pub struct Conv2d {
+pub struct Conv2d(ConvKind);
+
+#[derive(Debug, Clone)]
+enum ConvKind {
+    Banded(BandedConv),
+    /// Only the packed copy is kept (the candle weight is dropped after packing).
+    Packed3x3(PackedConv3x3),
+}
+
+impl Conv2d {
+    /// Load `weight` and `bias` of a `kernel`×`kernel` convolution.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: Padding,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let packable = kernel == 3
+            && stride == 1
+            && padding == Padding::same(1)
+            && vb.device().is_cpu()
+            // f64 stays exact on the banded path; the packed kernel computes in f32.
+            && vb.dtype() != DType::F64
+            && use_fused_kernels();
+        let conv = BandedConv::new(in_channels, out_channels, kernel, stride, padding, vb)?;
+        if !packable {
+            return Ok(Self(ConvKind::Banded(conv)));
+        }
+        let packed = PackedConv3x3::new(&conv.weight, Some(&conv.bias))?;
+        Ok(Self(ConvKind::Packed3x3(packed)))
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        match &self.0 {
+            ConvKind::Banded(c) => c.out_channels(),
+            ConvKind::Packed3x3(p) => p.out_channels(),
+        }
+    }
+
+    /// Convolve `x` `[B, C, H, W]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.0 {
+            ConvKind::Banded(c) => c.forward(x),
+            ConvKind::Packed3x3(p) => p.forward(x),
+        }
+    }
+
+    /// `conv(nearest_upsample_2x(x))` without materialising the upsampled map
+    /// (requires stride 1 and symmetric padding, as `Upsample2D`'s convolution has).
+    pub fn forward_upsample2x(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.0 {
+            ConvKind::Banded(c) => c.forward_upsample2x(x),
+            ConvKind::Packed3x3(p) => p.forward_upsample2x(x),
+        }
+    }
+}
+
+/// The banded im2col convolution (any kernel, stride and padding).
+#[derive(Debug, Clone)]
+struct BandedConv {
     weight: Tensor,
     bias: Tensor,
     kernel: usize,
@@ -55,9 +127,9 @@ pub struct Conv2d {
     padding: Padding,
 }
 
-impl Conv2d {
+impl BandedConv {
     /// Load `weight` and `bias` of a `kernel`×`kernel` convolution.
-    pub fn new(
+    fn new(
         in_channels: usize,
         out_channels: usize,
         kernel: usize,

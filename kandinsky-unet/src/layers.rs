@@ -7,7 +7,8 @@
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
-use kandinsky_core::nn::Conv2dConfig;
+use kandinsky_core::cpu_conv::PackedConv3x3;
+use kandinsky_core::nn::{use_fused_kernels, Conv2dConfig};
 
 /// True when `x` needs the f32 detour (bf16 on the CPU).
 pub fn needs_f32(x: &Tensor) -> bool {
@@ -37,8 +38,20 @@ impl Module for Linear {
 }
 
 /// A 2-D convolution with bias.
+///
+/// On the CPU, 3×3 stride-1 padding-1 convolutions (all but the shortcuts, the hint block's
+/// downsampling and the 1×1s) keep their weight pre-arranged from load and run
+/// [`PackedConv3x3`]: candle 0.11.1 rebuilds the weight matrix and a full im2col matrix on
+/// every call. `KANDINSKY_PLAIN_KERNELS=1` (read at load) keeps candle's kernel everywhere.
 #[derive(Debug, Clone)]
-pub struct Conv2d(candle_nn::Conv2d);
+pub struct Conv2d(ConvKind);
+
+#[derive(Debug, Clone)]
+enum ConvKind {
+    Candle(candle_nn::Conv2d),
+    /// Only the packed copy is kept (the candle weight is dropped after packing).
+    Packed3x3(PackedConv3x3),
+}
 
 /// Load `weight [out, in, k, k]`/`bias [out]` of a convolution.
 pub fn conv2d(
@@ -48,23 +61,37 @@ pub fn conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
-    Ok(Conv2d(candle_nn::conv2d(
-        in_channels,
-        out_channels,
-        kernel,
-        cfg,
-        vb,
-    )?))
+    let packable = kernel == 3
+        && cfg.padding == 1
+        && cfg.stride == 1
+        && cfg.dilation == 1
+        && cfg.groups == 1
+        && vb.device().is_cpu()
+        // f64 stays exact in candle; the packed kernel computes in f32.
+        && vb.dtype() != DType::F64
+        && use_fused_kernels();
+    let conv = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
+    if !packable {
+        return Ok(Conv2d(ConvKind::Candle(conv)));
+    }
+    let packed =
+        PackedConv3x3::new(conv.weight(), conv.bias()).map_err(candle_core::Error::wrap)?;
+    Ok(Conv2d(ConvKind::Packed3x3(packed)))
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let conv = match &self.0 {
+            // Computes in f32 and returns x's dtype (errors off the CPU).
+            ConvKind::Packed3x3(p) => return p.forward(x).map_err(candle_core::Error::wrap),
+            ConvKind::Candle(c) => c,
+        };
         if !needs_f32(x) {
-            return self.0.forward(x);
+            return conv.forward(x);
         }
-        let w = self.0.weight().to_dtype(DType::F32)?;
-        let b = self.0.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
-        candle_nn::Conv2d::new(w, b, *self.0.config())
+        let w = conv.weight().to_dtype(DType::F32)?;
+        let b = conv.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        candle_nn::Conv2d::new(w, b, *conv.config())
             .forward(&x.to_dtype(DType::F32)?)?
             .to_dtype(DType::BF16)
     }
