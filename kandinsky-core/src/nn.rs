@@ -107,37 +107,141 @@ impl GroupNorm {
         self.weight.dims1().unwrap_or(0)
     }
 
-    /// Normalise `x` of shape `[B, C, ...]`: the fused CUDA kernel on a GPU, else the plain
-    /// path (statistics in f32, one pass for the mean, one for the variance).
+    /// Normalise `x` of shape `[B, C, ...]`: the fused CUDA kernel on a GPU, the fused CPU
+    /// loop (`cpu_norm`) on the CPU, else (`KANDINSKY_PLAIN_KERNELS`) the plain path.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && x.rank() >= 3 && use_fused_kernels() {
-            return crate::cuda::group_norm(
-                x,
-                &self.weight,
-                &self.bias,
-                self.groups,
-                self.eps,
-                false,
-            );
-        }
-        self.forward_plain(x)
+        self.forward_modulated(x, None, false)
     }
 
     /// `silu(GroupNorm(x))` in one pass where a fused kernel exists.
     pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_modulated(x, None, true)
+    }
+
+    /// `[silu](GroupNorm(x) [· scale + shift])`: the modulation and the SiLU applied in the
+    /// same output pass on the CPU (one read of `x` for the statistics, one read and one
+    /// write for the output, instead of ~10 candle ops). Elsewhere, or with
+    /// `KANDINSKY_PLAIN_KERNELS`, the same sequence of candle ops.
+    pub fn forward_modulated(
+        &self,
+        x: &Tensor,
+        modulation: Option<NormModulation<'_>>,
+        silu: bool,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(m) = modulation {
+            m.check(x)?;
+        }
+        if x.device().is_cpu() && use_fused_kernels() {
+            if let Some(y) = self.forward_cpu(x, modulation, silu)? {
+                return Ok(y);
+            }
+        }
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && x.rank() >= 3 && use_fused_kernels() {
+        if x.device().is_cuda() && x.rank() >= 3 && use_fused_kernels() && modulation.is_none() {
             return crate::cuda::group_norm(
                 x,
                 &self.weight,
                 &self.bias,
                 self.groups,
                 self.eps,
-                true,
+                silu,
             );
         }
-        self.forward_plain(x)?.silu()
+        #[cfg(feature = "cuda")]
+        let y = if x.device().is_cuda() && x.rank() >= 3 && use_fused_kernels() {
+            crate::cuda::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)?
+        } else {
+            self.forward_plain(x)?
+        };
+        #[cfg(not(feature = "cuda"))]
+        let y = self.forward_plain(x)?;
+        let y = match modulation {
+            None => y,
+            Some(m) => m.apply_plain(&y)?,
+        };
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// The fused CPU path; `None` where it does not apply (dtype, empty tensor).
+    fn forward_cpu(
+        &self,
+        x: &Tensor,
+        modulation: Option<NormModulation<'_>>,
+        silu: bool,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dims = x.dims();
+        if dims.len() < 3 || x.elem_count() == 0 || !crate::cpu_norm::supports(x.dtype()) {
+            return Ok(None);
+        }
+        let (b, c) = (dims[0], dims[1]);
+        if c != self.channels() {
+            candle_core::bail!(
+                "GroupNorm of {} channels got a tensor of shape {dims:?}",
+                self.channels()
+            );
+        }
+        let hw = if dims.len() == 4 {
+            (dims[2], dims[3])
+        } else {
+            (1, dims[2..].iter().product())
+        };
+        let host = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+        };
+        let (gamma, beta) = (host(&self.weight)?, host(&self.bias)?);
+        let x = x.contiguous()?;
+        let params = crate::cpu_norm::Params {
+            b,
+            c,
+            groups: self.groups,
+            hw,
+            eps: self.eps,
+            gamma: &gamma,
+            beta: &beta,
+            silu,
+        };
+        use crate::cpu_norm::{f32_slice, group_norm, CpuModulation};
+        match modulation {
+            None => group_norm(&x, &params, CpuModulation::None),
+            Some(NormModulation::ScaleShift { scale, shift }) => {
+                // [B·C] values each: copies are negligible.
+                let scale = host(&(scale + 1.0)?)?;
+                let shift = host(shift)?;
+                group_norm(
+                    &x,
+                    &params,
+                    CpuModulation::Channel {
+                        scale: &scale,
+                        shift: &shift,
+                    },
+                )
+            }
+            Some(NormModulation::Spatial { scale, shift }) => {
+                // Full-size maps at the latent's resolution: read in place when f32.
+                let (_, _, mh, mw) = scale.dims4()?;
+                let s = scale.to_dtype(DType::F32)?.contiguous()?;
+                let t = shift.to_dtype(DType::F32)?.contiguous()?;
+                let (s_store, s_layout) = s.storage_and_layout();
+                let (t_store, t_layout) = t.storage_and_layout();
+                match (f32_slice(&s_store, s_layout), f32_slice(&t_store, t_layout)) {
+                    (Some(scale), Some(shift)) => group_norm(
+                        &x,
+                        &params,
+                        CpuModulation::Spatial {
+                            scale,
+                            shift,
+                            mh,
+                            mw,
+                        },
+                    ),
+                    _ => Ok(None),
+                }
+            }
+        }
     }
 
     /// The reference path: statistics in f32, affine in f32, cast back.
@@ -171,6 +275,89 @@ impl GroupNorm {
     }
 }
 
+/// A modulation applied after a GroupNorm, fused into its output pass on the CPU.
+#[derive(Debug, Clone, Copy)]
+pub enum NormModulation<'a> {
+    /// `y·(1 + scale) + shift`, `scale` and `shift` of `B·C` elements (`[B, C]`,
+    /// `[B, C, 1, 1]`, …): diffusers' `scale_shift` time conditioning of a ResNet block.
+    ScaleShift {
+        /// Added to 1, then multiplies the normalised map.
+        scale: &'a Tensor,
+        /// Added afterwards.
+        shift: &'a Tensor,
+    },
+    /// `y·scale + shift` with maps `[B, C, h, w]` whose `h`, `w` divide the map's `H`, `W`
+    /// (nearest-neighbour upsampled): MoVQ's `SpatialNorm` (its 1×1 convolutions of the latent).
+    Spatial {
+        /// Multiplies the normalised map.
+        scale: &'a Tensor,
+        /// Added afterwards.
+        shift: &'a Tensor,
+    },
+}
+
+impl NormModulation<'_> {
+    /// Shapes against the map `x` `[B, C, ...]`.
+    fn check(&self, x: &Tensor) -> candle_core::Result<()> {
+        let dims = x.dims();
+        match self {
+            Self::ScaleShift { scale, shift } => {
+                let (b, c) = (dims.first().copied(), dims.get(1).copied());
+                for t in [scale, shift] {
+                    let d = t.dims();
+                    let per_channel = d.len() >= 2
+                        && Some(d[0]) == b
+                        && Some(d[1]) == c
+                        && d[2..].iter().all(|&n| n == 1);
+                    if !per_channel {
+                        candle_core::bail!(
+                            "GroupNorm scale-shift: {d:?} is not per channel of a map {dims:?}"
+                        );
+                    }
+                }
+            }
+            Self::Spatial { scale, shift } => {
+                let (b, c, h, w) = x.dims4()?;
+                let (sb, sc, mh, mw) = scale.dims4()?;
+                if shift.dims() != scale.dims()
+                    || sb != b
+                    || sc != c
+                    || mh == 0
+                    || mw == 0
+                    || h % mh != 0
+                    || w % mw != 0
+                {
+                    candle_core::bail!(
+                        "GroupNorm modulation {:?} / {:?} does not divide the map {dims:?}",
+                        scale.dims(),
+                        shift.dims()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The candle-op version, on the normalised map `y`.
+    fn apply_plain(&self, y: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = y.dims();
+        match self {
+            Self::ScaleShift { scale, shift } => {
+                let mut shape = vec![1usize; dims.len()];
+                shape[..2].copy_from_slice(&dims[..2]);
+                let scale = scale.to_dtype(y.dtype())?.reshape(shape.as_slice())?;
+                let shift = shift.to_dtype(y.dtype())?.reshape(shape.as_slice())?;
+                y.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)
+            }
+            Self::Spatial { scale, shift } => {
+                let (_, _, h, w) = y.dims4()?;
+                let up = |t: &Tensor| t.to_dtype(y.dtype())?.upsample_nearest2d(h, w);
+                y.mul(&up(scale)?)?.add(&up(shift)?)
+            }
+        }
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         GroupNorm::forward(self, x)
@@ -190,4 +377,163 @@ pub fn layer_norm_f32(ln: &LayerNorm, x: &Tensor) -> candle_core::Result<Tensor>
         None => LayerNorm::new_no_bias(w, ln.eps()),
     };
     ln32.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn norm(groups: usize, c: usize, eps: f64) -> anyhow::Result<GroupNorm> {
+        let dev = Device::Cpu;
+        let w = (Tensor::randn(0f32, 0.5, c, &dev)? + 1.0)?;
+        let b = Tensor::randn(0f32, 0.5, c, &dev)?;
+        Ok(GroupNorm::from_parts(w, b, groups, eps)?)
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
+        Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?)
+    }
+
+    /// Shapes `[B, C, H, W]` with groups: 1 / 4 / 32 groups, odd sizes, batch 1 and 2.
+    const CASES: [(usize, usize, usize, usize, usize); 6] = [
+        (1, 4, 5, 7, 1),
+        (2, 8, 3, 9, 4),
+        (1, 64, 17, 13, 32),
+        (2, 96, 8, 8, 32),
+        (2, 32, 1, 1, 32),
+        (1, 12, 31, 33, 4),
+    ];
+
+    #[test]
+    fn fused_equals_plain() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        for (b, c, h, w, g) in CASES {
+            let gn = norm(g, c, 1e-5)?;
+            // A non-zero mean, as real activations have.
+            let x = (Tensor::randn(0f32, 3.0, (b, c, h, w), &dev)? + 2.0)?;
+            let plain = gn.forward_plain(&x)?;
+            let fused = gn.forward_cpu(&x, None, false)?.expect("f32 is fused");
+            // Same formula, f64 statistics vs candle's f32 sums: ~1e-6 at these sizes.
+            let d = max_abs(&fused, &plain)?;
+            assert!(d <= 1e-5, "{b}x{c}x{h}x{w}/{g}: max abs diff {d}");
+            let fused = gn.forward_cpu(&x, None, true)?.expect("f32 is fused");
+            let d = max_abs(&fused, &plain.silu()?)?;
+            assert!(d <= 1e-5, "{b}x{c}x{h}x{w}/{g} silu: max abs diff {d}");
+            // Rank 3 (the UNet attention's [B, C, HW] view).
+            let x3 = x.reshape((b, c, h * w))?;
+            let fused = gn.forward_cpu(&x3, None, false)?.expect("f32 is fused");
+            let d = max_abs(&fused, &gn.forward_plain(&x3)?)?;
+            assert!(d <= 1e-5, "rank 3: max abs diff {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_scale_shift_equals_plain() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        for (b, c, h, w, g) in CASES {
+            let gn = norm(g, c, 1e-5)?;
+            let x = Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?;
+            // As the UNet passes them: narrowed halves of one [B, 2C, 1, 1] projection.
+            let temb = Tensor::randn(0f32, 0.5, (b, 2 * c, 1, 1), &dev)?;
+            let (scale, shift) = (temb.narrow(1, 0, c)?, temb.narrow(1, c, c)?);
+            let m = NormModulation::ScaleShift {
+                scale: &scale,
+                shift: &shift,
+            };
+            let plain = m.apply_plain(&gn.forward_plain(&x)?)?;
+            for silu in [false, true] {
+                let fused = gn.forward_cpu(&x, Some(m), silu)?.expect("f32 is fused");
+                let want = if silu { plain.silu()? } else { plain.clone() };
+                let d = max_abs(&fused, &want)?;
+                // The affine and the scale-shift folded into one multiply-add: a few ulps.
+                assert!(
+                    d <= 1e-5,
+                    "{b}x{c}x{h}x{w}/{g} silu={silu}: max abs diff {d}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_spatial_equals_plain() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        for (b, c, h, w, g, mh, mw) in [
+            (1, 64, 12, 8, 32, 3, 2),
+            (2, 8, 9, 15, 4, 9, 15),
+            (1, 4, 6, 6, 1, 1, 1),
+        ] {
+            let gn = norm(g, c, 1e-6)?;
+            let x = (Tensor::randn(0f32, 2.0, (b, c, h, w), &dev)? - 1.0)?;
+            let s = Tensor::randn(0f32, 1.0, (b, c, mh, mw), &dev)?;
+            let t = Tensor::randn(0f32, 1.0, (b, c, mh, mw), &dev)?;
+            let m = NormModulation::Spatial {
+                scale: &s,
+                shift: &t,
+            };
+            let plain = m.apply_plain(&gn.forward_plain(&x)?)?;
+            for silu in [false, true] {
+                let fused = gn.forward_cpu(&x, Some(m), silu)?.expect("f32 is fused");
+                let want = if silu { plain.silu()? } else { plain.clone() };
+                let d = max_abs(&fused, &want)?;
+                assert!(
+                    d <= 1e-5,
+                    "{b}x{c}x{h}x{w}/{g} silu={silu}: max abs diff {d}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn half_precision_in_half_precision_out() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let gn = norm(4, 16, 1e-5)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 16, 5, 6), &dev)?;
+        for (dt, bits) in [(DType::BF16, 8), (DType::F16, 11)] {
+            let xh = x.to_dtype(dt)?;
+            let fused = gn.forward_cpu(&xh, None, true)?.expect("half is fused");
+            assert_eq!(fused.dtype(), dt);
+            // The f32 result of the same (rounded) input, rounded once at the end: within half
+            // an ulp, i.e. |Δ| ≤ 2^-bits·|y| (+1e-6 for the f32 arithmetic).
+            let want = gn.forward_plain(&xh.to_dtype(DType::F32)?)?.silu()?;
+            let excess = ((fused.to_dtype(DType::F32)? - &want)?.abs()?
+                - (want.abs()? * (0.5f64).powi(bits))?)?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(excess <= 1e-6, "{dt:?}: beyond half an ulp by {excess}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn dispatch_and_bad_shapes() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let gn = norm(4, 8, 1e-5)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 8, 4, 4), &dev)?;
+        // `forward` takes the fused path unless KANDINSKY_PLAIN_KERNELS is set; either way
+        // it equals the reference.
+        assert!(max_abs(&gn.forward(&x)?, &gn.forward_plain(&x)?)? <= 1e-5);
+        let wrong = Tensor::zeros((2, 8, 3, 3), DType::F32, &dev)?;
+        let m = NormModulation::Spatial {
+            scale: &wrong,
+            shift: &wrong,
+        };
+        assert!(gn.forward_modulated(&x, Some(m), true).is_err());
+        let m = NormModulation::ScaleShift {
+            scale: &wrong,
+            shift: &wrong,
+        };
+        assert!(gn.forward_modulated(&x, Some(m), false).is_err());
+        let y = Tensor::zeros((2, 6, 4, 4), DType::F32, &dev)?;
+        assert!(gn.forward(&y).is_err());
+        Ok(())
+    }
 }

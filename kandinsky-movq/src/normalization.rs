@@ -11,7 +11,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use kandinsky_core::nn::Activation;
+use kandinsky_core::nn::{Activation, NormModulation};
 use kandinsky_core::{Error, Result};
 
 /// Bands hold about this many bytes of f32.
@@ -95,6 +95,25 @@ impl GroupNorm {
             .reshape((b, c, 1, 1))
     }
 
+    /// Integer up-scaling factors `(H / h, W / w)` of the modulation maps; an error when
+    /// they do not divide the map.
+    fn upscale(x: &Tensor, modulation: Option<Modulation<'_>>) -> Result<(usize, usize)> {
+        let (_, _, h, w) = x.dims4()?;
+        let Some(m) = modulation else {
+            return Ok((1, 1));
+        };
+        let (_, _, mh, mw) = m.scale.dims4()?;
+        if mh == 0 || mw == 0 || h % mh != 0 || w % mw != 0 || m.shift.dims() != m.scale.dims() {
+            return Err(Error::invalid(format!(
+                "modulation {:?} / {:?} does not divide the map {:?}",
+                m.scale.dims(),
+                m.shift.dims(),
+                x.dims()
+            )));
+        }
+        Ok((h / mh, w / mw))
+    }
+
     /// `act(group_norm(x)) [· scale + shift]` for `x` `[B, C, H, W]`, in the dtype of `x`.
     pub fn forward(
         &self,
@@ -102,8 +121,7 @@ impl GroupNorm {
         modulation: Option<Modulation<'_>>,
         act: Option<Activation>,
     ) -> Result<Tensor> {
-        let dims = x.dims4()?;
-        let (b, c, h, w) = dims;
+        let (_, c, _, _) = x.dims4()?;
         if c != self.channels() {
             return Err(Error::invalid(format!(
                 "GroupNorm of {} channels got a map of shape {:?}",
@@ -111,24 +129,27 @@ impl GroupNorm {
                 x.dims()
             )));
         }
-        // Integer up-scaling factors of the modulation maps.
-        let (sh, sw) = match modulation {
-            Some(m) => {
-                let (_, _, mh, mw) = m.scale.dims4()?;
-                if mh == 0 || mw == 0 || h % mh != 0 || w % mw != 0 {
-                    return Err(Error::invalid(format!(
-                        "modulation {:?} does not divide the map {:?}",
-                        m.scale.dims(),
-                        x.dims()
-                    )));
-                }
-                (h / mh, w / mw)
-            }
-            None => (1, 1),
-        };
+        Self::upscale(x, modulation)?;
         if !x.device().is_cpu() {
             return self.forward_device(x, modulation, act);
         }
+        if kandinsky_core::nn::use_fused_kernels() {
+            return self.forward_fused(x, modulation, act);
+        }
+        self.forward_banded(x, modulation, act)
+    }
+
+    /// The CPU path with candle ops, band by band (what `KANDINSKY_PLAIN_KERNELS` selects);
+    /// public so that benchmarks can compare it with the fused path of [`Self::forward`].
+    pub fn forward_banded(
+        &self,
+        x: &Tensor,
+        modulation: Option<Modulation<'_>>,
+        act: Option<Activation>,
+    ) -> Result<Tensor> {
+        let dims = x.dims4()?;
+        let (b, c, h, w) = dims;
+        let (sh, sw) = Self::upscale(x, modulation)?;
         let rows = Self::band_rows(dims, sh);
         let per_group = ((c / self.groups) * h * w) as f64;
 
@@ -178,6 +199,33 @@ impl GroupNorm {
 }
 
 impl GroupNorm {
+    /// kandinsky-core's GroupNorm with the modulation and the SiLU inside its output pass
+    /// (the fused CPU loop: no band temporaries, one read for the statistics, one for the
+    /// output); any other activation is applied afterwards.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        modulation: Option<Modulation<'_>>,
+        act: Option<Activation>,
+    ) -> Result<Tensor> {
+        let gn = kandinsky_core::nn::GroupNorm::from_parts(
+            self.weight.clone(),
+            self.bias.clone(),
+            self.groups,
+            self.eps,
+        )?;
+        let m = modulation.map(|m| NormModulation::Spatial {
+            scale: m.scale,
+            shift: m.shift,
+        });
+        let silu = act == Some(Activation::Silu);
+        let y = gn.forward_modulated(x, m, silu)?;
+        Ok(match act {
+            Some(a) if !silu => a.apply(&y)?,
+            _ => y,
+        })
+    }
+
     /// Off the CPU: kandinsky-core's GroupNorm (the fused kernel on CUDA) on the whole map;
     /// the banding is a CPU memory measure.
     fn forward_device(
@@ -230,8 +278,8 @@ mod tests {
         // Several bands: 8 channels × 2 batch × 513 columns × 4 bytes per row.
         let x = (Tensor::randn(0f32, 3.0, (2, 8, 1100, 513), &dev)? + 2.0)?;
         assert!(GroupNorm::band_rows(x.dims4()?, 1) < 1100);
-        let a = ours.forward(&x, None, None)?;
-        let b = core.forward(&x)?;
+        let a = ours.forward_banded(&x, None, None)?;
+        let b = core.forward_plain(&x)?;
         let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         // Same formula, different summation order of 560k-element sums.
         assert!(d < 1e-4, "max abs diff {d}");
@@ -247,7 +295,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (1, 4, 12, 8), &dev)?;
         let s = Tensor::randn(0f32, 1.0, (1, 4, 3, 2), &dev)?;
         let t = Tensor::randn(0f32, 1.0, (1, 4, 3, 2), &dev)?;
-        let fused = ours.forward(
+        let fused = ours.forward_banded(
             &x,
             Some(Modulation {
                 scale: &s,
@@ -256,12 +304,43 @@ mod tests {
             Some(Activation::Silu),
         )?;
         let plain = ours
-            .forward(&x, None, None)?
+            .forward_banded(&x, None, None)?
             .mul(&s.upsample_nearest2d(12, 8)?)?
             .add(&t.upsample_nearest2d(12, 8)?)?
             .silu()?;
         let d = (fused - plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-6, "max abs diff {d}");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_equals_banded() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let ours = GroupNorm::new(32, 64, 1e-6, vb.pp("n"))?;
+        for t in map.all_vars() {
+            t.set(&Tensor::randn(0.5f32, 1.0, t.shape(), &dev)?)?;
+        }
+        let x = (Tensor::randn(0f32, 2.0, (1, 64, 24, 16), &dev)? + 1.0)?;
+        let s = Tensor::randn(0f32, 1.0, (1, 64, 6, 4), &dev)?;
+        let t = Tensor::randn(0f32, 1.0, (1, 64, 6, 4), &dev)?;
+        let m = Modulation {
+            scale: &s,
+            shift: &t,
+        };
+        for (m, act) in [
+            (Some(m), Some(Activation::Silu)),
+            (Some(m), None),
+            (None, Some(Activation::Silu)),
+            (None, Some(Activation::Gelu)),
+        ] {
+            let fused = ours.forward_fused(&x, m, act)?;
+            let banded = ours.forward_banded(&x, m, act)?;
+            let d = (fused - banded)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            // f64 statistics vs banded f32 sums, polynomial vs libm exp: a few ulps.
+            assert!(d < 1e-5, "{act:?}: max abs diff {d}");
+        }
         Ok(())
     }
 }

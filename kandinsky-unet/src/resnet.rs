@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 use candle_nn::{Module, VarBuilder};
-use kandinsky_core::nn::{group_norm, Activation, Conv2dConfig, GroupNorm};
+use kandinsky_core::nn::{group_norm, Activation, Conv2dConfig, GroupNorm, NormModulation};
 use kandinsky_core::Result;
 
 use crate::layers::{conv2d, linear, Conv2d, Linear};
@@ -127,12 +127,16 @@ impl ResnetBlock2D {
             .unsqueeze(3)?;
         let scale = temb.narrow(1, 0, self.out_channels)?;
         let shift = temb.narrow(1, self.out_channels, self.out_channels)?;
-        let h = self
-            .norm2
-            .forward(&h)?
-            .broadcast_mul(&(scale + 1.0)?)?
-            .broadcast_add(&shift)?;
-        let h = self.conv2.forward(&act.apply(&h)?)?;
+        // GroupNorm, ·(1 + scale) + shift and SiLU in one pass on the CPU (fused kernel).
+        let modulation = Some(NormModulation::ScaleShift {
+            scale: &scale,
+            shift: &shift,
+        });
+        let h = match act {
+            Activation::Silu => self.norm2.forward_modulated(&h, modulation, true)?,
+            _ => act.apply(&self.norm2.forward_modulated(&h, modulation, false)?)?,
+        };
+        let h = self.conv2.forward(&h)?;
 
         let residual = match &self.conv_shortcut {
             Some(conv) => conv.forward(&residual)?,

@@ -167,6 +167,27 @@ fn movq_profile(args: &[String]) -> Result<()> {
                 Ok(n.forward(&x, Some(&zq), Some(Activation::Silu))?)
             })?,
         );
+        // The norm alone, with the two 1×1-convolution outputs at latent resolution as
+        // SpatialNorm passes them: the fused CPU loop against the banded candle ops.
+        let gn = kandinsky_movq::normalization::GroupNorm::new(32, c, 1e-6, vb.pp("gn"))?;
+        let ys = Tensor::randn(0f32, 1.0, (1, c, 32, 32), &dev)?;
+        let yb = Tensor::randn(0f32, 1.0, (1, c, 32, 32), &dev)?;
+        let m = Some(kandinsky_movq::normalization::Modulation {
+            scale: &ys,
+            shift: &yb,
+        });
+        let silu = Some(Activation::Silu);
+        let fused = gn.forward(&x, m, silu)?;
+        let banded = gn.forward_banded(&x, m, silu)?;
+        let err = (fused - banded)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        row(
+            "    GN·y+b+SiLU, `forward` (fused CPU loop unless PLAIN_KERNELS)",
+            time(reps, || Ok(gn.forward(&x, m, silu)?))?,
+        );
+        row(
+            &format!("    GN·y+b+SiLU, banded candle ops (diff {err:.0e})"),
+            time(reps, || Ok(gn.forward_banded(&x, m, silu)?))?,
+        );
         let ms = time(reps, || Ok(conv.forward(&x)?))?;
         row(
             &format!("  banded conv 3×3 ({:.0} GFLOP/s)", flops / ms / 1e6),
@@ -285,8 +306,37 @@ fn unet_profile(args: &[String]) -> Result<()> {
             time(reps, || Ok(block.forward(&x, &temb)?))?,
         );
         row(
-            "  GroupNorm + SiLU",
+            "  GroupNorm + SiLU (fused CPU loop unless PLAIN_KERNELS)",
             time(reps, || Ok(gn.forward_silu(&x)?))?,
+        );
+        let err = (gn.forward_silu(&x)? - gn.forward_plain(&x)?.silu()?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        row(
+            &format!("  GroupNorm + SiLU, candle composite (diff {err:.0e})"),
+            time(reps, || Ok(gn.forward_plain(&x)?.silu()?))?,
+        );
+        // The second norm of the block: GroupNorm, ·(1 + scale) + shift, SiLU.
+        let scale = Tensor::randn(0f32, 0.5, (2, c, 1, 1), &dev)?;
+        let shift = Tensor::randn(0f32, 0.5, (2, c, 1, 1), &dev)?;
+        let m = Some(kandinsky_core::nn::NormModulation::ScaleShift {
+            scale: &scale,
+            shift: &shift,
+        });
+        row(
+            "  GroupNorm + scale-shift + SiLU (fused unless PLAIN_KERNELS)",
+            time(reps, || Ok(gn.forward_modulated(&x, m, true)?))?,
+        );
+        row(
+            "  GroupNorm + scale-shift + SiLU, candle composite",
+            time(reps, || {
+                Ok(gn
+                    .forward_plain(&x)?
+                    .broadcast_mul(&(&scale + 1.0)?)?
+                    .broadcast_add(&shift)?
+                    .silu()?)
+            })?,
         );
         let ms = time(reps, || Ok(conv.forward(&x)?))?;
         row(
