@@ -16,6 +16,8 @@
 //! Computes in f32 whatever the input dtype and returns the input's dtype, as the model crates'
 //! CPU convolutions already do for bf16.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -36,8 +38,9 @@ const IM2COL_MAX_WIDTH: usize = 16;
 pub struct PackedConv3x3 {
     /// `[Cout, 9·Cin]` row-major in `(ky, kx, c)` order: tap `t`'s `[Cout, Cin]` matrix starts at
     /// column `t·Cin` (row stride `9·Cin`), and the whole matrix is the im2col weight.
-    weight: Vec<f32>,
-    bias: Option<Vec<f32>>,
+    /// Shared, so that cloning a layer stays as cheap as cloning candle tensors.
+    weight: Arc<[f32]>,
+    bias: Option<Arc<[f32]>>,
     cin: usize,
     cout: usize,
 }
@@ -66,12 +69,12 @@ impl PackedConv3x3 {
                         b.len()
                     )));
                 }
-                Some(b)
+                Some(b.into())
             }
             None => None,
         };
         Ok(Self {
-            weight,
+            weight: weight.into(),
             bias,
             cin,
             cout,
