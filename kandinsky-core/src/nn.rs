@@ -505,9 +505,9 @@ mod tests {
             let want = gn.forward_plain(&xh.to_dtype(DType::F32)?)?.silu()?;
             let excess = ((fused.to_dtype(DType::F32)? - &want)?.abs()?
                 - (want.abs()? * (0.5f64).powi(bits))?)?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
             assert!(excess <= 1e-6, "{dt:?}: beyond half an ulp by {excess}");
         }
         Ok(())
