@@ -113,7 +113,7 @@ fn attend_block(
                 let correction = if row_max[r] == f32::NEG_INFINITY {
                     0.0
                 } else {
-                    exp_scalar(row_max[r] - new_max)
+                    exp_poly(row_max[r] - new_max)
                 };
                 row_max[r] = new_max;
                 row_sum[r] = row_sum[r] * correction + exp_shifted_sum(srow, new_max);
@@ -212,21 +212,17 @@ fn exp_shifted_sum_generic(xs: &mut [f32], shift: f32) -> f32 {
     sum
 }
 
-fn exp_scalar(x: f32) -> f32 {
-    exp_poly(x)
-}
-
-/// `exp(x)` for `x ≤ 0` (softmax arguments), relative error ≈ 1e-7: `2ⁿ · p(r)` with
-/// `n = ⌊x·log₂e + ½⌋`, `r = x − n·ln 2` (split in two constants for precision) and a
-/// degree-6 Taylor polynomial on |r| ≤ ln2/2. Written without branches or libm calls so it
-/// vectorises. Arguments below −87 (where f32 `exp` underflows to denormals) give 0-ish
-/// values that are irrelevant next to the row maximum's 1.
+/// `exp(x)`, relative error ≈ 1e-7 on [−87, 88] (clamped outside, where SiLU is 0 or the
+/// identity to f32 precision anyway): `2ⁿ · p(r)` with `n = ⌊x·log₂e + ½⌋`,
+/// `r = x − n·ln 2` (two-constant split) and a degree-6 Taylor polynomial on |r| ≤ ln2/2.
+/// Branch-free and without libm calls, so it vectorises. Shared by the softmax here and
+/// the fused SiLU of `cpu_norm`.
 #[inline(always)]
-fn exp_poly(x: f32) -> f32 {
+pub(crate) fn exp_poly(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    let x = if x < -87.0 { -87.0 } else { x };
+    let x = x.clamp(-87.0, 88.0);
     let n = (x * LOG2E + 0.5).floor();
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0

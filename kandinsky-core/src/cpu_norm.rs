@@ -349,27 +349,7 @@ fn apply_generic<T: Elem>(
 /// `v·σ(v) = v / (1 + e⁻ᵛ)`.
 #[inline(always)]
 pub(crate) fn silu_f32(v: f32) -> f32 {
-    v / (1.0 + exp_poly(-v))
-}
-
-/// `exp(x)`, relative error ≈ 1e-7 on [−87, 88] (clamped outside, where SiLU is 0 or the
-/// identity to f32 precision anyway): `2ⁿ · p(r)` with `n = ⌊x·log₂e + ½⌋`,
-/// `r = x − n·ln 2` (two-constant split) and a degree-6 Taylor polynomial on |r| ≤ ln2/2.
-/// Branch-free and without libm calls, so it vectorises.
-#[inline(always)]
-fn exp_poly(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + 0.5).floor();
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let bits = ((n as i32 + 127) as u32) << 23;
-    f32::from_bits(bits) * p
+    v / (1.0 + crate::cpu_attention::exp_poly(-v))
 }
 
 /// Whether [`group_norm`] handles tensors of this dtype.
