@@ -187,13 +187,11 @@ impl PriorPipeline {
                         )?;
                         let z = ZeroImageEmbedding::compute(&enc, source)?;
                         if let Some(path) = &cache {
-                            if let Some(parent) = path.parent() {
-                                std::fs::create_dir_all(parent).map_err(|source| Error::Io {
-                                    path: parent.to_path_buf(),
-                                    source,
-                                })?;
+                            // The cache only saves time: a run that cannot write it (read-only
+                            // cache, a full disk) still has the embedding.
+                            if let Err(e) = z.save(path) {
+                                tracing::warn!("zero-image embedding not cached: {e}");
                             }
-                            z.save(path)?;
                         }
                         z.embeds
                     }

@@ -79,8 +79,13 @@ impl ZeroImageEmbedding {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io_err)?;
         }
+        // A temporary name unique to this process and call: two runs (or threads) filling
+        // the same cache at once must not rename each other's file away; the rename itself
+        // is atomic, so readers see the old file or the new one, never a partial one.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
+        tmp.push(format!(".{}-{n}.tmp", std::process::id()));
         std::fs::write(&tmp, bytes).map_err(io_err)?;
         std::fs::rename(&tmp, path).map_err(io_err)
     }

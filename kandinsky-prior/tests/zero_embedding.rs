@@ -187,3 +187,30 @@ fn missing_or_corrupt_cache_is_a_typed_error() -> Result<()> {
     std::fs::remove_dir_all(good.parent().expect("tmp dir"))?;
     Ok(())
 }
+
+#[test]
+fn concurrent_saves_to_one_cache_all_succeed() -> Result<()> {
+    // Two CLI runs filling the same cache at once once failed: both wrote `<cache>.tmp` and
+    // the second rename found it gone. Every writer must succeed and leave a valid file.
+    let enc = fake(DType::F32)?;
+    let z = ZeroImageEmbedding::compute(&enc, "tiny/image_encoder")?;
+    let path = tmp("concurrent", "zero.safetensors");
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| (0..5).try_for_each(|_| z.save(&path))))
+            .collect();
+        for h in handles {
+            h.join().expect("no panic")?;
+        }
+        Ok::<_, Error>(())
+    })?;
+    let back = ZeroImageEmbedding::load_checked(&path, "tiny/image_encoder", 32, &Device::Cpu)?;
+    assert_eq!(back.dims(), &[1, 32]);
+    let left: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left behind: {left:?}");
+    std::fs::remove_dir_all(path.parent().expect("dir"))?;
+    Ok(())
+}
