@@ -130,11 +130,10 @@ impl GroupNorm {
             )));
         }
         Self::upscale(x, modulation)?;
-        if !x.device().is_cpu() {
-            return self.forward_device(x, modulation, act);
-        }
-        if kandinsky_core::nn::use_fused_kernels() {
-            return self.forward_fused(x, modulation, act);
+        // The banding is a CPU memory measure for candle's composite ops; everywhere else
+        // kandinsky-core's GroupNorm (the fused CPU loop or the CUDA kernel) does the work.
+        if !x.device().is_cpu() || kandinsky_core::nn::use_fused_kernels() {
+            return self.forward_core(x, modulation, act);
         }
         self.forward_banded(x, modulation, act)
     }
@@ -199,10 +198,10 @@ impl GroupNorm {
 }
 
 impl GroupNorm {
-    /// kandinsky-core's GroupNorm with the modulation and the SiLU inside its output pass
-    /// (the fused CPU loop: no band temporaries, one read for the statistics, one for the
-    /// output); any other activation is applied afterwards.
-    fn forward_fused(
+    /// kandinsky-core's GroupNorm with the modulation and the SiLU (on the CPU inside its
+    /// one output pass; on CUDA the kernel, then the modulation); any other activation is
+    /// applied afterwards.
+    fn forward_core(
         &self,
         x: &Tensor,
         modulation: Option<Modulation<'_>>,
@@ -223,38 +222,6 @@ impl GroupNorm {
         Ok(match act {
             Some(a) if !silu => a.apply(&y)?,
             _ => y,
-        })
-    }
-
-    /// Off the CPU: kandinsky-core's GroupNorm (the fused kernel on CUDA) on the whole map;
-    /// the banding is a CPU memory measure.
-    fn forward_device(
-        &self,
-        x: &Tensor,
-        modulation: Option<Modulation<'_>>,
-        act: Option<Activation>,
-    ) -> Result<Tensor> {
-        let gn = kandinsky_core::nn::GroupNorm::from_parts(
-            self.weight.clone(),
-            self.bias.clone(),
-            self.groups,
-            self.eps,
-        )?;
-        let (_, _, h, w) = x.dims4()?;
-        let y = match (modulation, act) {
-            (None, Some(Activation::Silu)) => return Ok(gn.forward_silu(x)?),
-            _ => gn.forward(x)?,
-        };
-        let y = match modulation {
-            Some(m) => {
-                let up = |t: &Tensor| t.to_dtype(x.dtype())?.upsample_nearest2d(h, w);
-                y.mul(&up(m.scale)?)?.add(&up(m.shift)?)?
-            }
-            None => y,
-        };
-        Ok(match act {
-            Some(a) => a.apply(&y)?,
-            None => y,
         })
     }
 }
@@ -335,7 +302,7 @@ mod tests {
             (None, Some(Activation::Silu)),
             (None, Some(Activation::Gelu)),
         ] {
-            let fused = ours.forward_fused(&x, m, act)?;
+            let fused = ours.forward_core(&x, m, act)?;
             let banded = ours.forward_banded(&x, m, act)?;
             let d = (fused - banded)?.abs()?.max_all()?.to_scalar::<f32>()?;
             // f64 statistics vs banded f32 sums, polynomial vs libm exp: a few ulps.
