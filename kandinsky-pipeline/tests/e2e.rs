@@ -5,11 +5,13 @@
 //! replay them through `RecordedNoise` and must consume exactly as many.
 //! Tolerance: ≤ 1e-3 max abs on the final f32 outputs (images in [0, 1], embeddings).
 
+mod common;
+
+use common::{check_images, recorded, tiny, TOL};
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use kandinsky_core::noise::RecordedNoise;
 use kandinsky_core::testing::{assert_close, fixtures_dir, get, load_fixture};
 use kandinsky_pipeline::decoder::DecoderOptions;
 use kandinsky_pipeline::prior::{FusionInput, FusionOptions, ImageEmbeds, PriorOptions};
@@ -17,18 +19,6 @@ use kandinsky_pipeline::{
     images, DecoderPipeline, Hooks, ImageEncoderUse, Placement, PriorPipeline, SchedulerChoice,
 };
 use kandinsky_schedulers::SchedulerKind;
-
-const TOL: f32 = 1e-3;
-
-fn tiny(repo: &str) -> PathBuf {
-    fixtures_dir().join("tiny").join(repo)
-}
-
-fn recorded(f: &HashMap<String, Tensor>) -> RecordedNoise {
-    let mut keys: Vec<&String> = f.keys().filter(|k| k.starts_with("noise_")).collect();
-    keys.sort();
-    RecordedNoise::new(keys.into_iter().map(|k| f[k].clone()))
-}
 
 fn prior_pipeline() -> anyhow::Result<PriorPipeline> {
     let cpu = Placement::cpu();
@@ -182,16 +172,6 @@ fn opts(
         guidance_scale: guidance,
         ..Default::default()
     })
-}
-
-fn check_images(
-    name: &str,
-    images_pm1: &Tensor,
-    f: &HashMap<String, Tensor>,
-) -> anyhow::Result<()> {
-    let got = images::to_unit_range(images_pm1)?;
-    assert_close(name, &got, get(f, "output")?, TOL)?;
-    Ok(())
 }
 
 #[test]

@@ -9,29 +9,20 @@
 //! 2.3e-6: a few pixels where the random tiny MoVQ amplifies, as in the 2.2 inpaint case),
 //! shipped DDPM 2.4e-6, img2img 1.0e-5, inpaint 1.4e-4.
 
+mod common;
+
+use common::{check_images, recorded, tiny, TOL};
+use kandinsky_core::noise::RecordedNoise;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::Tensor;
-use kandinsky_core::noise::RecordedNoise;
-use kandinsky_core::testing::{assert_close, fixtures_dir, get, load_fixture};
+use kandinsky_core::testing::{assert_close, get, load_fixture};
 use kandinsky_pipeline::decoder::DecoderOptions;
 use kandinsky_pipeline::prior::{ImageEmbeds, PriorOptions};
 use kandinsky_pipeline::{
-    images, DecoderPipeline, Hooks, ImageEncoderUse, Placement, PriorPipeline, SchedulerChoice,
+    DecoderPipeline, Hooks, ImageEncoderUse, Placement, PriorPipeline, SchedulerChoice,
 };
-
-const TOL: f32 = 1e-3;
-
-fn tiny(repo: &str) -> PathBuf {
-    fixtures_dir().join("tiny").join(repo)
-}
-
-fn recorded(f: &HashMap<String, Tensor>) -> RecordedNoise {
-    let mut keys: Vec<&String> = f.keys().filter(|k| k.starts_with("noise_")).collect();
-    keys.sort();
-    RecordedNoise::new(keys.into_iter().map(|k| f[k].clone()))
-}
 
 fn hooks(noise: &mut RecordedNoise) -> Hooks<'_> {
     Hooks {
@@ -71,16 +62,6 @@ fn opts(
         prompt: prompt.iter().map(|p| p.to_string()).collect(),
         ..Default::default()
     })
-}
-
-fn check_images(
-    name: &str,
-    images_pm1: &Tensor,
-    f: &HashMap<String, Tensor>,
-) -> anyhow::Result<()> {
-    let got = images::to_unit_range(images_pm1)?;
-    assert_close(name, &got, get(f, "output")?, TOL)?;
-    Ok(())
 }
 
 #[test]
