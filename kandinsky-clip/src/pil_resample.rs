@@ -8,12 +8,17 @@
 //!   downscale factor (antialiasing), coefficients normalised then quantised to 22 fractional
 //!   bits, each pass rounded and clipped to u8, every channel independently. Modes with alpha
 //!   are resized premultiplied, as `Image.resize` does (`RGBA`→`RGBa`→`RGBA`);
+//! - [`resize_with_gap`] and [`resize_image`] (every mode): `Image.resize(size, filter,
+//!   reducing_gap=g)`, exact too: a box reduction by integer factors ([`reduce`],
+//!   `libImaging/Reduce.c`) then the convolution over the fractional source box the reduction
+//!   leaves;
 //! - [`rgb_to_luma`], [`rgb_to_l`], [`rgba_to_l`], [`luma_alpha_to_l`]: `convert("L")`
 //!   (`Convert.c`, ITU-R 601-2 luma in 16-bit fixed point);
 //! - [`composite_on_white`]: `Image.alpha_composite(white, rgba)` (`AlphaComposite.c`, 7
 //!   fractional bits with rounded divisions by 255).
 
 use image::{GrayAlphaImage, GrayImage, ImageBuffer, Pixel, RgbImage, RgbaImage};
+use kandinsky_core::{Error, Result};
 
 /// Fractional bits of the 8-bit resampling coefficients (32 − 8 − 2 in Pillow: two spare bits
 /// absorb the overshoot of negative lobes).
@@ -86,9 +91,11 @@ struct Coeffs {
     k: Vec<i64>,
 }
 
-/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the full-image box.
-fn precompute(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
-    let scale = in_size as f64 / out_size as f64;
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the source interval `in0..in1`
+/// (one axis of `Image.resize`'s `box`, a C `float` in Pillow) of an axis of `in_size` pixels.
+fn precompute(in_size: usize, (in0, in1): (f32, f32), out_size: usize, filter: Filter) -> Coeffs {
+    // Pillow subtracts the two floats in single precision, then widens.
+    let scale = (in1 - in0) as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
@@ -97,7 +104,7 @@ fn precompute(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
     let mut w = vec![0f64; ksize];
     let ss = 1.0 / filterscale;
     for xx in 0..out_size {
-        let center = (xx as f64 + 0.5) * scale;
+        let center = in0 as f64 + (xx as f64 + 0.5) * scale;
         // C's (int) casts truncate toward zero.
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
@@ -165,45 +172,51 @@ fn convolve(
     out
 }
 
-/// Resample interleaved 8-bit pixels (`channels` per pixel, `width`×`height`, row-major) to
-/// `out_width`×`out_height` with Pillow's 8-bit resampler. Channels are independent, so this is
-/// `Image.resize` for every 8-bit mode without premultiplied alpha (`L`, `RGB`, `La`,
-/// `RGBa`, ...). Returns `None` when `src.len() != width·height·channels` or `channels` is 0.
-pub fn resize(
+/// Pillow's `_resize` + `ImagingResample` of a `width`×`height` buffer of `c` channels (its
+/// length already checked) to `out_width`×`out_height` (both > 0), reading the source region
+/// `b` = (left, top, right, bottom), within the image.
+fn resample(
     src: &[u8],
-    channels: usize,
+    c: usize,
     (width, height): (usize, usize),
     (out_width, out_height): (usize, usize),
     filter: Filter,
-) -> Option<Vec<u8>> {
-    let c = channels;
-    if c == 0 || width.checked_mul(height)?.checked_mul(c)? != src.len() {
-        return None;
+    b: [f32; 4],
+) -> Vec<u8> {
+    // `_resize` crops instead when the box is whole pixels and has the output's size (the
+    // plain copy of a same-size resize is this case too).
+    if b[0].fract() == 0.0
+        && b[1].fract() == 0.0
+        && b[2] - b[0] == out_width as f32
+        && b[3] - b[1] == out_height as f32
+    {
+        let (x0, y0) = (b[0] as usize, b[1] as usize);
+        let mut out = Vec::with_capacity(out_width * out_height * c);
+        for y in y0..y0 + out_height {
+            out.extend_from_slice(&src[(y * width + x0) * c..(y * width + x0 + out_width) * c]);
+        }
+        return out;
     }
-    if out_width == 0 || out_height == 0 {
-        return Some(Vec::new());
-    }
-    let need_h = out_width != width;
-    let need_v = out_height != height;
-    if !need_h && !need_v {
-        return Some(src.to_vec());
-    }
-    let vert = precompute(height, out_height, filter);
-    let horiz = need_h.then(|| precompute(width, out_width, filter));
+    // `ImagingResampleInner`: each pass is skipped when it would be an identity.
+    let need_h = out_width != width || b[0] != 0.0 || b[2] != out_width as f32;
+    let need_v = out_height != height || b[1] != 0.0 || b[3] != out_height as f32;
+    let vert = precompute(height, (b[1], b[3]), out_height, filter);
+    let horiz = need_h.then(|| precompute(width, (b[0], b[2]), out_width, filter));
     // Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many
     // pixels as the width does (python-pillow/Pillow#9549, a speed-up; the rule here was
-    // measured against Pillow 13.0.0 on thousands of size pairs). The 8-bit intermediate makes
-    // the order visible in the result. Pillow ≤ 12 always ran the horizontal pass first.
+    // measured against Pillow 13.0.0 on thousands of size pairs, and with a box it compares
+    // the image's sizes, not the box's). The 8-bit intermediate makes the order visible in the
+    // result. Pillow ≤ 12 always ran the horizontal pass first.
     let vertical_first = need_v && out_height < height && {
         let dh = height as i64 - out_height as i64;
         let dw = width as i64 - out_width as i64;
         dh > 2 * dw
     };
     match horiz {
-        None => Some(convolve(src, c, width, &vert, false, 0..out_height)),
+        None => convolve(src, c, width, &vert, false, 0..out_height),
         Some(horiz) if vertical_first => {
             let rows = convolve(src, c, width, &vert, false, 0..out_height);
-            Some(convolve(&rows, c, width, &horiz, true, 0..out_height))
+            convolve(&rows, c, width, &horiz, true, 0..out_height)
         }
         Some(horiz) => {
             // Horizontal pass over the source rows the vertical pass reads only.
@@ -211,7 +224,7 @@ pub fn resize(
             let (lmin, ln) = vert.bounds[out_height - 1];
             let rows = convolve(src, c, width, &horiz, true, first..lmin + ln);
             if !need_v {
-                return Some(rows);
+                return rows;
             }
             // Vertical pass on the kept rows: shift its bounds to them.
             let shifted = Coeffs {
@@ -223,46 +236,285 @@ pub fn resize(
                     .collect(),
                 k: vert.k,
             };
-            Some(convolve(
-                &rows,
-                c,
-                out_width,
-                &shifted,
-                false,
-                0..out_height,
-            ))
+            convolve(&rows, c, out_width, &shifted, false, 0..out_height)
         }
     }
 }
 
-/// [`resize`] on an `image` buffer (the buffer's length always matches its size).
-fn resize_buffer<P: Pixel<Subpixel = u8>>(
+/// `width·height·channels`, when it is the length of `src` and `channels` is not 0.
+fn check_buffer(src: &[u8], channels: usize, (width, height): (usize, usize)) -> Option<()> {
+    let n = width.checked_mul(height)?.checked_mul(channels)?;
+    (channels != 0 && n == src.len()).then_some(())
+}
+
+/// Resample interleaved 8-bit pixels (`channels` per pixel, `width`×`height`, row-major) to
+/// `out_width`×`out_height` with Pillow's 8-bit resampler. Channels are independent, so this is
+/// `Image.resize` for every 8-bit mode without premultiplied alpha (`L`, `RGB`, `La`,
+/// `RGBa`, ...). Returns `None` when `src.len() != width·height·channels` or `channels` is 0.
+pub fn resize(
+    src: &[u8],
+    channels: usize,
+    (width, height): (usize, usize),
+    (out_width, out_height): (usize, usize),
+    filter: Filter,
+) -> Option<Vec<u8>> {
+    check_buffer(src, channels, (width, height))?;
+    out_width.checked_mul(out_height)?.checked_mul(channels)?;
+    Some(resize_checked(
+        src,
+        channels,
+        (width, height),
+        (out_width, out_height),
+        filter,
+        None,
+    ))
+}
+
+/// `Image.resize(size, filter, reducing_gap=reducing_gap)` of interleaved 8-bit pixels with
+/// independent channels (as [`resize`]), bit-exact with Pillow 13.
+///
+/// With a gap, Pillow first box-averages the image by the integer factors
+/// `max(1, ⌊(in / out) / reducing_gap⌋)` per axis ([`reduce`]), then resamples the reduced
+/// image over the fractional region the source maps to (`in / factor` pixels; a partial last
+/// column or row of the reduction, the mean of the pixels it has, is filtered as a whole
+/// pixel). Factors of 1 on both axes, e.g.
+/// `1000×700 → 512×512` with a gap of 1, leave it the plain [`resize`]. diffusers'
+/// `VaeImageProcessor(reducing_gap=1)` and the Kandinsky inpaint pipelines resize images this
+/// way.
+///
+/// Errors when `src.len() != width·height·channels`, `channels` is 0, or `reducing_gap` is
+/// below 1 or NaN (Pillow raises `ValueError`). A zero output size gives an empty buffer.
+pub fn resize_with_gap(
+    src: &[u8],
+    channels: usize,
+    (width, height): (usize, usize),
+    (out_width, out_height): (usize, usize),
+    filter: Filter,
+    reducing_gap: Option<f64>,
+) -> Result<Vec<u8>> {
+    check_gap(reducing_gap)?;
+    check_sizes(src, channels, (width, height), (out_width, out_height))?;
+    Ok(resize_checked(
+        src,
+        channels,
+        (width, height),
+        (out_width, out_height),
+        filter,
+        reducing_gap,
+    ))
+}
+
+/// `Image.reduce((x_factor, y_factor))` of interleaved 8-bit pixels with independent channels:
+/// each output pixel is the mean of an `x_factor`×`y_factor` box, rounded as Pillow's
+/// `ImagingReduce` does; the output is `⌈width / x_factor⌉`×`⌈height / y_factor⌉`, the last
+/// column and row averaging the partial boxes at the right and bottom edges.
+///
+/// Errors when `src.len() != width·height·channels`, `channels` is 0 or a factor is 0.
+pub fn reduce(
+    src: &[u8],
+    channels: usize,
+    (width, height): (usize, usize),
+    (x_factor, y_factor): (usize, usize),
+) -> Result<Vec<u8>> {
+    check_sizes(src, channels, (width, height), (0, 0))?;
+    if x_factor == 0 || y_factor == 0 {
+        return Err(Error::invalid(format!(
+            "reduce factors must be at least 1, got {x_factor}×{y_factor}"
+        )));
+    }
+    Ok(reduce_checked(
+        src,
+        channels,
+        (width, height),
+        (x_factor, y_factor),
+    ))
+}
+
+/// Pillow rejects `reducing_gap < 1.0`; NaN fails its integer conversion.
+fn check_gap(reducing_gap: Option<f64>) -> Result<()> {
+    match reducing_gap {
+        Some(g) if g.is_nan() || g < 1.0 => Err(Error::invalid(format!(
+            "reducing_gap must be 1.0 or greater, got {g}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The source buffer matches its size, and the output's byte count fits in memory's range.
+fn check_sizes(
+    src: &[u8],
+    channels: usize,
+    size: (usize, usize),
+    (out_width, out_height): (usize, usize),
+) -> Result<()> {
+    if check_buffer(src, channels, size).is_none() {
+        return Err(Error::invalid(format!(
+            "pixel buffer of {} bytes is not {}×{} pixels of {channels} channels",
+            src.len(),
+            size.0,
+            size.1
+        )));
+    }
+    if out_width
+        .checked_mul(out_height)
+        .and_then(|n| n.checked_mul(channels))
+        .is_none()
+    {
+        return Err(Error::invalid(format!(
+            "output size {out_width}×{out_height} is too large"
+        )));
+    }
+    Ok(())
+}
+
+/// [`resize_with_gap`] on checked arguments.
+fn resize_checked(
+    src: &[u8],
+    c: usize,
+    (width, height): (usize, usize),
+    (out_width, out_height): (usize, usize),
+    filter: Filter,
+    reducing_gap: Option<f64>,
+) -> Vec<u8> {
+    if out_width == 0 || out_height == 0 {
+        return Vec::new();
+    }
+    // `Image.resize`: `int(in / out / reducing_gap) or 1` per axis, in doubles.
+    let factor = |i: usize, o: usize, gap: f64| ((i as f64 / o as f64 / gap) as usize).max(1);
+    let (fx, fy) = match reducing_gap {
+        Some(g) => (factor(width, out_width, g), factor(height, out_height, g)),
+        None => (1, 1),
+    };
+    if fx == 1 && fy == 1 {
+        let full = [0.0, 0.0, width as f32, height as f32];
+        let out = (out_width, out_height);
+        return resample(src, c, (width, height), out, filter, full);
+    }
+    // Pillow reduces its "safe box" (the box grown by the filter's support, clipped to the
+    // image): the whole image for a whole-image resize. The resample then reads the region
+    // the source maps to.
+    let reduced = reduce_checked(src, c, (width, height), (fx, fy));
+    let size = (width.div_ceil(fx), height.div_ceil(fy));
+    let b = [
+        0.0,
+        0.0,
+        (width as f64 / fx as f64) as f32,
+        (height as f64 / fy as f64) as f32,
+    ];
+    resample(&reduced, c, size, (out_width, out_height), filter, b)
+}
+
+/// `division_UINT32(n, 8)` of Pillow's `Reduce.c`: ⌊2³² / (256·n)⌋ computed in single
+/// precision, so the mean of `n` values is `((sum + n/2) · m) >> 24`.
+fn reduce_multiplier(n: usize) -> u64 {
+    (4_294_967_296f32 / (256 * n) as f32) as u64
+}
+
+/// `ImagingReduce` on a checked buffer, factors ≥ 1. Every specialised kernel of Pillow
+/// (1×2, 2×2, 3×3, 4×4, 5×5, N×1, 1×N, N×M and the partial edge boxes) computes
+/// `((sum + n/2) · reduce_multiplier(n)) >> 24` over the `n` pixels of its box: the
+/// power-of-two kernels' shifts equal it, as their multipliers are exact.
+fn reduce_checked(
+    src: &[u8],
+    c: usize,
+    (width, height): (usize, usize),
+    (fx, fy): (usize, usize),
+) -> Vec<u8> {
+    let (ow, oh) = (width.div_ceil(fx), height.div_ceil(fy));
+    let mut out = vec![0u8; ow * oh * c];
+    let mut sums = vec![0u64; c];
+    let mut px = out.chunks_exact_mut(c);
+    for y in 0..oh {
+        let (y0, y1) = (y * fy, ((y + 1) * fy).min(height));
+        for x in 0..ow {
+            let (x0, x1) = (x * fx, ((x + 1) * fx).min(width));
+            sums.fill(0);
+            for yy in y0..y1 {
+                let row = &src[(yy * width + x0) * c..(yy * width + x1) * c];
+                for p in row.chunks_exact(c) {
+                    sums.iter_mut().zip(p).for_each(|(s, &v)| *s += v as u64);
+                }
+            }
+            let n = (x1 - x0) * (y1 - y0);
+            let m = reduce_multiplier(n);
+            let Some(o) = px.next() else { return out };
+            // The C products fit in 32 bits: no wrap-around to mimic.
+            for (o, s) in o.iter_mut().zip(&sums) {
+                *o = (((s + n as u64 / 2) * m) >> 24) as u8;
+            }
+        }
+    }
+    out
+}
+
+/// `Image.resize((width, height), filter, reducing_gap=reducing_gap)` of an `L`, `LA`, `RGB`
+/// or `RGBA` image (any 8-bit `image` pixel type), bit-exact with Pillow 13: types with alpha
+/// are resized premultiplied (`RGBA`→`RGBa`→`RGBA`, the reduction included), as `Image.resize`
+/// does; a same-size request is a copy. See [`resize_with_gap`] for the gap.
+///
+/// Errors when `reducing_gap` is below 1 or NaN.
+pub fn resize_image<P: Pixel<Subpixel = u8>>(
     src: &ImageBuffer<P, Vec<u8>>,
     width: u32,
     height: u32,
     filter: Filter,
+    reducing_gap: Option<f64>,
+) -> Result<ImageBuffer<P, Vec<u8>>> {
+    check_gap(reducing_gap)?;
+    Ok(resize_image_checked(
+        src,
+        width,
+        height,
+        filter,
+        reducing_gap,
+    ))
+}
+
+/// [`resize_image`] with a valid gap.
+fn resize_image_checked<P: Pixel<Subpixel = u8>>(
+    src: &ImageBuffer<P, Vec<u8>>,
+    width: u32,
+    height: u32,
+    filter: Filter,
+    reducing_gap: Option<f64>,
 ) -> ImageBuffer<P, Vec<u8>> {
+    if (src.width(), src.height()) == (width, height) {
+        // `Image.resize` copies without converting.
+        return src.clone();
+    }
     let c = P::CHANNEL_COUNT as usize;
     let size_in = (src.width() as usize, src.height() as usize);
-    resize(
-        src.as_raw(),
-        c,
-        size_in,
-        (width as usize, height as usize),
-        filter,
-    )
-    .and_then(|raw| ImageBuffer::from_raw(width, height, raw))
-    .unwrap_or_else(|| ImageBuffer::new(width, height))
+    let size_out = (width as usize, height as usize);
+    let raw = if P::HAS_ALPHA {
+        // Premultiplied so that transparent colours do not bleed.
+        let mut pre = src.as_raw().clone();
+        pre.chunks_exact_mut(c).for_each(|p| {
+            if let Some((a, colour)) = p.split_last_mut() {
+                colour.iter_mut().for_each(|v| *v = mul_div255(*v, *a));
+            }
+        });
+        let mut out = resize_checked(&pre, c, size_in, size_out, filter, reducing_gap);
+        out.chunks_exact_mut(c).for_each(|p| {
+            if let Some((a, colour)) = p.split_last_mut() {
+                colour.iter_mut().for_each(|v| *v = unpremultiply(*v, *a));
+            }
+        });
+        out
+    } else {
+        resize_checked(src.as_raw(), c, size_in, size_out, filter, reducing_gap)
+    };
+    // An `image` buffer's length always matches its size.
+    ImageBuffer::from_raw(width, height, raw).unwrap_or_else(|| ImageBuffer::new(width, height))
 }
 
 /// Resize an `L` image as `Image.resize(size, filter)` does, bit-exact.
 pub fn resize_luma(src: &GrayImage, width: u32, height: u32, filter: Filter) -> GrayImage {
-    resize_buffer(src, width, height, filter)
+    resize_image_checked(src, width, height, filter, None)
 }
 
 /// Resize an `RGB` image as `Image.resize(size, filter)` does, bit-exact.
 pub fn resize_rgb(src: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
-    resize_buffer(src, width, height, filter)
+    resize_image_checked(src, width, height, filter, None)
 }
 
 /// Resize an RGB image with Pillow's `BICUBIC` filter, bit-exact to `Image.resize`.
@@ -284,38 +536,9 @@ fn unpremultiply(v: u8, alpha: u8) -> u8 {
     }
 }
 
-/// Resize premultiplied: Pillow's `Image.resize` converts `RGBA`/`LA` to `RGBa`/`La` first so
-/// transparent colours do not bleed, and back after.
-fn resize_premultiplied<P: Pixel<Subpixel = u8>>(
-    src: &ImageBuffer<P, Vec<u8>>,
-    width: u32,
-    height: u32,
-    filter: Filter,
-) -> ImageBuffer<P, Vec<u8>> {
-    if (src.width(), src.height()) == (width, height) {
-        // `Image.resize` copies without converting.
-        return src.clone();
-    }
-    let mut pre = src.clone();
-    for p in pre.pixels_mut() {
-        let ch = p.channels_mut();
-        if let Some((a, colour)) = ch.split_last_mut() {
-            colour.iter_mut().for_each(|v| *v = mul_div255(*v, *a));
-        }
-    }
-    let mut out = resize_buffer(&pre, width, height, filter);
-    for p in out.pixels_mut() {
-        let ch = p.channels_mut();
-        if let Some((a, colour)) = ch.split_last_mut() {
-            colour.iter_mut().for_each(|v| *v = unpremultiply(*v, *a));
-        }
-    }
-    out
-}
-
 /// Resize an `RGBA` image as `Image.resize(size, filter)` does (premultiplied), bit-exact.
 pub fn resize_rgba(src: &RgbaImage, width: u32, height: u32, filter: Filter) -> RgbaImage {
-    resize_premultiplied(src, width, height, filter)
+    resize_image_checked(src, width, height, filter, None)
 }
 
 /// Resize an `LA` image as `Image.resize(size, filter)` does (premultiplied), bit-exact.
@@ -325,7 +548,7 @@ pub fn resize_luma_alpha(
     height: u32,
     filter: Filter,
 ) -> GrayAlphaImage {
-    resize_premultiplied(src, width, height, filter)
+    resize_image_checked(src, width, height, filter, None)
 }
 
 /// Pillow's luma of one RGB pixel (`convert("L")`): `(19595 R + 38470 G + 7471 B + 2¹⁵) >> 16`,
@@ -402,7 +625,7 @@ mod tests {
             (37, 96, Filter::Lanczos),
             (7, 3, Filter::Lanczos),
         ] {
-            let c = precompute(i, o, f);
+            let c = precompute(i, (0.0, i as f32), o, f);
             for xx in 0..o {
                 let (_, n) = c.bounds[xx];
                 let s: i64 = c.k[xx * c.ksize..xx * c.ksize + n].iter().sum();
@@ -491,6 +714,36 @@ mod tests {
             resize_luma(&x, w, h, Filter::Lanczos)
         };
         assert_ne!(two_step(5, 4).as_raw().as_slice(), v_first);
+    }
+
+    #[test]
+    fn source_boxes_match_pillow() {
+        // `Image.resize(size, filter, box=…)` of the 7×5 pattern, Pillow 13.0.0; the reducing
+        // gap path resamples over such fractional boxes.
+        let l = pattern(7, 5, 1);
+        let boxed =
+            |out: (usize, usize), f: Filter, b: [f32; 4]| resample(&l, 1, (7, 5), out, f, b);
+        let lanczos: [u8; 12] = [100, 161, 155, 178, 193, 87, 128, 169, 160, 155, 102, 171];
+        assert_eq!(
+            boxed((4, 3), Filter::Lanczos, [0.5, 1.25, 6.1, 4.75]),
+            lanczos
+        );
+        let bicubic: [u8; 30] = [
+            56, 113, 34, 241, 13, 96, 173, 72, 150, 68, 134, 189, 132, 99, 147, 135, 81, 212, 186,
+            239, 170, 50, 177, 164, 218, 222, 94, 58, 61, 116,
+        ];
+        assert_eq!(
+            boxed((5, 6), Filter::Bicubic, [1.3, 0.2, 5.9, 3.7]),
+            bicubic
+        );
+        // Whole pixels of the output's size: Pillow crops.
+        let crop: [u8; 6] = [171, 34, 215, 241, 117, 55];
+        assert_eq!(boxed((3, 2), Filter::Bicubic, [1.0, 2.0, 4.0, 4.0]), crop);
+        // The box matters: the whole image gives other bytes.
+        assert_ne!(
+            boxed((4, 3), Filter::Lanczos, [0.0, 0.0, 7.0, 5.0]),
+            lanczos
+        );
     }
 
     #[test]

@@ -3,7 +3,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use image::{DynamicImage, GrayAlphaImage, GrayImage, ImageBuffer, Pixel, RgbImage, RgbaImage};
+use image::{
+    DynamicImage, GrayAlphaImage, GrayImage, ImageBuffer, LumaA, Pixel, Rgb, RgbImage, Rgba,
+    RgbaImage,
+};
 use kandinsky_clip::pil_resample::{self, resize_bicubic, Filter};
 use kandinsky_core::{Error, Result};
 use kandinsky_movq::image_processor::{rgb8_to_tensor, tensor_to_rgb8, Rgb8Image};
@@ -18,27 +21,63 @@ pub fn open(path: &Path) -> Result<DynamicImage> {
         .map_err(|e| Error::Image(format!("cannot decode {}: {e}", path.display())))
 }
 
-fn rgb_at(img: &DynamicImage, width: usize, height: usize) -> RgbImage {
-    let rgb = img.to_rgb8();
-    if rgb.width() as usize == width && rgb.height() as usize == height {
-        rgb
-    } else {
-        // PIL bicubic, as diffusers' image processors resize.
-        resize_bicubic(&rgb, width as u32, height as u32)
-    }
+/// `reducing_gap` of diffusers' Kandinsky image resizes (`VaeImageProcessor(reducing_gap=1)`
+/// for img2img, `prepare_mask_and_masked_image`'s image for inpainting, 2.2 and 2.1 alike).
+const IMAGE_REDUCING_GAP: f64 = 1.0;
+
+/// A target side as Pillow's `u32`-sized images take it.
+fn side(d: usize, what: &str) -> Result<u32> {
+    u32::try_from(d).map_err(|_| Error::invalid(format!("{what} size {d} is too large")))
 }
 
-/// An image as the MoVQ encoder takes it: `[1, 3, H, W]` in [-1, 1], resized (bicubic) to
-/// `width`×`height` when needed.
+/// An image as the MoVQ encoder takes it: `[1, 3, H, W]` in [-1, 1], resized to
+/// `width`×`height` as [`image_rgb`] does.
 pub fn image_tensor(
     img: &DynamicImage,
     width: usize,
     height: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let rgb = rgb_at(img, width, height);
+    let rgb = image_rgb(img, width, height)?;
     let px = Rgb8Image::new(width, height, rgb.into_raw())?;
     rgb8_to_tensor(&[px], DType::F32, device)
+}
+
+/// The image as diffusers' Kandinsky img2img and inpaint pipelines (2.2 and 2.1) see it,
+/// bit-exact with Pillow 13: `image.resize((width, height), resample=BICUBIC,
+/// reducing_gap=1).convert("RGB")`. With the gap, a downscale by 2× or more is a box
+/// reduction by the integer factor first, then the bicubic resample over the rest.
+///
+/// The image is resized in its own mode (`L`, `LA`, `RGB`, `RGBA`; alpha premultiplied, as
+/// `Image.resize` does), then converted to RGB (grey replicated, alpha dropped), as the inpaint
+/// pipelines do; diffusers' img2img `VaeImageProcessor` skips the conversion (an `RGBA` image
+/// then has 4 channels the MoVQ rejects), here it is converted the same way. Modes are read
+/// from the decoder as in [`mask_luma`], with the same 16-bit and palette caveats.
+pub fn image_rgb(img: &DynamicImage, width: usize, height: usize) -> Result<RgbImage> {
+    let (w, h) = (side(width, "image")?, side(height, "image")?);
+    match img {
+        DynamicImage::ImageLuma8(m) => gap_rgb(m, w, h),
+        DynamicImage::ImageLumaA8(m) => gap_rgb(m, w, h),
+        DynamicImage::ImageRgb8(m) => gap_rgb(m, w, h),
+        DynamicImage::ImageRgba8(m) => gap_rgb(m, w, h),
+        DynamicImage::ImageLumaA16(m) => gap_rgb(&high_byte::<_, LumaA<u8>>(m), w, h),
+        DynamicImage::ImageRgb16(m) => gap_rgb(&high_byte::<_, Rgb<u8>>(m), w, h),
+        DynamicImage::ImageRgba16(m) => gap_rgb(&high_byte::<_, Rgba<u8>>(m), w, h),
+        DynamicImage::ImageLuma16(_) => gap_rgb(&img.to_luma8(), w, h),
+        other if other.color().has_alpha() => gap_rgb(&other.to_rgba8(), w, h),
+        other => gap_rgb(&other.to_rgb8(), w, h),
+    }
+}
+
+/// Pillow's `resize(BICUBIC, reducing_gap=1)` in the buffer's mode, then `convert("RGB")`.
+fn gap_rgb<P: Pixel<Subpixel = u8>>(
+    m: &ImageBuffer<P, Vec<u8>>,
+    w: u32,
+    h: u32,
+) -> Result<RgbImage> {
+    let gap = Some(IMAGE_REDUCING_GAP);
+    let r = pil_resample::resize_image(m, w, h, Filter::Bicubic, gap)?;
+    Ok(RgbImage::from_fn(w, h, |x, y| r.get_pixel(x, y).to_rgb()))
 }
 
 /// An inpainting mask `[1, 1, H, W]` in [0, 1] (white = repaint): [`mask_luma`] / 255, as
@@ -68,10 +107,7 @@ pub fn mask_tensor(
 /// bits and clipped to 255 by `convert("L")`) and float images are reduced to 8-bit
 /// `L`/`RGB(A)` by the `image` crate first, an approximation.
 pub fn mask_luma(img: &DynamicImage, width: usize, height: usize) -> Result<GrayImage> {
-    let too_big = |d: usize| {
-        u32::try_from(d).map_err(|_| Error::invalid(format!("mask size {d} is too large")))
-    };
-    let (w, h) = (too_big(width)?, too_big(height)?);
+    let (w, h) = (side(width, "mask")?, side(height, "mask")?);
     // `Image.resize` returns a copy when the size is unchanged; the wrappers do too.
     let l = match img {
         DynamicImage::ImageLuma8(m) => pil_resample::resize_luma(m, w, h, Filter::Lanczos),
@@ -113,14 +149,21 @@ where
         .unwrap_or_else(|| ImageBuffer::new(m.width(), m.height()))
 }
 
-/// A ControlNet hint `[1, 3, H, W]` in [0, 1].
+/// A ControlNet hint `[1, 3, H, W]` in [0, 1], from an image converted to RGB and resized
+/// (when its size differs) with Pillow's plain bicubic, no `reducing_gap`: diffusers takes the
+/// hint as a tensor already at the output size and never resizes it, so there is no Pillow
+/// call to match.
 pub fn hint_tensor(
     img: &DynamicImage,
     width: usize,
     height: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let rgb = rgb_at(img, width, height);
+    let (w, h) = (side(width, "hint")?, side(height, "hint")?);
+    let mut rgb = img.to_rgb8();
+    if (rgb.width(), rgb.height()) != (w, h) {
+        rgb = resize_bicubic(&rgb, w, h);
+    }
     let data: Vec<f32> = rgb
         .into_raw()
         .into_iter()
