@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use kandinsky_core::device::{parse_device, parse_dtype};
 use kandinsky_pipeline::decoder::{rounded_size, DecoderOptions};
-use kandinsky_pipeline::hub::{component_files, resolve};
+use kandinsky_pipeline::hub::{component_files, resolve, RepoFile};
 use kandinsky_pipeline::prior::{FusionInput, FusionOptions, ImageEmbeds, PriorOptions};
 use kandinsky_pipeline::{
     images, DecoderPipeline, Hooks, ImageEncoderUse, Placement, PriorPipeline, SchedulerChoice,
@@ -211,7 +211,7 @@ fn zero_cache(prior_dir: &Path) -> Option<PathBuf> {
     )
 }
 
-fn prior_files(keep_image_encoder: bool) -> Vec<(String, bool)> {
+fn prior_files(keep_image_encoder: bool) -> Vec<RepoFile> {
     let mut files = Vec::new();
     for (c, class) in [
         ("tokenizer", "CLIPTokenizer"),
@@ -334,7 +334,7 @@ fn scheduler_choice(s: SchedulerArg) -> SchedulerChoice {
     }
 }
 
-fn decoder_files(generation: Generation, scheduler: SchedulerArg) -> Vec<(String, bool)> {
+fn decoder_files(generation: Generation, scheduler: SchedulerArg) -> Vec<RepoFile> {
     let mut f = component_files("unet", "UNet2DConditionModel");
     f.extend(component_files("movq", "VQModel"));
     f.extend(component_files("scheduler", "DDPMScheduler"));

@@ -68,20 +68,14 @@ pub enum Error {
         /// What to do about it.
         hint: String,
     },
-    /// A component only ships pickle weights, which are never executed here.
-    #[error(
-        "{} holds only pickle weights ({}); convert them to safetensors first, e.g. \
-         `python -c \"import torch, safetensors.torch as st; \
-         st.save_file(torch.load('{file}', map_location='cpu'), '{target}')\"`",
-        dir.display(), file, file = file, target = target
-    )]
-    PickleOnly {
-        /// The component folder.
-        dir: PathBuf,
-        /// The pickle file found.
-        file: String,
-        /// The safetensors name to write.
-        target: String,
+    /// A PyTorch pickle weight file that cannot be read. The reader interprets the pickle
+    /// data without executing it, so it takes only `torch.save`'s zip format holding tensors.
+    #[error("cannot read PyTorch weights {}: {reason}", path.display())]
+    Pickle {
+        /// The weight file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
     /// A configuration value that kandinsky-rs does not implement.
     #[error(

@@ -5,6 +5,13 @@
 //! `*.safetensors`, a sharded `*.safetensors.index.json`, or an `fp16` variant. Weights are
 //! memory-mapped and converted to the requested dtype tensor by tensor while the model is
 //! built, so the peak memory is the model in its target dtype.
+//!
+//! Components that ship only PyTorch pickle weights (`diffusion_pytorch_model.bin`,
+//! `pytorch_model.bin`, `*.pt`, `*.pth`, `*.ckpt`; e.g. the ControlNet repo's UNet) are read
+//! by candle's pickle reader, which interprets the pickle opcodes as data and never imports or
+//! executes Python code. It reads `torch.save`'s zip format (torch ≥ 1.6) holding a dict of
+//! tensors, at the top level or under a `state_dict` / `model` / `module` key; each tensor is
+//! read from the archive when the model asks for it. Safetensors win when both exist.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -112,8 +119,19 @@ pub struct ComponentDir {
     root: PathBuf,
 }
 
+/// Safetensors names of diffusers (`diffusion_pytorch_model`) and transformers (`model`).
 const WEIGHT_STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
-const PICKLE_EXTS: [&str; 3] = ["bin", "pt", "ckpt"];
+/// Pickle names of diffusers and transformers (`pytorch_model.bin`, not `model.bin`).
+const PICKLE_STEMS: [&str; 2] = ["diffusion_pytorch_model", "pytorch_model"];
+const PICKLE_EXTS: [&str; 4] = ["bin", "pt", "pth", "ckpt"];
+/// Keys a training checkpoint nests its state dict under (Lightning: `state_dict`).
+const NESTED_STATE_DICT_KEYS: [&str; 3] = ["state_dict", "model", "module"];
+
+fn is_pickle(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| PICKLE_EXTS.contains(&e))
+}
 
 impl ComponentDir {
     /// Open a component folder; errors if it does not exist.
@@ -138,68 +156,76 @@ impl ComponentDir {
         read_json(&self.root.join(file))
     }
 
-    /// The safetensors files holding this component's weights.
+    /// The files holding this component's weights: safetensors when there are any, else
+    /// PyTorch pickle files (read by [`Checkpoint::open`] without executing them).
+    ///
+    /// Order: the diffusers/transformers names (in `variant` order, single file or sharded
+    /// index), then any single other `*.safetensors`, then the same for pickle files.
     pub fn weight_files(&self, variant: WeightVariant) -> Result<Vec<PathBuf>> {
-        let mut names: Vec<String> = Vec::new();
         let variants: &[&str] = match variant {
             WeightVariant::Default => &["", ".fp16"],
             WeightVariant::Fp16 => &[".fp16", ""],
         };
-        for v in variants {
-            for stem in WEIGHT_STEMS {
-                names.push(format!("{stem}{v}.safetensors"));
-                names.push(format!("{stem}{v}.safetensors.index.json"));
+        let named = |stems: &[&str], ext: &str| -> Vec<String> {
+            let mut names = Vec::new();
+            for v in variants {
+                for stem in stems {
+                    names.push(format!("{stem}{v}.{ext}"));
+                    names.push(format!("{stem}{v}.{ext}.index.json"));
+                }
             }
-        }
-        for name in &names {
-            let path = self.root.join(name);
-            if !path.is_file() {
-                continue;
-            }
-            if name.ends_with(".index.json") {
-                return self.shards(&path);
-            }
-            return Ok(vec![path]);
-        }
-        // Any other single safetensors file.
-        let mut found: Vec<PathBuf> = Vec::new();
-        let mut pickles: Vec<String> = Vec::new();
+            names
+        };
+        let safetensors = named(&WEIGHT_STEMS, "safetensors");
+        let pickles = named(&PICKLE_STEMS, "bin");
+        let mut others: Vec<PathBuf> = Vec::new();
+        let mut other_pickles: Vec<PathBuf> = Vec::new();
         let entries = std::fs::read_dir(&self.root).map_err(|source| Error::Io {
             path: self.root.clone(),
             source,
         })?;
         for entry in entries.flatten() {
             let p = entry.path();
-            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
-            if ext == "safetensors" {
-                found.push(p);
-            } else if PICKLE_EXTS.contains(&ext) {
-                pickles.push(p.file_name().unwrap_or_default().to_string_lossy().into());
+            if p.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+                others.push(p);
+            } else if is_pickle(&p) {
+                other_pickles.push(p);
             }
         }
-        found.sort();
-        if found.len() == 1 {
-            return Ok(found);
-        }
-        if let Some(file) = pickles.into_iter().next() {
-            let target = file
-                .rsplit_once('.')
-                .map(|(stem, _)| format!("{stem}.safetensors"))
-                .unwrap_or_else(|| "model.safetensors".into());
-            return Err(Error::PickleOnly {
-                dir: self.root.clone(),
-                file,
-                target,
-            });
+        for (names, any) in [(&safetensors, others), (&pickles, other_pickles)] {
+            if let Some(found) = self.named_weights(names)? {
+                return Ok(found);
+            }
+            // Any other single file of the format; several would be ambiguous.
+            if any.len() == 1 {
+                return Ok(any);
+            }
         }
         Err(Error::MissingFile {
             path: self.root.join("diffusion_pytorch_model.safetensors"),
             hint: format!(
-                "no safetensors weights in {} (looked for {})",
+                "no weights in {} (looked for {}, {}, then a single *.safetensors / *.{} file)",
                 self.root.display(),
-                names.join(", ")
+                safetensors.join(", "),
+                pickles.join(", "),
+                PICKLE_EXTS.join(" / *.")
             ),
         })
+    }
+
+    /// The first of `names` present: the file itself, or the shards an index lists.
+    fn named_weights(&self, names: &[String]) -> Result<Option<Vec<PathBuf>>> {
+        for name in names {
+            let path = self.root.join(name);
+            if !path.is_file() {
+                continue;
+            }
+            if name.ends_with(".index.json") {
+                return self.shards(&path).map(Some);
+            }
+            return Ok(Some(vec![path]));
+        }
+        Ok(None)
     }
 
     fn shards(&self, index: &Path) -> Result<Vec<PathBuf>> {
@@ -225,28 +251,91 @@ impl ComponentDir {
         Ok(out)
     }
 
-    /// Memory-map this component's weights.
+    /// Open this component's weights (see [`ComponentDir::weight_files`]).
     pub fn checkpoint(&self, variant: WeightVariant) -> Result<Arc<Checkpoint>> {
         Checkpoint::open(&self.weight_files(variant)?)
     }
 }
 
-/// Memory-mapped safetensors files with error reporting by file, key and shape.
+/// Where a checkpoint's tensors come from.
+enum Store {
+    /// Memory-mapped safetensors (one file or the shards of one checkpoint).
+    Safetensors(candle_core::safetensors::MmapedSafetensors),
+    /// `torch.save` zip archives, one reader per file (indexed like `Checkpoint::files`); a
+    /// tensor is read from its archive entry when the model asks for it.
+    Pickle(Vec<candle_core::pickle::PthTensors>),
+}
+
+/// A component's weights (memory-mapped safetensors, or PyTorch pickle files read without
+/// executing them) with error reporting by file, key and shape.
 pub struct Checkpoint {
     files: Vec<PathBuf>,
-    st: candle_core::safetensors::MmapedSafetensors,
+    store: Store,
     /// key → index into `files`.
     owner: BTreeMap<String, usize>,
     used: Mutex<HashSet<String>>,
-    last_error: Mutex<Option<LoadError>>,
+    /// The typed error behind the last `candle_core::Error` handed to the model.
+    last_error: Mutex<Option<Error>>,
 }
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let format = match self.store {
+            Store::Safetensors(_) => "safetensors",
+            Store::Pickle(_) => "pickle",
+        };
         f.debug_struct("Checkpoint")
             .field("files", &self.files)
+            .field("format", &format)
             .finish()
     }
+}
+
+/// Open one `torch.save` file with candle's non-executing pickle reader.
+fn open_pickle(path: &Path) -> Result<candle_core::pickle::PthTensors> {
+    use std::io::Read;
+    let bad = |reason: String| Error::Pickle {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut magic = [0u8; 4];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut magic))
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if magic[..n] != *b"PK\x03\x04" {
+        // A bare pickle stream (opcode PROTO first) is torch.save's legacy format: the
+        // tensors' bytes follow the pickles unframed, which candle's reader does not parse.
+        let reason = if n > 0 && magic[0] == 0x80 {
+            "legacy (non-zip) torch.save format, written by torch < 1.6 or with \
+             `_use_new_zipfile_serialization=False`, which the reader does not support; \
+             re-save it with torch.save on torch >= 1.6 or convert it to safetensors"
+        } else {
+            "not a PyTorch checkpoint (expected the zip archive torch.save writes)"
+        };
+        return Err(bad(reason.into()));
+    }
+    let mut pth =
+        candle_core::pickle::PthTensors::new(path, None).map_err(|e| bad(e.to_string()))?;
+    for key in NESTED_STATE_DICT_KEYS {
+        if !pth.tensor_infos().is_empty() {
+            break;
+        }
+        // Absent keys are errors; the next key is tried.
+        if let Ok(nested) = candle_core::pickle::PthTensors::new(path, Some(key)) {
+            pth = nested;
+        }
+    }
+    if pth.tensor_infos().is_empty() {
+        return Err(bad(format!(
+            "no tensors found: expected a state dict (a dict of tensors), at the top level or \
+             under `{}`",
+            NESTED_STATE_DICT_KEYS.join("` / `")
+        )));
+    }
+    Ok(pth)
 }
 
 /// Legacy names diffusers still accepts at load time (`query` for `to_q`, ...): tried when
@@ -266,7 +355,9 @@ fn legacy_names(key: &str) -> Vec<String> {
 }
 
 impl Checkpoint {
-    /// Memory-map the given safetensors files (one, or the shards of one checkpoint).
+    /// Open the given weight files: one file or the shards of one checkpoint, all
+    /// safetensors (memory-mapped) or all PyTorch pickle files (`.bin`, `.pt`, `.pth`,
+    /// `.ckpt`; parsed without executing anything).
     pub fn open(files: &[PathBuf]) -> Result<Arc<Self>> {
         for f in files {
             if !f.is_file() {
@@ -276,19 +367,42 @@ impl Checkpoint {
                 });
             }
         }
-        // SAFETY: the files are mapped read-only; modifying them while the model is loaded is
-        // the caller's responsibility, as with every mmap-based loader.
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }?;
+        let pickles = files.iter().filter(|f| is_pickle(f)).count();
         let mut owner = BTreeMap::new();
-        for (i, f) in files.iter().enumerate() {
-            let single = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }?;
-            for (k, _) in single.tensors() {
-                owner.insert(k, i);
+        let store = if pickles == 0 {
+            // SAFETY: the files are mapped read-only; modifying them while the model is loaded
+            // is the caller's responsibility, as with every mmap-based loader.
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }?;
+            for (i, f) in files.iter().enumerate() {
+                let single = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }?;
+                for (k, _) in single.tensors() {
+                    owner.insert(k, i);
+                }
             }
-        }
+            Store::Safetensors(st)
+        } else if pickles == files.len() {
+            let mut readers = Vec::with_capacity(files.len());
+            for (i, f) in files.iter().enumerate() {
+                let pth = open_pickle(f)?;
+                for k in pth.tensor_infos().keys() {
+                    owner.insert(k.clone(), i);
+                }
+                readers.push(pth);
+            }
+            Store::Pickle(readers)
+        } else {
+            return Err(Error::invalid(format!(
+                "one checkpoint cannot mix safetensors and pickle files: {}",
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
         Ok(Arc::new(Self {
             files: files.to_vec(),
-            st,
+            store,
             owner,
             used: Mutex::new(HashSet::new()),
             last_error: Mutex::new(None),
@@ -346,16 +460,41 @@ impl Checkpoint {
                 Ok(m)
             }
             Err(e) => match self.last_error.lock().expect("poisoned").take() {
-                Some(load) => Err(Error::Load(load)),
+                Some(typed) => Err(typed),
                 None => Err(e),
             },
         }
     }
 
-    fn fail(&self, e: LoadError) -> candle_core::Error {
+    fn fail(&self, e: impl Into<Error>) -> candle_core::Error {
+        let e = e.into();
         let msg = e.to_string();
         *self.last_error.lock().expect("poisoned") = Some(e);
         candle_core::Error::Msg(msg)
+    }
+
+    /// Read one tensor (`key` is in `owner`) onto `dev`, in its stored dtype.
+    fn load(&self, key: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        match &self.store {
+            Store::Safetensors(st) => st.load(key, dev),
+            Store::Pickle(readers) => {
+                let file = self.owner[key];
+                match readers[file].get(key) {
+                    // A column-major tensor comes back as a transposed view; the layers (and
+                    // the packed CPU convolution) expect row-major weights like safetensors'.
+                    Ok(Some(t)) => t.contiguous()?.to_device(dev),
+                    // Listed when the file was opened, so only a file changed since can miss it.
+                    Ok(None) => Err(self.fail(LoadError::MissingTensor {
+                        files: vec![self.files[file].clone()],
+                        key: key.to_string(),
+                    })),
+                    Err(e) => Err(self.fail(Error::Pickle {
+                        path: self.files[file].clone(),
+                        reason: format!("tensor `{key}`: {e}"),
+                    })),
+                }
+            }
+        }
     }
 
     fn fetch(
@@ -373,7 +512,7 @@ impl Checkpoint {
                 key: name.to_string(),
             }));
         };
-        let mut t = self.st.load(&key, dev)?;
+        let mut t = self.load(&key, dev)?;
         if let Some(s) = shape {
             if t.shape() != s {
                 // 1×1 convolution weights stored where a linear weight is expected (old
