@@ -6,9 +6,13 @@
 //!   [--keep-freed-memory]`:
 //!   the same CPU f32 workloads with kandinsky-rs and diffusers/PyTorch, one process each;
 //!   writes the table into `benches/RESULTS.md` (see `bench_compare.rs`).
+//! - `movq-full`, `unet-full [--regenerate]`: one full-size network, diffusers vs kandinsky-rs.
+//! - `pipeline-full [--regenerate]`: full-size prior and decoder folders in the hub's layout,
+//!   diffusers' text2img vs the library's, then the CLI on them (`pipeline_full.rs`).
 
 mod bench_compare;
 mod movq_full;
+mod pipeline_full;
 mod python;
 mod unet_full;
 
@@ -25,6 +29,7 @@ fn main() -> Result<()> {
         "bench-compare" => bench_compare::bench_compare(rest),
         "movq-full" => movq_full::movq_full(rest),
         "unet-full" => unet_full::unet_full(rest),
-        other => bail!("unknown xtask command `{other}`; available: fixtures, bench-compare, movq-full, unet-full"),
+        "pipeline-full" => pipeline_full::pipeline_full(rest),
+        other => bail!("unknown xtask command `{other}`; available: fixtures, bench-compare, movq-full, unet-full, pipeline-full"),
     }
 }

@@ -59,3 +59,11 @@ pub fn fixtures(args: &[String]) -> Result<()> {
         .env("PYTHONHASHSEED", "0");
     run(&mut cmd)
 }
+
+/// `MemAvailable` of /proc/meminfo in GB (None off Linux).
+pub fn mem_available_gb() -> Option<f64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0 / 1024.0)
+}

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::python::{root, run, venv_python};
+use crate::python::{mem_available_gb, root, run, venv_python};
 
 const PYTHON: &str = r#"
 import sys, time
@@ -43,13 +43,6 @@ save_tensors(out / "io.safetensors", {
 })
 print(f"diffusers forward: {times[0]:.2f} s, {times[1]:.2f} s (torch threads {torch.get_num_threads()})")
 "#;
-
-fn mem_available_gb() -> Option<f64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0 / 1024.0)
-}
 
 /// Run the comparison.
 pub fn unet_full(args: &[String]) -> Result<()> {
