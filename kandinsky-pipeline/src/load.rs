@@ -9,11 +9,11 @@ use kandinsky_clip::{
     ClipImageProcessor, ClipTextModelWithProjection, ClipTokenizer, ClipVisionModelWithProjection,
     MultilingualClip, XlmRobertaTokenizer,
 };
-use kandinsky_core::loading::ModelIndex;
+use kandinsky_core::loading::{ComponentDir, ModelIndex};
 use kandinsky_core::traits::LatentCodec;
-use kandinsky_core::{Error, Result};
+use kandinsky_core::{Error, ModelConfig, Result};
 use kandinsky_movq::VQModel;
-use kandinsky_prior::{PriorTransformer, ZeroImageEmbedding};
+use kandinsky_prior::{PriorTransformer, PriorTransformerConfig, ZeroImageEmbedding};
 use kandinsky_schedulers::{AnyScheduler, SchedulerConfig, SchedulerKind};
 use kandinsky_unet::UNet2DConditionModel;
 
@@ -149,11 +149,10 @@ impl PriorPipeline {
             dir,
             &["KandinskyV22PriorPipeline", "KandinskyPriorPipeline"],
         )?;
-        let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
-        let text_encoder =
-            ClipTextModelWithProjection::load(dir.join("text_encoder"), text.dtype, &text.device)?;
-        let prior_model = PriorTransformer::load(dir.join("prior"), prior.dtype, &prior.device)?;
-        let scheduler = AnyScheduler::from_file(dir.join("scheduler/scheduler_config.json"))?;
+        // The image encoder goes first when it is only needed for the zero-image embedding:
+        // loaded, used and dropped before the text encoder and the prior arrive, the peak is
+        // the largest network rather than all three (`cargo xtask pipeline-full` measures the
+        // CLI's peak on the full-size 2.2 folder).
         let (image_encoder, image_processor, zero) = match image_encoder {
             ImageEncoderUse::Load => {
                 let enc = ClipVisionModelWithProjection::load(
@@ -166,39 +165,15 @@ impl PriorPipeline {
                 (Some(enc), Some(proc_), zero)
             }
             ImageEncoderUse::ZeroEmbeddingOnly { cache } => {
-                let source = dir.join("image_encoder").display().to_string();
-                let dim = kandinsky_core::traits::EmbeddingPrior::embedding_dim(&prior_model);
-                let cached = match &cache {
-                    Some(path) if path.is_file() => Some(ZeroImageEmbedding::load_checked(
-                        path,
-                        &source,
-                        dim,
-                        &prior.device,
-                    )?),
-                    _ => None,
-                };
-                let zero = match cached {
-                    Some(z) => z,
-                    None => {
-                        let enc = ClipVisionModelWithProjection::load(
-                            dir.join("image_encoder"),
-                            vision.dtype,
-                            &vision.device,
-                        )?;
-                        let z = ZeroImageEmbedding::compute(&enc, source)?;
-                        if let Some(path) = &cache {
-                            // The cache only saves time: a run that cannot write it (read-only
-                            // cache, a full disk) still has the embedding.
-                            if let Err(e) = z.save(path) {
-                                tracing::warn!("zero-image embedding not cached: {e}");
-                            }
-                        }
-                        z.embeds
-                    }
-                };
+                let zero = zero_embedding_only(dir, vision, &prior.device, cache.as_deref())?;
                 (None, None, zero)
             }
         };
+        let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
+        let text_encoder =
+            ClipTextModelWithProjection::load(dir.join("text_encoder"), text.dtype, &text.device)?;
+        let prior_model = PriorTransformer::load(dir.join("prior"), prior.dtype, &prior.device)?;
+        let scheduler = AnyScheduler::from_file(dir.join("scheduler/scheduler_config.json"))?;
         Ok(Self {
             tokenizer,
             text_encoder,
@@ -315,6 +290,38 @@ impl PriorPipeline {
         use kandinsky_core::traits::ImageEncoder;
         enc.encode_image(&px.to_dtype(ImageEncoder::dtype(enc))?)
     }
+}
+
+/// The zero-image embedding of a prior folder: from `cache` when it holds one for this
+/// folder, else computed with the image encoder (loaded here and dropped on return) and
+/// written to `cache`.
+fn zero_embedding_only(
+    dir: &Path,
+    vision: &Placement,
+    device: &Device,
+    cache: Option<&Path>,
+) -> Result<Tensor> {
+    let source = dir.join("image_encoder").display().to_string();
+    // The prior's width from its config alone: the weights are not loaded yet.
+    let prior_dir = ComponentDir::new(dir.join("prior"))?;
+    let dim = PriorTransformerConfig::from_dir(&prior_dir)?.embedding_dim;
+    if let Some(path) = cache.filter(|p| p.is_file()) {
+        return ZeroImageEmbedding::load_checked(path, &source, dim, device);
+    }
+    let enc = ClipVisionModelWithProjection::load(
+        dir.join("image_encoder"),
+        vision.dtype,
+        &vision.device,
+    )?;
+    let z = ZeroImageEmbedding::compute(&enc, source)?;
+    if let Some(path) = cache {
+        // The cache only saves time: a run that cannot write it (read-only cache, a full
+        // disk) still has the embedding.
+        if let Err(e) = z.save(path) {
+            tracing::warn!("zero-image embedding not cached: {e}");
+        }
+    }
+    z.embeds.to_device(device).map_err(Into::into)
 }
 
 /// Which scheduler the decoder uses.
