@@ -96,12 +96,32 @@ impl Steps {
         self.started = Instant::now();
     }
 
-    /// `load 3.1 s · prior 1.2 s · decoder 20.3 s · decode 0.8 s`.
+    /// `load prior 3.1 s · prior 1.2 s · … · total 25.4 s` (total: the sum of the stages).
     pub fn summary(&self) -> String {
+        let total: Duration = self.timings.iter().map(|(_, d)| *d).sum();
         self.timings
             .iter()
             .map(|(n, d)| format!("{n} {:.1} s", d.as_secs_f64()))
+            .chain(std::iter::once(format!(
+                "total {:.1} s",
+                total.as_secs_f64()
+            )))
             .collect::<Vec<_>>()
             .join(" · ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_totals_the_stages() {
+        let mut s = Steps::new();
+        s.timings
+            .push(("load prior".into(), Duration::from_millis(1500)));
+        s.timings
+            .push(("prior".into(), Duration::from_millis(2600)));
+        assert_eq!(s.summary(), "load prior 1.5 s · prior 2.6 s · total 4.1 s");
     }
 }

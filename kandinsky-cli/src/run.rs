@@ -125,7 +125,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 None,
             )?;
             save_embeds(&a.out, &embeds)?;
-            steps.mark("total");
+            steps.mark("save");
             eprintln!("wrote {} ({})", a.out.display(), steps.summary());
             Ok(())
         }

@@ -11,7 +11,8 @@
 //!    loaders, replays the noise and compares (≤ 1e-3 on the image).
 //! 4. The CLI runs `text2img` on the folders twice with one seed (the second run reads the
 //!    cached zero-image embedding instead of loading the image encoder): both PNGs must be
-//!    identical; wall time and peak RSS (`/usr/bin/time`) are printed.
+//!    identical; then `img2img`, `mix` and `prior`. Wall time and peak RSS
+//!    (`/usr/bin/time`) are printed for each.
 //!
 //! Needs ≈ 17 GB of free RAM (the prior folder in f32) and ≈ 17 GB of disk. `--regenerate`
 //! rebuilds the weights; they are kept for the next run: delete `target/pipeline-full` to
@@ -28,10 +29,17 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-/// Run the CLI once; returns the PNG bytes and prints `/usr/bin/time`'s summary when present.
-fn cli_text2img(root: &Path, out: &Path, name: &str) -> Result<Vec<u8>> {
+/// Run one CLI subcommand on the full-size folders (`flow_args` after the subcommand; the
+/// output goes to `<out>/<name>.png` or `.safetensors`); returns the output's bytes and
+/// prints `/usr/bin/time`'s wall time and peak RSS when present.
+fn cli(root: &Path, out: &Path, name: &str, flow_args: &[&str]) -> Result<Vec<u8>> {
     let bin = root.join("target/release/kandinsky");
-    let png = out.join(format!("{name}.png"));
+    let ext = if flow_args.first() == Some(&"prior") {
+        "safetensors"
+    } else {
+        "png"
+    };
+    let file = out.join(format!("{name}.{ext}"));
     let timer = Path::new("/usr/bin/time");
     let mut cmd = if timer.is_file() {
         let mut c = Command::new(timer);
@@ -40,25 +48,22 @@ fn cli_text2img(root: &Path, out: &Path, name: &str) -> Result<Vec<u8>> {
     } else {
         Command::new(&bin)
     };
-    cmd.arg("text2img")
-        .args([
-            "--prompt",
-            "a portrait of a red fox in a snowy forest, oil painting",
-        ])
-        .args(["--negative-prompt", "blurry, low quality"])
+    cmd.args(flow_args)
         .arg("--prior")
         .arg(out.join("kandinsky-2-2-prior"))
-        .arg("--decoder")
-        .arg(out.join("kandinsky-2-2-decoder"))
-        .args(["--width", "256", "--height", "256", "--steps", "2"])
         .args(["--prior-steps", "2", "--seed", "7", "--out"])
-        .arg(&png)
+        .arg(&file)
         // The zero-image embedding cache of this run only, not the user's.
         .env("XDG_CACHE_HOME", out.join("cache"))
         .env("HF_HUB_OFFLINE", "1");
+    if ext == "png" {
+        cmd.arg("--decoder")
+            .arg(out.join("kandinsky-2-2-decoder"))
+            .args(["--width", "256", "--height", "256", "--steps", "2"]);
+    }
     eprintln!("CLI {name}:");
     run(&mut cmd)?;
-    std::fs::read(&png).with_context(|| format!("reading {}", png.display()))
+    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))
 }
 
 /// Run the whole check.
@@ -114,11 +119,57 @@ pub fn pipeline_full(args: &[String]) -> Result<()> {
     if cache.exists() {
         std::fs::remove_dir_all(&cache).context("clearing the run's cache")?;
     }
-    let first = cli_text2img(&root, &out, "cli-first")?;
-    let second = cli_text2img(&root, &out, "cli-cached")?;
+    const PROMPT: &str = "a portrait of a red fox in a snowy forest, oil painting";
+    let text2img = [
+        "text2img",
+        "--prompt",
+        PROMPT,
+        "--negative-prompt",
+        "blurry, low quality",
+    ];
+    let first = cli(&root, &out, "cli-text2img", &text2img)?;
+    let second = cli(&root, &out, "cli-text2img-cached", &text2img)?;
     if first != second {
         bail!("the CLI wrote different PNGs for one seed (first run vs cached zero embedding)");
     }
-    eprintln!("CLI: both runs wrote the same {} bytes", first.len());
+    eprintln!(
+        "CLI: both text2img runs wrote the same {} bytes",
+        first.len()
+    );
+    // The other flows these folders serve: img2img through the full MoVQ encoder, fusion
+    // through the full image encoder, and the prior alone.
+    let init = out.join("cli-text2img.png");
+    let init = init.to_str().context("non-UTF-8 path")?;
+    cli(
+        &root,
+        &out,
+        "cli-img2img",
+        &[
+            "img2img",
+            "--prompt",
+            "a watercolor painting",
+            "--image",
+            init,
+            "--strength",
+            "0.5",
+        ],
+    )?;
+    cli(
+        &root,
+        &out,
+        "cli-mix",
+        &[
+            "mix",
+            "--prompt",
+            "a cat",
+            "--text-weight",
+            "0.3",
+            "--mix-image",
+            init,
+            "--image-weight",
+            "0.7",
+        ],
+    )?;
+    cli(&root, &out, "cli-prior", &["prior", "--prompt", PROMPT])?;
     Ok(())
 }
