@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use kandinsky_core::attention::{attention, merge_heads, split_heads, KvSegment};
-use kandinsky_core::loading::{ComponentDir, WeightVariant};
+use kandinsky_core::loading::load_component;
 use kandinsky_core::nn::{
     layer_norm, layer_norm_f32, linear, linear_no_bias, Activation, LayerNorm, Linear,
 };
@@ -360,10 +360,7 @@ impl ClipTextModelWithProjection {
 
     /// Load a `text_encoder/` folder (config + safetensors) in `dtype` on `device`.
     pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
-        let dir = ComponentDir::new(dir)?;
-        let cfg = ClipTextConfig::from_dir(&dir)?;
-        dir.checkpoint(WeightVariant::Default)?
-            .build(dtype, device, |vb| Self::new(vb, &cfg))
+        load_component(dir, dtype, device, Self::new)
     }
 
     /// `input_ids` `[B, L]` → `last_hidden_state` `[B, L, C]` and `text_embeds` `[B, E]`
@@ -538,10 +535,7 @@ impl ClipVisionModelWithProjection {
     /// Load an `image_encoder/` folder in `dtype` on `device` (the real checkpoint is stored
     /// in f16 and is converted tensor by tensor while loading).
     pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
-        let dir = ComponentDir::new(dir)?;
-        let cfg = ClipVisionConfig::from_dir(&dir)?;
-        dir.checkpoint(WeightVariant::Default)?
-            .build(dtype, device, |vb| Self::new(vb, &cfg))
+        load_component(dir, dtype, device, Self::new)
     }
 
     /// `pixel_values` `[B, 3, S, S]` → `image_embeds` `[B, E]` (not normalised).

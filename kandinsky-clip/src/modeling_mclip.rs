@@ -15,7 +15,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use kandinsky_core::attention::{attention, merge_heads, split_heads, KvSegment};
-use kandinsky_core::loading::{ComponentDir, WeightVariant};
+use kandinsky_core::loading::load_component;
 use kandinsky_core::nn::{layer_norm, layer_norm_f32, linear, Activation, LayerNorm, Linear};
 use kandinsky_core::traits::{TextEncoder, TextEncoding};
 use kandinsky_core::ModelConfig;
@@ -344,10 +344,7 @@ impl MultilingualClip {
     /// Load kandinsky-2-1's `text_encoder/` folder (config + safetensors) in `dtype` on
     /// `device`. The checkpoint's unused pooler ([`UNUSED_CHECKPOINT_KEYS`]) is left unread.
     pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
-        let dir = ComponentDir::new(dir)?;
-        let cfg = MClipConfig::from_dir(&dir)?;
-        dir.checkpoint(WeightVariant::Default)?
-            .build(dtype, device, |vb| Self::new(vb, &cfg))
+        load_component(dir, dtype, device, Self::new)
     }
 
     /// `input_ids` and `attention_mask` `[B, L]` (from [`crate::XlmRobertaTokenizer`]) →

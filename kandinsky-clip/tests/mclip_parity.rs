@@ -3,46 +3,30 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use kandinsky_clip::{MultilingualClip, XlmRobertaTokenizer};
-use kandinsky_core::testing::{assert_close, diff, fixtures_dir, get, load_fixture};
+use kandinsky_core::testing::{diff, get, load_fixture};
 use kandinsky_core::traits::TextEncoder;
 
-fn repo(component: &str) -> std::path::PathBuf {
-    fixtures_dir().join("tiny/kandinsky-2-1").join(component)
-}
+mod common;
 
-fn u32s(t: &Tensor) -> anyhow::Result<Tensor> {
-    Ok(t.to_dtype(DType::U32)?)
-}
+use common::{check_encoding, check_prompts_end_to_end, k21_dir, u32s};
 
 #[test]
 fn mclip_matches_diffusers_in_f32() -> anyhow::Result<()> {
     let fx = load_fixture("clip/mclip.safetensors")?;
-    let model = MultilingualClip::load(repo("text_encoder"), DType::F32, &Device::Cpu)?;
+    let model = MultilingualClip::load(k21_dir("text_encoder"), DType::F32, &Device::Cpu)?;
     // i64 ids and mask straight from the fixture.
     let out = model.encode_text(get(&fx, "input_ids")?, Some(get(&fx, "attention_mask")?))?;
     assert_eq!(out.last_hidden_state.dims(), &[4, 77, 48]);
     assert_eq!(out.text_embeds.dims(), &[4, 32]);
     // f32 vs torch f32 on the same weights: only summation order differs.
-    assert_close(
-        "last_hidden_state",
-        &out.last_hidden_state,
-        get(&fx, "last_hidden_state")?,
-        1e-4,
-    )?;
-    assert_close(
-        "text_embeds",
-        &out.text_embeds,
-        get(&fx, "text_embeds")?,
-        1e-4,
-    )?;
-    Ok(())
+    check_encoding(&out, &fx, "", 1e-4)
 }
 
 #[test]
 fn prompts_to_embeddings_end_to_end() -> anyhow::Result<()> {
     // The prompts gen_mclip.py tokenized with transformers and fed to diffusers.
     let fx = load_fixture("clip/mclip.safetensors")?;
-    let tok = XlmRobertaTokenizer::from_dir(repo("tokenizer"))?;
+    let tok = XlmRobertaTokenizer::from_dir(k21_dir("tokenizer"))?;
     let long = "portrait of a young woman, oil painting by Rembrandt ".repeat(8);
     let batch = tok.encode_batch(&[
         "a red cat, 4k photo",
@@ -51,31 +35,14 @@ fn prompts_to_embeddings_end_to_end() -> anyhow::Result<()> {
         long.as_str(),
     ])?;
     assert_eq!(batch.truncated, vec![false, false, false, true]);
-    let ids = batch.input_ids(&Device::Cpu)?;
-    let mask = batch.attention_mask(&Device::Cpu)?;
-    assert_eq!(
-        ids.to_vec2::<u32>()?,
-        u32s(get(&fx, "input_ids")?)?.to_vec2::<u32>()?
-    );
-    assert_eq!(
-        mask.to_vec2::<u32>()?,
-        u32s(get(&fx, "attention_mask")?)?.to_vec2::<u32>()?
-    );
-    let model = MultilingualClip::load(repo("text_encoder"), DType::F32, &Device::Cpu)?;
-    let out = model.encode_text(&ids, Some(&mask))?;
-    assert_close(
-        "text_embeds from prompts",
-        &out.text_embeds,
-        get(&fx, "text_embeds")?,
-        1e-4,
-    )?;
-    Ok(())
+    let model = MultilingualClip::load(k21_dir("text_encoder"), DType::F32, &Device::Cpu)?;
+    check_prompts_end_to_end(&batch, &model, &fx)
 }
 
 #[test]
 fn the_mask_matters_and_rows_are_independent() -> anyhow::Result<()> {
     let fx = load_fixture("clip/mclip.safetensors")?;
-    let model = MultilingualClip::load(repo("text_encoder"), DType::F32, &Device::Cpu)?;
+    let model = MultilingualClip::load(k21_dir("text_encoder"), DType::F32, &Device::Cpu)?;
     let ids = u32s(get(&fx, "input_ids")?)?;
     let mask = u32s(get(&fx, "attention_mask")?)?;
     // Attending to and averaging over the padding too gives other numbers: the comparison
@@ -111,28 +78,13 @@ fn half_precision_is_close() -> anyhow::Result<()> {
     let ids = get(&fx, "input_ids")?;
     let mask = get(&fx, "attention_mask")?;
     for dtype in [DType::F16, DType::BF16] {
-        let model = MultilingualClip::load(repo("text_encoder"), dtype, &Device::Cpu)?;
+        let model = MultilingualClip::load(k21_dir("text_encoder"), dtype, &Device::Cpu)?;
         let out = model.encode_text(ids, Some(mask))?;
         assert_eq!(out.text_embeds.dtype(), dtype);
         assert_eq!(out.last_hidden_state.dtype(), dtype);
         // Half-precision activations: loose bounds, only to catch broken paths (NaN, overflow).
-        let (th, te) = if dtype == DType::F16 {
-            (2e-2, 2e-2)
-        } else {
-            (1.5e-1, 1.5e-1)
-        };
-        assert_close(
-            &format!("last_hidden_state {dtype:?}"),
-            &out.last_hidden_state,
-            get(&fx, "last_hidden_state")?,
-            th,
-        )?;
-        assert_close(
-            &format!("text_embeds {dtype:?}"),
-            &out.text_embeds,
-            get(&fx, "text_embeds")?,
-            te,
-        )?;
+        let tol = if dtype == DType::F16 { 2e-2 } else { 1.5e-1 };
+        check_encoding(&out, &fx, "", tol)?;
     }
     Ok(())
 }

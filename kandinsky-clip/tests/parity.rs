@@ -9,17 +9,11 @@ use kandinsky_core::testing::{assert_close, fixtures_dir, get, load_fixture};
 use kandinsky_core::traits::{ImageEncoder, TextEncoder};
 use kandinsky_core::ModelConfig;
 
+mod common;
+
+use common::{check_encoding, check_prompts_end_to_end, prior_dir, u32s};
+
 const IMAGES: [&str; 3] = ["landscape_rgb", "portrait_gray", "wide_rgba"];
-
-fn prior_dir(component: &str) -> std::path::PathBuf {
-    fixtures_dir()
-        .join("tiny/kandinsky-2-2-prior")
-        .join(component)
-}
-
-fn ids(t: &Tensor) -> anyhow::Result<Tensor> {
-    Ok(t.to_dtype(DType::U32)?)
-}
 
 #[test]
 fn text_encoder_matches_transformers() -> anyhow::Result<()> {
@@ -29,19 +23,8 @@ fn text_encoder_matches_transformers() -> anyhow::Result<()> {
     // i64 ids straight from the fixture are accepted too.
     let out = model.encode_text(get(&fx, "input_ids")?, None)?;
     // f32 vs torch f32 on the same (f16-rounded) weights.
-    assert_close(
-        "last_hidden_state",
-        &out.last_hidden_state,
-        get(&fx, "last_hidden_state")?,
-        1e-4,
-    )?;
-    assert_close(
-        "text_embeds",
-        &out.text_embeds,
-        get(&fx, "text_embeds")?,
-        1e-4,
-    )?;
-    let out_u32 = model.forward(&ids(get(&fx, "input_ids")?)?)?;
+    check_encoding(&out, &fx, "", 1e-4)?;
+    let out_u32 = model.forward(&u32s(get(&fx, "input_ids")?)?)?;
     assert_close(
         "text_embeds (u32 ids)",
         &out_u32.text_embeds,
@@ -58,26 +41,9 @@ fn prompt_to_text_embeds_end_to_end() -> anyhow::Result<()> {
     let tok = kandinsky_clip::ClipTokenizer::from_dir(prior_dir("tokenizer"))?;
     let long = format!("it's a 😀 {}long prompt", "very ".repeat(90));
     let batch = tok.encode_batch(&["a red cat, 4k photo", "", long.as_str()])?;
-    let input_ids = batch.input_ids(&Device::Cpu)?;
-    assert_eq!(
-        input_ids.to_vec2::<u32>()?,
-        ids(get(&fx, "input_ids")?)?.to_vec2::<u32>()?
-    );
-    let mask = batch.attention_mask(&Device::Cpu)?;
-    assert_eq!(
-        mask.to_vec2::<u32>()?,
-        ids(get(&fx, "attention_mask")?)?.to_vec2::<u32>()?
-    );
     let model =
         ClipTextModelWithProjection::load(prior_dir("text_encoder"), DType::F32, &Device::Cpu)?;
-    let out = model.encode_text(&input_ids, Some(&mask))?;
-    assert_close(
-        "text_embeds from prompts",
-        &out.text_embeds,
-        get(&fx, "text_embeds")?,
-        1e-4,
-    )?;
-    Ok(())
+    check_prompts_end_to_end(&batch, &model, &fx)
 }
 
 #[test]
@@ -94,20 +60,8 @@ fn text_encoder_first_eos_rule_and_quick_gelu() -> anyhow::Result<()> {
         .build(DType::F32, &Device::Cpu, |vb| {
             ClipTextModelWithProjection::new(vb, &cfg)
         })?;
-    let out = model.forward(&ids(get(&fx, "alt_input_ids")?)?)?;
-    assert_close(
-        "alt last_hidden_state",
-        &out.last_hidden_state,
-        get(&fx, "alt_last_hidden_state")?,
-        1e-4,
-    )?;
-    assert_close(
-        "alt text_embeds",
-        &out.text_embeds,
-        get(&fx, "alt_text_embeds")?,
-        1e-4,
-    )?;
-    Ok(())
+    let out = model.forward(&u32s(get(&fx, "alt_input_ids")?)?)?;
+    check_encoding(&out, &fx, "alt_", 1e-4)
 }
 
 #[test]
@@ -116,7 +70,7 @@ fn text_encoder_half_precision_is_close() -> anyhow::Result<()> {
     for dtype in [DType::F16, DType::BF16] {
         let model =
             ClipTextModelWithProjection::load(prior_dir("text_encoder"), dtype, &Device::Cpu)?;
-        let out = model.forward(&ids(get(&fx, "input_ids")?)?)?;
+        let out = model.forward(&u32s(get(&fx, "input_ids")?)?)?;
         assert_eq!(out.text_embeds.dtype(), dtype);
         // Half-precision activations: loose bound, only to catch broken paths (NaN, overflow).
         let tol = if dtype == DType::F16 { 2e-2 } else { 1.5e-1 };

@@ -4,66 +4,21 @@ use kandinsky_clip::ClipTokenizer;
 use kandinsky_core::testing::fixtures_dir;
 use kandinsky_core::Error;
 
-#[derive(serde::Deserialize)]
-struct Case {
-    prompt: String,
-    input_ids: Vec<u32>,
-    attention_mask: Vec<u32>,
-    untruncated_len: usize,
-}
+mod common;
 
-#[derive(serde::Deserialize)]
-struct Cases {
-    max_length: usize,
-    cases: Vec<Case>,
-}
+use common::{prior_dir, scratch, Cases};
 
 fn tokenizer_dir() -> std::path::PathBuf {
-    fixtures_dir().join("tiny/kandinsky-2-2-prior/tokenizer")
-}
-
-fn cases_file(name: &str) -> anyhow::Result<Cases> {
-    let path = fixtures_dir().join("clip").join(name);
-    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+    prior_dir("tokenizer")
 }
 
 fn cases() -> anyhow::Result<Cases> {
-    cases_file("tokenizer_cases.json")
-}
-
-fn temp_dir(tag: &str) -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("kandinsky-clip-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+    Cases::read("tokenizer_cases.json")
 }
 
 fn check_all(tok: &ClipTokenizer, cases: &Cases) -> anyhow::Result<()> {
     assert_eq!(tok.max_length(), cases.max_length);
-    let prompts: Vec<&str> = cases.cases.iter().map(|c| c.prompt.as_str()).collect();
-    let batch = tok.encode_batch(&prompts)?;
-    let mut failures = Vec::new();
-    for (i, c) in cases.cases.iter().enumerate() {
-        if batch.input_ids[i] != c.input_ids || batch.attention_mask[i] != c.attention_mask {
-            failures.push(format!(
-                "{:?}\n  ours   {:?}\n  theirs {:?}",
-                c.prompt, batch.input_ids[i], c.input_ids
-            ));
-        }
-        // transformers' untruncated length counts BOS and EOS.
-        assert_eq!(
-            batch.truncated[i],
-            c.untruncated_len > cases.max_length,
-            "{:?}",
-            c.prompt
-        );
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} prompts differ:\n{}",
-        failures.len(),
-        cases.cases.len(),
-        failures.join("\n")
-    );
+    cases.assert_all_match(&tok.encode_batch(&cases.prompts())?);
     Ok(())
 }
 
@@ -71,14 +26,7 @@ fn check_all(tok: &ClipTokenizer, cases: &Cases) -> anyhow::Result<()> {
 fn ids_and_masks_match_transformers_on_all_prompts() -> anyhow::Result<()> {
     let cases = cases()?;
     assert!(cases.cases.len() >= 200);
-    assert!(
-        cases
-            .cases
-            .iter()
-            .filter(|c| c.untruncated_len > 77)
-            .count()
-            >= 8
-    );
+    assert!(cases.truncated() >= 8);
     let tok = ClipTokenizer::from_dir(tokenizer_dir())?;
     assert_eq!(tok.pad_id(), 49407);
     check_all(&tok, &cases)
@@ -87,7 +35,7 @@ fn ids_and_masks_match_transformers_on_all_prompts() -> anyhow::Result<()> {
 #[test]
 fn a_saved_tokenizer_json_is_used_and_equivalent() -> anyhow::Result<()> {
     let tok = ClipTokenizer::from_dir(tokenizer_dir())?;
-    let dir = temp_dir("tokjson")?;
+    let dir = scratch("tokjson")?;
     tok.inner()
         .save(dir.join("tokenizer.json"), false)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -118,9 +66,7 @@ fn empty_and_long_prompts() -> anyhow::Result<()> {
 
 #[test]
 fn missing_files_are_typed_errors() -> anyhow::Result<()> {
-    let dir =
-        std::env::temp_dir().join(format!("kandinsky-clip-tokmissing-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = scratch("tokmissing")?;
     std::fs::copy(tokenizer_dir().join("vocab.json"), dir.join("vocab.json"))?;
     let err = ClipTokenizer::from_dir(&dir).unwrap_err();
     std::fs::remove_dir_all(&dir)?;
@@ -136,7 +82,7 @@ fn missing_files_are_typed_errors() -> anyhow::Result<()> {
 #[test]
 fn kandinsky_2_1_pad_token_matches_transformers() -> anyhow::Result<()> {
     // Same vocabulary, `pad_token` "!" (id 0), which transformers registers as a special token.
-    let dir = temp_dir("tok21")?;
+    let dir = scratch("tok21")?;
     for f in ["vocab.json", "merges.txt"] {
         std::fs::copy(tokenizer_dir().join(f), dir.join(f))?;
     }
@@ -149,7 +95,7 @@ fn kandinsky_2_1_pad_token_matches_transformers() -> anyhow::Result<()> {
     let tok = ClipTokenizer::from_dir(&dir)?;
     std::fs::remove_dir_all(&dir)?;
     assert_eq!(tok.pad_id(), 0);
-    check_all(&tok, &cases_file("tokenizer_2_1_cases.json")?)
+    check_all(&tok, &Cases::read("tokenizer_2_1_cases.json")?)
 }
 
 /// Counts WARN events (a minimal subscriber: the crate only needs `tracing`).

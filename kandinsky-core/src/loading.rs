@@ -45,6 +45,25 @@ pub trait ModelConfig: DeserializeOwned {
     }
 }
 
+/// Load a model from its component folder (`unet/`, `text_encoder/`, ...): read and validate
+/// its `config.json` as `C`, open its weights ([`WeightVariant::Default`]) and build the model
+/// with `build(vb, &cfg)` in `dtype` on `device` through [`Checkpoint::build`] (typed load
+/// errors, a warning for unused tensors).
+///
+/// The model crates' `load` functions are this with their constructor:
+/// `load_component(dir, dtype, device, Self::new)`.
+pub fn load_component<C: ModelConfig, M>(
+    dir: impl AsRef<Path>,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder<'static>, &C) -> Result<M>,
+) -> Result<M> {
+    let dir = ComponentDir::new(dir)?;
+    let cfg = C::from_dir(&dir)?;
+    dir.checkpoint(WeightVariant::Default)?
+        .build(dtype, device, |vb| build(vb, &cfg))
+}
+
 /// Read and parse a JSON file, naming the file in every error.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|source| {

@@ -409,6 +409,29 @@ mod tests {
         (1, 12, 31, 33, 4),
     ];
 
+    /// The fused CPU pass of `gn` on `x` with `modulation`, without and with SiLU, against
+    /// the plain reference (`forward_plain`, the modulation's `apply_plain`, then `silu`).
+    fn check_fused(
+        gn: &GroupNorm,
+        x: &Tensor,
+        modulation: Option<NormModulation>,
+        case: &str,
+    ) -> anyhow::Result<()> {
+        let mut plain = gn.forward_plain(x)?;
+        if let Some(m) = modulation {
+            plain = m.apply_plain(&plain)?;
+        }
+        for silu in [false, true] {
+            let fused = gn.forward_cpu(x, modulation, silu)?.expect("f32 is fused");
+            let want = if silu { plain.silu()? } else { plain.clone() };
+            // Same formula, f64 statistics vs candle's f32 sums (the affine and a modulation
+            // folded into one multiply-add): ~1e-6 at these sizes.
+            let d = max_abs(&fused, &want)?;
+            assert!(d <= 1e-5, "{case} silu={silu}: max abs diff {d}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn fused_equals_plain() -> anyhow::Result<()> {
         let dev = Device::Cpu;
@@ -416,19 +439,10 @@ mod tests {
             let gn = norm(g, c, 1e-5)?;
             // A non-zero mean, as real activations have.
             let x = (Tensor::randn(0f32, 3.0, (b, c, h, w), &dev)? + 2.0)?;
-            let plain = gn.forward_plain(&x)?;
-            let fused = gn.forward_cpu(&x, None, false)?.expect("f32 is fused");
-            // Same formula, f64 statistics vs candle's f32 sums: ~1e-6 at these sizes.
-            let d = max_abs(&fused, &plain)?;
-            assert!(d <= 1e-5, "{b}x{c}x{h}x{w}/{g}: max abs diff {d}");
-            let fused = gn.forward_cpu(&x, None, true)?.expect("f32 is fused");
-            let d = max_abs(&fused, &plain.silu()?)?;
-            assert!(d <= 1e-5, "{b}x{c}x{h}x{w}/{g} silu: max abs diff {d}");
+            check_fused(&gn, &x, None, &format!("{b}x{c}x{h}x{w}/{g}"))?;
             // Rank 3 (the UNet attention's [B, C, HW] view).
             let x3 = x.reshape((b, c, h * w))?;
-            let fused = gn.forward_cpu(&x3, None, false)?.expect("f32 is fused");
-            let d = max_abs(&fused, &gn.forward_plain(&x3)?)?;
-            assert!(d <= 1e-5, "rank 3: max abs diff {d}");
+            check_fused(&gn, &x3, None, &format!("rank 3 {b}x{c}x{}/{g}", h * w))?;
         }
         Ok(())
     }
@@ -446,17 +460,7 @@ mod tests {
                 scale: &scale,
                 shift: &shift,
             };
-            let plain = m.apply_plain(&gn.forward_plain(&x)?)?;
-            for silu in [false, true] {
-                let fused = gn.forward_cpu(&x, Some(m), silu)?.expect("f32 is fused");
-                let want = if silu { plain.silu()? } else { plain.clone() };
-                let d = max_abs(&fused, &want)?;
-                // The affine and the scale-shift folded into one multiply-add: a few ulps.
-                assert!(
-                    d <= 1e-5,
-                    "{b}x{c}x{h}x{w}/{g} silu={silu}: max abs diff {d}"
-                );
-            }
+            check_fused(&gn, &x, Some(m), &format!("{b}x{c}x{h}x{w}/{g}"))?;
         }
         Ok(())
     }
@@ -477,16 +481,7 @@ mod tests {
                 scale: &s,
                 shift: &t,
             };
-            let plain = m.apply_plain(&gn.forward_plain(&x)?)?;
-            for silu in [false, true] {
-                let fused = gn.forward_cpu(&x, Some(m), silu)?.expect("f32 is fused");
-                let want = if silu { plain.silu()? } else { plain.clone() };
-                let d = max_abs(&fused, &want)?;
-                assert!(
-                    d <= 1e-5,
-                    "{b}x{c}x{h}x{w}/{g} silu={silu}: max abs diff {d}"
-                );
-            }
+            check_fused(&gn, &x, Some(m), &format!("{b}x{c}x{h}x{w}/{g}"))?;
         }
         Ok(())
     }

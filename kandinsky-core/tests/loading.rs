@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use kandinsky_core::embeddings::TimestepEmbedding;
-use kandinsky_core::loading::{Checkpoint, ComponentDir, WeightVariant};
+use kandinsky_core::loading::{load_component, Checkpoint, ComponentDir, WeightVariant};
 use kandinsky_core::manifest::{record_requests, Manifest, ManifestEntry};
 use kandinsky_core::nn::Activation;
-use kandinsky_core::{Error, LoadError};
+use kandinsky_core::{Error, LoadError, ModelConfig};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kandinsky-core-{name}-{}", std::process::id()));
@@ -436,6 +436,67 @@ fn missing_folder_and_malformed_config_are_clear() -> anyhow::Result<()> {
         matches!(err, Error::Json { .. }) && err.to_string().contains("config.json"),
         "{err}"
     );
+    Ok(())
+}
+
+/// The config of the test's `TimestepEmbedding`, read by [`load_component`].
+#[derive(serde::Deserialize)]
+struct EmbeddingConfig {
+    in_dim: usize,
+    hidden: usize,
+}
+
+impl ModelConfig for EmbeddingConfig {
+    fn validate(&self) -> kandinsky_core::Result<()> {
+        if self.hidden == 0 {
+            return Err(Error::unsupported("hidden", self.hidden, "at least 1"));
+        }
+        Ok(())
+    }
+}
+
+fn load_embedding(dir: &Path) -> kandinsky_core::Result<TimestepEmbedding> {
+    let new = |vb, cfg: &EmbeddingConfig| {
+        TimestepEmbedding::new(vb, cfg.in_dim, cfg.hidden, 3, Activation::Silu)
+    };
+    load_component(dir, DType::F16, &Device::Cpu, new)
+}
+
+#[test]
+fn load_component_reads_validates_and_builds() -> anyhow::Result<()> {
+    let dir = scratch("component");
+    candle_core::safetensors::save(&weights(6), dir.join("diffusion_pytorch_model.safetensors"))?;
+    // No config.json: named.
+    let err = load_embedding(&dir).unwrap_err();
+    match &err {
+        Error::MissingFile { path, .. } => assert!(path.ends_with("config.json"), "{err}"),
+        other => panic!("expected MissingFile, got {other:?}"),
+    }
+    // A config `validate` rejects: the field and the file are named.
+    std::fs::write(dir.join("config.json"), r#"{"in_dim": 4, "hidden": 0}"#)?;
+    let err = load_embedding(&dir).unwrap_err();
+    match &err {
+        Error::UnsupportedConfig { field, file, .. } => {
+            assert_eq!(field, "hidden");
+            assert_eq!(file.as_deref(), Some(dir.join("config.json").as_path()));
+        }
+        other => panic!("expected UnsupportedConfig, got {other:?}"),
+    }
+    // The config's sizes reach the constructor: a wrong one is the checkpoint's shape error.
+    std::fs::write(dir.join("config.json"), r#"{"in_dim": 5, "hidden": 6}"#)?;
+    assert!(matches!(
+        load_embedding(&dir),
+        Err(Error::Load(LoadError::ShapeMismatch { .. }))
+    ));
+    std::fs::write(dir.join("config.json"), r#"{"in_dim": 4, "hidden": 6}"#)?;
+    let model = load_embedding(&dir)?;
+    let y = model.forward(&Tensor::ones((2, 4), DType::F16, &Device::Cpu)?)?;
+    assert_eq!((y.dims(), y.dtype()), (&[2, 3][..], DType::F16));
+    // Missing folder.
+    assert!(matches!(
+        load_embedding(&dir.join("absent")),
+        Err(Error::MissingFile { .. })
+    ));
     Ok(())
 }
 

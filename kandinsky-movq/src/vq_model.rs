@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use kandinsky_core::loading::{ComponentDir, WeightVariant};
+use kandinsky_core::loading::load_component;
 use kandinsky_core::nn::Activation;
 use kandinsky_core::traits::LatentCodec;
 use kandinsky_core::ModelConfig;
@@ -348,10 +348,7 @@ impl VQModel {
 
     /// Load a diffusers `movq/` folder (`config.json` + safetensors weights).
     pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
-        let dir = ComponentDir::new(dir)?;
-        let cfg = VQModelConfig::from_dir(&dir)?;
-        dir.checkpoint(WeightVariant::Default)?
-            .build(dtype, device, |vb| Self::new(vb, &cfg))
+        load_component(dir, dtype, device, Self::new)
     }
 
     fn check_input(&self, x: &Tensor, what: &str, channels: usize) -> Result<Tensor> {

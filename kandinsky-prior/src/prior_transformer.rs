@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use kandinsky_core::embeddings::{timestep_embedding, TimestepEmbedding};
-use kandinsky_core::loading::{ComponentDir, WeightVariant};
+use kandinsky_core::loading::load_component;
 use kandinsky_core::nn::{layer_norm, layer_norm_f32, linear, Activation, LayerNorm, Linear};
 use kandinsky_core::traits::{EmbeddingPrior, PriorCondition};
 use kandinsky_core::ModelConfig;
@@ -306,10 +306,7 @@ impl PriorTransformer {
 
     /// Load a prior component folder (`config.json` + safetensors weights).
     pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
-        let dir = ComponentDir::new(dir)?;
-        let cfg = PriorTransformerConfig::from_dir(&dir)?;
-        dir.checkpoint(WeightVariant::Default)?
-            .build(dtype, device, |vb| Self::new(vb, &cfg))
+        load_component(dir, dtype, device, Self::new)
     }
 
     /// The configuration.

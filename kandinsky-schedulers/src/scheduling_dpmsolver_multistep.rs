@@ -8,8 +8,8 @@ use kandinsky_core::{Error, Result};
 use serde::Deserialize;
 
 use crate::scheduling_utils::{
-    check_steps, div, mul, np_arange, np_linspace, split_variance, threshold_sample, upcast,
-    BetaSchedule, NoiseTables, PredictionType, SchedulerConfig, TimestepSpacing,
+    check_steps, div, dpm_solver_timesteps, mul, np_linspace, split_variance, threshold_sample,
+    upcast, BetaSchedule, NoiseTables, PredictionType, SchedulerConfig, TimestepSpacing,
 };
 
 /// The fields of a `DPMSolverMultistepScheduler` config, with diffusers' defaults.
@@ -375,37 +375,10 @@ impl Scheduler for DpmSolverMultistepScheduler {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        let train = self.config.num_train_timesteps;
-        check_steps(num_inference_steps, train)?;
-        let n = num_inference_steps;
+        let (n, train) = (num_inference_steps, self.config.num_train_timesteps);
+        check_steps(n, train)?;
         // lambda_min_clipped = −∞ keeps every training timestep.
-        let last = train;
-        let timesteps: Vec<i64> = match self.spacing {
-            TimestepSpacing::Linspace => {
-                let mut v: Vec<i64> = np_linspace(0.0, (last - 1) as f64, n + 1)
-                    .into_iter()
-                    .rev()
-                    .map(|x| x.round_ties_even() as i64)
-                    .collect();
-                v.pop();
-                v
-            }
-            TimestepSpacing::Leading => {
-                let ratio = (last / (n + 1)) as i64;
-                (1..=n as i64)
-                    .rev()
-                    .map(|k| k * ratio + self.config.steps_offset)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => {
-                let ratio = train as f64 / n as f64;
-                np_arange(last as f64, 0.0, -ratio)
-                    .into_iter()
-                    .map(|x| x.round_ties_even() as i64 - 1)
-                    .collect()
-            }
-        };
-        let timesteps = crate::scheduling_utils::check_range(timesteps, n, train)?;
+        let timesteps = dpm_solver_timesteps(self.spacing, n, train, self.config.steps_offset)?;
         let (timesteps, mut sigmas): (Vec<i64>, Vec<f32>) = if self.config.use_karras_sigmas {
             let log_sigmas: Vec<f32> = self.train_sigmas.iter().map(|s| s.ln()).collect();
             let karras = self.karras_sigmas(n);

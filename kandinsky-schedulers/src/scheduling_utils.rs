@@ -488,7 +488,7 @@ pub(crate) fn check_range(
     Ok(timesteps)
 }
 
-/// The DDPM/DDIM timesteps (descending) for a spacing.
+/// The DDPM/DDIM timesteps (descending) for a spacing (the step count passed [`check_steps`]).
 pub(crate) fn spaced_timesteps(
     spacing: TimestepSpacing,
     num_inference_steps: usize,
@@ -502,6 +502,27 @@ pub(crate) fn spaced_timesteps(
         steps_offset,
     );
     check_range(ts, num_inference_steps, num_train_timesteps)
+}
+
+/// DPM-Solver++'s timesteps (descending) for a spacing (the step count passed
+/// [`check_steps`]): diffusers spaces `n + 1` points for `linspace` and `leading` (the DDPM
+/// formulas for `n + 1` steps) and drops the last one (0, or the offset); `trailing` is DDPM's
+/// for `n` steps.
+pub(crate) fn dpm_solver_timesteps(
+    spacing: TimestepSpacing,
+    num_inference_steps: usize,
+    num_train_timesteps: usize,
+    steps_offset: i64,
+) -> Result<Vec<i64>> {
+    let n = num_inference_steps;
+    let ts = if spacing == TimestepSpacing::Trailing {
+        spaced_timesteps_unchecked(spacing, n, num_train_timesteps, steps_offset)
+    } else {
+        let mut ts = spaced_timesteps_unchecked(spacing, n + 1, num_train_timesteps, steps_offset);
+        ts.pop();
+        ts
+    };
+    check_range(ts, n, num_train_timesteps)
 }
 
 fn spaced_timesteps_unchecked(

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder};
 use kandinsky_core::embeddings::{timestep_embedding, TimestepEmbedding};
-use kandinsky_core::loading::{ComponentDir, WeightVariant};
+use kandinsky_core::loading::load_component;
 use kandinsky_core::nn::{group_norm, Activation, Conv2dConfig, GroupNorm};
 use kandinsky_core::traits::{Denoiser, DenoiserCondition};
 use kandinsky_core::ModelConfig;
@@ -841,10 +841,7 @@ impl UNet2DConditionModel {
 
     /// Load a diffusers `unet/` folder (config + safetensors weights) in `dtype` on `device`.
     pub fn from_dir(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
-        let dir = ComponentDir::new(dir)?;
-        let cfg = UNet2DConditionConfig::from_dir(&dir)?;
-        dir.checkpoint(WeightVariant::Default)?
-            .build(dtype, device, |vb| Self::new(vb, &cfg))
+        load_component(dir, dtype, device, Self::new)
     }
 
     /// The configuration.
