@@ -13,11 +13,12 @@
 //! Key/value segments are read in place (no concatenation). Computes in f32 whatever the
 //! input dtype, as diffusers' `upcast_softmax` blocks do.
 
-use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::attention::KvSegment;
-use crate::error::{Error, Result};
+use crate::cpu_gemm::{self, Tiles, PANEL};
+use crate::error::Result;
 
 /// Query rows per task.
 const QUERY_BLOCK: usize = 128;
@@ -52,7 +53,7 @@ fn flash_attention_with(
         .map(|s| Ok((f32c(s.k)?, f32c(s.v)?)))
         .collect::<Result<_>>()?;
     let q_guard = qt.storage_and_layout();
-    let qv = host_f32(&q_guard)?;
+    let qv = cpu_gemm::cpu_f32(&q_guard)?;
     let kv_guards: Vec<_> = kvt
         .iter()
         .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()))
@@ -60,7 +61,7 @@ fn flash_attention_with(
     let segs: Vec<(&[f32], &[f32], usize)> = kv_guards
         .iter()
         .zip(&kvt)
-        .map(|((kg, vg), (k, _))| Ok((host_f32(kg)?, host_f32(vg)?, k.dim(2)?)))
+        .map(|((kg, vg), (k, _))| Ok((cpu_gemm::cpu_f32(kg)?, cpu_gemm::cpu_f32(vg)?, k.dim(2)?)))
         .collect::<Result<_>>()?;
     let mut out = vec![0f32; b * h * lq * d];
     let scale = scale as f32;
@@ -73,7 +74,7 @@ fn flash_attention_with(
                 .iter()
                 .map(|(k, _, l)| {
                     let span = bh * l * d..(bh + 1) * l * d;
-                    fast.then(|| pack_key_panels(&k[span], *l, d))
+                    fast.then(|| cpu_gemm::pack_panels(&k[span], *l, d))
                 })
                 .collect();
             let heads: Vec<Segment<'_>> = segs
@@ -101,21 +102,8 @@ fn flash_attention_with(
     Ok(Tensor::from_vec(out, (b, h, lq, d), q.device())?.to_dtype(dtype)?)
 }
 
-/// The f32 elements of a contiguous CPU tensor's storage guard.
-fn host_f32<'a, G: std::ops::Deref<Target = Storage>>(
-    (storage, layout): &'a (G, &Layout),
-) -> Result<&'a [f32]> {
-    let (lo, hi) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::invalid("fused attention: non-contiguous input"))?;
-    match &**storage {
-        Storage::Cpu(CpuStorage::F32(v)) => Ok(&v[lo..hi]),
-        _ => Err(Error::invalid("fused attention: expected f32 CPU storage")),
-    }
-}
-
 /// One key/value segment of one head: `k`, `v` `[len, D]` row-major; `k_panels` the packed
-/// Kᵀ of [`pack_key_panels`] when the AVX2 kernels run.
+/// Kᵀ of [`cpu_gemm::pack_panels`] when the AVX2 kernels run.
 struct Segment<'a> {
     k: &'a [f32],
     k_panels: Option<&'a [f32]>,
@@ -246,44 +234,14 @@ fn accumulate_pv_gemm(p: &[f32], vb: &[f32], o: &mut [f32], rows: usize, n: usiz
     }
 }
 
-/// Keys per packed panel: two AVX2 registers of scores per query row.
-const PANEL: usize = 16;
-/// Query rows per micro-tile: 6 rows × 2 registers = 12 accumulators of the 16 ymm registers.
-const MR: usize = 6;
-
-/// Whether the AVX2/FMA micro-kernels run: x86-64 with both features and a head size whose
-/// rows split into whole registers for the `P·V` product.
+/// Whether the AVX2/FMA micro-kernels run: on such a CPU, for a head size whose rows split
+/// into whole panels for the `P·V` product.
 fn microkernels_available(d: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        d % PANEL == 0
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = d;
-        false
-    }
-}
-
-/// Kᵀ of one head in panels of [`PANEL`] keys: panel `p` holds, for each of the `d` features
-/// in turn, keys `16p … 16p+15` (zero past `len`). One broadcast of a query feature then
-/// multiplies two contiguous registers of keys.
-fn pack_key_panels(k: &[f32], len: usize, d: usize) -> Vec<f32> {
-    let panels = len.div_ceil(PANEL);
-    let mut out = vec![0f32; panels * PANEL * d];
-    for (key, row) in k.chunks_exact(d).enumerate() {
-        let base = (key / PANEL) * PANEL * d + key % PANEL;
-        for (f, &x) in row.iter().enumerate() {
-            out[base + f * PANEL] = x;
-        }
-    }
-    out
+    d % PANEL == 0 && cpu_gemm::available()
 }
 
 /// `s` (rows × lds, lds a multiple of [`PANEL`]) = scale · q (rows × d) · Kᵀ from the packed
-/// panels `kp` (lds / PANEL panels).
+/// key panels `kp`.
 fn scores_avx2(
     q: &[f32],
     kp: &[f32],
@@ -293,16 +251,22 @@ fn scores_avx2(
     d: usize,
     scale: f32,
 ) {
-    assert!(q.len() >= rows * d && kp.len() >= lds * d && s.len() >= rows * lds);
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the caller checked the CPU features (`microkernels_available`); the asserted
-    // lengths bound every access of the kernel.
-    unsafe {
-        x86::scores(q.as_ptr(), kp.as_ptr(), s.as_mut_ptr(), rows, lds, d, scale)
-    }
+    let t = Tiles {
+        rows,
+        k: d,
+        panels: lds / PANEL,
+        lda: d,
+        ldb: PANEL,
+        panel_stride: PANEL * d,
+        ldc: lds,
+        accumulate: false,
+        scale,
+    };
+    cpu_gemm::gemm_tiles(q, kp, s, t);
 }
 
-/// `o` (rows × d) += p (rows × n, row stride `ldp`) · vb (n × d), d a multiple of [`PANEL`].
+/// `o` (rows × d) += p (rows × n, row stride `ldp`) · vb (n × d), d a multiple of [`PANEL`]:
+/// the rows of `V` already hold 16 adjacent columns, so `V` is read in place.
 fn accumulate_pv_avx2(
     p: &[f32],
     ldp: usize,
@@ -312,26 +276,24 @@ fn accumulate_pv_avx2(
     rows: usize,
     d: usize,
 ) {
-    assert!(
-        d % PANEL == 0
-            && n <= ldp
-            && p.len() >= (rows - 1) * ldp + n
-            && vb.len() >= n * d
-            && o.len() >= rows * d
-    );
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: as `scores_avx2`.
-    unsafe {
-        x86::accumulate_pv(p.as_ptr(), ldp, vb.as_ptr(), n, o.as_mut_ptr(), rows, d)
-    }
+    let t = Tiles {
+        rows,
+        k: n,
+        panels: d / PANEL,
+        lda: ldp,
+        ldb: d,
+        panel_stride: PANEL,
+        ldc: d,
+        accumulate: true,
+        scale: 1.0,
+    };
+    cpu_gemm::gemm_tiles(p, vb, o, t);
 }
 
-/// AVX2/FMA micro-kernels: `MR` query rows × 16 columns in 12 accumulator registers, the
-/// `A` operand broadcast from its row-major rows, the `B` operand read as two registers
-/// (packed key panels for `Q·Kᵀ`, the row-major `V` itself for `P·V`).
+/// The eight-lane exponential of the softmax (AVX2/FMA).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{exp_poly, MR, PANEL};
+    use super::exp_poly;
     use std::arch::x86_64::*;
 
     /// [`exp_poly`] on eight lanes: the same range reduction and polynomial, written with
@@ -385,120 +347,6 @@ mod x86 {
             i += 1;
         }
         sum
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn scores(
-        q: *const f32,
-        kp: *const f32,
-        s: *mut f32,
-        rows: usize,
-        lds: usize,
-        d: usize,
-        scale: f32,
-    ) {
-        let scale = _mm256_set1_ps(scale);
-        for panel in 0..lds / PANEL {
-            let b = kp.add(panel * PANEL * d);
-            let mut r = 0;
-            while r < rows {
-                let (qa, sa) = (q.add(r * d), s.add(r * lds + panel * PANEL));
-                match rows - r {
-                    1 => scores_tile::<1>(qa, d, b, sa, lds, scale),
-                    2 => scores_tile::<2>(qa, d, b, sa, lds, scale),
-                    3 => scores_tile::<3>(qa, d, b, sa, lds, scale),
-                    4 => scores_tile::<4>(qa, d, b, sa, lds, scale),
-                    5 => scores_tile::<5>(qa, d, b, sa, lds, scale),
-                    _ => scores_tile::<MR>(qa, d, b, sa, lds, scale),
-                }
-                r += MR;
-            }
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores_tile<const R: usize>(
-        q: *const f32,
-        d: usize,
-        panel: *const f32,
-        s: *mut f32,
-        lds: usize,
-        scale: __m256,
-    ) {
-        let mut lo = [_mm256_setzero_ps(); R];
-        let mut hi = [_mm256_setzero_ps(); R];
-        for f in 0..d {
-            let b0 = _mm256_loadu_ps(panel.add(f * PANEL));
-            let b1 = _mm256_loadu_ps(panel.add(f * PANEL + 8));
-            for i in 0..R {
-                let a = _mm256_set1_ps(*q.add(i * d + f));
-                lo[i] = _mm256_fmadd_ps(a, b0, lo[i]);
-                hi[i] = _mm256_fmadd_ps(a, b1, hi[i]);
-            }
-        }
-        for i in 0..R {
-            _mm256_storeu_ps(s.add(i * lds), _mm256_mul_ps(lo[i], scale));
-            _mm256_storeu_ps(s.add(i * lds + 8), _mm256_mul_ps(hi[i], scale));
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn accumulate_pv(
-        p: *const f32,
-        ldp: usize,
-        v: *const f32,
-        n: usize,
-        o: *mut f32,
-        rows: usize,
-        d: usize,
-    ) {
-        let mut r = 0;
-        while r < rows {
-            for col in (0..d).step_by(PANEL) {
-                let (pa, va, oa) = (p.add(r * ldp), v.add(col), o.add(r * d + col));
-                match rows - r {
-                    1 => pv_tile::<1>(pa, ldp, va, d, n, oa),
-                    2 => pv_tile::<2>(pa, ldp, va, d, n, oa),
-                    3 => pv_tile::<3>(pa, ldp, va, d, n, oa),
-                    4 => pv_tile::<4>(pa, ldp, va, d, n, oa),
-                    5 => pv_tile::<5>(pa, ldp, va, d, n, oa),
-                    _ => pv_tile::<MR>(pa, ldp, va, d, n, oa),
-                }
-            }
-            r += MR;
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn pv_tile<const R: usize>(
-        p: *const f32,
-        ldp: usize,
-        v: *const f32,
-        d: usize,
-        n: usize,
-        o: *mut f32,
-    ) {
-        let mut lo = [_mm256_setzero_ps(); R];
-        let mut hi = [_mm256_setzero_ps(); R];
-        for i in 0..R {
-            lo[i] = _mm256_loadu_ps(o.add(i * d));
-            hi[i] = _mm256_loadu_ps(o.add(i * d + 8));
-        }
-        for k in 0..n {
-            let b0 = _mm256_loadu_ps(v.add(k * d));
-            let b1 = _mm256_loadu_ps(v.add(k * d + 8));
-            for i in 0..R {
-                let a = _mm256_set1_ps(*p.add(i * ldp + k));
-                lo[i] = _mm256_fmadd_ps(a, b0, lo[i]);
-                hi[i] = _mm256_fmadd_ps(a, b1, hi[i]);
-            }
-        }
-        for i in 0..R {
-            _mm256_storeu_ps(o.add(i * d), lo[i]);
-            _mm256_storeu_ps(o.add(i * d + 8), hi[i]);
-        }
     }
 }
 

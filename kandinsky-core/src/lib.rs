@@ -15,6 +15,7 @@
 pub mod attention;
 mod cpu_attention;
 pub mod cpu_conv;
+pub mod cpu_gemm;
 mod cpu_norm;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -2,10 +2,10 @@
 //! (diffusers' `Attention` built with `_from_deprecated_attn_block=True` and `AttnProcessor2_0`).
 
 use candle_core::Tensor;
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 use kandinsky_core::attention::{attention, KvSegment};
-use kandinsky_core::nn::{linear, Activation};
+use kandinsky_core::nn::{linear, Activation, Linear};
 use kandinsky_core::{Error, Result};
 
 use crate::conv::{Conv2d, Padding};

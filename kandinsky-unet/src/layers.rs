@@ -1,9 +1,9 @@
-//! `Linear` / `Conv2d` that also run in bf16 on the CPU.
+//! `Conv2d` that also runs in bf16 on the CPU (and the shared `Linear`, which does too).
 //!
 //! candle 0.11's CPU matmul (used by linear layers and by the im2col convolution) has no bf16
 //! kernel. For bf16 on the CPU these layers compute in f32 and round the result back to
 //! bf16, as PyTorch's CPU bf16 matmul accumulates in f32. Every other dtype/device goes
-//! straight to candle.
+//! straight to candle (or to the packed CPU kernels).
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -15,27 +15,8 @@ pub fn needs_f32(x: &Tensor) -> bool {
     x.dtype() == DType::BF16 && x.device().is_cpu()
 }
 
-/// A linear layer (`weight [out, in]`, `bias [out]`).
-#[derive(Debug, Clone)]
-pub struct Linear(candle_nn::Linear);
-
-/// Load `weight`/`bias` of a linear layer.
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    Ok(Linear(candle_nn::linear(in_dim, out_dim, vb)?))
-}
-
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if !needs_f32(x) {
-            return self.0.forward(x);
-        }
-        let w = self.0.weight().to_dtype(DType::F32)?;
-        let b = self.0.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
-        candle_nn::Linear::new(w, b)
-            .forward(&x.to_dtype(DType::F32)?)?
-            .to_dtype(DType::BF16)
-    }
-}
+/// The linear layer of kandinsky-core (packed f32 kernels on the CPU, the same bf16 detour).
+pub use kandinsky_core::nn::{linear, Linear};
 
 /// A 2-D convolution with bias.
 ///
