@@ -70,13 +70,27 @@ enum LinearKind {
 }
 
 impl Linear {
-    /// From its tensors.
+    /// From its tensors (the packed path works on a copy: `weight` may be shared).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        if use_fused_kernels() {
-            if let Some(p) = PackedLinear::new(&weight, bias.as_ref())? {
-                return Ok(Self(LinearKind::Packed(p)));
+        let weight = if use_fused_kernels() && PackedLinear::applies(&weight) {
+            weight.copy()?
+        } else {
+            weight
+        };
+        Self::new_owned(weight, bias)
+    }
+
+    /// From a weight nothing else refers to (a fresh load from a checkpoint), which the
+    /// packed path then rearranges in place: the layer costs exactly the weight's memory.
+    fn new_owned(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight = if use_fused_kernels() {
+            match PackedLinear::new(weight, bias.as_ref())? {
+                Ok(p) => return Ok(Self(LinearKind::Packed(p))),
+                Err(weight) => weight,
             }
-        }
+        } else {
+            weight
+        };
         Ok(Self(LinearKind::Candle(candle_nn::Linear::new(
             weight, bias,
         ))))
@@ -87,7 +101,8 @@ impl Linear {
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = vb.get(out_dim, "bias")?;
-    Linear::new(weight, Some(bias)).map_err(candle_core::Error::wrap)
+    // The checkpoint-backed VarBuilders of this project load a fresh tensor per `get`.
+    Linear::new_owned(weight, Some(bias)).map_err(candle_core::Error::wrap)
 }
 
 /// Load `weight [out, in]` of a layer without bias.
@@ -97,7 +112,7 @@ pub fn linear_no_bias(
     vb: VarBuilder,
 ) -> candle_core::Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
-    Linear::new(weight, None).map_err(candle_core::Error::wrap)
+    Linear::new_owned(weight, None).map_err(candle_core::Error::wrap)
 }
 
 impl Module for Linear {
@@ -444,6 +459,29 @@ pub fn layer_norm_f32(ln: &LayerNorm, x: &Tensor) -> candle_core::Result<Tensor>
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn linear_new_leaves_a_shared_weight_alone() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (32, 40), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 32, &dev)?;
+        let before = w.to_vec2::<f32>()?;
+        let shared = w.clone();
+        let lin = Linear::new(w, Some(b.clone())).map_err(candle_core::Error::wrap)?;
+        assert_eq!(
+            shared.to_vec2::<f32>()?,
+            before,
+            "the caller's weight was rearranged"
+        );
+        let x = Tensor::randn(0f32, 1.0, (3, 40), &dev)?;
+        let want = candle_nn::Linear::new(shared, Some(b)).forward(&x)?;
+        let err = (lin.forward(&x)? - want)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(err < 1e-4, "{err}");
+        Ok(())
+    }
+
     use super::*;
     use candle_core::Device;
 
