@@ -292,7 +292,7 @@ fn accumulate_pv_avx2(
 
 /// The eight-lane exponential of the softmax (AVX2/FMA).
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::exp_poly;
     use std::arch::x86_64::*;
 

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+mod cpu_act;
 mod cpu_attention;
 pub mod cpu_conv;
 pub mod cpu_gemm;

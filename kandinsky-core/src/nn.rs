@@ -45,6 +45,11 @@ impl Activation {
     pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Silu => x.silu(),
+            Self::Gelu if use_fused_kernels() => match crate::cpu_act::gelu_erf(x) {
+                Ok(Some(y)) => Ok(y),
+                Ok(None) => x.gelu_erf(),
+                Err(e) => Err(candle_core::Error::wrap(e)),
+            },
             Self::Gelu => x.gelu_erf(),
             Self::GeluTanh => x.gelu(),
             Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
