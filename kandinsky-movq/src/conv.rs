@@ -84,7 +84,9 @@ impl Conv2d {
             && vb.dtype() != DType::F64
             && use_fused_kernels();
         let conv = BandedConv::new(in_channels, out_channels, kernel, stride, padding, vb)?;
-        if !packable {
+        // The manifest checks' zero-stride placeholders are not weights: packing would
+        // materialise them.
+        if !packable || !conv.weight.is_contiguous() {
             return Ok(Self(ConvKind::Banded(conv)));
         }
         let packed = PackedConv3x3::new(&conv.weight, Some(&conv.bias))?;
