@@ -16,7 +16,8 @@ const CHUNK: usize = 1 << 14;
 /// `x·½·(1 + erf(x/√2))` of an f32 contiguous CPU tensor; `None` for any other tensor or CPU
 /// (the caller then uses candle's).
 pub(crate) fn gelu_erf(x: &Tensor) -> crate::Result<Option<Tensor>> {
-    if x.dtype() != DType::F32 || !x.device().is_cpu() || !x.is_contiguous() || !avx2() {
+    let fits = x.dtype() == DType::F32 && x.device().is_cpu() && x.is_contiguous();
+    if !fits || !crate::cpu_gemm::available() {
         return Ok(None);
     }
     let guard = x.storage_and_layout();
@@ -33,10 +34,6 @@ pub(crate) fn gelu_erf(x: &Tensor) -> crate::Result<Option<Tensor>> {
             }
         });
     Ok(Some(Tensor::from_vec(out, x.shape(), x.device())?))
-}
-
-fn avx2() -> bool {
-    crate::cpu_gemm::available()
 }
 
 /// The scalar form, for the tails (and the reference of the tests).

@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -119,14 +119,8 @@ impl PackedConv3x3 {
         let mut out = vec![0f32; b * self.cout * h * w];
         let xf = x.to_dtype(DType::F32)?.contiguous()?;
         {
-            let (storage, layout) = xf.storage_and_layout();
-            let data = match &*storage {
-                Storage::Cpu(CpuStorage::F32(v)) => match layout.contiguous_offsets() {
-                    Some((lo, hi)) => &v[lo..hi],
-                    None => return Err(Error::invalid("PackedConv3x3: non-contiguous input")),
-                },
-                _ => return Err(Error::invalid("PackedConv3x3: expected f32 CPU storage")),
-            };
+            let guard = xf.storage_and_layout();
+            let data = crate::cpu_gemm::cpu_f32(&guard)?;
             let src = Source {
                 h: sh,
                 w: sw,

@@ -230,13 +230,13 @@ impl PackedLinear {
     /// keep `bias [out]`; `None` (weight untouched) when the micro-kernels cannot run here,
     /// the tensors are not contiguous f32 on the CPU, or `out` is not a multiple of 16.
     pub fn new(weight: Tensor, bias: Option<&Tensor>) -> Result<std::result::Result<Self, Tensor>> {
-        let out_dim = weight.dim(0)?;
-        if !Self::applies(&weight)
-            || bias.is_some_and(|b| b.dtype() != DType::F32 || b.dims() != [out_dim])
-        {
+        if !Self::applies(&weight) {
             return Ok(Err(weight));
         }
         let (out_dim, in_dim) = weight.dims2()?;
+        if bias.is_some_and(|b| b.dtype() != DType::F32 || b.dims() != [out_dim]) {
+            return Ok(Err(weight));
+        }
         let bias = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
         weight.inplace_op1(&PackRowsInPlace {
             rows: out_dim,
@@ -333,17 +333,13 @@ impl PackedLinear {
     }
 }
 
-/// The f32 elements of a contiguous CPU tensor's storage guard.
+/// The f32 elements of a contiguous CPU tensor's storage guard (an error for any other
+/// storage; [`crate::cpu_norm::f32_slice`] is the `Option` form).
 pub(crate) fn cpu_f32<'a, G: std::ops::Deref<Target = Storage>>(
     (storage, layout): &'a (G, &Layout),
 ) -> Result<&'a [f32]> {
-    let (lo, hi) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::invalid("expected a contiguous tensor"))?;
-    match &**storage {
-        Storage::Cpu(CpuStorage::F32(v)) => Ok(&v[lo..hi]),
-        _ => Err(Error::invalid("expected f32 CPU storage")),
-    }
+    crate::cpu_norm::f32_slice(storage, layout)
+        .ok_or_else(|| Error::invalid("expected a contiguous f32 CPU tensor"))
 }
 
 #[cfg(test)]

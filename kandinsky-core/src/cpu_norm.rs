@@ -68,27 +68,21 @@ impl Elem for f32 {
     }
 }
 
-impl Elem for half::bf16 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        half::bf16::to_f32(self)
-    }
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        half::bf16::from_f32(v)
-    }
+macro_rules! half_elem {
+    ($($t:ty),*) => {$(
+        impl Elem for $t {
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+            #[inline(always)]
+            fn from_f32(v: f32) -> Self {
+                <$t>::from_f32(v)
+            }
+        }
+    )*};
 }
-
-impl Elem for half::f16 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        half::f16::to_f32(self)
-    }
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        half::f16::from_f32(v)
-    }
-}
+half_elem!(half::bf16, half::f16);
 
 /// The contiguous f32 slice of a CPU tensor's storage guard (`None` for any other storage).
 pub(crate) fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
