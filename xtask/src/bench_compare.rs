@@ -10,7 +10,7 @@
 //! JSON lines go to `target/bench-compare/results.jsonl`.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -285,9 +285,8 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
             .collect();
     }
 
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("building the Rust runner (release)");
-    crate::python::run(Command::new(&cargo).current_dir(&root).args([
+    crate::python::run(crate::python::cargo().current_dir(&root).args([
         "build",
         "--release",
         "-p",
@@ -295,9 +294,7 @@ pub fn bench_compare(args: &[String]) -> Result<()> {
         "--bin",
         "cpu_compare",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target = crate::python::target_dir();
     let runner = target.join("release/cpu_compare");
     if !runner.is_file() {
         bail!("the runner {} was not built", runner.display());

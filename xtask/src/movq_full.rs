@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::python::{root, run, venv_python};
+use crate::python::{cargo, root, run, venv_python};
 
 const PYTHON: &str = r#"
 import sys, time
@@ -60,7 +60,7 @@ pub fn movq_full(args: &[String]) -> Result<()> {
     } else {
         eprintln!("reusing {} (pass --regenerate to rewrite)", out.display());
     }
-    run(Command::new(env!("CARGO"))
+    run(cargo()
         .current_dir(&root)
         .args([
             "run",

@@ -23,17 +23,13 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::python::{mem_available_gb, root, run, venv_python};
-
-fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-}
+use crate::python::{cargo, require_memory_gb, root, run, target_dir, venv_python};
 
 /// Run one CLI subcommand on the full-size folders (`flow_args` after the subcommand; the
 /// output goes to `<out>/<name>.png` or `.safetensors`); returns the output's bytes and
 /// prints `/usr/bin/time`'s wall time and peak RSS when present.
-fn cli(root: &Path, out: &Path, name: &str, flow_args: &[&str]) -> Result<Vec<u8>> {
-    let bin = root.join("target/release/kandinsky");
+fn cli(out: &Path, name: &str, flow_args: &[&str]) -> Result<Vec<u8>> {
+    let bin = target_dir().join("release/kandinsky");
     let ext = if flow_args.first() == Some(&"prior") {
         "safetensors"
     } else {
@@ -71,12 +67,7 @@ pub fn pipeline_full(args: &[String]) -> Result<()> {
     let root = root();
     let out = root.join("target/pipeline-full");
     let regenerate = args.iter().any(|a| a == "--regenerate");
-    if let Some(gb) = mem_available_gb() {
-        eprintln!("available memory: {gb:.1} GB");
-        if gb < 17.0 {
-            bail!("the full prior folder needs ≈ 17 GB of free RAM in f32; {gb:.1} GB available");
-        }
-    }
+    require_memory_gb(17.0, "the full prior folder in f32")?;
     let python = venv_python()?;
     let script = root.join("xtask/fixtures/full_pipeline.py");
     let built = out.join("kandinsky-2-2-decoder/movq/diffusion_pytorch_model.safetensors");
@@ -113,7 +104,7 @@ pub fn pipeline_full(args: &[String]) -> Result<()> {
         "--example",
         "compare_full",
     ]))?;
-    run(Command::new(root.join("target/release/examples/compare_full")).arg(&out))?;
+    run(Command::new(target_dir().join("release/examples/compare_full")).arg(&out))?;
 
     let cache = out.join("cache");
     if cache.exists() {
@@ -127,8 +118,8 @@ pub fn pipeline_full(args: &[String]) -> Result<()> {
         "--negative-prompt",
         "blurry, low quality",
     ];
-    let first = cli(&root, &out, "cli-text2img", &text2img)?;
-    let second = cli(&root, &out, "cli-text2img-cached", &text2img)?;
+    let first = cli(&out, "cli-text2img", &text2img)?;
+    let second = cli(&out, "cli-text2img-cached", &text2img)?;
     if first != second {
         bail!("the CLI wrote different PNGs for one seed (first run vs cached zero embedding)");
     }
@@ -141,7 +132,6 @@ pub fn pipeline_full(args: &[String]) -> Result<()> {
     let init = out.join("cli-text2img.png");
     let init = init.to_str().context("non-UTF-8 path")?;
     cli(
-        &root,
         &out,
         "cli-img2img",
         &[
@@ -155,7 +145,6 @@ pub fn pipeline_full(args: &[String]) -> Result<()> {
         ],
     )?;
     cli(
-        &root,
         &out,
         "cli-mix",
         &[
@@ -170,6 +159,6 @@ pub fn pipeline_full(args: &[String]) -> Result<()> {
             "0.7",
         ],
     )?;
-    cli(&root, &out, "cli-prior", &["prior", "--prompt", PROMPT])?;
+    cli(&out, "cli-prior", &["prior", "--prompt", PROMPT])?;
     Ok(())
 }

@@ -60,10 +60,34 @@ pub fn fixtures(args: &[String]) -> Result<()> {
     run(&mut cmd)
 }
 
-/// `MemAvailable` of /proc/meminfo in GB (None off Linux).
-pub fn mem_available_gb() -> Option<f64> {
+/// Fail unless the machine has `gb` GB available (`MemAvailable` of /proc/meminfo; no check
+/// off Linux) for `what`.
+pub fn require_memory_gb(gb: f64, what: &str) -> Result<()> {
+    let Some(available) = mem_available_gb() else {
+        return Ok(());
+    };
+    eprintln!("available memory: {available:.1} GB");
+    if available < gb {
+        bail!("{what} needs ≈ {gb} GB of free RAM; {available:.1} GB available");
+    }
+    Ok(())
+}
+
+fn mem_available_gb() -> Option<f64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0 / 1024.0)
+}
+
+/// The cargo that runs this xtask (`$CARGO`), for the builds and runs it starts.
+pub fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Where cargo puts the workspace's build outputs (`CARGO_TARGET_DIR`, else `target/`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
 }

@@ -10,9 +10,9 @@
 
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use crate::python::{mem_available_gb, root, run, venv_python};
+use crate::python::{cargo, require_memory_gb, root, run, venv_python};
 
 const PYTHON: &str = r#"
 import sys, time
@@ -49,12 +49,7 @@ pub fn unet_full(args: &[String]) -> Result<()> {
     let root = root();
     let out = root.join("target/unet-full");
     let regenerate = args.iter().any(|a| a == "--regenerate");
-    if let Some(gb) = mem_available_gb() {
-        eprintln!("available memory: {gb:.1} GB");
-        if gb < 12.0 {
-            bail!("the full UNet needs ≈ 12 GB of free RAM (5 GB weights + copies); {gb:.1} GB available");
-        }
-    }
+    require_memory_gb(12.0, "the full UNet (5 GB weights + copies)")?;
     let weights = out.join("unet/diffusion_pytorch_model.safetensors");
     if regenerate || !weights.is_file() || !out.join("io.safetensors").is_file() {
         std::fs::create_dir_all(&out).context("creating target/unet-full")?;
@@ -72,18 +67,16 @@ pub fn unet_full(args: &[String]) -> Result<()> {
     } else {
         eprintln!("reusing {} (pass --regenerate to rewrite)", out.display());
     }
-    run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .args([
-                "run",
-                "--release",
-                "-p",
-                "kandinsky-unet",
-                "--example",
-                "compare_full",
-                "--",
-            ])
-            .arg(&out),
-    )
+    run(cargo()
+        .current_dir(&root)
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "kandinsky-unet",
+            "--example",
+            "compare_full",
+            "--",
+        ])
+        .arg(&out))
 }
