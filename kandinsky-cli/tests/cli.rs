@@ -1,22 +1,12 @@
 //! The `kandinsky` binary on the tiny fixture pipelines: every subcommand, the PNG text
 //! chunk, `--seed` reproducibility and the errors a new user meets.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{fixtures, ok, pixels, scratch, write_png};
+
+use std::path::Path;
 use std::process::{Command, Output};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join("fixtures")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kandinsky-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn kandinsky(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kandinsky"))
@@ -30,16 +20,8 @@ fn kandinsky(args: &[&str]) -> Output {
         .expect("the binary runs")
 }
 
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn tiny(repo: &str) -> String {
-    fixtures().join("tiny").join(repo).display().to_string()
+    common::tiny(repo).display().to_string()
 }
 
 /// Width, height and text chunks of a PNG.
@@ -58,30 +40,6 @@ fn png_info(path: &Path) -> (u32, u32, Vec<(String, String)>) {
             .map(|t| (t.keyword.clone(), t.get_text().unwrap())),
     );
     (info.width, info.height, text)
-}
-
-/// Decoded RGB bytes of a PNG (the text chunks differ between schedulers).
-fn pixels(path: &Path) -> Vec<u8> {
-    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = dec.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
-    buf
-}
-
-fn write_png(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) {
-    let mut data = Vec::new();
-    for y in 0..h {
-        for x in 0..w {
-            data.extend(f(x, y));
-        }
-    }
-    let file = std::fs::File::create(path).unwrap();
-    let mut enc = png::Encoder::new(file, w, h);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    enc.write_header().unwrap().write_image_data(&data).unwrap();
 }
 
 /// Replace the value of `flag` in `args`.

@@ -14,6 +14,10 @@
 //! Every run gets `HF_ENDPOINT` (this server, or a closed port), its own `HF_HOME` and no
 //! proxy variables, so no test can reach the real network.
 
+mod common;
+
+use common::{fixtures, ok, pixels, scratch, tiny, write_png};
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -22,20 +26,6 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join("fixtures")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kandinsky-hub-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// FNV-1a: a stable content id standing in for the hub's sha256 etags.
 fn etag(bytes: &[u8]) -> String {
@@ -320,37 +310,6 @@ fn kandinsky(args: &[&str], env: &Env) -> Output {
     cmd.output().expect("the binary runs")
 }
 
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn write_png(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) {
-    let mut data = Vec::new();
-    for y in 0..h {
-        for x in 0..w {
-            data.extend(f(x, y));
-        }
-    }
-    let mut enc = png::Encoder::new(std::fs::File::create(path).unwrap(), w, h);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    enc.write_header().unwrap().write_image_data(&data).unwrap();
-}
-
-/// Decoded pixels (the text chunks name the model source, which differs between runs).
-fn pixels(path: &Path) -> Vec<u8> {
-    let dec = png::Decoder::new(BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = dec.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
-    buf
-}
-
 /// `controlnet` at 64×64, 2 steps; `models` adds `--prior` / `--decoder` (else the defaults,
 /// kandinsky-community/kandinsky-2-2-prior and kandinsky-2-2-controlnet-depth).
 fn controlnet(hint: &Path, out: &Path, models: &[&str], env: &Env) -> Output {
@@ -383,10 +342,6 @@ const CONTROLNET: &str = "kandinsky-community/kandinsky-2-2-controlnet-depth";
 /// The prior with only PyTorch pickle weights for `prior/`, as the hub's ControlNet repo has
 /// for `unet/`.
 const PICKLE_PRIOR: &str = "test-org/prior-pickle-only";
-
-fn tiny(repo: &str) -> PathBuf {
-    fixtures().join("tiny").join(repo)
-}
 
 fn repo_cache(hf_home: &Path, repo: &str) -> PathBuf {
     hf_home
