@@ -94,6 +94,14 @@ impl RecordedNoise {
         }
     }
 
+    /// Replay the tensors of `named` whose names start with `prefix`, in name order (the
+    /// fixtures store diffusers' draws as `noise_000`, `noise_001`, …).
+    pub fn with_prefix(named: &std::collections::HashMap<String, Tensor>, prefix: &str) -> Self {
+        let mut keys: Vec<&String> = named.keys().filter(|k| k.starts_with(prefix)).collect();
+        keys.sort();
+        Self::new(keys.into_iter().map(|k| named[k].clone()))
+    }
+
     /// Tensors not yet consumed.
     pub fn remaining(&self) -> usize {
         self.queue.len()

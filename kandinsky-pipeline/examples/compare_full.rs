@@ -7,12 +7,11 @@
 //! (`<dir>` holds `kandinsky-2-2-prior/`, `kandinsky-2-2-decoder/`, `reference.safetensors`
 //! and `reference.json`, written by `xtask/fixtures/full_pipeline.py`).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use kandinsky_core::noise::RecordedNoise;
 use kandinsky_core::testing::diff;
 use kandinsky_pipeline::decoder::DecoderOptions;
@@ -25,12 +24,6 @@ use kandinsky_pipeline::{
 const TOL_IMAGE: f32 = 1e-3;
 /// The embeddings are unbounded; compare them relative to their largest value.
 const TOL_EMBEDS_REL: f32 = 1e-3;
-
-fn recorded(f: &HashMap<String, Tensor>, prefix: &str) -> RecordedNoise {
-    let mut keys: Vec<&String> = f.keys().filter(|k| k.starts_with(prefix)).collect();
-    keys.sort();
-    RecordedNoise::new(keys.into_iter().map(|k| f[k].clone()))
-}
 
 fn main() -> Result<()> {
     kandinsky_core::device::keep_freed_memory();
@@ -59,7 +52,7 @@ fn main() -> Result<()> {
         ImageEncoderUse::ZeroEmbeddingOnly { cache: None },
     )?;
     let prior_load = t.elapsed().as_secs_f64();
-    let mut noise = recorded(&f, "prior_noise_");
+    let mut noise = RecordedNoise::with_prefix(&f, "prior_noise_");
     let t = Instant::now();
     let embeds = prior.generate(
         &[text("prompt")?],
@@ -119,7 +112,7 @@ fn main() -> Result<()> {
         noise: Some(get("latents")?.clone()),
         ..Default::default()
     };
-    let mut noise = recorded(&f, "decoder_noise_");
+    let mut noise = RecordedNoise::with_prefix(&f, "decoder_noise_");
     let t = Instant::now();
     let img = decoder.text2img(
         &reference_embeds,

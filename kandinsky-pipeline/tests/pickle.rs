@@ -56,9 +56,7 @@ fn pickle_only_prior_folder() -> anyhow::Result<PathBuf> {
 /// diffusers' prior flow on the fixture's prompt, replaying its recorded noise.
 fn run_prior(dir: &Path) -> anyhow::Result<ImageEmbeds> {
     let f = load_fixture("pipeline/prior.safetensors")?;
-    let mut keys: Vec<&String> = f.keys().filter(|k| k.starts_with("noise_")).collect();
-    keys.sort();
-    let mut noise = RecordedNoise::new(keys.into_iter().map(|k| f[k].clone()));
+    let mut noise = RecordedNoise::with_prefix(&f, "noise_");
     let cpu = Placement::cpu();
     let mut p = PriorPipeline::load(dir, &cpu, &cpu, ImageEncoderUse::Load)?;
     let out = p.generate(

@@ -75,10 +75,7 @@ fn parity(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
     let tiny = fixtures_dir().join("tiny");
     // Prior: recorded noise replayed, as in the CPU end-to-end test.
     let f = load_fixture("pipeline/prior.safetensors")?;
-    let mut keys: Vec<&String> = f.keys().filter(|k| k.starts_with("noise_")).collect();
-    keys.sort();
-    let mut noise =
-        kandinsky_core::noise::RecordedNoise::new(keys.into_iter().map(|k| f[k].clone()));
+    let mut noise = kandinsky_core::noise::RecordedNoise::with_prefix(&f, "noise_");
     let mut p = PriorPipeline::load(
         &tiny.join("kandinsky-2-2-prior"),
         &place,

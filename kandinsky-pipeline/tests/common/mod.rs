@@ -18,9 +18,7 @@ pub fn tiny(repo: &str) -> PathBuf {
 
 /// The Gaussian tensors diffusers drew (`noise_000`, ... in call order), for replay.
 pub fn recorded(f: &HashMap<String, Tensor>) -> RecordedNoise {
-    let mut keys: Vec<&String> = f.keys().filter(|k| k.starts_with("noise_")).collect();
-    keys.sort();
-    RecordedNoise::new(keys.into_iter().map(|k| f[k].clone()))
+    RecordedNoise::with_prefix(f, "noise_")
 }
 
 /// Images in [-1, 1] against the fixture's `output` (diffusers' images in [0, 1]).
