@@ -1,4 +1,13 @@
-// Fused GroupNorm (+ optional SiLU) for NCHW tensors, f32 statistics for every input type.
+// Fused GroupNorm (+ optional modulation, + optional SiLU) for NCHW tensors, f32 statistics
+// and f32 arithmetic for every input type.
+//
+// Modulation of the normalised value v (channel c of batch b, pixel (y, x)):
+//   kind 0: none;
+//   kind 1: v·(1 + scale[b, c]) + shift[b, c]  (diffusers' scale_shift time conditioning; scale
+//           and shift read through their own batch/channel strides, so the two halves of the
+//           time projection are used in place);
+//   kind 2: v·scale[b, c, y/fy, x/fx] + shift[…]  (MoVQ's SpatialNorm: contiguous [B, C, mh, mw]
+//           maps, nearest-upsampled by fy = H/mh, fx = W/mw on the fly instead of materialised).
 //
 // Two launches over a grid of (batch·groups)·splits blocks, so even batch 2 × 32 groups fills
 // the GPU: `group_norm_stats_*` writes a partial (count, mean, M2) per block (Welford), and
@@ -79,7 +88,10 @@ __device__ void stats(const T* __restrict__ x, float* __restrict__ partial, long
 template <typename T>
 __device__ void apply(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
                       const float* __restrict__ partial, T* __restrict__ y, long long group_elems,
-                      long long chunk, int splits, int groups, int cpg, long long hw, float eps, int silu) {
+                      long long chunk, int splits, int groups, int cpg, long long hw, float eps, int silu,
+                      const T* __restrict__ mscale, const T* __restrict__ mshift, int mkind,
+                      long long scale_sb, long long scale_sc, long long shift_sb, long long shift_sc,
+                      int mh, int mw, int width) {
   const int gs = blockIdx.x / splits, split = blockIdx.x % splits;
   __shared__ float s_mean, s_rstd;
   if (threadIdx.x == 0) {
@@ -93,12 +105,21 @@ __device__ void apply(const T* __restrict__ x, const T* __restrict__ gamma, cons
   }
   __syncthreads();
   const float mean = s_mean, rstd = s_rstd;
-  const int g = gs % groups;
+  const int g = gs % groups, b = gs / groups, channels = groups * cpg;
+  // kind 2 geometry: the map is hw / width rows of `width` pixels.
+  const int fy = mkind == 2 ? (int)(hw / width) / mh : 1, fx = mkind == 2 ? width / mw : 1;
   const long long base = (long long)gs * group_elems;
   long long lo = (long long)split * chunk, hi = min(lo + chunk, group_elems);
   for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
     const int c = g * cpg + (int)(i / hw);
     float v = (to_f(x[base + i]) - mean) * rstd * to_f(gamma[c]) + to_f(beta[c]);
+    if (mkind == 1) {
+      v = v * (1.f + to_f(mscale[b * scale_sb + c * scale_sc])) + to_f(mshift[b * shift_sb + c * shift_sc]);
+    } else if (mkind == 2) {
+      const int pix = (int)(i % hw), row = pix / width, col = pix % width;
+      const long long m = (((long long)b * channels + c) * mh + row / fy) * mw + col / fx;
+      v = v * to_f(mscale[m]) + to_f(mshift[m]);
+    }
     if (silu) v = v / (1.f + __expf(-v));
     y[base + i] = from_f<T>(v);
   }
@@ -109,11 +130,13 @@ __device__ void apply(const T* __restrict__ x, const T* __restrict__ gamma, cons
                                                     long long chunk, int splits) {                \
     stats<T>(x, partial, ge, chunk, splits);                                                      \
   }                                                                                               \
-  extern "C" __global__ void group_norm_apply_##SUF(const T* x, const T* gamma, const T* beta,    \
-                                                    const float* partial, T* y, long long ge,     \
-                                                    long long chunk, int splits, int groups,      \
-                                                    int cpg, long long hw, float eps, int silu) { \
-    apply<T>(x, gamma, beta, partial, y, ge, chunk, splits, groups, cpg, hw, eps, silu);          \
+  extern "C" __global__ void group_norm_apply_##SUF(                                              \
+      const T* x, const T* gamma, const T* beta, const float* partial, T* y, long long ge,         \
+      long long chunk, int splits, int groups, int cpg, long long hw, float eps, int silu,          \
+      const T* mscale, const T* mshift, int mkind, long long ssb, long long ssc, long long tsb,     \
+      long long tsc, int mh, int mw, int width) {                                                   \
+    apply<T>(x, gamma, beta, partial, y, ge, chunk, splits, groups, cpg, hw, eps, silu, mscale,     \
+             mshift, mkind, ssb, ssc, tsb, tsc, mh, mw, width);                                     \
   }
 
 GN_KERNELS(float, f32)

@@ -9,14 +9,31 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use crate::nn::NormModulation;
+
 const GROUP_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
 const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
 
-/// Fused GroupNorm(+SiLU) of a contiguous `[B, C, ...]` tensor.
+/// Fused GroupNorm(+modulation)(+SiLU) of a contiguous `[B, C, ...]` tensor.
 struct GroupNormOp {
     groups: usize,
     eps: f32,
     silu: bool,
+    modulation: Option<KernelModulation>,
+}
+
+/// A [`NormModulation`] as the kernel takes it: its kind (1 scale-shift, 2 spatial, as in
+/// `group_norm.cu`) and the two tensors in the input's dtype (spatial maps contiguous).
+struct KernelModulation {
+    kind: i32,
+    scale: Tensor,
+    shift: Tensor,
+}
+
+/// Batch and channel strides of a per-channel `[B, C, 1, …]` modulation tensor.
+fn bc_strides(l: &Layout) -> (i64, i64) {
+    let st = l.stride();
+    (st[0] as i64, st.get(1).copied().unwrap_or(0) as i64)
 }
 
 impl CustomOp3 for GroupNormOp {
@@ -73,6 +90,28 @@ impl CustomOp3 for GroupNormOp {
             block_dim: (512, 1, 1),
             shared_mem_bytes: 0,
         };
+        let modulation = self.modulation.as_ref().map(|m| {
+            (
+                m.kind,
+                m.scale.storage_and_layout(),
+                m.shift.storage_and_layout(),
+            )
+        });
+        let (mkind, ssb, ssc, tsb, tsc, mh, mw, width) = match &modulation {
+            None => (0i32, 0i64, 0i64, 0i64, 0i64, 1i32, 1i32, 1i32),
+            Some((kind, (_, sl), (_, tl))) => {
+                let (ssb, ssc) = bc_strides(sl);
+                let (tsb, tsc) = bc_strides(tl);
+                let sd = sl.shape().dims();
+                let (mh, mw) = if *kind == 2 {
+                    (sd[2] as i32, sd[3] as i32)
+                } else {
+                    (1, 1)
+                };
+                let width = if *kind == 2 { dims[3] as i32 } else { 1 };
+                (*kind, ssb, ssc, tsb, tsc, mh, mw, width)
+            }
+        };
         let (ge, ch, sp, gr, cp, hw64, silu) = (
             group_elems as i64,
             chunk as i64,
@@ -87,6 +126,24 @@ impl CustomOp3 for GroupNormOp {
                 let x = xs.as_cuda_slice::<$t>()?.slice(xo..);
                 let w = ws.as_cuda_slice::<$t>()?.slice(wo..);
                 let bias = bs.as_cuda_slice::<$t>()?.slice(bo..);
+                // Without a modulation the kernel never reads these: x stands in for them.
+                let (mscale, mshift) = match &modulation {
+                    Some((_, (ss, sl), (ts, tl))) => {
+                        let (candle_core::Storage::Cuda(sc), candle_core::Storage::Cuda(tc)) =
+                            (&**ss, &**ts)
+                        else {
+                            candle_core::bail!("group-norm modulation is not on the GPU");
+                        };
+                        (
+                            sc.as_cuda_slice::<$t>()?.slice(sl.start_offset()..),
+                            tc.as_cuda_slice::<$t>()?.slice(tl.start_offset()..),
+                        )
+                    }
+                    None => (
+                        xs.as_cuda_slice::<$t>()?.slice(xo..),
+                        xs.as_cuda_slice::<$t>()?.slice(xo..),
+                    ),
+                };
                 let stats = dev.get_or_load_custom_func(
                     concat!("group_norm_stats_", $suf),
                     "kandinsky_group_norm",
@@ -119,6 +176,16 @@ impl CustomOp3 for GroupNormOp {
                 a.arg(&hw64);
                 a.arg(&self.eps);
                 a.arg(&silu);
+                a.arg(&mscale);
+                a.arg(&mshift);
+                a.arg(&mkind);
+                a.arg(&ssb);
+                a.arg(&ssc);
+                a.arg(&tsb);
+                a.arg(&tsc);
+                a.arg(&mh);
+                a.arg(&mw);
+                a.arg(&width);
                 unsafe { a.launch(cfg) }.w()?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
@@ -133,19 +200,37 @@ impl CustomOp3 for GroupNormOp {
     }
 }
 
-/// Fused GroupNorm (+ SiLU when `silu`) on a CUDA tensor `[B, C, ...]`; `weight`/`bias` `[C]`
-/// in the dtype of `x`. Statistics in f32.
+/// Fused GroupNorm, then the optional `modulation`, then SiLU when `silu`, on a CUDA tensor
+/// `[B, C, ...]` in one pass over the output; `weight`/`bias` `[C]`. Statistics and the
+/// modulation arithmetic in f32, one rounding to the input's dtype at the end. The caller
+/// has checked the modulation's shapes ([`NormModulation`]'s `check`).
 pub fn group_norm(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     groups: usize,
     eps: f64,
+    modulation: Option<NormModulation<'_>>,
     silu: bool,
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     let w = weight.to_dtype(x.dtype())?.contiguous()?;
     let b = bias.to_dtype(x.dtype())?.contiguous()?;
+    let modulation = match modulation {
+        None => None,
+        // Per-channel values are read through their strides (the halves of the time
+        // projection in place); only a dtype change copies.
+        Some(NormModulation::ScaleShift { scale, shift }) => Some(KernelModulation {
+            kind: 1,
+            scale: scale.to_dtype(x.dtype())?,
+            shift: shift.to_dtype(x.dtype())?,
+        }),
+        Some(NormModulation::Spatial { scale, shift }) => Some(KernelModulation {
+            kind: 2,
+            scale: scale.to_dtype(x.dtype())?.contiguous()?,
+            shift: shift.to_dtype(x.dtype())?.contiguous()?,
+        }),
+    };
     x.apply_op3_no_bwd(
         &w,
         &b,
@@ -153,6 +238,7 @@ pub fn group_norm(
             groups,
             eps: eps as f32,
             silu,
+            modulation,
         },
     )
 }
@@ -161,6 +247,84 @@ pub fn group_norm(
 pub fn mem_info() -> candle_core::Result<(usize, usize)> {
     cudarc::driver::result::mem_get_info()
         .map_err(|e| candle_core::Error::Msg(format!("cuMemGetInfo: {e:?}")))
+}
+
+fn driver_err(what: &str, e: cudarc::driver::DriverError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{what}: {e:?}"))
+}
+
+/// The default (stream-ordered) memory pool of `dev`'s GPU, with its context bound.
+fn default_pool(
+    dev: &candle_core::CudaDevice,
+) -> candle_core::Result<cudarc::driver::sys::CUmemoryPool> {
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread()
+        .map_err(|e| driver_err("cuCtxSetCurrent", e))?;
+    // SAFETY: the device handle comes from a live context.
+    unsafe { cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device()) }
+        .map_err(|e| driver_err("cuDeviceGetDefaultMemPool", e))
+}
+
+fn set_pool_u64(
+    dev: &candle_core::CudaDevice,
+    attr: cudarc::driver::sys::CUmemPool_attribute,
+    mut value: u64,
+) -> candle_core::Result<()> {
+    let pool = default_pool(dev)?;
+    // SAFETY: both attributes used here (release threshold, used-memory high watermark)
+    // take a cuuint64_t, which `value` is.
+    unsafe {
+        cudarc::driver::result::mem_pool::set_attribute(pool, attr, (&mut value as *mut u64).cast())
+    }
+    .map_err(|e| driver_err("cuMemPoolSetAttribute", e))
+}
+
+/// See [`crate::device::tune_cuda`]: keep freed memory in the pool, no per-buffer events.
+pub(crate) fn tune(dev: &candle_core::CudaDevice) -> candle_core::Result<()> {
+    use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    // Event tracking only orders work across streams: candle runs a device's work on one
+    // stream, and cudarc never waits on these events outside multi-stream mode, so they are
+    // pure overhead (two event creations and destructions per buffer).
+    // SAFETY: kandinsky-rs never creates a second stream on this context.
+    unsafe { dev.disable_event_tracking() };
+    set_pool_u64(dev, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX)
+}
+
+/// See [`crate::device::cuda_pool_trim`].
+pub(crate) fn pool_trim(dev: &candle_core::CudaDevice) -> candle_core::Result<()> {
+    use candle_core::backend::BackendDevice;
+    dev.synchronize()?;
+    let pool = default_pool(dev)?;
+    // SAFETY: a valid pool; trimming only releases memory no allocation holds.
+    unsafe { cudarc::driver::result::mem_pool::trim_to(pool, 0) }
+        .map_err(|e| driver_err("cuMemPoolTrimTo", e))
+}
+
+/// Peak bytes allocated from `dev`'s memory pool since the last [`pool_reset_peak`] (or
+/// since the process started): the true peak of what candle's tensors held, the number
+/// comparable to PyTorch's `torch.cuda.max_memory_allocated`.
+pub fn pool_peak_bytes(dev: &candle_core::CudaDevice) -> candle_core::Result<u64> {
+    use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    let pool = default_pool(dev)?;
+    let mut value = 0u64;
+    // SAFETY: CU_MEMPOOL_ATTR_USED_MEM_HIGH is a cuuint64_t.
+    unsafe {
+        cudarc::driver::result::mem_pool::get_attribute(
+            pool,
+            CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut value as *mut u64).cast(),
+        )
+    }
+    .map_err(|e| driver_err("cuMemPoolGetAttribute", e))?;
+    Ok(value)
+}
+
+/// Restart [`pool_peak_bytes`] from the memory in use now.
+pub fn pool_reset_peak(dev: &candle_core::CudaDevice) -> candle_core::Result<()> {
+    use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    // The driver only accepts 0 here: the watermark restarts from the current use.
+    set_pool_u64(dev, CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0)
 }
 
 /// Flash attention over one or two key/value segments (`q`, `k1`, `v1` are the op's inputs;
@@ -282,8 +446,10 @@ impl CustomOp3 for FlashOp {
 
 /// Whether the attention entry point dispatches to [`flash_attention`]: CUDA, f16, head
 /// size 64, one or two key segments, no mask. bf16 is left to the plain path for now: the
-/// kernel rounds the probabilities to bf16 before P·V and measured 1.2e-2 relative error at
-/// the 12×12 level on an H200 (the bar is 1e-2); f16 measured ≤ 1.6e-3.
+/// first kernel rounded the probabilities to bf16 before P·V and measured 1.2e-2 relative
+/// error at the 12×12 level on an H200 (the bar is 1e-2; f16 measured ≤ 1.6e-3). The bf16
+/// kernel now multiplies V by a two-term split of the probabilities; it joins the dispatch
+/// once `gpu_check` has measured it on a GPU (not yet: no GPU since).
 pub fn flash_covers(q: &Tensor, segments: usize, masked: bool) -> bool {
     q.device().is_cuda()
         && q.dtype() == DType::F16

@@ -202,8 +202,8 @@ impl GroupNorm {
     }
 
     /// `[silu](GroupNorm(x) [· scale + shift])`: the modulation and the SiLU applied in the
-    /// same output pass on the CPU (one read of `x` for the statistics, one read and one
-    /// write for the output, instead of ~10 candle ops). Elsewhere, or with
+    /// same output pass on the CPU and on CUDA (one read of `x` for the statistics, one read
+    /// and one write for the output, instead of ~10 candle ops). Elsewhere, or with
     /// `KANDINSKY_PLAIN_KERNELS`, the same sequence of candle ops.
     pub fn forward_modulated(
         &self,
@@ -220,23 +220,17 @@ impl GroupNorm {
             }
         }
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && x.rank() >= 3 && use_fused_kernels() && modulation.is_none() {
+        if x.device().is_cuda() && x.rank() >= 3 && use_fused_kernels() {
             return crate::cuda::group_norm(
                 x,
                 &self.weight,
                 &self.bias,
                 self.groups,
                 self.eps,
+                modulation,
                 silu,
             );
         }
-        #[cfg(feature = "cuda")]
-        let y = if x.device().is_cuda() && x.rank() >= 3 && use_fused_kernels() {
-            crate::cuda::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)?
-        } else {
-            self.forward_plain(x)?
-        };
-        #[cfg(not(feature = "cuda"))]
         let y = self.forward_plain(x)?;
         let y = match modulation {
             None => y,

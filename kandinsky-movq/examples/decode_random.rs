@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("dtype must be f32, f16 or bf16, got {other}"),
     };
     let device = match args.get(2).map(String::as_str) {
-        Some("cuda") => Device::new_cuda(0)?,
+        Some("cuda") => kandinsky_core::device::cuda_device(0)?,
         _ => Device::Cpu,
     };
     let cfg = VQModelConfig::kandinsky_2_2();

@@ -3,7 +3,9 @@
 //! networks with random weights. Prints a table last.
 //!
 //! Build here with the CUDA recipe (`../shared/cuda/README.md`), run on the GPU machine:
-//! `gpu_check [--quick]`. Without a CUDA device it runs the same on the CPU (slowly).
+//! `gpu_check [--quick] [--timings-only [--unet-only]] [--kernels-only]`. Without a CUDA
+//! device it runs the same on the CPU (slowly; `--kernels-only` then checks the fused CPU
+//! paths against the same references).
 
 use std::time::Instant;
 
@@ -64,6 +66,31 @@ fn used_mib(dev: &Device) -> f64 {
 
 #[cfg(not(feature = "cuda"))]
 fn used_mib(_dev: &Device) -> f64 {
+    f64::NAN
+}
+
+/// Restart the CUDA pool's peak counter (what candle's tensors hold, like PyTorch's
+/// `reset_peak_memory_stats`).
+fn reset_peak(dev: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = dev {
+        let _ = dev.synchronize();
+        let _ = kandinsky_core::cuda::pool_reset_peak(c);
+    }
+    let _ = dev;
+}
+
+/// Peak MiB held by tensors since [`reset_peak`] (NaN on the CPU).
+fn peak_mib(dev: &Device) -> f64 {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = dev {
+        let _ = dev.synchronize();
+        return match kandinsky_core::cuda::pool_peak_bytes(c) {
+            Ok(b) => b as f64 / 1048576.0,
+            Err(_) => f64::NAN,
+        };
+    }
+    let _ = dev;
     f64::NAN
 }
 
@@ -187,8 +214,16 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 1e-5,
             )?;
             let fused = gn.forward_silu(&xd)?;
-            let plain = gn.forward_plain(&xd)?.silu()?;
-            let d = diff(&fused, &plain)?;
+            // The reference: the plain path in f32 on the same (rounded) inputs, so the
+            // error is the kernel's alone.
+            let gn32 = kandinsky_core::nn::GroupNorm::from_parts(
+                gn_w.to_dtype(dt)?.to_dtype(DType::F32)?,
+                gn_b.to_dtype(dt)?.to_dtype(DType::F32)?,
+                32,
+                1e-5,
+            )?;
+            let reference = gn32.forward_plain(&xd.to_dtype(DType::F32)?)?.silu()?;
+            let d = diff(&fused, &reference)?;
             let tol = match dt {
                 DType::F32 => 1e-4,
                 DType::F16 => 5e-3,
@@ -203,10 +238,100 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 Ok(())
             })?;
             rows.push(Row {
-                what: format!("groupnorm+silu {c}x{s}x{s} {dt:?}: rel err / fused ms / plain ms"),
+                what: format!(
+                    "groupnorm+silu {c}x{s}x{s} {dt:?}: rel err vs f32 / fused ms / plain ms"
+                ),
                 value: format!("{:.1e} / {:.3} / {:.3}", d.rel, t_f, t_p),
                 ok: Some(d.rel <= tol && !d.rel.is_nan()),
             });
+        }
+    }
+    // GroupNorm + modulation + SiLU in one kernel against candle ops: the UNet ResNet's
+    // scale-shift (halves of one time projection, read through their strides) and MoVQ's
+    // SpatialNorm (a latent-sized map upsampled on the fly).
+    for (c, s, map) in [(384usize, 96usize, 12usize), (768, 48, 12), (128, 256, 32)] {
+        let gn_w = (Tensor::randn(0f32, 0.1, c, dev)? + 1.0)?;
+        let gn_b = Tensor::randn(0f32, 0.1, c, dev)?;
+        let x = ((Tensor::randn(0f32, 1.0, (2, c, s, s), dev)? * 3.0)? + 0.5)?;
+        let temb = (Tensor::randn(0f32, 1.0, (2, 2 * c, 1, 1), dev)? * 0.5)?;
+        let maps = (Tensor::randn(0f32, 1.0, (2, 2 * c, map, map), dev)? * 0.5)?;
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let xd = x.to_dtype(dt)?;
+            let gn = kandinsky_core::nn::GroupNorm::from_parts(
+                gn_w.to_dtype(dt)?,
+                gn_b.to_dtype(dt)?,
+                32,
+                1e-5,
+            )?;
+            let tol = match dt {
+                DType::F32 => 1e-4,
+                DType::F16 => 5e-3,
+                _ => 1e-2,
+            };
+            let t = temb.to_dtype(dt)?;
+            let (scale, shift) = (t.narrow(1, 0, c)?, t.narrow(1, c, c)?);
+            let m = maps.to_dtype(dt)?;
+            let (mscale, mshift) = (m.narrow(1, 0, c)?.contiguous()?, m.narrow(1, c, c)?);
+            for spatial in [false, true] {
+                let modulation = if spatial {
+                    kandinsky_core::nn::NormModulation::Spatial {
+                        scale: &mscale,
+                        shift: &mshift,
+                    }
+                } else {
+                    kandinsky_core::nn::NormModulation::ScaleShift {
+                        scale: &scale,
+                        shift: &shift,
+                    }
+                };
+                let fused = gn.forward_modulated(&xd, Some(modulation), true)?;
+                // candle ops: GroupNorm, the modulation, SiLU.
+                let plain = |gn: &kandinsky_core::nn::GroupNorm,
+                             x: &Tensor,
+                             scale: &Tensor,
+                             shift: &Tensor|
+                 -> Result<Tensor> {
+                    let y = gn.forward_plain(x)?;
+                    let y = if spatial {
+                        y.mul(&scale.upsample_nearest2d(s, s)?)?
+                            .add(&shift.upsample_nearest2d(s, s)?)?
+                    } else {
+                        y.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?
+                    };
+                    Ok(y.silu()?)
+                };
+                let (sc, sh) = if spatial {
+                    (&mscale, &mshift)
+                } else {
+                    (&scale, &shift)
+                };
+                // Reference in f32 on the same rounded inputs (the kernel's error alone).
+                let up = |t: &Tensor| t.to_dtype(DType::F32);
+                let gn32 = kandinsky_core::nn::GroupNorm::from_parts(
+                    gn_w.to_dtype(dt)?.to_dtype(DType::F32)?,
+                    gn_b.to_dtype(dt)?.to_dtype(DType::F32)?,
+                    32,
+                    1e-5,
+                )?;
+                let reference = plain(&gn32, &up(&xd)?, &up(sc)?, &up(sh)?)?;
+                let d = diff(&fused, &reference)?;
+                let t_f = time(dev, 2, 10, || {
+                    gn.forward_modulated(&xd, Some(modulation), true)?;
+                    Ok(())
+                })?;
+                let t_p = time(dev, 2, 10, || {
+                    plain(&gn, &xd, sc, sh)?;
+                    Ok(())
+                })?;
+                let kind = if spatial { "spatial" } else { "scale-shift" };
+                rows.push(Row {
+                    what: format!(
+                        "groupnorm+{kind}+silu {c}x{s}x{s} {dt:?}: rel err vs f32 / ms / plain ms"
+                    ),
+                    value: format!("{:.1e} / {:.3} / {:.3}", d.rel, t_f, t_p),
+                    ok: Some(d.rel <= tol && !d.rel.is_nan()),
+                });
+            }
         }
     }
     // The attention entry point at the UNet's shapes (latent 96: levels 48/24/12).
@@ -221,7 +346,10 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             let fast = fast_attention(&q, &ki, &vi, &ks, &vs)?;
             let k = Tensor::cat(&[&ki, &ks], 2)?;
             let v = Tensor::cat(&[&vi, &vs], 2)?;
-            let reference = kandinsky_core::attention::plain(&q, &k, &v, None, 0.125)?;
+            // Reference in f32 on the same rounded inputs (the kernel's error alone).
+            let up = |t: &Tensor| t.to_dtype(DType::F32);
+            let reference =
+                kandinsky_core::attention::plain(&up(&q)?, &up(&k)?, &up(&v)?, None, 0.125)?;
             let d = diff(&fast, &reference)?;
             let tol = if dt == DType::F16 { 5e-3 } else { 1e-2 };
             let ms = time(dev, 2, 10, || {
@@ -234,7 +362,9 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             })?;
             let flops = 4.0 * 2.0 * heads as f64 * n as f64 * (n + 32) as f64 * 64.0;
             rows.push(Row {
-                what: format!("attention {level}x{level} h{heads} {dt:?}: rel err / ms / plain ms"),
+                what: format!(
+                    "attention {level}x{level} h{heads} {dt:?}: rel err vs f32 / ms / plain ms"
+                ),
                 value: format!(
                     "{:.1e} / {ms:.3} ({:.0} TFLOP/s) / {ms_plain:.3}",
                     d.rel,
@@ -245,6 +375,47 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One UNet step captured into a CUDA graph and replayed: how much of an eager step is host
+/// work (candle issues every op from the host; a replay issues none), and whether a step
+/// can be captured at all (no host copies inside; candle's small uploads — dims, strides,
+/// the timesteps — are served from its capture cache, filled by one eager step first).
+/// Returns (ms per replay, relative difference replay vs eager).
+#[cfg(feature = "cuda")]
+fn unet_graph_step(
+    dev: &Device,
+    unet: &kandinsky_unet::UNet2DConditionModel,
+    x: &Tensor,
+    cond: &DenoiserCondition,
+    iters: usize,
+) -> Result<(f64, f64)> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(cuda) = dev else {
+        anyhow::bail!("not a CUDA device");
+    };
+    let stream = cuda.cuda_stream();
+    let _cache = cuda.enable_cuda_graph_htod_cache();
+    let eager = unet.predict(x, &[500.0, 500.0], cond)?;
+    dev.synchronize()?;
+    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+    let captured = unet.predict(x, &[500.0, 500.0], cond);
+    // End the capture whatever happened, or the stream stays unusable.
+    let graph = stream.end_capture(
+        sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+    );
+    let captured = captured?;
+    let graph = graph?.context("the capture recorded no work")?;
+    graph.upload()?;
+    graph.launch()?;
+    dev.synchronize()?;
+    let d = diff(&captured, &eager)?;
+    let ms = time(dev, 2, iters, || {
+        graph.launch()?;
+        Ok(())
+    })?;
+    drop(captured);
+    Ok((ms, f64::from(d.rel)))
 }
 
 fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
@@ -269,9 +440,32 @@ fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
                 unet.predict(&x, &[500.0, 500.0], &cond)?;
                 Ok(())
             })?;
+            reset_peak(dev);
+            unet.predict(&x, &[500.0, 500.0], &cond)?;
+            let (peak, used) = (peak_mib(dev), used_mib(dev) - base);
+            #[cfg(feature = "cuda")]
+            if dt == DType::F16 && s == 96 {
+                let (what, value, ok) = match unet_graph_step(dev, &unet, &x, &cond, iters) {
+                    Ok((gms, rel)) => (
+                        "unet step 768px b2 F16, CUDA graph replay: ms / rel diff vs eager",
+                        format!("{gms:.2} ms / {rel:.1e}"),
+                        Some(rel <= 1e-3),
+                    ),
+                    Err(e) => (
+                        "unet step 768px b2 F16, CUDA graph replay",
+                        format!("not capturable: {e:#}"),
+                        None,
+                    ),
+                };
+                rows.push(Row {
+                    what: what.into(),
+                    value,
+                    ok,
+                });
+            }
             rows.push(Row {
                 what: format!("unet step {}px b2 {dt:?}", s * 8),
-                value: format!("{ms:.2} ms, ~{:.0} MiB used", used_mib(dev) - base),
+                value: format!("{ms:.2} ms, peak {peak:.0} MiB, ~{used:.0} MiB used"),
                 ok: None,
             });
         }
@@ -293,6 +487,41 @@ fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
             ok: None,
         });
     }
+    // Where a step's time goes, without a profiler: the host cost of one small candle op
+    // (launch + allocation + free; a 768 px step issues a few thousand) and the UNet's
+    // largest convolution alone (candle: im2col + cuBLAS GEMM + NHWC→NCHW copy, or cuDNN
+    // with the `cudnn` feature).
+    {
+        let a = Tensor::ones((2, 1280), DType::F16, dev)?;
+        let n = 2000;
+        let ms = time(dev, 1, 3, || {
+            let mut t = a.clone();
+            for _ in 0..n {
+                t = (&t + &a)?;
+            }
+            Ok(())
+        })?;
+        rows.push(Row {
+            what: format!("host cost per small op ({n} adds of 2x1280 F16)"),
+            value: format!("{:.2} us", ms * 1e3 / n as f64),
+            ok: None,
+        });
+        for (c, s) in [(384usize, 96usize), (768, 48), (1536, 24)] {
+            let vb = random_var_builder(DType::F16, dev);
+            let w = vb.get((c, c, 3, 3), "w")?;
+            let x = Tensor::randn(0f32, 1.0, (2, c, s, s), dev)?.to_dtype(DType::F16)?;
+            let ms = time(dev, 2, iters, || {
+                x.conv2d(&w, 1, 1, 1, 1)?;
+                Ok(())
+            })?;
+            let flops = 2.0 * 2.0 * (s * s) as f64 * (c * c * 9) as f64;
+            rows.push(Row {
+                what: format!("conv3x3 {c}->{c} {s}x{s} b2 F16"),
+                value: format!("{ms:.3} ms ({:.0} TFLOP/s)", flops / ms / 1e9),
+                ok: None,
+            });
+        }
+    }
     if std::env::args().any(|a| a == "--unet-only") {
         return Ok(());
     }
@@ -304,7 +533,9 @@ fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
             movq.decode(&z, true)?;
             Ok(())
         })?;
+        reset_peak(dev);
         let out = movq.decode(&z, true)?;
+        let peak = peak_mib(dev);
         let finite = out
             .to_dtype(DType::F32)?
             .abs()?
@@ -313,7 +544,7 @@ fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
             .is_finite();
         rows.push(Row {
             what: format!("movq decode {px}px F16"),
-            value: format!("{ms:.2} ms"),
+            value: format!("{ms:.2} ms, peak {peak:.0} MiB"),
             ok: Some(finite),
         });
     }
@@ -366,31 +597,38 @@ fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let only_timings = std::env::args().any(|a| a == "--timings-only");
-    let dev = Device::new_cuda(0).unwrap_or(Device::Cpu);
-    eprintln!("device: {dev:?}");
+    let dev = kandinsky_core::device::cuda_device(0).unwrap_or(Device::Cpu);
+    let tuning = if !dev.is_cuda() {
+        ""
+    } else if std::env::var_os(kandinsky_core::device::CUDA_DEFAULTS_ENV).is_some() {
+        ", CUDA pool/event tuning off (KANDINSKY_CUDA_DEFAULTS)"
+    } else {
+        ", CUDA pool/event tuning on"
+    };
+    eprintln!("device: {dev:?}{tuning}");
+    let kernels_only = std::env::args().any(|a| a == "--kernels-only");
     let mut rows = Vec::new();
-    if !only_timings {
-        if let Err(e) = parity(&dev, &mut rows) {
+    // A part that fails as a whole becomes one failed row; the others still run.
+    fn record(what: &str, r: Result<()>, rows: &mut Vec<Row>) {
+        if let Err(e) = r {
             rows.push(Row {
-                what: "parity".into(),
-                value: format!("ERROR {e:#}"),
-                ok: Some(false),
-            });
-        }
-        if let Err(e) = kernels(&dev, &mut rows) {
-            rows.push(Row {
-                what: "kernels".into(),
+                what: what.into(),
                 value: format!("ERROR {e:#}"),
                 ok: Some(false),
             });
         }
     }
-    if let Err(e) = timings(&dev, &mut rows, quick) {
-        rows.push(Row {
-            what: "timings".into(),
-            value: format!("ERROR {e:#}"),
-            ok: Some(false),
-        });
+    if !only_timings && !kernels_only {
+        let r = parity(&dev, &mut rows);
+        record("parity", r, &mut rows);
+    }
+    if !only_timings {
+        let r = kernels(&dev, &mut rows);
+        record("kernels", r, &mut rows);
+    }
+    if !kernels_only {
+        let r = timings(&dev, &mut rows, quick);
+        record("timings", r, &mut rows);
     }
     println!("\n{:<62} {:<40} ok", "check", "value");
     for r in &rows {
