@@ -27,6 +27,10 @@ use crate::error::{Error, Result};
 /// 128 ch 256² (1 item, 2 threads): 8 MiB 158 ms, 16 MiB 151–153 ms, 32 MiB 172 ms.
 const BAND_BYTES: usize = 16 << 20;
 
+/// Packed input windows per task of [`PackedConv3x3`]'s tap kernel: with a 6-row slice of
+/// the weight, they stay in L2 (512 KiB per core here).
+const PACKED_BLOCK_BYTES: usize = 256 << 10;
+
 /// Maps at most this wide use im2col (the padded width wastes 2/`W` of the GEMM). Batch 2,
 /// 2 threads, ms with im2col up to width 8 / 16: 768 ch 16² 35 / 30.5, 1152 ch 8² 18 / 18,
 /// 1536 ch 4² 9 / 9; without im2col (under load 3, against 38 / 20 ms with it at the same
@@ -174,20 +178,35 @@ impl PackedConv3x3 {
         // Padded input (rows + 2)·Wp·Cin plus output rows·Wp·Cout floats per band.
         let per_row = (cin + cout) * wp * 4;
         let rows = (BAND_BYTES.saturating_sub(2 * cin * wp * 4) / per_row).clamp(1, h);
-        let mut pad = vec![0f32; cin * (rows + 2) * wp];
-        let mut tmp = vec![0f32; cout * rows * wp];
+        let taps = crate::cpu_gemm::available();
+        // With the tap kernel the output rows are whole 16-column panels (row stride rounded
+        // up) and the last panel reads up to 15 floats past the padded band: slack.
+        let ldc_max = if taps {
+            (rows * wp).next_multiple_of(16)
+        } else {
+            rows * wp
+        };
+        let mut pad = vec![0f32; cin * (rows + 2) * wp + 16];
+        let mut tmp = vec![0f32; cout * ldc_max];
         let mut r0 = 0;
         while r0 < h {
             let r = rows.min(h - r0);
             let plane = (r + 2) * wp;
-            let pad = &mut pad[..cin * plane];
-            fill_padded(x, src, r0 as isize - 1, r + 2, pad);
+            fill_padded(x, src, r0 as isize - 1, r + 2, &mut pad[..cin * plane]);
             // Output position j = y·Wp + x' (x' < W useful). The last useful one is
             // (r−1)·Wp + W − 1 = r·Wp − 3, so n = r·Wp − 2 columns suffice, and tap
             // (2, 2) then reads up to (Cin−1)·plane + 2·Wp + 2 + n − 1 = Cin·plane − 1.
             let n = r * wp - 2;
-            let tmp = &mut tmp[..cout * r * wp];
-            for t in 0..9 {
+            let ldc = if taps {
+                (r * wp).next_multiple_of(16)
+            } else {
+                r * wp
+            };
+            let tmp = &mut tmp[..cout * ldc];
+            if taps {
+                self.band_taps(&pad[..cin * plane + 16], plane, wp, n, tmp, ldc, par);
+            }
+            for t in (0..9).filter(|_| !taps) {
                 let (ky, kx) = (t / 3, t % 3);
                 let off = ky * wp + kx;
                 debug_assert!((cin - 1) * plane + off + n <= pad.len());
@@ -203,7 +222,7 @@ impl PackedConv3x3 {
                         cin,
                         tmp.as_mut_ptr(),
                         1,
-                        (r * wp) as isize,
+                        ldc as isize,
                         t > 0,
                         self.weight.as_ptr().add(t * cin),
                         1,
@@ -223,7 +242,7 @@ impl PackedConv3x3 {
             for o in 0..cout {
                 let bias = self.bias.as_ref().map_or(0.0, |b| b[o]);
                 for y in 0..r {
-                    let from = &tmp[o * r * wp + y * wp..][..w];
+                    let from = &tmp[o * ldc + y * wp..][..w];
                     let to = &mut out[(o * h + r0 + y) * w..][..w];
                     for (d, s) in to.iter_mut().zip(from) {
                         *d = s + bias;
@@ -231,6 +250,74 @@ impl PackedConv3x3 {
                 }
             }
             r0 += r;
+        }
+    }
+
+    /// One band with the register-accumulating tap kernel: `tmp[o·ldc + j]` for the band's
+    /// `n` positions `j` (over the padded width `wp`) from `pad` `[Cin, rows + 2, wp]` (+16
+    /// floats of slack). Per panel of 16 positions the input windows are packed first: for
+    /// each tap row `ky` and channel `c`, the 18 floats at `ky·wp + j0` hold what all three
+    /// taps `(ky, 0..3)` read, so the kernel walks `Cin` with a stride of 18 floats instead
+    /// of a whole padded plane (which cost a TLB miss per step and ran at 113–137 GFLOP/s
+    /// against the `gemm` crate's 125–166 on the MoVQ shapes).
+    #[allow(clippy::too_many_arguments)]
+    fn band_taps(
+        &self,
+        pad: &[f32],
+        plane: usize,
+        wp: usize,
+        n: usize,
+        tmp: &mut [f32],
+        ldc: usize,
+        par: gemm::Parallelism,
+    ) {
+        const WIN: usize = 18;
+        let (cin, cout) = (self.cin, self.cout);
+        let panels = n.div_ceil(16);
+        let per_panel = 3 * cin * WIN;
+        let block = (PACKED_BLOCK_BYTES / (per_panel * 4)).clamp(1, panels);
+        let taps: [(usize, usize); 9] =
+            std::array::from_fn(|t| (t * cin, (t / 3) * cin * WIN + t % 3));
+        assert!(tmp.len() >= (cout - 1) * ldc + panels * 16 && ldc >= panels * 16);
+        let out = crate::cpu_gemm::SendPtr(tmp.as_mut_ptr());
+        let run = |bi: usize| {
+            let (p0, np) = (bi * block, block.min(panels - bi * block));
+            let mut packed = vec![0f32; np * per_panel];
+            for (p, dst) in packed.chunks_exact_mut(per_panel).enumerate() {
+                let j0 = (p0 + p) * 16;
+                for (row, w) in dst.chunks_exact_mut(WIN).enumerate() {
+                    let (ky, c) = (row / cin, row % cin);
+                    w.copy_from_slice(&pad[c * plane + ky * wp + j0..][..WIN]);
+                }
+            }
+            let o = out;
+            // SAFETY: `tmp` holds cout rows of stride ldc ≥ 16·panels (asserted); this
+            // block alone writes columns 16·p0 .. 16·(p0 + np) of each row.
+            unsafe {
+                crate::cpu_gemm::tap_tiles_raw(
+                    &self.weight,
+                    &packed,
+                    o.0.add(p0 * 16),
+                    crate::cpu_gemm::Tiles {
+                        rows: cout,
+                        k: cin,
+                        panels: np,
+                        lda: 9 * cin,
+                        ldb: WIN,
+                        panel_stride: per_panel,
+                        ldc,
+                        accumulate: false,
+                        scale: 1.0,
+                    },
+                    &taps,
+                )
+            };
+        };
+        let blocks = panels.div_ceil(block);
+        if matches!(par, gemm::Parallelism::Rayon(_)) {
+            (0..blocks).into_par_iter().for_each(run);
+        } else {
+            (0..blocks).for_each(run);
         }
     }
 

@@ -98,6 +98,40 @@ unsafe fn gemm_tiles_raw(a: &[f32], b: &[f32], c: *mut f32, t: Tiles) {
     let _ = c;
 }
 
+/// A multi-tap product written once: `C[rows × 16·panels] = Σ_{(ao, bo) ∈ taps}
+/// A[:, ao .. ao + k] · B[bo + k'·ldb + column]` (`lda`, `ldb`, `ldc`, `panel_stride` as in
+/// [`Tiles`]; `accumulate`/`scale` ignored: `C` is overwritten). A 3×3 convolution is this
+/// with nine taps over packed input windows (`cpu_conv`): each output value is summed over
+/// all 9·Cin products in registers, instead of nine GEMMs each reading and writing the whole
+/// output. Rows outside, panels inside: a 6-row slice of `A` stays in L2 while the panels
+/// stream past it.
+///
+/// # Safety
+/// `c` must be valid for writes of rows `0..t.rows` × columns `0..16·t.panels` at row stride
+/// `t.ldc`, and no other thread may access those elements meanwhile. `a` and `b` are bounds
+/// checked here.
+pub(crate) unsafe fn tap_tiles_raw(
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    t: Tiles,
+    taps: &[(usize, usize)],
+) {
+    if t.rows == 0 || t.panels == 0 || t.k == 0 {
+        return;
+    }
+    assert!(available());
+    let (amax, bmax) = taps
+        .iter()
+        .fold((0, 0), |m, &(ao, bo)| (m.0.max(ao), m.1.max(bo)));
+    assert!(a.len() >= (t.rows - 1) * t.lda + amax + t.k);
+    assert!(b.len() >= bmax + (t.panels - 1) * t.panel_stride + (t.k - 1) * t.ldb + PANEL);
+    #[cfg(target_arch = "x86_64")]
+    x86::tap_tiles(a.as_ptr(), b.as_ptr(), c, t, taps);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = c;
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Tiles, MR, PANEL};
@@ -113,19 +147,58 @@ mod x86 {
             let mut r = 0;
             while r < t.rows {
                 let (ar, cr) = (a.add(r * t.lda), c.add(r * t.ldc + p * PANEL));
-                match t.rows - r {
-                    1 => tile::<1>(ar, bp, cr, &t, scale),
-                    2 => tile::<2>(ar, bp, cr, &t, scale),
-                    3 => tile::<3>(ar, bp, cr, &t, scale),
-                    4 => tile::<4>(ar, bp, cr, &t, scale),
-                    5 => tile::<5>(ar, bp, cr, &t, scale),
-                    _ => tile::<MR>(ar, bp, cr, &t, scale),
-                }
+                tile_rows(t.rows - r, ar, bp, cr, &t, scale, &[(0, 0)]);
                 r += MR;
             }
         }
     }
 
+    /// [`super::tap_tiles_raw`]: rows outside, panels inside, so a 6-row slice of `A`
+    /// (6 × 9·Cin floats, ≤ 108 KiB at Cin 512) stays in L2 while the panels stream past.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tap_tiles(
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        t: Tiles,
+        taps: &[(usize, usize)],
+    ) {
+        let scale = _mm256_set1_ps(1.0);
+        let mut r = 0;
+        while r < t.rows {
+            for p in 0..t.panels {
+                let (ar, bp) = (a.add(r * t.lda), b.add(p * t.panel_stride));
+                let cr = c.add(r * t.ldc + p * PANEL);
+                tile_rows(t.rows - r, ar, bp, cr, &t, scale, taps);
+            }
+            r += MR;
+        }
+    }
+
+    /// One tile of `min(left, 6)` rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_rows(
+        left: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        t: &Tiles,
+        scale: __m256,
+        taps: &[(usize, usize)],
+    ) {
+        match left {
+            1 => tile::<1>(a, b, c, t, scale, taps),
+            2 => tile::<2>(a, b, c, t, scale, taps),
+            3 => tile::<3>(a, b, c, t, scale, taps),
+            4 => tile::<4>(a, b, c, t, scale, taps),
+            5 => tile::<5>(a, b, c, t, scale, taps),
+            _ => tile::<MR>(a, b, c, t, scale, taps),
+        }
+    }
+
+    /// `C[R × 16] (+)= scale · Σ_taps A[:, a_off + k] · B[b_off + k·ldb]` over `k < t.k`:
+    /// every tap accumulates in the same registers (one tap `(0, 0)` is a plain product).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<const R: usize>(
@@ -134,16 +207,20 @@ mod x86 {
         c: *mut f32,
         t: &Tiles,
         scale: __m256,
+        taps: &[(usize, usize)],
     ) {
         let mut lo = [_mm256_setzero_ps(); R];
         let mut hi = [_mm256_setzero_ps(); R];
-        for k in 0..t.k {
-            let b0 = _mm256_loadu_ps(b.add(k * t.ldb));
-            let b1 = _mm256_loadu_ps(b.add(k * t.ldb + 8));
-            for i in 0..R {
-                let x = _mm256_set1_ps(*a.add(i * t.lda + k));
-                lo[i] = _mm256_fmadd_ps(x, b0, lo[i]);
-                hi[i] = _mm256_fmadd_ps(x, b1, hi[i]);
+        for &(a_off, b_off) in taps {
+            let (a, b) = (a.add(a_off), b.add(b_off));
+            for k in 0..t.k {
+                let b0 = _mm256_loadu_ps(b.add(k * t.ldb));
+                let b1 = _mm256_loadu_ps(b.add(k * t.ldb + 8));
+                for i in 0..R {
+                    let x = _mm256_set1_ps(*a.add(i * t.lda + k));
+                    lo[i] = _mm256_fmadd_ps(x, b0, lo[i]);
+                    hi[i] = _mm256_fmadd_ps(x, b1, hi[i]);
+                }
             }
         }
         for i in 0..R {
@@ -220,7 +297,7 @@ impl candle_core::InplaceOp1 for PackRowsInPlace {
 
 /// `SendPtr` lets tasks write disjoint blocks of one output buffer.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: tasks write disjoint (row block, panel group) regions only.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
