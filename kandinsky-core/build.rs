@@ -3,7 +3,7 @@
 //! `$CUDA_COMPUTE_CAP` (default 90); see ../shared/cuda/README.md for a toolchain recipe.
 use std::{env, path::PathBuf, process::Command};
 
-const KERNELS: [&str; 2] = ["group_norm", "flash_attention"];
+const KERNELS: [&str; 3] = ["group_norm", "flash_attention", "flash_attention_mma"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -46,6 +46,17 @@ fn use_flash() -> bool {
     *FLASH.get_or_init(|| std::env::var_os("KANDINSKY_NO_FLASH").is_none())
 }
 
+/// The CUDA kernel the entry point launches: the WMMA one, or the mma.sync one with
+/// `KANDINSKY_FLASH=mma` (until a GPU run has measured it; then it becomes the default).
+#[cfg(feature = "cuda")]
+fn flash_kernel() -> crate::cuda::FlashKernel {
+    static KERNEL: std::sync::OnceLock<crate::cuda::FlashKernel> = std::sync::OnceLock::new();
+    *KERNEL.get_or_init(|| match std::env::var("KANDINSKY_FLASH").as_deref() {
+        Ok("mma") => crate::cuda::FlashKernel::Mma,
+        _ => crate::cuda::FlashKernel::Wmma,
+    })
+}
+
 /// Choose the path for these shapes (`masked`: an additive mask is given).
 pub fn choose_path(
     device: &Device,
@@ -102,7 +113,12 @@ pub fn attention(
         && crate::cuda::flash_covers(q, kv.len(), mask.is_some())
     {
         let segs: Vec<(&Tensor, &Tensor)> = kv.iter().map(|s| (s.k, s.v)).collect();
-        return Ok(crate::cuda::flash_attention(q, &segs, scale)?);
+        return Ok(crate::cuda::flash_attention_with(
+            q,
+            &segs,
+            scale,
+            flash_kernel(),
+        )?);
     }
     let path = choose_path(q.device(), b, h, lq, lk, mask.is_some());
     if path == AttentionPath::FusedCpu {

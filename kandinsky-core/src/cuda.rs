@@ -13,6 +13,20 @@ use crate::nn::NormModulation;
 
 const GROUP_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
 const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
+const FLASH_MMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention_mma.ptx"));
+
+/// Which fused attention kernel [`flash_attention_with`] launches (same arguments, same
+/// grid: 64 queries per block of 128 threads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashKernel {
+    /// `flash_attention.cu`: WMMA tiles, scores and output through shared memory (12 TFLOP/s
+    /// at the 48×48 level on an H200; the one the entry point uses).
+    Wmma,
+    /// `flash_attention_mma.cu`: FlashAttention-2 style, mma.sync fragments in registers,
+    /// cp.async double buffering. Not yet run on a GPU: `gpu_check` measures it against the
+    /// f32 reference before the entry point may use it.
+    Mma,
+}
 
 /// Fused GroupNorm(+modulation)(+SiLU) of a contiguous `[B, C, ...]` tensor.
 struct GroupNormOp {
@@ -332,6 +346,7 @@ pub fn pool_reset_peak(dev: &candle_core::CudaDevice) -> candle_core::Result<()>
 struct FlashOp {
     second: Option<(Tensor, Tensor)>,
     scale: f32,
+    kernel: FlashKernel,
 }
 
 fn cuda_ptr_check(l: &Layout, what: &str) -> candle_core::Result<usize> {
@@ -391,7 +406,7 @@ impl CustomOp3 for FlashOp {
             shared_mem_bytes: 0,
         };
         macro_rules! launch {
-            ($t:ty, $name:literal) => {{
+            ($t:ty, $name:expr) => {{
                 let q = qs.as_cuda_slice::<$t>()?.slice(qo..);
                 let k1 = ks.as_cuda_slice::<$t>()?.slice(ko..);
                 let v1 = vs.as_cuda_slice::<$t>()?.slice(vo..);
@@ -417,8 +432,11 @@ impl CustomOp3 for FlashOp {
                     ),
                 };
                 let out = unsafe { dev.alloc::<$t>(b * h * lq * d)? };
-                let f =
-                    dev.get_or_load_custom_func($name, "kandinsky_flash_attention", FLASH_PTX)?;
+                let (name, module, ptx) = match self.kernel {
+                    FlashKernel::Wmma => ($name.0, "kandinsky_flash_attention", FLASH_PTX),
+                    FlashKernel::Mma => ($name.1, "kandinsky_flash_attention_mma", FLASH_MMA_PTX),
+                };
+                let f = dev.get_or_load_custom_func(name, module, ptx)?;
                 let (l1i, l2i, lqi) = (l1 as i32, l2 as i32, lq as i32);
                 let mut a = f.builder();
                 a.arg(&q);
@@ -436,8 +454,8 @@ impl CustomOp3 for FlashOp {
             }};
         }
         let out = match qs.dtype() {
-            DType::F16 => launch!(half::f16, "flash_attention_f16"),
-            DType::BF16 => launch!(half::bf16, "flash_attention_bf16"),
+            DType::F16 => launch!(half::f16, ("flash_attention_f16", "flash_mma_f16")),
+            DType::BF16 => launch!(half::bf16, ("flash_attention_bf16", "flash_mma_bf16")),
             dt => candle_core::bail!("flash attention: unsupported dtype {dt:?}"),
         };
         Ok((out, ql.shape().clone()))
@@ -466,6 +484,16 @@ pub fn flash_attention(
     kv: &[(&Tensor, &Tensor)],
     scale: f64,
 ) -> candle_core::Result<Tensor> {
+    flash_attention_with(q, kv, scale, FlashKernel::Wmma)
+}
+
+/// [`flash_attention`] with a chosen kernel (for `gpu_check`'s side-by-side checks).
+pub fn flash_attention_with(
+    q: &Tensor,
+    kv: &[(&Tensor, &Tensor)],
+    scale: f64,
+    kernel: FlashKernel,
+) -> candle_core::Result<Tensor> {
     let q = q.contiguous()?;
     let (k1, v1) = (kv[0].0.contiguous()?, kv[0].1.contiguous()?);
     let second = match kv.get(1) {
@@ -478,6 +506,7 @@ pub fn flash_attention(
         &FlashOp {
             second,
             scale: scale as f32,
+            kernel,
         },
     )
 }

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The one prepared GPU run (on the device machine, from the repository root, carry
-# [".gpu", ".whl"]; prepare both here with `bash xtask/gpu/build.sh`). About 7 minutes:
+# [".gpu", ".whl"]; prepare both here with `bash xtask/gpu/build.sh`). About 8 minutes:
 #   1. gpu_check: tiny-fixture parity on CUDA, every kernel against candle's plain path,
 #      timings with peak pool memory (CUDA pool/event tuning on: kandinsky_core::device);
 #   2. the UNet timings again with the device as candle opens it (KANDINSKY_CUDA_DEFAULTS);
 #   3. the UNet + MoVQ timings with cuDNN convolutions (gpu_check_cudnn);
-#   4. diffusers/PyTorch on the same card (fp16), from the carried wheels.
+#   4. the UNet timings with the mma.sync attention kernel (KANDINSKY_FLASH=mma);
+#   5. diffusers/PyTorch on the same card (fp16), from the carried wheels.
 # Each part writes its log under $OUT as it goes, so a timeout keeps what finished.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -29,7 +30,10 @@ KANDINSKY_CUDA_DEFAULTS=1 timeout 70 $BIN/gpu_check --timings-only --unet-only -
 echo "== 3. cuDNN convolutions (gpu_check_cudnn)"
 timeout 100 $BIN/gpu_check_cudnn --timings-only --quick 2>&1 \
     | tee "$OUT/rust-cudnn.log" | grep -E '^(unet|movq|conv|host|timings)'
-echo "== 4. diffusers"
+echo "== 4. UNet with the mma.sync attention kernel in the model (KANDINSKY_FLASH=mma)"
+KANDINSKY_FLASH=mma timeout 70 $BIN/gpu_check --timings-only --unet-only --quick 2>&1 \
+    | tee "$OUT/rust-mma.log" | grep -E '^(unet|timings)'
+echo "== 5. diffusers"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee "$OUT/versions.txt"

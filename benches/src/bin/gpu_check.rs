@@ -168,9 +168,19 @@ fn parity(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// The fused attention kernel itself in both dtypes on CUDA (the entry point only dispatches
-/// f16 to it); the entry point elsewhere.
+/// The names of the fused attention kernels [`fast_attention`] can run: both CUDA kernels
+/// (the entry point only dispatches f16 to the WMMA one), or the entry point elsewhere.
+fn attention_kernels(dev: &Device) -> &'static [&'static str] {
+    if dev.is_cuda() {
+        &["wmma", "mma"]
+    } else {
+        &["entry point"]
+    }
+}
+
+/// Attention with the kernel named `kernel` (see [`attention_kernels`]).
 fn fast_attention(
+    kernel: &str,
     q: &Tensor,
     ki: &Tensor,
     vi: &Tensor,
@@ -178,19 +188,19 @@ fn fast_attention(
     vs: &Tensor,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    {
-        Ok(kandinsky_core::cuda::flash_attention(
-            q,
-            &[(ki, vi), (ks, vs)],
-            0.125,
-        )?)
+    if q.device().is_cuda() {
+        use kandinsky_core::cuda::{flash_attention_with, FlashKernel};
+        let k = if kernel == "mma" {
+            FlashKernel::Mma
+        } else {
+            FlashKernel::Wmma
+        };
+        return Ok(flash_attention_with(q, &[(ki, vi), (ks, vs)], 0.125, k)?);
     }
-    #[cfg(not(feature = "cuda"))]
-    {
-        use kandinsky_core::attention::{attention, KvSegment};
-        let segs = [KvSegment { k: ki, v: vi }, KvSegment { k: ks, v: vs }];
-        Ok(attention(q, &segs, None, 0.125)?)
-    }
+    let _ = kernel;
+    use kandinsky_core::attention::{attention, KvSegment};
+    let segs = [KvSegment { k: ki, v: vi }, KvSegment { k: ks, v: vs }];
+    Ok(attention(q, &segs, None, 0.125)?)
 }
 
 fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
@@ -343,35 +353,47 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             let vi = Tensor::randn(0f32, 1.0, (2, heads, 32, 64), dev)?.to_dtype(dt)?;
             let ks = Tensor::randn(0f32, 1.0, (2, heads, n, 64), dev)?.to_dtype(dt)?;
             let vs = Tensor::randn(0f32, 1.0, (2, heads, n, 64), dev)?.to_dtype(dt)?;
-            let fast = fast_attention(&q, &ki, &vi, &ks, &vs)?;
             let k = Tensor::cat(&[&ki, &ks], 2)?;
             let v = Tensor::cat(&[&vi, &vs], 2)?;
             // Reference in f32 on the same rounded inputs (the kernel's error alone).
             let up = |t: &Tensor| t.to_dtype(DType::F32);
             let reference =
                 kandinsky_core::attention::plain(&up(&q)?, &up(&k)?, &up(&v)?, None, 0.125)?;
-            let d = diff(&fast, &reference)?;
             let tol = if dt == DType::F16 { 5e-3 } else { 1e-2 };
-            let ms = time(dev, 2, 10, || {
-                fast_attention(&q, &ki, &vi, &ks, &vs)?;
-                Ok(())
-            })?;
             let ms_plain = time(dev, 1, 5, || {
                 kandinsky_core::attention::plain(&q, &k, &v, None, 0.125)?;
                 Ok(())
             })?;
             let flops = 4.0 * 2.0 * heads as f64 * n as f64 * (n + 32) as f64 * 64.0;
-            rows.push(Row {
-                what: format!(
-                    "attention {level}x{level} h{heads} {dt:?}: rel err vs f32 / ms / plain ms"
-                ),
-                value: format!(
-                    "{:.1e} / {ms:.3} ({:.0} TFLOP/s) / {ms_plain:.3}",
-                    d.rel,
-                    flops / ms / 1e9
-                ),
-                ok: Some(d.rel <= tol && !d.rel.is_nan()),
-            });
+            for kernel in attention_kernels(dev) {
+                // A kernel that fails to launch is a failed row, not the end of the checks.
+                let checked = fast_attention(kernel, &q, &ki, &vi, &ks, &vs).and_then(|fast| {
+                    let d = diff(&fast, &reference)?;
+                    let ms = time(dev, 2, 10, || {
+                        fast_attention(kernel, &q, &ki, &vi, &ks, &vs)?;
+                        Ok(())
+                    })?;
+                    Ok((d, ms))
+                });
+                let (value, ok) = match checked {
+                    Ok((d, ms)) => (
+                        format!(
+                            "{:.1e} / {ms:.3} ({:.0} TFLOP/s) / {ms_plain:.3}",
+                            d.rel,
+                            flops / ms / 1e9
+                        ),
+                        d.rel <= tol && !d.rel.is_nan(),
+                    ),
+                    Err(e) => (format!("ERROR {e:#}"), false),
+                };
+                rows.push(Row {
+                    what: format!(
+                        "attention {level}x{level} h{heads} {dt:?} {kernel}: rel err vs f32 / ms / plain ms"
+                    ),
+                    value,
+                    ok: Some(ok),
+                });
+            }
         }
     }
     Ok(())
