@@ -1,15 +1,17 @@
-//! A 3×3, stride 1, padding 1 convolution for the CPU (f32 NCHW), as accumulated GEMMs.
+//! A 3×3, stride 1, padding 1 convolution for the CPU (f32 NCHW), as an implicit GEMM.
 //!
 //! candle 0.11.1's CPU `conv2d` rebuilds the `[out, 9·in]` weight matrix with a
 //! single-threaded strided copy on every call (8–81 ms for the UNet's 768–1536-channel
 //! weights) and builds a full im2col matrix (9× the input) before its GEMM. Here the weights
 //! are arranged once at load ([`PackedConv3x3`]) and the input is never expanded: a band of
 //! output rows is computed over the zero-padded width `Wp = W + 2`, where the input samples of
-//! tap `(ky, kx)` for consecutive output positions are consecutive in the padded map. Each tap
-//! is then one GEMM `out[Cout, rows·Wp] += W_tap[Cout, Cin] · X_pad[Cin, offset ky·Wp + kx …]`
-//! reading the padded band in place; the two garbage columns per row are dropped when the
-//! band is copied out (with the bias). Extra memory is one padded input band and one output
-//! band (bounded by [`BAND_BYTES`]), so the 1024² MoVQ maps need no more than the output.
+//! tap `(ky, kx)` for consecutive output positions are consecutive in the padded map, so the
+//! band is `out[Cout, rows·Wp] = Σ_taps W_tap[Cout, Cin] · X_pad[Cin, offset ky·Wp + kx …]`.
+//! On x86 with AVX2/FMA the nine taps accumulate in the registers of one micro-kernel
+//! (`cpu_gemm::tap_tiles_raw`, input windows packed per 16 positions); elsewhere each tap is
+//! one `gemm`-crate GEMM adding into the band. The two garbage columns per row are dropped
+//! when the band is copied out (with the bias). Extra memory is one padded input band and one
+//! output band (bounded by [`BAND_BYTES`]), so the 1024² MoVQ maps need no more than the output.
 //! Small maps (W ≤ 16, where the padded width wastes 12–50 % of the GEMM) use an im2col
 //! matrix with the same packed weight instead: one GEMM `[Cout, 9·Cin] · [9·Cin, H·W]`.
 //!

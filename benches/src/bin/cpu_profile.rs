@@ -8,7 +8,7 @@
 //! `cpu_profile movq [--reps 3]`: the MoVQ decoder's pieces at their 256 px shapes (batch 1):
 //! a `ResnetBlockCondNorm2D`, its SpatialNorm+SiLU, its banded 3×3 convolution, candle's own
 //! convolution at the same shape, the fused upsample convolution.
-//! `cpu_profile unet [--reps 3]`: the decoder UNet's pieces at their 256 px shapes (batch 2):
+//! `cpu_profile unet [--px 256] [--reps 3]`: the decoder UNet's pieces at their shapes (batch 2):
 //! a ResNet block per level, its GroupNorm+SiLU and candle convolution, the banded im2col
 //! convolution of kandinsky-movq at the same shape, an attention block per level.
 
@@ -260,9 +260,10 @@ fn unet_profile(args: &[String]) -> Result<()> {
     use kandinsky_core::nn::{Activation, Conv2dConfig};
     use kandinsky_unet::resnet::{Resample, ResnetBlock2D, ResnetSettings};
     let reps = arg(args, "--reps", 3);
+    let px = arg(args, "--px", 256);
     let dev = Device::Cpu;
     println!(
-        "decoder UNet pieces (256 px, batch 2), {} threads",
+        "decoder UNet pieces ({px} px, batch 2), {} threads",
         candle_core::utils::get_num_threads()
     );
     let settings = ResnetSettings {
@@ -282,6 +283,7 @@ fn unet_profile(args: &[String]) -> Result<()> {
         (1152, 8, 7),
         (1536, 4, 9),
     ] {
+        let side = side * px / 256;
         let vb = kandinsky_benches::random_var_builder(DType::F32, &dev);
         let block = ResnetBlock2D::new(vb.pp("r"), c, c, Resample::None, &settings)?;
         let gn = kandinsky_core::nn::group_norm(32, c, 1e-5, vb.pp("gn"))?;
