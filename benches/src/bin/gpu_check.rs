@@ -204,72 +204,35 @@ fn fast_attention(
 }
 
 fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
-    // GroupNorm kernel vs the plain path at UNet shapes (batch 2).
-    for (c, s) in [
-        (384usize, 96usize),
-        (768, 48),
-        (1536, 12),
-        (3072, 12),
-        (128, 256),
+    use kandinsky_core::nn::{GroupNorm, NormModulation};
+    // GroupNorm (+ modulation) + SiLU against candle ops at UNet/MoVQ shapes (batch 2): plain,
+    // the UNet ResNet's scale-shift (halves of one time projection, read through their
+    // strides) and MoVQ's SpatialNorm (a latent-sized map upsampled on the fly), where a
+    // latent map size is given.
+    for (c, s, map) in [
+        (384usize, 96usize, Some(12usize)),
+        (768, 48, Some(12)),
+        (1536, 12, None),
+        (3072, 12, None),
+        (128, 256, Some(32)),
     ] {
         let gn_w = (Tensor::randn(0f32, 0.1, c, dev)? + 1.0)?;
         let gn_b = Tensor::randn(0f32, 0.1, c, dev)?;
         let x = ((Tensor::randn(0f32, 1.0, (2, c, s, s), dev)? * 3.0)? + 0.5)?;
-        for dt in [DType::F32, DType::F16, DType::BF16] {
-            let xd = x.to_dtype(dt)?;
-            let gn = kandinsky_core::nn::GroupNorm::from_parts(
-                gn_w.to_dtype(dt)?,
-                gn_b.to_dtype(dt)?,
-                32,
-                1e-5,
-            )?;
-            let fused = gn.forward_silu(&xd)?;
-            // The reference: the plain path in f32 on the same (rounded) inputs, so the
-            // error is the kernel's alone.
-            let gn32 = kandinsky_core::nn::GroupNorm::from_parts(
-                gn_w.to_dtype(dt)?.to_dtype(DType::F32)?,
-                gn_b.to_dtype(dt)?.to_dtype(DType::F32)?,
-                32,
-                1e-5,
-            )?;
-            let reference = gn32.forward_plain(&xd.to_dtype(DType::F32)?)?.silu()?;
-            let d = diff(&fused, &reference)?;
-            let tol = match dt {
-                DType::F32 => 1e-4,
-                DType::F16 => 5e-3,
-                _ => 1e-2,
-            };
-            let t_f = time(dev, 2, 10, || {
-                gn.forward_silu(&xd)?;
-                Ok(())
-            })?;
-            let t_p = time(dev, 2, 10, || {
-                gn.forward_plain(&xd)?.silu()?;
-                Ok(())
-            })?;
-            rows.push(Row {
-                what: format!(
-                    "groupnorm+silu {c}x{s}x{s} {dt:?}: rel err vs f32 / fused ms / plain ms"
-                ),
-                value: format!("{:.1e} / {:.3} / {:.3}", d.rel, t_f, t_p),
-                ok: Some(d.rel <= tol && !d.rel.is_nan()),
-            });
-        }
-    }
-    // GroupNorm + modulation + SiLU in one kernel against candle ops: the UNet ResNet's
-    // scale-shift (halves of one time projection, read through their strides) and MoVQ's
-    // SpatialNorm (a latent-sized map upsampled on the fly).
-    for (c, s, map) in [(384usize, 96usize, 12usize), (768, 48, 12), (128, 256, 32)] {
-        let gn_w = (Tensor::randn(0f32, 0.1, c, dev)? + 1.0)?;
-        let gn_b = Tensor::randn(0f32, 0.1, c, dev)?;
-        let x = ((Tensor::randn(0f32, 1.0, (2, c, s, s), dev)? * 3.0)? + 0.5)?;
         let temb = (Tensor::randn(0f32, 1.0, (2, 2 * c, 1, 1), dev)? * 0.5)?;
-        let maps = (Tensor::randn(0f32, 1.0, (2, 2 * c, map, map), dev)? * 0.5)?;
+        let maps = match map {
+            Some(m) => Some((Tensor::randn(0f32, 1.0, (2, 2 * c, m, m), dev)? * 0.5)?),
+            None => None,
+        };
         for dt in [DType::F32, DType::F16, DType::BF16] {
             let xd = x.to_dtype(dt)?;
-            let gn = kandinsky_core::nn::GroupNorm::from_parts(
-                gn_w.to_dtype(dt)?,
-                gn_b.to_dtype(dt)?,
+            let gn = GroupNorm::from_parts(gn_w.to_dtype(dt)?, gn_b.to_dtype(dt)?, 32, 1e-5)?;
+            // The reference: candle's ops in f32 on the same (rounded) inputs, so the error
+            // is the kernel's alone.
+            let up = |t: &Tensor| t.to_dtype(DType::F32);
+            let gn32 = GroupNorm::from_parts(
+                up(&gn_w.to_dtype(dt)?)?,
+                up(&gn_b.to_dtype(dt)?)?,
                 32,
                 1e-5,
             )?;
@@ -280,63 +243,65 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             };
             let t = temb.to_dtype(dt)?;
             let (scale, shift) = (t.narrow(1, 0, c)?, t.narrow(1, c, c)?);
-            let m = maps.to_dtype(dt)?;
-            let (mscale, mshift) = (m.narrow(1, 0, c)?.contiguous()?, m.narrow(1, c, c)?);
-            for spatial in [false, true] {
-                let modulation = if spatial {
-                    kandinsky_core::nn::NormModulation::Spatial {
-                        scale: &mscale,
-                        shift: &mshift,
-                    }
-                } else {
-                    kandinsky_core::nn::NormModulation::ScaleShift {
+            let spatial = match &maps {
+                Some(m) => {
+                    let m = m.to_dtype(dt)?;
+                    Some((m.narrow(1, 0, c)?.contiguous()?, m.narrow(1, c, c)?))
+                }
+                None => None,
+            };
+            let mut kinds = vec![("", None)];
+            if let Some((ms, mh)) = &spatial {
+                kinds.push((
+                    "+scale-shift",
+                    Some(NormModulation::ScaleShift {
                         scale: &scale,
                         shift: &shift,
-                    }
-                };
-                let fused = gn.forward_modulated(&xd, Some(modulation), true)?;
+                    }),
+                ));
+                kinds.push((
+                    "+spatial",
+                    Some(NormModulation::Spatial {
+                        scale: ms,
+                        shift: mh,
+                    }),
+                ));
+            }
+            for (kind, modulation) in kinds {
                 // candle ops: GroupNorm, the modulation, SiLU.
-                let plain = |gn: &kandinsky_core::nn::GroupNorm,
-                             x: &Tensor,
-                             scale: &Tensor,
-                             shift: &Tensor|
-                 -> Result<Tensor> {
+                let plain = |gn: &GroupNorm, x: &Tensor, m: Option<(&Tensor, &Tensor)>| {
                     let y = gn.forward_plain(x)?;
-                    let y = if spatial {
-                        y.mul(&scale.upsample_nearest2d(s, s)?)?
-                            .add(&shift.upsample_nearest2d(s, s)?)?
-                    } else {
-                        y.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?
+                    let y = match (modulation, m) {
+                        (Some(NormModulation::Spatial { .. }), Some((sc, sh))) => y
+                            .mul(&sc.upsample_nearest2d(s, s)?)?
+                            .add(&sh.upsample_nearest2d(s, s)?)?,
+                        (Some(_), Some((sc, sh))) => {
+                            y.broadcast_mul(&(sc + 1.0)?)?.broadcast_add(sh)?
+                        }
+                        _ => y,
                     };
-                    Ok(y.silu()?)
+                    y.silu()
                 };
-                let (sc, sh) = if spatial {
-                    (&mscale, &mshift)
-                } else {
-                    (&scale, &shift)
+                let (sc, sh) = match modulation {
+                    Some(NormModulation::Spatial { scale, shift })
+                    | Some(NormModulation::ScaleShift { scale, shift }) => (scale, shift),
+                    None => (&scale, &shift),
                 };
-                // Reference in f32 on the same rounded inputs (the kernel's error alone).
-                let up = |t: &Tensor| t.to_dtype(DType::F32);
-                let gn32 = kandinsky_core::nn::GroupNorm::from_parts(
-                    gn_w.to_dtype(dt)?.to_dtype(DType::F32)?,
-                    gn_b.to_dtype(dt)?.to_dtype(DType::F32)?,
-                    32,
-                    1e-5,
-                )?;
-                let reference = plain(&gn32, &up(&xd)?, &up(sc)?, &up(sh)?)?;
+                let (sc32, sh32) = (up(sc)?, up(sh)?);
+                let fused = gn.forward_modulated(&xd, modulation, true)?;
+                let reference = plain(&gn32, &up(&xd)?, Some((&sc32, &sh32)))?;
                 let d = diff(&fused, &reference)?;
                 let t_f = time(dev, 2, 10, || {
-                    gn.forward_modulated(&xd, Some(modulation), true)?;
+                    gn.forward_modulated(&xd, modulation, true)?;
                     Ok(())
                 })?;
                 let t_p = time(dev, 2, 10, || {
-                    plain(&gn, &xd, sc, sh)?;
+                    plain(&gn, &xd, Some((sc, sh)))?;
                     Ok(())
                 })?;
-                let kind = if spatial { "spatial" } else { "scale-shift" };
                 rows.push(Row {
                     what: format!(
-                        "groupnorm+{kind}+silu {c}x{s}x{s} {dt:?}: rel err vs f32 / ms / plain ms"
+                        "groupnorm{kind}+silu {c}x{s}x{s} {dt:?}: rel err vs f32 / ms / plain ms"
                     ),
                     value: format!("{:.1e} / {:.3} / {:.3}", d.rel, t_f, t_p),
                     ok: Some(d.rel <= tol && !d.rel.is_nan()),
