@@ -43,10 +43,14 @@ pub fn best_device() -> Device {
 
 /// Open CUDA device `ordinal` set up for inference: freed device memory stays in the CUDA
 /// memory pool for reuse, and buffers are not tracked with CUDA events (see [`tune_cuda`]).
-/// Without the `cuda` feature this is candle's "not compiled with CUDA" error.
+/// The tuning is an optimisation: where the driver refuses it (a GPU without memory pools),
+/// the device is returned as candle opened it, with a `tracing` warning. Without the `cuda`
+/// feature this is candle's "not compiled with CUDA" error.
 pub fn cuda_device(ordinal: usize) -> candle_core::Result<Device> {
     let device = Device::new_cuda(ordinal)?;
-    tune_cuda(&device)?;
+    if let Err(e) = tune_cuda(&device) {
+        tracing::warn!("CUDA device {ordinal}: memory pool tuning not applied: {e}");
+    }
     Ok(device)
 }
 

@@ -23,7 +23,8 @@ done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 export KANDINSKY_FIXTURES=$PWD/fixtures
 echo "== 1. kandinsky-rs gpu_check (tuned device)"
-timeout 200 $BIN/gpu_check --quick >"$OUT/rust.log" 2>&1; echo "exit $?"; grep GPU_CHECK "$OUT/rust.log"
+timeout 200 $BIN/gpu_check --quick >"$OUT/rust.log" 2>&1; echo "exit $?"
+grep -E '^(device|no CUDA|GPU_CHECK)' "$OUT/rust.log"
 echo "== 2. UNet with the device as candle opens it (KANDINSKY_CUDA_DEFAULTS=1)"
 KANDINSKY_CUDA_DEFAULTS=1 timeout 70 $BIN/gpu_check --timings-only --unet-only --quick 2>&1 \
     | tee "$OUT/rust-defaults.log" | grep -E '^(unet|host|conv)'

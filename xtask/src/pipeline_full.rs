@@ -7,7 +7,7 @@
 //!    and `…/kandinsky-2-2-decoder` (≈ 16 GB: the repositories' sizes).
 //! 2. `full_pipeline.py reference` runs diffusers (prior 2 steps, decoder 2 DDPM steps at
 //!    256×256, every Gaussian draw recorded).
-//! 3. `kandinsky-pipeline/examples/compare_full.rs` loads the folders with the library's
+//! 3. `kandinsky-pipeline/examples/compare_pipeline_full.rs` loads the folders with the library's
 //!    loaders, replays the noise and compares (≤ 1e-3 on the image).
 //! 4. The CLI runs `text2img` on the folders twice with one seed (the second run reads the
 //!    cached zero-image embedding instead of loading the image encoder): both PNGs must be
@@ -102,9 +102,9 @@ pub fn pipeline_full(args: &[String]) -> Result<()> {
         "-p",
         "kandinsky-pipeline",
         "--example",
-        "compare_full",
+        "compare_pipeline_full",
     ]))?;
-    run(Command::new(target_dir().join("release/examples/compare_full")).arg(&out))?;
+    run(Command::new(target_dir().join("release/examples/compare_pipeline_full")).arg(&out))?;
 
     let cache = out.join("cache");
     if cache.exists() {

@@ -584,13 +584,20 @@ fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let only_timings = std::env::args().any(|a| a == "--timings-only");
-    let dev = kandinsky_core::device::cuda_device(0).unwrap_or(Device::Cpu);
+    // As `kandinsky_core::device::cuda_device`, but saying what happened to the tuning.
+    let dev = Device::new_cuda(0).unwrap_or_else(|e| {
+        eprintln!("no CUDA device ({e}): running on the CPU");
+        Device::Cpu
+    });
     let tuning = if !dev.is_cuda() {
-        ""
+        String::new()
     } else if std::env::var_os(kandinsky_core::device::CUDA_DEFAULTS_ENV).is_some() {
-        ", CUDA pool/event tuning off (KANDINSKY_CUDA_DEFAULTS)"
+        ", CUDA pool/event tuning off (KANDINSKY_CUDA_DEFAULTS)".into()
     } else {
-        ", CUDA pool/event tuning on"
+        match kandinsky_core::device::tune_cuda(&dev) {
+            Ok(()) => ", CUDA pool/event tuning on".into(),
+            Err(e) => format!(", CUDA pool/event tuning FAILED: {e}"),
+        }
     };
     eprintln!("device: {dev:?}{tuning}");
     let kernels_only = std::env::args().any(|a| a == "--kernels-only");

@@ -3,7 +3,7 @@
 //! loaded through the same loaders a user's hub download goes through, text2img replayed with
 //! diffusers' recorded noise, and compared with diffusers' output.
 //!
-//! `cargo run --release -p kandinsky-pipeline --example compare_full -- <dir>`
+//! `cargo run --release -p kandinsky-pipeline --example compare_pipeline_full -- <dir>`
 //! (`<dir>` holds `kandinsky-2-2-prior/`, `kandinsky-2-2-decoder/`, `reference.safetensors`
 //! and `reference.json`, written by `xtask/fixtures/full_pipeline.py`).
 
@@ -30,7 +30,7 @@ fn main() -> Result<()> {
     let dir = PathBuf::from(
         std::env::args()
             .nth(1)
-            .context("usage: compare_full <dir written by full_pipeline.py>")?,
+            .context("usage: compare_pipeline_full <dir written by full_pipeline.py>")?,
     );
     let f = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?;
     let get = |k: &str| f.get(k).with_context(|| format!("reference lacks `{k}`"));
