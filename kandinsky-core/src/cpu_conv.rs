@@ -181,15 +181,22 @@ impl PackedConv3x3 {
         let per_row = (cin + cout) * wp * 4;
         let rows = (BAND_BYTES.saturating_sub(2 * cin * wp * 4) / per_row).clamp(1, h);
         let taps = crate::cpu_gemm::available();
-        // With the tap kernel the output rows are whole 16-column panels (row stride rounded
-        // up) and the last panel reads up to 15 floats past the padded band: slack.
+        // Rows of whole 16-column panels: the tap kernel writes straight into `out` (no band
+        // buffer, no copy-out pass).
+        let direct = taps && w % 16 == 0;
+        // Otherwise, with the tap kernel the band's rows are whole 16-column panels (row
+        // stride rounded up) and the last panel reads up to 15 floats past the padded band.
         let ldc_max = if taps {
             (rows * wp).next_multiple_of(16)
         } else {
             rows * wp
         };
         let mut pad = vec![0f32; cin * (rows + 2) * wp + 16];
-        let mut tmp = vec![0f32; cout * ldc_max];
+        let mut tmp = if direct {
+            Vec::new()
+        } else {
+            vec![0f32; cout * ldc_max]
+        };
         let mut r0 = 0;
         while r0 < h {
             let r = rows.min(h - r0);
@@ -199,6 +206,18 @@ impl PackedConv3x3 {
             // (r−1)·Wp + W − 1 = r·Wp − 3, so n = r·Wp − 2 columns suffice, and tap
             // (2, 2) then reads up to (Cin−1)·plane + 2·Wp + 2 + n − 1 = Cin·plane − 1.
             let n = r * wp - 2;
+            let pad_band = &pad[..cin * plane + 16];
+            if direct {
+                let band = Band {
+                    plane,
+                    wp,
+                    panels: r * w / 16,
+                    row_panels: Some(w / 16),
+                };
+                self.band_taps(pad_band, band, &mut out[r0 * w..], h * w, true, par);
+                r0 += r;
+                continue;
+            }
             let ldc = if taps {
                 (r * wp).next_multiple_of(16)
             } else {
@@ -206,7 +225,13 @@ impl PackedConv3x3 {
             };
             let tmp = &mut tmp[..cout * ldc];
             if taps {
-                self.band_taps(&pad[..cin * plane + 16], plane, wp, n, tmp, ldc, par);
+                let band = Band {
+                    plane,
+                    wp,
+                    panels: n.div_ceil(16),
+                    row_panels: None,
+                };
+                self.band_taps(pad_band, band, tmp, ldc, false, par);
             }
             for t in (0..9).filter(|_| !taps) {
                 let (ky, kx) = (t / 3, t % 3);
@@ -255,45 +280,55 @@ impl PackedConv3x3 {
         }
     }
 
-    /// One band with the register-accumulating tap kernel: `tmp[o·ldc + j]` for the band's
-    /// `n` positions `j` (over the padded width `wp`) from `pad` `[Cin, rows + 2, wp]` (+16
-    /// floats of slack). Per panel of 16 positions the input windows are packed first: for
-    /// each tap row `ky` and channel `c`, the 18 floats at `ky·wp + j0` hold what all three
-    /// taps `(ky, 0..3)` read, so the kernel walks `Cin` with a stride of 18 floats instead
-    /// of a whole padded plane (which cost a TLB miss per step and ran at 113–137 GFLOP/s
-    /// against the `gemm` crate's 125–166 on the MoVQ shapes).
-    #[allow(clippy::too_many_arguments)]
+    /// One band with the register-accumulating tap kernel: `dst[o·ldc + 16·p …]` for the
+    /// band's panels `p` of 16 output positions, from `pad` `[Cin, rows + 2, wp]` (+16 floats
+    /// of slack); `bias` adds the bias (the direct layout, where no copy-out pass does).
+    /// Per panel the input windows are packed first: for each tap row `ky` and channel `c`,
+    /// the 18 floats at `ky·wp + j0` hold what all three taps `(ky, 0..3)` read, so the
+    /// kernel walks `Cin` with a stride of 18 floats instead of a whole padded plane (which
+    /// cost a TLB miss per step and ran at 113–137 GFLOP/s against the `gemm` crate's
+    /// 125–166 on the MoVQ shapes).
     fn band_taps(
         &self,
         pad: &[f32],
-        plane: usize,
-        wp: usize,
-        n: usize,
-        tmp: &mut [f32],
+        band: Band,
+        dst: &mut [f32],
         ldc: usize,
+        bias: bool,
         par: gemm::Parallelism,
     ) {
         const WIN: usize = 18;
         let (cin, cout) = (self.cin, self.cout);
-        let panels = n.div_ceil(16);
+        let Band {
+            plane,
+            wp,
+            panels,
+            row_panels,
+        } = band;
+        // Where panel p's first output position sits in the padded band.
+        let j0 = |p: usize| match row_panels {
+            Some(rp) => (p / rp) * wp + (p % rp) * 16,
+            None => p * 16,
+        };
         let per_panel = 3 * cin * WIN;
         let block = (PACKED_BLOCK_BYTES / (per_panel * 4)).clamp(1, panels);
         let taps: [(usize, usize); 9] =
             std::array::from_fn(|t| (t * cin, (t / 3) * cin * WIN + t % 3));
-        assert!(tmp.len() >= (cout - 1) * ldc + panels * 16 && ldc >= panels * 16);
-        let out = crate::cpu_gemm::SendPtr(tmp.as_mut_ptr());
+        assert!(dst.len() >= (cout - 1) * ldc + panels * 16 && ldc >= panels * 16);
+        assert!(panels == 0 || (cin - 1) * plane + 2 * wp + j0(panels - 1) + WIN <= pad.len());
+        let out = crate::cpu_gemm::SendPtr(dst.as_mut_ptr());
         let run = |bi: usize| {
             let (p0, np) = (bi * block, block.min(panels - bi * block));
             let mut packed = vec![0f32; np * per_panel];
-            for (p, dst) in packed.chunks_exact_mut(per_panel).enumerate() {
-                let j0 = (p0 + p) * 16;
-                for (row, w) in dst.chunks_exact_mut(WIN).enumerate() {
+            for (p, win) in packed.chunks_exact_mut(per_panel).enumerate() {
+                let j = j0(p0 + p);
+                for (row, w) in win.chunks_exact_mut(WIN).enumerate() {
                     let (ky, c) = (row / cin, row % cin);
-                    w.copy_from_slice(&pad[c * plane + ky * wp + j0..][..WIN]);
+                    w.copy_from_slice(&pad[c * plane + ky * wp + j..][..WIN]);
                 }
             }
             let o = out;
-            // SAFETY: `tmp` holds cout rows of stride ldc ≥ 16·panels (asserted); this
+            // SAFETY: `dst` holds cout rows of stride ldc ≥ 16·panels (asserted); this
             // block alone writes columns 16·p0 .. 16·(p0 + np) of each row.
             unsafe {
                 crate::cpu_gemm::tap_tiles_raw(
@@ -314,6 +349,17 @@ impl PackedConv3x3 {
                     &taps,
                 )
             };
+            if let (true, Some(b)) = (bias, &self.bias) {
+                for (ch, &bo) in b.iter().enumerate() {
+                    // SAFETY: the columns this block just wrote (still in cache).
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(o.0.add(ch * ldc + p0 * 16), np * 16)
+                    };
+                    for v in row {
+                        *v += bo;
+                    }
+                }
+            }
         };
         let blocks = panels.div_ceil(block);
         if matches!(par, gemm::Parallelism::Rayon(_)) {
@@ -373,6 +419,18 @@ impl PackedConv3x3 {
             }
         }
     }
+}
+
+/// A band of output rows for [`PackedConv3x3::band_taps`]: the padded input's plane size and
+/// row length, the number of 16-position panels, and how they map onto the padded band —
+/// `Some(w / 16)` panels per output row (whole rows, written straight into the output), or
+/// `None` (consecutive positions of the flattened padded band, garbage columns included).
+#[derive(Debug, Clone, Copy)]
+struct Band {
+    plane: usize,
+    wp: usize,
+    panels: usize,
+    row_panels: Option<usize>,
 }
 
 /// The source map of a batch item: `h × w`, read nearest-upsampled by `scale` (1 or 2).
@@ -478,19 +536,22 @@ mod tests {
 
     #[test]
     fn banded_path_equals_candle_across_bands() {
-        // A map whose padded rows do not fit one band: several bands, and a short last one.
-        let (b, cin, cout, h, w) = (1, 64, 64, 300, 120);
-        let x = random(&[b, cin, h, w], 7);
-        let wt = random(&[cout, cin, 3, 3], 8);
-        let bias = random(&[cout], 9);
-        let per_row = (cin + cout) * (w + 2) * 4;
-        assert!(h * per_row > BAND_BYTES, "the test must span several bands");
-        let packed = PackedConv3x3::new(&wt, Some(&bias)).unwrap();
-        let err = rel_err(
-            &packed.forward(&x).unwrap(),
-            &reference(&x, &wt, Some(&bias)),
-        );
-        assert!(err <= 1e-4, "relative error {err}");
+        // A map whose padded rows do not fit one band: several bands, and a short last one;
+        // a width of whole 16-position panels (written straight to the output) and one not.
+        for (i, w) in [120, 128].into_iter().enumerate() {
+            let (b, cin, cout, h) = (1, 64, 64, 300);
+            let x = random(&[b, cin, h, w], 7 + i as u64);
+            let wt = random(&[cout, cin, 3, 3], 8);
+            let bias = random(&[cout], 9);
+            let per_row = (cin + cout) * (w + 2) * 4;
+            assert!(h * per_row > BAND_BYTES, "the test must span several bands");
+            let packed = PackedConv3x3::new(&wt, Some(&bias)).unwrap();
+            let err = rel_err(
+                &packed.forward(&x).unwrap(),
+                &reference(&x, &wt, Some(&bias)),
+            );
+            assert!(err <= 1e-4, "width {w}: relative error {err}");
+        }
     }
 
     #[test]
@@ -500,6 +561,8 @@ mod tests {
             (1, 3, 3, 3, 3),
             (1, 4, 2, 1, 1),
             (2, 4, 3, 6, 13),
+            // 32 wide once upsampled: whole panels, written straight to the output.
+            (1, 5, 7, 9, 16),
         ]
         .iter()
         .enumerate()
@@ -532,9 +595,17 @@ mod tests {
     #[test]
     fn both_paths_equal_candle_on_every_size() {
         // The size thresholds pick one path per map; run each path on every shape directly.
-        for (i, &(cin, cout, h, w)) in [(3, 5, 1, 1), (4, 4, 4, 4), (5, 3, 7, 2), (2, 6, 9, 20)]
-            .iter()
-            .enumerate()
+        // (…, 16) and (…, 32): whole 16-position panels per row, written straight to the output.
+        for (i, &(cin, cout, h, w)) in [
+            (3, 5, 1, 1),
+            (4, 4, 4, 4),
+            (5, 3, 7, 2),
+            (2, 6, 9, 20),
+            (7, 9, 5, 16),
+            (3, 13, 3, 32),
+        ]
+        .iter()
+        .enumerate()
         {
             let x = random(&[1, cin, h, w], 50 + i as u64);
             let wt = random(&[cout, cin, 3, 3], 60 + i as u64);
