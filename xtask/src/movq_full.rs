@@ -7,11 +7,9 @@
 //! Rust example `kandinsky-movq/examples/movq_full.rs` (release build) loads those weights,
 //! decodes the same latents and prints the max abs difference and both run times.
 
-use std::process::Command;
+use anyhow::Result;
 
-use anyhow::{Context, Result};
-
-use crate::python::{cargo, root, run, venv_python};
+use crate::python::{full_compare, FullCompare};
 
 const PYTHON: &str = r#"
 import sys, time
@@ -43,33 +41,15 @@ print(f"diffusers decode 256x256: {times[0]:.2f} s, {times[1]:.2f} s "
 
 /// Run the comparison (`--regenerate` rewrites the Python side).
 pub fn movq_full(args: &[String]) -> Result<()> {
-    let root = root();
-    let out = root.join("target/movq-full");
-    let regenerate = args.iter().any(|a| a == "--regenerate");
-    let weights = out.join("movq/diffusion_pytorch_model.safetensors");
-    if regenerate || !weights.is_file() || !out.join("io.safetensors").is_file() {
-        std::fs::create_dir_all(&out).context("creating target/movq-full")?;
-        let script = out.join("make_full.py");
-        std::fs::write(&script, PYTHON)?;
-        eprintln!("diffusers: building the full MoVQ into {}", out.display());
-        run(Command::new(venv_python()?)
-            .arg(&script)
-            .arg(&out)
-            .arg(root.join("xtask/fixtures"))
-            .env("HF_HUB_OFFLINE", "1"))?;
-    } else {
-        eprintln!("reusing {} (pass --regenerate to rewrite)", out.display());
-    }
-    run(cargo()
-        .current_dir(&root)
-        .args([
-            "run",
-            "--release",
-            "-p",
-            "kandinsky-movq",
-            "--example",
-            "movq_full",
-            "--",
-        ])
-        .arg(&out))
+    full_compare(
+        args,
+        FullCompare {
+            dir: "movq-full",
+            outputs: &["movq/diffusion_pytorch_model.safetensors", "io.safetensors"],
+            script: PYTHON,
+            what: "the full MoVQ",
+            package: "kandinsky-movq",
+            example: "movq_full",
+        },
+    )
 }

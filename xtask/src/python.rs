@@ -91,3 +91,54 @@ pub fn target_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"))
 }
+
+/// A full-size comparison: a Python `script` (run by the fixture venv with the output folder
+/// and `xtask/fixtures` as its arguments) writes random-weight diffusers weights plus inputs
+/// and outputs into `target/<dir>/`, unless the `outputs` (relative paths) already exist and
+/// `--regenerate` was not given; then `example` of `package` (release) compares on them.
+pub struct FullCompare<'a> {
+    /// Folder under `target/`.
+    pub dir: &'a str,
+    /// What the script writes, relative to the folder (all present = reuse).
+    pub outputs: &'a [&'a str],
+    /// The Python source.
+    pub script: &'a str,
+    /// What the script builds, for the progress line.
+    pub what: &'a str,
+    /// The Rust package and example that compare.
+    pub package: &'a str,
+    /// See `package`.
+    pub example: &'a str,
+}
+
+/// Run a [`FullCompare`] (`args`: the xtask's arguments, `--regenerate` honoured).
+pub fn full_compare(args: &[String], c: FullCompare<'_>) -> Result<()> {
+    let root = root();
+    let out = root.join("target").join(c.dir);
+    let regenerate = args.iter().any(|a| a == "--regenerate");
+    if regenerate || !c.outputs.iter().all(|p| out.join(p).is_file()) {
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        let script = out.join("make_full.py");
+        std::fs::write(&script, c.script)?;
+        eprintln!("diffusers: building {} into {}", c.what, out.display());
+        run(Command::new(venv_python()?)
+            .arg(&script)
+            .arg(&out)
+            .arg(root.join("xtask/fixtures"))
+            .env("HF_HUB_OFFLINE", "1"))?;
+    } else {
+        eprintln!("reusing {} (pass --regenerate to rewrite)", out.display());
+    }
+    run(cargo()
+        .current_dir(&root)
+        .args([
+            "run",
+            "--release",
+            "-p",
+            c.package,
+            "--example",
+            c.example,
+            "--",
+        ])
+        .arg(&out))
+}

@@ -8,11 +8,9 @@
 //! prints the difference and both run times. Needs ≈ 6 GB of disk and ≈ 12 GB of free RAM.
 //! `--regenerate` rewrites the weights.
 
-use std::process::Command;
+use anyhow::Result;
 
-use anyhow::{Context, Result};
-
-use crate::python::{cargo, require_memory_gb, root, run, venv_python};
+use crate::python::{full_compare, require_memory_gb, FullCompare};
 
 const PYTHON: &str = r#"
 import sys, time
@@ -46,37 +44,16 @@ print(f"diffusers forward: {times[0]:.2f} s, {times[1]:.2f} s (torch threads {to
 
 /// Run the comparison.
 pub fn unet_full(args: &[String]) -> Result<()> {
-    let root = root();
-    let out = root.join("target/unet-full");
-    let regenerate = args.iter().any(|a| a == "--regenerate");
     require_memory_gb(12.0, "the full UNet (5 GB weights + copies)")?;
-    let weights = out.join("unet/diffusion_pytorch_model.safetensors");
-    if regenerate || !weights.is_file() || !out.join("io.safetensors").is_file() {
-        std::fs::create_dir_all(&out).context("creating target/unet-full")?;
-        let script = out.join("make_full.py");
-        std::fs::write(&script, PYTHON)?;
-        eprintln!(
-            "diffusers: building the full decoder UNet and writing {}",
-            out.display()
-        );
-        run(Command::new(venv_python()?)
-            .arg(&script)
-            .arg(&out)
-            .arg(root.join("xtask/fixtures"))
-            .env("HF_HUB_OFFLINE", "1"))?;
-    } else {
-        eprintln!("reusing {} (pass --regenerate to rewrite)", out.display());
-    }
-    run(cargo()
-        .current_dir(&root)
-        .args([
-            "run",
-            "--release",
-            "-p",
-            "kandinsky-unet",
-            "--example",
-            "compare_full",
-            "--",
-        ])
-        .arg(&out))
+    full_compare(
+        args,
+        FullCompare {
+            dir: "unet-full",
+            outputs: &["unet/diffusion_pytorch_model.safetensors", "io.safetensors"],
+            script: PYTHON,
+            what: "the full decoder UNet",
+            package: "kandinsky-unet",
+            example: "compare_full",
+        },
+    )
 }
