@@ -39,6 +39,18 @@ const PACKED_BLOCK_BYTES: usize = 256 << 10;
 /// time): 1152 ch 8² 49 ms, 1536 ch 4² 42 ms.
 const IM2COL_MAX_WIDTH: usize = 16;
 
+/// How [`PackedConv3x3`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conv3x3Path {
+    /// Winograd where it was measured to win (the shapes of `cpu_winograd::worth`), else `Direct`;
+    /// `KANDINSKY_WINOGRAD=0` / `=1` (read once) forces one or the other.
+    Auto,
+    /// The nine taps summed per output (the tap kernel, or im2col for small maps).
+    Direct,
+    /// Winograd F(2×2, 3×3): 16 products per 2×2 outputs instead of 36, sums in another order.
+    Winograd,
+}
+
 /// A 3×3, stride 1, padding 1 convolution's weights pre-arranged for [`PackedConv3x3::forward`].
 #[derive(Debug, Clone)]
 pub struct PackedConv3x3 {
@@ -99,16 +111,24 @@ impl PackedConv3x3 {
 
     /// Convolve `x` `[B, Cin, H, W]` (on the CPU) into `[B, Cout, H, W]` in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.run(x, false)
+        self.run(x, false, Conv3x3Path::Auto)
     }
 
     /// `conv(nearest_upsample_2x(x))`: `[B, Cin, H, W]` → `[B, Cout, 2H, 2W]`, reading the
     /// source map directly (the upsampled map never exists).
     pub fn forward_upsample2x(&self, x: &Tensor) -> Result<Tensor> {
-        self.run(x, true)
+        self.run(x, true, Conv3x3Path::Auto)
     }
 
-    fn run(&self, x: &Tensor, upsample: bool) -> Result<Tensor> {
+    /// [`PackedConv3x3::forward`] (or, with `upsample`, [`forward_upsample2x`]) by a chosen
+    /// algorithm, for benchmarks and tests; `Winograd` without AVX2/FMA runs `Direct`.
+    ///
+    /// [`forward_upsample2x`]: PackedConv3x3::forward_upsample2x
+    pub fn forward_with(&self, x: &Tensor, upsample: bool, path: Conv3x3Path) -> Result<Tensor> {
+        self.run(x, upsample, path)
+    }
+
+    fn run(&self, x: &Tensor, upsample: bool, path: Conv3x3Path) -> Result<Tensor> {
         let (b, c, sh, sw) = x.dims4()?;
         if c != self.cin {
             return Err(Error::invalid(format!(
@@ -132,17 +152,27 @@ impl PackedConv3x3 {
                 w: sw,
                 scale,
             };
-            self.conv_f32(data, b, src, &mut out);
+            self.conv_f32(data, b, src, path, &mut out);
         }
         let y = Tensor::from_vec(out, (b, self.cout, h, w), x.device())?;
         Ok(y.to_dtype(dtype)?)
     }
 
     /// `out` `[B, Cout, H, W]` from `x` `[B, Cin, src.h, src.w]` (lengths checked by the caller).
-    fn conv_f32(&self, x: &[f32], b: usize, src: Source, out: &mut [f32]) {
+    fn conv_f32(&self, x: &[f32], b: usize, src: Source, path: Conv3x3Path, out: &mut [f32]) {
         let (h, w) = (src.h * src.scale, src.w * src.scale);
         let (in_item, out_item) = (self.cin * src.h * src.w, self.cout * h * w);
         if out_item == 0 {
+            return;
+        }
+        let map = crate::cpu_winograd::Map::new(h, w, src.scale);
+        let winograd = match path {
+            Conv3x3Path::Auto => crate::cpu_winograd::worth(self.cin, self.cout, b, map),
+            Conv3x3Path::Direct => false,
+            Conv3x3Path::Winograd => crate::cpu_gemm::available(),
+        };
+        if winograd {
+            self.winograd(x, b, map, out);
             return;
         }
         let threads = rayon::current_num_threads();
@@ -169,6 +199,29 @@ impl PackedConv3x3 {
             out.par_chunks_mut(out_item).enumerate().for_each(item);
         } else {
             out.chunks_mut(out_item).enumerate().for_each(item);
+        }
+    }
+
+    /// All batch items with Winograd F(2×2, 3×3) ([`crate::cpu_winograd`]; AVX2/FMA only):
+    /// the weights are transformed once per call, the items run one after another (each
+    /// parallel inside).
+    fn winograd(&self, x: &[f32], b: usize, map: crate::cpu_winograd::Map, out: &mut [f32]) {
+        use crate::cpu_winograd::{conv_item, transform_weights, Scratch};
+        let (cin, cout) = (self.cin, self.cout);
+        let in_item = cin * (map.h / map.scale) * (map.w / map.scale);
+        let out_item = cout * map.h * map.w;
+        let u = transform_weights(&self.weight, cin, cout);
+        let mut scratch = Scratch::new(cin, cout, map);
+        for i in 0..b {
+            conv_item(
+                &x[i * in_item..(i + 1) * in_item],
+                &u,
+                self.bias.as_deref(),
+                (cin, cout),
+                map,
+                &mut scratch,
+                &mut out[i * out_item..(i + 1) * out_item],
+            );
         }
     }
 
@@ -627,6 +680,56 @@ mod tests {
                 assert!(
                     err <= 1e-4,
                     "case {i} banded {banded}: relative error {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn winograd_equals_candle_conv2d() {
+        if !crate::cpu_gemm::available() {
+            return;
+        }
+        // (batch, cin, cout, h, w, upsample): odd sizes (tiles past the edges), several
+        // panels per tile row, a partial last panel, channel counts past the GEMM's blocks.
+        for (i, &(b, cin, cout, h, w, up)) in [
+            (1, 3, 5, 4, 4, false),
+            (2, 7, 9, 5, 7, false),
+            (1, 16, 24, 32, 32, false),
+            (2, 33, 17, 9, 70, false),
+            (1, 300, 130, 6, 36, false),
+            (2, 5, 6, 3, 9, true),
+            (1, 20, 18, 16, 16, true),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let x = random(&[b, cin, h, w], 80 + i as u64);
+            let wt = random(&[cout, cin, 3, 3], 90 + i as u64);
+            let bias = random(&[cout], 95 + i as u64);
+            let packed = PackedConv3x3::new(&wt, Some(&bias)).unwrap();
+            let scale = if up { 2 } else { 1 };
+            let xin = if up {
+                x.upsample_nearest2d(h * scale, w * scale).unwrap()
+            } else {
+                x.clone()
+            };
+            let want = reference(&xin, &wt, Some(&bias));
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // The whole map in one band, and bands of one tile row.
+            for band_bytes in [usize::MAX, 1] {
+                let map = crate::cpu_winograd::Map {
+                    band_bytes,
+                    ..crate::cpu_winograd::Map::new(h * scale, w * scale, scale)
+                };
+                let mut out = vec![f32::NAN; b * cout * map.h * map.w];
+                packed.winograd(&xs, b, map, &mut out);
+                let got = Tensor::from_vec(out, (b, cout, map.h, map.w), &Device::Cpu).unwrap();
+                let err = rel_err(&got, &want);
+                // Rounding only (the transforms add and halve): relative to the output scale.
+                assert!(
+                    err <= 1e-5,
+                    "case {i}, band {band_bytes}: relative error {err}"
                 );
             }
         }

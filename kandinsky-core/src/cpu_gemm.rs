@@ -236,6 +236,64 @@ mod x86 {
     }
 }
 
+/// [`gemm_tiles_raw`] over packed panels (`ldb` 16, `panel_stride` 16·`t.k`) in depth blocks of
+/// [`KC`], so that a panel block stays in L1; `t.accumulate` and `t.scale` are ignored (`C` is
+/// overwritten with the plain product).
+///
+/// # Safety
+/// As [`gemm_tiles_raw`].
+pub(crate) unsafe fn depth_blocks(a: &[f32], b: &[f32], c: *mut f32, t: Tiles) {
+    let mut k0 = 0;
+    while k0 < t.k {
+        let kc = KC.min(t.k - k0);
+        let tiles = Tiles {
+            k: kc,
+            accumulate: k0 > 0,
+            scale: 1.0,
+            ..t
+        };
+        gemm_tiles_raw(&a[k0..], &b[k0 * t.ldb..], c, tiles);
+        k0 += kc;
+    }
+}
+
+/// `C[rows × 16·panels] = A[rows × k] · B` on the calling thread for `B` packed panels
+/// (`[panels][k][16]`; `t.ldb`, `t.panel_stride`, `t.accumulate`, `t.scale` ignored), `A` and
+/// `C` row-major with the strides of `t`. Blocked for a long `B`: a block of [`MC`] rows ×
+/// [`KC`] depth of `A` stays in L2 while every panel's matching depth block (16 KiB) passes
+/// through L1 once.
+pub(crate) fn packed_product(a: &[f32], b: &[f32], c: &mut [f32], t: Tiles) {
+    let (m, k, panels) = (t.rows, t.k, t.panels);
+    if m == 0 || panels == 0 || k == 0 {
+        return;
+    }
+    assert!(t.ldc >= panels * PANEL && c.len() >= (m - 1) * t.ldc + panels * PANEL);
+    assert!(t.lda >= k && a.len() >= (m - 1) * t.lda + k && b.len() >= panels * PANEL * k);
+    for r0 in (0..m).step_by(MC) {
+        for k0 in (0..k).step_by(KC) {
+            let tiles = Tiles {
+                rows: MC.min(m - r0),
+                k: KC.min(k - k0),
+                ldb: PANEL,
+                panel_stride: PANEL * k,
+                accumulate: k0 > 0,
+                scale: 1.0,
+                ..t
+            };
+            // SAFETY: rows r0.. of `c` × every panel lie inside `c` (asserted above); `c` is
+            // borrowed mutably, so nothing else touches it.
+            unsafe {
+                gemm_tiles_raw(
+                    &a[r0 * t.lda + k0..],
+                    &b[k0 * PANEL..],
+                    c.as_mut_ptr().add(r0 * t.ldc),
+                    tiles,
+                )
+            };
+        }
+    }
+}
+
 /// Depth of one block of the product: `A`'s 6 rows × 256 and a 16 KiB weight panel block
 /// stay in L1.
 const KC: usize = 256;
@@ -373,31 +431,26 @@ impl PackedLinear {
             let (r0, rows) = (rb * MC, MC.min(m - rb * MC));
             let (p0, np) = (g * NC_PANELS, NC_PANELS.min(panels - g * NC_PANELS));
             let p = ptr;
-            let mut k0 = 0;
-            while k0 < k {
-                let kc = KC.min(k - k0);
-                // SAFETY: `c` holds m × n floats; this task alone writes rows
-                // r0..r0+rows × columns 16·p0..16·(p0+np), which the pointer and tiles span.
-                unsafe {
-                    gemm_tiles_raw(
-                        &a[r0 * k + k0..],
-                        &w[p0 * PANEL * k + k0 * PANEL..],
-                        p.0.add(r0 * n + p0 * PANEL),
-                        Tiles {
-                            rows,
-                            k: kc,
-                            panels: np,
-                            lda: k,
-                            ldb: PANEL,
-                            panel_stride: PANEL * k,
-                            ldc: n,
-                            accumulate: k0 > 0,
-                            scale: 1.0,
-                        },
-                    )
-                };
-                k0 += kc;
-            }
+            // SAFETY: `c` holds m × n floats; this task alone writes rows r0..r0+rows ×
+            // columns 16·p0..16·(p0+np), which the pointer and tiles span.
+            unsafe {
+                depth_blocks(
+                    &a[r0 * k..],
+                    &w[p0 * PANEL * k..],
+                    p.0.add(r0 * n + p0 * PANEL),
+                    Tiles {
+                        rows,
+                        k,
+                        panels: np,
+                        lda: k,
+                        ldb: PANEL,
+                        panel_stride: PANEL * k,
+                        ldc: n,
+                        accumulate: false,
+                        scale: 1.0,
+                    },
+                )
+            };
         });
         if let Some(b) = &self.bias {
             for row in c.chunks_exact_mut(n) {

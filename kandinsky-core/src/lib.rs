@@ -18,6 +18,7 @@ mod cpu_attention;
 pub mod cpu_conv;
 pub mod cpu_gemm;
 mod cpu_norm;
+mod cpu_winograd;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;

@@ -11,6 +11,8 @@
 //! `cpu_profile unet [--px 256] [--reps 3]`: the decoder UNet's pieces at their shapes (batch 2):
 //! a ResNet block per level, its GroupNorm+SiLU and candle convolution, the banded im2col
 //! convolution of kandinsky-movq at the same shape, an attention block per level.
+//! `cpu_profile conv [--reps 5]`: the packed 3×3 convolution alone at the UNet's and MoVQ's
+//! shapes (minimum time, GFLOP/s).
 
 use std::time::Instant;
 
@@ -394,15 +396,90 @@ fn unet_profile(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The packed 3×3 convolution alone at the UNet's and MoVQ's shapes, direct (tap kernel or
+/// im2col) against Winograd F(2×2, 3×3), the two alternating so that both see the same
+/// machine; the minimum over `--reps` runs each (the machine is shared; the minimum is the
+/// least disturbed run). GFLOP/s count the direct algorithm's 2·9·Cin·Cout per output.
+fn conv_profile(args: &[String]) -> Result<()> {
+    use kandinsky_core::cpu_conv::{Conv3x3Path, PackedConv3x3};
+    let reps = arg(args, "--reps", 5);
+    let dev = Device::Cpu;
+    // As `cpu_compare` and the CLI run: freed buffers are reused, not page-faulted again.
+    kandinsky_core::device::keep_freed_memory();
+    println!(
+        "packed conv 3×3, {} threads, min of {reps}, freed memory kept",
+        candle_core::utils::get_num_threads()
+    );
+    println!(
+        "{:<34} {:>16} {:>16} {:>9} {:>6}",
+        "batch × cin → cout @ side", "direct", "winograd", "speedup", "auto"
+    );
+    // (batch, cin, cout, side): UNet levels at 256/512/768/1024 px (batch 2), its first
+    // convolution, MoVQ decoder levels at 256/512 px (batch 1).
+    for (b, cin, cout, side) in [
+        (2usize, 4usize, 384usize, 64usize),
+        (2, 384, 384, 32),
+        (2, 384, 384, 64),
+        (2, 384, 384, 96),
+        (2, 768, 384, 64),
+        (2, 768, 768, 16),
+        (2, 768, 768, 32),
+        (2, 768, 768, 48),
+        (2, 1152, 1152, 8),
+        (2, 1152, 1152, 16),
+        (2, 1152, 1152, 24),
+        (2, 1536, 1536, 4),
+        (2, 1536, 1536, 8),
+        (2, 1536, 1536, 16),
+        (1, 512, 512, 32),
+        (1, 512, 512, 64),
+        (1, 256, 256, 128),
+        (1, 128, 128, 256),
+        (1, 128, 128, 512),
+        (1, 128, 3, 256),
+    ] {
+        let w = Tensor::randn(0f32, 0.02, (cout, cin, 3, 3), &dev)?;
+        let conv = PackedConv3x3::new(&w, None)?;
+        let x = Tensor::randn(0f32, 1.0, (b, cin, side, side), &dev)?;
+        let flops = 2.0 * (b * cin * cout * 9 * side * side) as f64;
+        let paths = [Conv3x3Path::Direct, Conv3x3Path::Winograd];
+        let mut best = [f64::MAX; 2];
+        for &p in &paths {
+            conv.forward_with(&x, false, p)?;
+        }
+        for _ in 0..reps {
+            for (i, &p) in paths.iter().enumerate() {
+                let t = Instant::now();
+                conv.forward_with(&x, false, p)?;
+                best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let cell = |ms: f64| format!("{ms:.1} ms {:>4.0}", flops / ms / 1e6);
+        let auto = conv.forward_with(&x, false, Conv3x3Path::Auto)?;
+        let wino = conv.forward_with(&x, false, Conv3x3Path::Winograd)?;
+        let same = (auto - wino)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
+        println!(
+            "{:<34} {:>16} {:>16} {:>8.2}× {:>6}",
+            format!("{b} × {cin} → {cout} @ {side}²"),
+            cell(best[0]),
+            cell(best[1]),
+            best[0] / best[1],
+            if same { "wino" } else { "direct" }
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("attention") => attention_profile(&args),
         Some("movq") => movq_profile(&args),
         Some("unet") => unet_profile(&args),
+        Some("conv") => conv_profile(&args),
         _ => bail!(
             "usage: cpu_profile attention [--level 32|48] [--reps N] | movq [--reps N] \
-             | unet [--reps N]"
+             | unet [--px N] [--reps N] | conv [--reps N]"
         ),
     }
 }
