@@ -698,6 +698,8 @@ mod tests {
             (1, 16, 24, 32, 32, false),
             (2, 33, 17, 9, 70, false),
             (1, 300, 130, 6, 36, false),
+            // Two depth blocks in the GEMMs.
+            (1, 400, 70, 4, 10, false),
             (2, 5, 6, 3, 9, true),
             (1, 20, 18, 16, 16, true),
         ]
