@@ -11,6 +11,8 @@
 //! `cpu_profile unet [--px 256] [--reps 3]`: the decoder UNet's pieces at their shapes (batch 2):
 //! a ResNet block per level, its GroupNorm+SiLU, its 3×3 convolution (the packed kernel,
 //! Winograd or direct as chosen), an attention block per level.
+//! `cpu_profile linear [--reps 5]`: the packed linear layer against candle's at the UNet
+//! attention blocks' token shapes.
 //! `cpu_profile conv [--reps 5]`: the packed 3×3 convolution alone at the UNet's and MoVQ's
 //! shapes (minimum time, GFLOP/s).
 
@@ -457,6 +459,50 @@ fn conv_profile(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The linear layer (`kandinsky_core::nn::Linear`, packed weights) at the UNet attention
+/// blocks' token shapes (batch 2 at 512 px) against candle's matmul on the same operands.
+fn linear_profile(args: &[String]) -> Result<()> {
+    let reps = arg(args, "--reps", 5);
+    let dev = Device::Cpu;
+    kandinsky_core::device::keep_freed_memory();
+    println!(
+        "linear layers, {} threads, min of {reps}",
+        candle_core::utils::get_num_threads()
+    );
+    for (m, k, n) in [
+        (2048usize, 768usize, 768usize),
+        (512, 1152, 1152),
+        (128, 1536, 1536),
+        (154, 1280, 1280),
+    ] {
+        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+        let b = Tensor::randn(0f32, 0.02, n, &dev)?;
+        let packed = kandinsky_core::nn::Linear::new(w.copy()?, Some(b.clone()))?;
+        let plain = candle_nn::Linear::new(w, Some(b));
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let flops = 2.0 * (m * k * n) as f64;
+        let mut best = [f64::MAX; 2];
+        for _ in 0..=reps {
+            let t = Instant::now();
+            candle_core::Module::forward(&packed, &x)?;
+            best[0] = best[0].min(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            candle_core::Module::forward(&plain, &x)?;
+            best[1] = best[1].min(t.elapsed().as_secs_f64() * 1e3);
+        }
+        row(
+            &format!(
+                "{m} × {k} → {n}: packed {:.0} GFLOP/s, candle {:.0} GFLOP/s ({:.1} ms)",
+                flops / best[0] / 1e6,
+                flops / best[1] / 1e6,
+                best[1]
+            ),
+            best[0],
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -464,9 +510,10 @@ fn main() -> Result<()> {
         Some("movq") => movq_profile(&args),
         Some("unet") => unet_profile(&args),
         Some("conv") => conv_profile(&args),
+        Some("linear") => linear_profile(&args),
         _ => bail!(
             "usage: cpu_profile attention [--level 32|48] [--reps N] | movq [--reps N] \
-             | unet [--px N] [--reps N] | conv [--reps N]"
+             | unet [--px N] [--reps N] | conv [--reps N] | linear [--reps N]"
         ),
     }
 }
