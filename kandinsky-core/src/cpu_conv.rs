@@ -131,6 +131,19 @@ impl PackedConv3x3 {
         self.run(x, upsample, path)
     }
 
+    /// What [`Conv3x3Path::Auto`] runs for a batch of `batch` maps of `h × w` outputs
+    /// (after the upsampling of [`forward_upsample2x`]): `Winograd` or `Direct`.
+    ///
+    /// [`forward_upsample2x`]: PackedConv3x3::forward_upsample2x
+    pub fn auto_path(&self, batch: usize, h: usize, w: usize) -> Conv3x3Path {
+        let map = crate::cpu_winograd::Map::new(h, w, 1);
+        if crate::cpu_winograd::worth(self.cin, self.cout, batch, map) {
+            Conv3x3Path::Winograd
+        } else {
+            Conv3x3Path::Direct
+        }
+    }
+
     fn run(&self, x: &Tensor, upsample: bool, path: Conv3x3Path) -> Result<Tensor> {
         let (b, c, sh, sw) = x.dims4()?;
         if c != self.cin {
@@ -168,14 +181,12 @@ impl PackedConv3x3 {
         if out_item == 0 {
             return;
         }
-        let map = crate::cpu_winograd::Map::new(h, w, src.scale);
-        let winograd = match path {
-            Conv3x3Path::Auto => crate::cpu_winograd::worth(self.cin, self.cout, b, map),
-            Conv3x3Path::Direct => false,
-            Conv3x3Path::Winograd => crate::cpu_gemm::available(),
+        let path = match path {
+            Conv3x3Path::Auto => self.auto_path(b, h, w),
+            chosen => chosen,
         };
-        if winograd {
-            self.winograd(x, b, map, out);
+        if path == Conv3x3Path::Winograd && crate::cpu_gemm::available() {
+            self.winograd(x, b, crate::cpu_winograd::Map::new(h, w, src.scale), out);
             return;
         }
         let threads = rayon::current_num_threads();
@@ -738,6 +749,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn auto_path_follows_the_measured_rule() {
+        if !crate::cpu_gemm::available() || std::env::var_os("KANDINSKY_WINOGRAD").is_some() {
+            return;
+        }
+        let wide = PackedConv3x3::new(&random(&[64, 64, 3, 3], 1), None).unwrap();
+        let thin = PackedConv3x3::new(&random(&[64, 4, 3, 3], 2), None).unwrap();
+        // 128 tiles in the batch (2 × 8 × 8) and ≥ 64 channels: Winograd; fewer: direct.
+        assert_eq!(wide.auto_path(2, 16, 16), Conv3x3Path::Winograd);
+        assert_eq!(wide.auto_path(2, 8, 8), Conv3x3Path::Direct);
+        assert_eq!(thin.auto_path(2, 64, 64), Conv3x3Path::Direct);
     }
 
     #[test]

@@ -237,23 +237,20 @@ mod x86 {
 }
 
 /// [`gemm_tiles_raw`] over packed panels (`ldb` 16, `panel_stride` 16·`t.k`) in depth blocks of
-/// [`KC`], so that a panel block stays in L1; `t.accumulate` and `t.scale` are ignored (`C` is
+/// `kc`, so that a panel block stays in L1; `t.accumulate` and `t.scale` are ignored (`C` is
 /// overwritten with the plain product).
 ///
 /// # Safety
 /// As [`gemm_tiles_raw`].
-pub(crate) unsafe fn depth_blocks(a: &[f32], b: &[f32], c: *mut f32, t: Tiles) {
-    let mut k0 = 0;
-    while k0 < t.k {
-        let kc = KC.min(t.k - k0);
+unsafe fn depth_blocks(a: &[f32], b: &[f32], c: *mut f32, t: Tiles, kc: usize) {
+    for k0 in (0..t.k).step_by(kc) {
         let tiles = Tiles {
-            k: kc,
+            k: kc.min(t.k - k0),
             accumulate: k0 > 0,
             scale: 1.0,
             ..t
         };
         gemm_tiles_raw(&a[k0..], &b[k0 * t.ldb..], c, tiles);
-        k0 += kc;
     }
 }
 
@@ -271,27 +268,23 @@ pub(crate) fn packed_product(a: &[f32], b: &[f32], c: &mut [f32], t: Tiles) {
     assert!(t.lda >= k && a.len() >= (m - 1) * t.lda + k && b.len() >= panels * PANEL * k);
     let kc = k.div_ceil(k.div_ceil(PRODUCT_KC));
     for r0 in (0..m).step_by(MC) {
-        for k0 in (0..k).step_by(kc) {
-            let tiles = Tiles {
-                rows: MC.min(m - r0),
-                k: kc.min(k - k0),
-                ldb: PANEL,
-                panel_stride: PANEL * k,
-                accumulate: k0 > 0,
-                scale: 1.0,
-                ..t
-            };
-            // SAFETY: rows r0.. of `c` × every panel lie inside `c` (asserted above); `c` is
-            // borrowed mutably, so nothing else touches it.
-            unsafe {
-                gemm_tiles_raw(
-                    &a[r0 * t.lda + k0..],
-                    &b[k0 * PANEL..],
-                    c.as_mut_ptr().add(r0 * t.ldc),
-                    tiles,
-                )
-            };
-        }
+        let tiles = Tiles {
+            rows: MC.min(m - r0),
+            ldb: PANEL,
+            panel_stride: PANEL * k,
+            ..t
+        };
+        // SAFETY: rows r0.. of `c` × every panel lie inside `c` (asserted above); `c` is
+        // borrowed mutably, so nothing else touches it.
+        unsafe {
+            depth_blocks(
+                &a[r0 * t.lda..],
+                b,
+                c.as_mut_ptr().add(r0 * t.ldc),
+                tiles,
+                kc,
+            )
+        };
     }
 }
 
@@ -456,6 +449,7 @@ impl PackedLinear {
                         accumulate: false,
                         scale: 1.0,
                     },
+                    KC,
                 )
             };
         });

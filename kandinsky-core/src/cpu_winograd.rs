@@ -121,13 +121,8 @@ pub(crate) fn worth(cin: usize, cout: usize, batch: usize, map: Map) -> bool {
         Ok("1") => Some(true),
         _ => None,
     });
-    if let Some(on) = *forced {
-        return on && crate::cpu_gemm::available();
-    }
     crate::cpu_gemm::available()
-        && cin >= 64
-        && cout >= 64
-        && batch * map.th() * map.w.div_ceil(2) >= 128
+        && forced.unwrap_or(cin >= 64 && cout >= 64 && batch * map.th() * map.w.div_ceil(2) >= 128)
 }
 
 /// The transformed weights `U` of a packed weight (`[Cout, 9·Cin]`, taps `(ky, kx)` then

@@ -34,6 +34,26 @@ fn time<T>(reps: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     Ok(ms[ms.len() / 2])
 }
 
+/// The minimum ms of each of `fs` over `reps` runs after one warm-up, the functions taking
+/// turns so that all see the same (shared) machine.
+fn min_ms_alternating<const N: usize>(
+    reps: usize,
+    mut fs: [&mut dyn FnMut() -> Result<Tensor>; N],
+) -> Result<[f64; N]> {
+    for f in fs.iter_mut() {
+        f()?;
+    }
+    let mut best = [f64::MAX; N];
+    for _ in 0..reps {
+        for (b, f) in best.iter_mut().zip(fs.iter_mut()) {
+            let t = Instant::now();
+            f()?;
+            *b = b.min(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(best)
+}
+
 fn row(what: &str, ms: f64) {
     println!("{what:<72} {ms:>9.1} ms");
 }
@@ -431,29 +451,25 @@ fn conv_profile(args: &[String]) -> Result<()> {
         let conv = PackedConv3x3::new(&w, None)?;
         let x = Tensor::randn(0f32, 1.0, (b, cin, side, side), &dev)?;
         let flops = 2.0 * (b * cin * cout * 9 * side * side) as f64;
-        let paths = [Conv3x3Path::Direct, Conv3x3Path::Winograd];
-        let mut best = [f64::MAX; 2];
-        for &p in &paths {
-            conv.forward_with(&x, false, p)?;
-        }
-        for _ in 0..reps {
-            for (i, &p) in paths.iter().enumerate() {
-                let t = Instant::now();
-                conv.forward_with(&x, false, p)?;
-                best[i] = best[i].min(t.elapsed().as_secs_f64() * 1e3);
-            }
-        }
+        let best = min_ms_alternating(
+            reps,
+            [
+                &mut || Ok(conv.forward_with(&x, false, Conv3x3Path::Direct)?),
+                &mut || Ok(conv.forward_with(&x, false, Conv3x3Path::Winograd)?),
+            ],
+        )?;
         let cell = |ms: f64| format!("{ms:.1} ms {:>4.0}", flops / ms / 1e6);
-        let auto = conv.forward_with(&x, false, Conv3x3Path::Auto)?;
-        let wino = conv.forward_with(&x, false, Conv3x3Path::Winograd)?;
-        let same = (auto - wino)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
+        let auto = match conv.auto_path(b, side, side) {
+            Conv3x3Path::Winograd => "wino",
+            _ => "direct",
+        };
         println!(
             "{:<34} {:>16} {:>16} {:>8.2}× {:>6}",
             format!("{b} × {cin} → {cout} @ {side}²"),
             cell(best[0]),
             cell(best[1]),
             best[0] / best[1],
-            if same { "wino" } else { "direct" }
+            auto
         );
     }
     Ok(())
@@ -481,15 +497,13 @@ fn linear_profile(args: &[String]) -> Result<()> {
         let plain = candle_nn::Linear::new(w, Some(b));
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let flops = 2.0 * (m * k * n) as f64;
-        let mut best = [f64::MAX; 2];
-        for _ in 0..=reps {
-            let t = Instant::now();
-            candle_core::Module::forward(&packed, &x)?;
-            best[0] = best[0].min(t.elapsed().as_secs_f64() * 1e3);
-            let t = Instant::now();
-            candle_core::Module::forward(&plain, &x)?;
-            best[1] = best[1].min(t.elapsed().as_secs_f64() * 1e3);
-        }
+        let best = min_ms_alternating(
+            reps,
+            [
+                &mut || Ok(candle_core::Module::forward(&packed, &x)?),
+                &mut || Ok(candle_core::Module::forward(&plain, &x)?),
+            ],
+        )?;
         row(
             &format!(
                 "{m} × {k} → {n}: packed {:.0} GFLOP/s, candle {:.0} GFLOP/s ({:.1} ms)",
