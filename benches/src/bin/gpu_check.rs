@@ -3,7 +3,9 @@
 //! networks with random weights. Prints a table last.
 //!
 //! Build here with the CUDA recipe (`../shared/cuda/README.md`), run on the GPU machine:
-//! `gpu_check [--quick] [--timings-only [--unet-only]] [--kernels-only]`. Without a CUDA
+//! `gpu_check [--quick] [--timings-only [--unet-only]] [--kernels-only]`, or
+//! `gpu_check --profile unet|movq` under `ncu --profile-from-start off` (one 768 px UNet step
+//! or MoVQ decode inside the profiler range, after two warm-up runs). Without a CUDA
 //! device it runs the same on the CPU (slowly; `--kernels-only` then checks the fused CPU
 //! paths against the same references).
 
@@ -581,7 +583,61 @@ fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
     Ok(())
 }
 
+/// Run `f` twice to warm up, then once inside the CUDA profiler range (`cuProfilerStart`/
+/// `Stop`), so `ncu --profile-from-start off` records exactly one run's kernels.
+fn profile_range<F: FnMut() -> Result<()>>(dev: &Device, mut f: F) -> Result<()> {
+    f()?;
+    f()?;
+    sync(dev)?;
+    #[cfg(feature = "cuda")]
+    unsafe {
+        candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStart().result()?;
+    }
+    f()?;
+    sync(dev)?;
+    #[cfg(feature = "cuda")]
+    unsafe {
+        candle_core::cuda_backend::cudarc::driver::sys::cuProfilerStop().result()?;
+    }
+    Ok(())
+}
+
+/// `--profile unet|movq`: one f16 UNet step at 768 px (batch 2) or one MoVQ decode at 768 px.
+fn profile(dev: &Device, what: &str) -> Result<()> {
+    match what {
+        "unet" => {
+            let c: kandinsky_unet::UNet2DConditionConfig = cfg("kandinsky-2-2-decoder__unet.json")?;
+            let unet =
+                kandinsky_unet::UNet2DConditionModel::new(random_var_builder(DType::F16, dev), &c)?;
+            let x = Tensor::randn(0f32, 1.0, (2, 4, 96, 96), dev)?.to_dtype(DType::F16)?;
+            let cond = DenoiserCondition {
+                image_embeds: Some(Tensor::randn(0f32, 1.0, (2, 1280), dev)?.to_dtype(DType::F16)?),
+                ..Default::default()
+            };
+            profile_range(dev, || {
+                unet.predict(&x, &[500.0, 500.0], &cond)?;
+                Ok(())
+            })
+        }
+        "movq" => {
+            let c: kandinsky_movq::VQModelConfig = cfg("kandinsky-2-2-decoder__movq.json")?;
+            let movq = kandinsky_movq::VQModel::new(random_var_builder(DType::F16, dev), &c)?;
+            let z = Tensor::randn(0f32, 1.0, (1, 4, 96, 96), dev)?.to_dtype(DType::F16)?;
+            profile_range(dev, || {
+                movq.decode(&z, true)?;
+                Ok(())
+            })
+        }
+        other => anyhow::bail!("--profile takes unet or movq, not {other:?}"),
+    }
+}
+
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--profile") {
+        let dev = kandinsky_core::device::cuda_device(0)?;
+        return profile(&dev, args.get(i + 1).map(String::as_str).unwrap_or(""));
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let only_timings = std::env::args().any(|a| a == "--timings-only");
     // As `kandinsky_core::device::cuda_device`, but saying what happened to the tuning.
