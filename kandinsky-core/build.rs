@@ -3,7 +3,12 @@
 //! `$CUDA_COMPUTE_CAP` (default 90); see ../shared/cuda/README.md for a toolchain recipe.
 use std::{env, path::PathBuf, process::Command};
 
-const KERNELS: [&str; 3] = ["group_norm", "flash_attention", "flash_attention_mma"];
+const KERNELS: [&str; 4] = [
+    "group_norm",
+    "flash_attention",
+    "flash_attention_mma",
+    "conv",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -20,11 +20,11 @@ const FLASH_MMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attent
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlashKernel {
     /// `flash_attention.cu`: WMMA tiles, scores and output through shared memory (12 TFLOP/s
-    /// at the 48×48 level on an H200; the one the entry point uses).
+    /// at the 48×48 level on an H200; kept for comparison, `KANDINSKY_FLASH=wmma`).
     Wmma,
     /// `flash_attention_mma.cu`: FlashAttention-2 style, mma.sync fragments in registers,
-    /// cp.async double buffering. Not yet run on a GPU: `gpu_check` measures it against the
-    /// f32 reference before the entry point may use it.
+    /// cp.async double buffering (121 TFLOP/s f16, 98 bf16 at the 48×48 level on an H200;
+    /// relative error 3.3e-4 / 2.2e-3 against f32). The one the entry point uses.
     Mma,
 }
 
@@ -462,15 +462,13 @@ impl CustomOp3 for FlashOp {
     }
 }
 
-/// Whether the attention entry point dispatches to [`flash_attention`]: CUDA, f16, head
-/// size 64, one or two key segments, no mask. bf16 is left to the plain path for now: the
-/// first kernel rounded the probabilities to bf16 before P·V and measured 1.2e-2 relative
-/// error at the 12×12 level on an H200 (the bar is 1e-2; f16 measured ≤ 1.6e-3). The bf16
-/// kernel now multiplies V by a two-term split of the probabilities; it joins the dispatch
-/// once `gpu_check` has measured it on a GPU (not yet: no GPU since).
+/// Whether the attention entry point dispatches to [`flash_attention`]: CUDA, f16 or bf16,
+/// head size 64, one or two key segments, no mask. (bf16 joined once both kernels multiplied
+/// V by a two-term split of the probabilities: measured on an H200 at every UNet level,
+/// ≤ 2.2e-3 relative error against f32, bar 1e-2.)
 pub fn flash_covers(q: &Tensor, segments: usize, masked: bool) -> bool {
     q.device().is_cuda()
-        && q.dtype() == DType::F16
+        && matches!(q.dtype(), DType::F16 | DType::BF16)
         && q.dims().len() == 4
         && q.dims()[3] == 64
         && (1..=2).contains(&segments)
@@ -484,7 +482,7 @@ pub fn flash_attention(
     kv: &[(&Tensor, &Tensor)],
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    flash_attention_with(q, kv, scale, FlashKernel::Wmma)
+    flash_attention_with(q, kv, scale, FlashKernel::Mma)
 }
 
 /// [`flash_attention`] with a chosen kernel (for `gpu_check`'s side-by-side checks).
@@ -507,6 +505,254 @@ pub fn flash_attention_with(
             second,
             scale: scale as f32,
             kernel,
+        },
+    )
+}
+
+const CONV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv.ptx"));
+
+/// The shifted-GEMM convolution of [`crate::gpu_conv::ShiftedConv`] (`x`, the weight taps
+/// `[k, Cout, k·Cin]` are the op's inputs; bias and residual ride along).
+struct ShiftedConvOp {
+    k: usize,
+    /// `(top, bottom, left, right)` zero padding.
+    pad: [usize; 4],
+    upsample2x: bool,
+    bias: Option<Tensor>,
+    residual: Option<Tensor>,
+}
+
+/// A contiguous layout's start offset, or a clear error naming `what`.
+fn contiguous_start(l: &Layout, what: &str) -> candle_core::Result<usize> {
+    l.contiguous_offsets().map(|(o, _)| o).ok_or_else(|| {
+        candle_core::Error::Msg(format!("shifted convolution: {what} must be contiguous"))
+    })
+}
+
+/// The contiguous CUDA data of a storage (an optional input of [`ShiftedConvOp`]).
+fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
+    st: &'a candle_core::Storage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<cudarc::driver::CudaView<'a, T>> {
+    let candle_core::Storage::Cuda(cs) = st else {
+        candle_core::bail!("shifted convolution: {what} is not on the GPU");
+    };
+    let o = contiguous_start(l, what)?;
+    Ok(cs.as_cuda_slice::<T>()?.slice(o..))
+}
+
+impl candle_core::CustomOp2 for ShiftedConvOp {
+    fn name(&self) -> &'static str {
+        "kandinsky-shifted-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kandinsky-shifted-conv is a CUDA kernel")
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use cudarc::cublas::sys as cb;
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let (b, c, h, w) = xl.shape().dims4()?;
+        let (k, cout, kc) = wl.shape().dims3()?;
+        if k != self.k || kc != k * c {
+            candle_core::bail!(
+                "shifted convolution: weight taps {:?} do not fit a {}x{} kernel over {c} channels",
+                wl.shape().dims(),
+                self.k,
+                self.k
+            );
+        }
+        let xo = contiguous_start(xl, "the input")?;
+        let wo = contiguous_start(wl, "the weight")?;
+        let [pt, pb, pl, pr] = self.pad;
+        let up = usize::from(self.upsample2x);
+        let (hu, wu) = (h << up, w << up);
+        let (hp, wfull) = (hu + pt + pb, wu + pl + pr);
+        if hp < k || wfull < k {
+            candle_core::bail!("shifted convolution: a {hu}x{wu} map padded by {:?} is smaller than the {k}x{k} kernel", self.pad);
+        }
+        // Row stride and channel stride in multiples of 8 elements: every GEMM view starts
+        // 16-byte aligned (cuBLAS's tensor-core kernels need it to run at full speed).
+        let wp = wfull.div_ceil(8) * 8;
+        let (oh, ow) = (hp + 1 - k, wfull + 1 - k);
+        let (n, s) = (oh * wp, hp * wp);
+        let dev = xs.device().clone();
+        let stream = dev.cuda_stream();
+        let blas = dev.cublas_handle();
+        let residual = match &self.residual {
+            Some(r) => {
+                if r.dims() != [b, cout, oh, ow] {
+                    candle_core::bail!(
+                        "shifted convolution: residual {:?}, output [{b}, {cout}, {oh}, {ow}]",
+                        r.dims()
+                    );
+                }
+                Some(r.storage_and_layout())
+            }
+            None => None,
+        };
+        let bias = self.bias.as_ref().map(|t| t.storage_and_layout());
+        let shift_cfg = LaunchConfig {
+            grid_dim: ((b * k * c) as u32, s.div_ceil(256) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let finish_cfg = LaunchConfig {
+            grid_dim: ((b * cout * oh) as u32, ow.div_ceil(256) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args_i32 = [c, h, w, up, pt, pl, hp, wp].map(|v| v as i32);
+        let (s64, k32) = (s as i64, k as i32);
+        let (cout32, oh32, ow32, wp32) = (cout as i32, oh as i32, ow as i32, wp as i32);
+        macro_rules! launch {
+            ($t:ty, $suf:literal, $cuda_t:expr) => {{
+                let x = xs.as_cuda_slice::<$t>()?.slice(xo..);
+                let mut x3 = unsafe { dev.alloc::<$t>(b * k * c * s)? };
+                let f = dev.get_or_load_custom_func(
+                    concat!("conv_shift_", $suf),
+                    "kandinsky_conv",
+                    CONV_PTX,
+                )?;
+                let mut a = f.builder();
+                a.arg(&x);
+                a.arg(&mut x3);
+                for v in &args_i32 {
+                    a.arg(v);
+                }
+                a.arg(&s64);
+                a.arg(&k32);
+                unsafe { a.launch(shift_cfg) }.w()?;
+                let mut acc = unsafe { dev.alloc::<f32>(b * cout * n)? };
+                {
+                    let wsl = ws.as_cuda_slice::<$t>()?;
+                    let (x3p, _g1) = x3.device_ptr(&stream);
+                    let (wptr, _g2) = wsl.device_ptr(&stream);
+                    let (accp, _g3) = acc.device_ptr_mut(&stream);
+                    let el = std::mem::size_of::<$t>() as u64;
+                    let (one, zero) = (1f32, 0f32);
+                    for dy in 0..k {
+                        // Column-major view: acc (n × Cout) += X3[dy·Wp ..] (n × kC, ld S)
+                        // · taps[dy] (kC × Cout): the row-major [Cout, OH·Wp] map.
+                        let beta: *const f32 = if dy == 0 { &zero } else { &one };
+                        unsafe {
+                            cudarc::cublas::result::gemm_strided_batched_ex(
+                                *blas.handle(),
+                                cb::cublasOperation_t::CUBLAS_OP_N,
+                                cb::cublasOperation_t::CUBLAS_OP_N,
+                                n as i32,
+                                cout as i32,
+                                kc as i32,
+                                (&one as *const f32).cast(),
+                                (x3p + (dy * wp) as u64 * el) as *const _,
+                                $cuda_t,
+                                s as i32,
+                                (k * c * s) as i64,
+                                (wptr + (wo + dy * cout * kc) as u64 * el) as *const _,
+                                $cuda_t,
+                                kc as i32,
+                                0,
+                                beta.cast(),
+                                accp as *mut _,
+                                cb::cudaDataType_t::CUDA_R_32F,
+                                n as i32,
+                                (cout * n) as i64,
+                                b as i32,
+                                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                                cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+                            )
+                        }
+                        .map_err(|e| {
+                            candle_core::Error::Msg(format!("shifted convolution: cuBLAS: {e:?}"))
+                        })?;
+                    }
+                }
+                drop(x3);
+                let mut out = unsafe { dev.alloc::<$t>(b * cout * oh * ow)? };
+                // Without a bias or a residual the kernel never reads them: x stands in.
+                let stand_in = xs.as_cuda_slice::<$t>()?.slice(xo..);
+                let bias_v = match &bias {
+                    Some((st, l)) => Some(cuda_view::<$t>(st, l, "the bias")?),
+                    None => None,
+                };
+                let res_v = match &residual {
+                    Some((st, l)) => Some(cuda_view::<$t>(st, l, "the residual")?),
+                    None => None,
+                };
+                let (has_bias, has_res) = (i32::from(bias_v.is_some()), i32::from(res_v.is_some()));
+                let f = dev.get_or_load_custom_func(
+                    concat!("conv_finish_", $suf),
+                    "kandinsky_conv",
+                    CONV_PTX,
+                )?;
+                let mut a = f.builder();
+                a.arg(&acc);
+                a.arg(bias_v.as_ref().unwrap_or(&stand_in));
+                a.arg(res_v.as_ref().unwrap_or(&stand_in));
+                a.arg(&mut out);
+                a.arg(&cout32);
+                a.arg(&oh32);
+                a.arg(&ow32);
+                a.arg(&wp32);
+                a.arg(&has_bias);
+                a.arg(&has_res);
+                unsafe { a.launch(finish_cfg) }.w()?;
+                drop(acc);
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match xs.dtype() {
+            DType::F32 => launch!(f32, "f32", cb::cudaDataType_t::CUDA_R_32F),
+            DType::F16 => launch!(half::f16, "f16", cb::cudaDataType_t::CUDA_R_16F),
+            DType::BF16 => launch!(half::bf16, "bf16", cb::cudaDataType_t::CUDA_R_16BF),
+            dt => candle_core::bail!("shifted convolution: unsupported dtype {dt:?}"),
+        };
+        Ok((out, Shape::from((b, cout, oh, ow))))
+    }
+}
+
+/// `conv2d(pad(upsample2x?(x)), taps) + bias (+ residual)` for a stride-1 `k`×`k` kernel:
+/// see [`crate::gpu_conv`]. `taps` `[k, Cout, k·Cin]` in `x`'s dtype, `bias` `[Cout]`,
+/// `residual` the output's shape.
+pub fn shifted_conv(
+    x: &Tensor,
+    taps: &Tensor,
+    bias: Option<&Tensor>,
+    pad: [usize; 4],
+    upsample2x: bool,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let k = taps.dim(0)?;
+    let taps = taps.to_dtype(x.dtype())?.contiguous()?;
+    let bias = bias
+        .map(|b| b.to_dtype(x.dtype())?.contiguous())
+        .transpose()?;
+    let residual = residual
+        .map(|r| r.to_dtype(x.dtype())?.contiguous())
+        .transpose()?;
+    x.apply_op2_no_bwd(
+        &taps,
+        &ShiftedConvOp {
+            k,
+            pad,
+            upsample2x,
+            bias,
+            residual,
         },
     )
 }

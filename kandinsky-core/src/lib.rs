@@ -24,6 +24,7 @@ pub mod cuda;
 pub mod device;
 pub mod embeddings;
 pub mod error;
+pub mod gpu_conv;
 pub mod loading;
 pub mod manifest;
 pub mod nn;

@@ -18,6 +18,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use kandinsky_core::cpu_conv::PackedConv3x3;
+use kandinsky_core::gpu_conv::ShiftedConv;
 use kandinsky_core::nn::use_fused_kernels;
 use kandinsky_core::Result;
 
@@ -54,8 +55,10 @@ impl Padding {
 /// On the CPU the 3×3 stride-1 padding-1 convolutions (almost all of the decoder's time) keep
 /// their weight pre-arranged from load and run kandinsky-core's [`PackedConv3x3`] (implicit
 /// GEMM over the padded width, memory bounded by bands as well, the 2× upsampling fused);
-/// the rest (1×1, the encoder's stride-2 downsampling, CUDA, or `KANDINSKY_PLAIN_KERNELS=1`
-/// read at load) use the banded im2col path below.
+/// On CUDA, every stride-1 convolution runs kandinsky-core's [`ShiftedConv`] (no im2col
+/// matrix, f32 accumulation, bias, upsampling and a residual add fused). The rest (the
+/// encoder's stride-2 downsampling, 1×1s on the CPU, or `KANDINSKY_PLAIN_KERNELS=1` read at
+/// load) use the banded im2col path below.
 #[derive(Debug, Clone)]
 pub struct Conv2d(ConvKind);
 
@@ -64,6 +67,8 @@ enum ConvKind {
     Banded(BandedConv),
     /// Only the packed copy is kept (the candle weight is dropped after packing).
     Packed3x3(PackedConv3x3),
+    /// Only the rearranged taps are kept.
+    Shifted(ShiftedConv),
 }
 
 impl Conv2d {
@@ -83,10 +88,23 @@ impl Conv2d {
             // f64 stays exact on the banded path; the packed kernel computes in f32.
             && vb.dtype() != DType::F64
             && use_fused_kernels();
+        let shifted =
+            ShiftedConv::covers(vb.device(), (kernel, kernel), stride, 1, 1) && use_fused_kernels();
         let conv = BandedConv::new(in_channels, out_channels, kernel, stride, padding, vb)?;
         // The manifest checks' zero-stride placeholders are not weights: packing would
         // materialise them.
-        if !packable || !conv.weight.is_contiguous() {
+        if !conv.weight.is_contiguous() {
+            return Ok(Self(ConvKind::Banded(conv)));
+        }
+        if shifted {
+            let p = [padding.top, padding.bottom, padding.left, padding.right];
+            return Ok(Self(ConvKind::Shifted(ShiftedConv::new(
+                &conv.weight,
+                Some(&conv.bias),
+                p,
+            )?)));
+        }
+        if !packable {
             return Ok(Self(ConvKind::Banded(conv)));
         }
         let packed = PackedConv3x3::new(&conv.weight, Some(&conv.bias))?;
@@ -98,6 +116,7 @@ impl Conv2d {
         match &self.0 {
             ConvKind::Banded(c) => c.out_channels(),
             ConvKind::Packed3x3(p) => p.out_channels(),
+            ConvKind::Shifted(s) => s.out_channels(),
         }
     }
 
@@ -106,6 +125,20 @@ impl Conv2d {
         match &self.0 {
             ConvKind::Banded(c) => c.forward(x),
             ConvKind::Packed3x3(p) => p.forward(x),
+            ConvKind::Shifted(s) => s.forward(x, false, None),
+        }
+    }
+
+    /// `conv(x) + residual` (one kernel on CUDA). Takes `x` so that elsewhere it is freed
+    /// before the add (one full-size map less at the peak).
+    pub fn forward_add(&self, x: Tensor, residual: &Tensor) -> Result<Tensor> {
+        match &self.0 {
+            ConvKind::Shifted(s) => s.forward(&x, false, Some(residual)),
+            _ => {
+                let y = self.forward(&x)?;
+                drop(x);
+                Ok((residual + y)?)
+            }
         }
     }
 
@@ -115,6 +148,7 @@ impl Conv2d {
         match &self.0 {
             ConvKind::Banded(c) => c.forward_upsample2x(x),
             ConvKind::Packed3x3(p) => p.forward_upsample2x(x),
+            ConvKind::Shifted(s) => s.forward(x, true, None),
         }
     }
 }

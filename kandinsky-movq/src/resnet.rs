@@ -74,11 +74,11 @@ impl ResnetBlock2D {
         let mut h = self.norm1.forward(x, zq, Some(self.act))?;
         h = self.conv1.forward(&h)?;
         h = self.norm2.forward(&h, zq, Some(self.act))?;
-        h = self.conv2.forward(&h)?;
-        // output_scale_factor is 1 in every VQ-VAE block.
-        Ok(match &self.conv_shortcut {
-            Some(c) => (c.forward(x)? + h)?,
-            None => (x + h)?,
-        })
+        // output_scale_factor is 1 in every VQ-VAE block; the residual add rides in conv2
+        // (one kernel on CUDA).
+        match &self.conv_shortcut {
+            Some(c) => self.conv2.forward_add(h, &c.forward(x)?),
+            None => self.conv2.forward_add(h, x),
+        }
     }
 }

@@ -8,6 +8,7 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 use kandinsky_core::cpu_conv::PackedConv3x3;
+use kandinsky_core::gpu_conv::ShiftedConv;
 use kandinsky_core::nn::{use_fused_kernels, Conv2dConfig};
 
 /// True when `x` needs the f32 detour (bf16 on the CPU).
@@ -23,7 +24,10 @@ pub use kandinsky_core::nn::{linear, Linear};
 /// On the CPU, 3×3 stride-1 padding-1 convolutions (all but the shortcuts, the hint block's
 /// downsampling and the 1×1s) keep their weight pre-arranged from load and run
 /// [`PackedConv3x3`]: candle 0.11.1 rebuilds the weight matrix and a full im2col matrix on
-/// every call. `KANDINSKY_PLAIN_KERNELS=1` (read at load) keeps candle's kernel everywhere.
+/// every call. On CUDA, stride-1 convolutions run kandinsky-core's [`ShiftedConv`] (no
+/// im2col matrix, f32 accumulation, the bias, a nearest-2× upsampling of the input and a
+/// residual add fused). `KANDINSKY_PLAIN_KERNELS=1` (read at load) keeps candle's kernel
+/// everywhere.
 #[derive(Debug, Clone)]
 pub struct Conv2d(ConvKind);
 
@@ -32,6 +36,8 @@ enum ConvKind {
     Candle(candle_nn::Conv2d),
     /// Only the packed copy is kept (the candle weight is dropped after packing).
     Packed3x3(PackedConv3x3),
+    /// Only the rearranged taps are kept.
+    Shifted(ShiftedConv),
 }
 
 /// Load `weight [out, in, k, k]`/`bias [out]` of a convolution.
@@ -51,10 +57,26 @@ pub fn conv2d(
         // f64 stays exact in candle; the packed kernel computes in f32.
         && vb.dtype() != DType::F64
         && use_fused_kernels();
+    let shifted = ShiftedConv::covers(
+        vb.device(),
+        (kernel, kernel),
+        cfg.stride,
+        cfg.dilation,
+        cfg.groups,
+    ) && use_fused_kernels();
     let conv = candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?;
     // The manifest checks' zero-stride placeholders are not weights: packing would
     // materialise them (1.2B zeros, 100 s of a test).
-    if !packable || !conv.weight().is_contiguous() {
+    if !conv.weight().is_contiguous() {
+        return Ok(Conv2d(ConvKind::Candle(conv)));
+    }
+    if shifted {
+        let p = cfg.padding;
+        let s = ShiftedConv::new(conv.weight(), conv.bias(), [p, p, p, p])
+            .map_err(candle_core::Error::wrap)?;
+        return Ok(Conv2d(ConvKind::Shifted(s)));
+    }
+    if !packable {
         return Ok(Conv2d(ConvKind::Candle(conv)));
     }
     let packed =
@@ -62,11 +84,42 @@ pub fn conv2d(
     Ok(Conv2d(ConvKind::Packed3x3(packed)))
 }
 
+impl Conv2d {
+    /// `conv(up(x)) + residual`, where `up` is the nearest-2× upsampling when `upsample2x`:
+    /// one kernel on the CUDA path (neither the upsampled map nor the sum before the add is
+    /// materialised), the same ops one after the other elsewhere.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        if let ConvKind::Shifted(s) = &self.0 {
+            return s
+                .forward(x, upsample2x, residual)
+                .map_err(candle_core::Error::wrap);
+        }
+        let y = if upsample2x {
+            let (_, _, h, w) = x.dims4()?;
+            self.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?
+        } else {
+            self.forward(x)?
+        };
+        match residual {
+            Some(r) => r + y,
+            None => Ok(y),
+        }
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let conv = match &self.0 {
             // Computes in f32 and returns x's dtype (errors off the CPU).
             ConvKind::Packed3x3(p) => return p.forward(x).map_err(candle_core::Error::wrap),
+            ConvKind::Shifted(s) => {
+                return s.forward(x, false, None).map_err(candle_core::Error::wrap)
+            }
             ConvKind::Candle(c) => c,
         };
         if !needs_f32(x) {

@@ -111,9 +111,12 @@ impl ResnetBlock2D {
             Activation::Silu => self.norm1.forward_silu(x)?,
             _ => act.apply(&self.norm1.forward(x)?)?,
         };
-        let h = self.resample.apply(&h)?;
         let residual = self.resample.apply(x)?;
-        let h = self.conv1.forward(&h)?;
+        // The 2× upsampling of the main branch rides in the convolution (folded on CUDA).
+        let h = match self.resample {
+            Resample::Up => self.conv1.forward_fused(&h, true, None)?,
+            _ => self.conv1.forward(&self.resample.apply(&h)?)?,
+        };
 
         let temb = if self.settings.skip_time_act {
             temb.clone()
@@ -136,13 +139,12 @@ impl ResnetBlock2D {
             Activation::Silu => self.norm2.forward_modulated(&h, modulation, true)?,
             _ => act.apply(&self.norm2.forward_modulated(&h, modulation, false)?)?,
         };
-        let h = self.conv2.forward(&h)?;
-
         let residual = match &self.conv_shortcut {
             Some(conv) => conv.forward(&residual)?,
             None => residual,
         };
-        let out = (residual + h)?;
+        // The residual add rides in conv2 (one kernel on CUDA).
+        let out = self.conv2.forward_fused(&h, false, Some(&residual))?;
         Ok(if self.settings.output_scale_factor == 1.0 {
             out
         } else {

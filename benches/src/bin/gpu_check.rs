@@ -311,6 +311,101 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             }
         }
     }
+    // The shifted-GEMM convolution against candle's conv2d computed in f32 on the same
+    // rounded inputs: the UNet's and MoVQ's 768 px shapes (3×3, 1×1, the input and output
+    // convolutions, the folded upsampling, the fused residual).
+    for (cin, cout, k, s, batch, up, res) in [
+        (384usize, 384usize, 3usize, 96usize, 2usize, false, true),
+        (768, 768, 3, 48, 2, false, false),
+        (3072, 1536, 3, 12, 2, false, true),
+        (1536, 1536, 3, 24, 2, true, false),
+        (4, 384, 3, 96, 2, false, false),
+        (384, 8, 3, 96, 2, false, false),
+        (768, 384, 1, 48, 2, false, false),
+        (128, 128, 3, 384, 1, true, false),
+        (128, 3, 3, 768, 1, false, false),
+    ] {
+        let w32 =
+            (Tensor::randn(0f32, 1.0, (cout, cin, k, k), dev)? / ((cin * k * k) as f64).sqrt())?;
+        let b32 = Tensor::randn(0f32, 1.0, cout, dev)?;
+        let x32 = Tensor::randn(0f32, 1.0, (batch, cin, s, s), dev)?;
+        let os = if up { 2 * s } else { s };
+        let r32 = Tensor::randn(0f32, 1.0, (batch, cout, os, os), dev)?;
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let (w, b, x, r) = (
+                w32.to_dtype(dt)?,
+                b32.to_dtype(dt)?,
+                x32.to_dtype(dt)?,
+                r32.to_dtype(dt)?,
+            );
+            let p = k / 2;
+            let conv = kandinsky_core::gpu_conv::ShiftedConv::new(&w, Some(&b), [p, p, p, p])?;
+            let res = if res { Some(&r) } else { None };
+            let checked = conv
+                .forward(&x, up, res)
+                .map_err(anyhow::Error::from)
+                .and_then(|got| {
+                    let up32 = |t: &Tensor| t.to_dtype(DType::F32);
+                    let xin = if up {
+                        up32(&x)?.upsample_nearest2d(os, os)?
+                    } else {
+                        up32(&x)?
+                    };
+                    let mut reference = xin
+                        .conv2d(&up32(&w)?, p, 1, 1, 1)?
+                        .broadcast_add(&up32(&b)?.reshape((1, cout, 1, 1))?)?;
+                    if let Some(r) = res {
+                        reference = (reference + up32(r)?)?;
+                    }
+                    let d = diff(&got, &reference)?;
+                    let ms = time(dev, 2, 10, || {
+                        conv.forward(&x, up, res)?;
+                        Ok(())
+                    })?;
+                    Ok((d, ms))
+                });
+            let ms_candle = time(dev, 1, 5, || {
+                let xin = if up {
+                    x.upsample_nearest2d(os, os)?
+                } else {
+                    x.clone()
+                };
+                let y = xin
+                    .conv2d(&w, p, 1, 1, 1)?
+                    .broadcast_add(&b.reshape((1, cout, 1, 1))?)?;
+                if let Some(r) = res {
+                    (y + r)?;
+                }
+                Ok(())
+            })?;
+            let tol = match dt {
+                DType::F32 => 1e-4,
+                DType::F16 => 5e-3,
+                _ => 1e-2,
+            };
+            let flops = 2.0 * (batch * os * os) as f64 * (cout * cin * k * k) as f64;
+            let (value, ok) = match checked {
+                Ok((d, ms)) => (
+                    format!(
+                        "{:.1e} / {ms:.3} ({:.0} TFLOP/s) / {ms_candle:.3}",
+                        d.rel,
+                        flops / ms / 1e9
+                    ),
+                    d.rel <= tol && !d.rel.is_nan(),
+                ),
+                Err(e) => (format!("ERROR {e:#}"), false),
+            };
+            rows.push(Row {
+                what: format!(
+                    "conv {cin}->{cout} k{k} {s}x{s}{} b{batch}{} {dt:?}: rel err / ms / candle ms",
+                    if up { " up2x" } else { "" },
+                    if res.is_some() { " +res" } else { "" }
+                ),
+                value,
+                ok: Some(ok),
+            });
+        }
+    }
     // The attention entry point at the UNet's shapes (latent 96: levels 48/24/12).
     for (level, heads) in [(48usize, 12usize), (24, 18), (12, 24)] {
         for dt in [DType::F16, DType::BF16] {

@@ -1,0 +1,219 @@
+//! Stride-1 convolutions on CUDA without an im2col matrix.
+//!
+//! candle 0.11.1's CUDA convolution builds a `k²·C`-row im2col matrix with a kernel that
+//! took 45 % of a 768 px UNet step's GPU time and 64 % of a MoVQ decode's on an H200 (ncu,
+//! benches/RESULTS.md, GPU run 5), then multiplies and transposes the result from NHWC.
+//! [`ShiftedConv`] writes `k` copies of the zero-padded input instead, each shifted by one
+//! column (`dx`) and flattened with a row stride `Wp`; row `dy` of the kernel is then one
+//! cuBLAS GEMM of the `[Cout, k·C]` weight slice with the copies read from offset `dy·Wp`,
+//! and the `k` GEMMs accumulate in f32 (as cuDNN does). Output columns past the map's width
+//! read across a row end and are cropped by the last kernel, which also adds the bias (and
+//! optionally a residual) and rounds once. No NHWC transpose, `k`× the input in scratch
+//! instead of `k²`×, the nearest-2× upsampling of the decoder's up blocks folded into the copy.
+
+use candle_core::Tensor;
+
+use crate::{Error, Result};
+
+/// Zero padding `(top, bottom, left, right)`.
+pub type Padding4 = [usize; 4];
+
+/// A stride-1, dilation-1, ungrouped `k`×`k` convolution kept in the layout the CUDA kernel
+/// reads (weight taps `[k, Cout, k·Cin]`, arranged once at load).
+#[derive(Debug, Clone)]
+pub struct ShiftedConv {
+    taps: Tensor,
+    bias: Option<Tensor>,
+    padding: Padding4,
+}
+
+impl ShiftedConv {
+    /// Whether a convolution with these parameters can run here (CUDA only).
+    pub fn covers(
+        device: &candle_core::Device,
+        kernel: (usize, usize),
+        stride: usize,
+        dilation: usize,
+        groups: usize,
+    ) -> bool {
+        cfg!(feature = "cuda")
+            && device.is_cuda()
+            && kernel.0 == kernel.1
+            && stride == 1
+            && dilation == 1
+            && groups == 1
+    }
+
+    /// Arrange `weight` `[Cout, Cin, k, k]` (and keep `bias` `[Cout]`) for the kernel.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>, padding: Padding4) -> Result<Self> {
+        let (_, _, kh, kw) = weight.dims4()?;
+        if kh != kw {
+            return Err(Error::invalid(format!(
+                "shifted convolution: {kh}x{kw} kernel, only square kernels are supported"
+            )));
+        }
+        // (dy, co, dx, ci): row dy of the kernel is one [Cout, k·Cin] matrix.
+        let taps = weight.permute((2, 0, 3, 1))?.contiguous()?;
+        let (k, cout, _, cin) = taps.dims4()?;
+        Ok(Self {
+            taps: taps.reshape((k, cout, k * cin))?,
+            bias: bias.cloned(),
+            padding,
+        })
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.taps.dims()[1]
+    }
+
+    /// `conv(pad(x)) + bias`, or with `upsample2x` `conv(pad(nearest_2x(x))) + bias`
+    /// (the upsampled map is never materialised), plus `residual` where given (same shape
+    /// as the output). `x` `[B, Cin, H, W]` on a CUDA device.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return Ok(crate::cuda::shifted_conv(
+                x,
+                &self.taps,
+                self.bias.as_ref(),
+                self.padding,
+                upsample2x,
+                residual,
+            )?);
+        }
+        self.forward_reference(x, upsample2x, residual)
+    }
+
+    /// The same decomposition in candle ops (any device): the shifted, flattened copies,
+    /// one matrix product per kernel row, the crop. What the CUDA kernels compute, kept as the
+    /// reference the unit tests hold against candle's `conv2d`.
+    pub fn forward_reference(
+        &self,
+        x: &Tensor,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (k, cout, _) = self.taps.dims3()?;
+        let [pt, pb, pl, pr] = self.padding;
+        let x = if upsample2x {
+            x.upsample_nearest2d(2 * h, 2 * w)?
+        } else {
+            x.clone()
+        };
+        let (hu, wu) = (x.dim(2)?, x.dim(3)?);
+        let (hp, wfull) = (hu + pt + pb, wu + pl + pr);
+        if hp < k || wfull < k {
+            return Err(Error::invalid(format!(
+                "shifted convolution: a {hu}x{wu} map padded by {:?} is smaller than the \
+                 {k}x{k} kernel",
+                self.padding
+            )));
+        }
+        let wp = wfull.div_ceil(8) * 8;
+        let (oh, ow, s) = (hp + 1 - k, wfull + 1 - k, hp * wp);
+        let n = oh * wp;
+        let flat = x
+            .pad_with_zeros(2, pt, pb)?
+            .pad_with_zeros(3, pl, pr + wp - wfull)?
+            .reshape((b, c, s))?;
+        // Copy dx: the flattened map shifted left by dx, zeros past its end.
+        let copies = (0..k)
+            .map(|dx| flat.narrow(2, dx, s - dx)?.pad_with_zeros(2, 0, dx))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let x3 = Tensor::cat(&copies, 1)?;
+        let taps = self.taps.to_dtype(x.dtype())?;
+        let mut acc: Option<Tensor> = None;
+        for dy in 0..k {
+            let wd = taps.get(dy)?.unsqueeze(0)?.broadcast_as((b, cout, k * c))?;
+            let term = wd
+                .contiguous()?
+                .matmul(&x3.narrow(2, dy * wp, n)?.contiguous()?)?;
+            acc = Some(match acc {
+                Some(a) => (a + term)?,
+                None => term,
+            });
+        }
+        let Some(acc) = acc else {
+            return Err(Error::invalid("shifted convolution: empty kernel"));
+        };
+        let mut y = acc.reshape((b, cout, oh, wp))?.narrow(3, 0, ow)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(&bias.to_dtype(y.dtype())?.reshape((1, cout, 1, 1))?)?;
+        }
+        if let Some(r) = residual {
+            y = (y + r)?;
+        }
+        Ok(y.contiguous()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// The decomposition equals candle's convolution: odd sizes (the row stride rounded up
+    /// to 8 leaves columns to crop), 1×1 and 3×3 kernels, asymmetric padding, the folded
+    /// upsampling and the residual.
+    #[test]
+    fn shifted_decomposition_equals_candle_conv2d() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        for (cin, cout, k, h, w, pad, up) in [
+            (
+                5usize,
+                7usize,
+                3usize,
+                9usize,
+                11usize,
+                [1usize, 1, 1, 1],
+                false,
+            ),
+            (4, 6, 3, 6, 5, [1, 1, 1, 1], true),
+            (3, 8, 1, 7, 13, [0, 0, 0, 0], false),
+            (6, 4, 3, 8, 8, [0, 1, 0, 1], false),
+            (2, 3, 5, 12, 10, [2, 2, 2, 2], false),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, cin, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?;
+            let bias = Tensor::randn(0f32, 1.0, cout, &dev)?;
+            let conv = ShiftedConv::new(&wt, Some(&bias), pad)?;
+            let xin = if up {
+                x.upsample_nearest2d(2 * h, 2 * w)?
+            } else {
+                x.clone()
+            };
+            let expected = xin
+                .pad_with_zeros(2, pad[0], pad[1])?
+                .pad_with_zeros(3, pad[2], pad[3])?
+                .conv2d(&wt, 0, 1, 1, 1)?
+                .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
+            let residual = Tensor::randn(0f32, 1.0, expected.dims(), &dev)?;
+            let got = conv.forward(&x, up, Some(&residual))?;
+            let expected = (expected + &residual)?;
+            assert_eq!(got.dims(), expected.dims());
+            let err = (&got - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
+            // f32 sums in another order: a few ulps of the largest value.
+            assert!(
+                err <= 1e-5 * scale,
+                "k {k} pad {pad:?} up {up}: {err} of {scale}"
+            );
+            assert_eq!(got.dtype(), DType::F32);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn non_square_kernels_are_refused() {
+        let wt = Tensor::zeros((2, 2, 3, 1), DType::F32, &Device::Cpu).unwrap();
+        let e = ShiftedConv::new(&wt, None, [1, 1, 0, 0]).unwrap_err();
+        assert!(e.to_string().contains("3x1"), "{e}");
+    }
+}
