@@ -22,48 +22,64 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
 
-// Grid: x = one (b, dx, c) row of X3 (B·k·C rows), y = chunks of 256 positions of S.
-// x: contiguous [B, C, H, W]; the padded map is [Hp, Wp] with the (upsampled) input at
-// rows [pt, pt + H << up), columns [pl, pl + W << up).
+// Eight consecutive elements: one 16-byte store for 2-byte types (two for f32).
+template <typename T> struct alignas(16) Vec8 { T v[8]; };
+
+// Grid: x = one (b, dx, c) row of X3 (B·k·C rows), y = chunks of 8·blockDim positions of S;
+// each thread writes 8 consecutive positions (S is a multiple of 8). x: contiguous
+// [B, C, H, W]; the padded map is [Hp, Wp] with the (upsampled) input at rows
+// [pt, pt + H << up), columns [pl, pl + W << up). 32-bit index arithmetic (one map of one
+// channel stays far below 2^31 elements), the divisions once per thread.
 template <typename T>
 __device__ void conv_shift(const T *__restrict__ x, T *__restrict__ x3, int C, int H, int W,
                            int up, int pt, int pl, int Hp, int Wp, long long S, int k) {
-  const long long row = blockIdx.x;  // (b·k + dx)·C + c
-  const int c = (int)(row % C);
-  const long long bdx = row / C;
-  const int dx = (int)(bdx % k);
-  const long long b = bdx / k;
-  const long long i = (long long)blockIdx.y * blockDim.x + threadIdx.x;
-  if (i >= S) return;
-  const long long p = i + dx;  // position in the flattened padded map
-  T out = from_f<T>(0.f);
-  const long long r = p / Wp;
-  if (r < Hp) {
-    const int yy = (int)r - pt, xx = (int)(p - r * Wp) - pl;
-    const int hu = H << up, wu = W << up;
-    if (yy >= 0 && yy < hu && xx >= 0 && xx < wu) {
-      out = x[((b * C + c) * H + (yy >> up)) * W + (xx >> up)];
+  const int row = blockIdx.x;  // (b·k + dx)·C + c
+  const int c = row % C, bdx = row / C, dx = bdx % k, b = bdx / k;
+  const int i0 = 8 * (blockIdx.y * blockDim.x + threadIdx.x);
+  if (i0 >= S) return;
+  const T *xc = x + ((long long)b * C + c) * H * W;
+  const int hu = H << up, wu = W << up;
+  const int p = i0 + dx;
+  int r = p / Wp, col = p - r * Wp;
+  Vec8<T> out;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const int yy = r - pt, xx = col - pl;
+    out.v[e] = (r < Hp && yy >= 0 && yy < hu && xx >= 0 && xx < wu)
+                   ? xc[(yy >> up) * W + (xx >> up)]
+                   : from_f<T>(0.f);
+    if (++col == Wp) {
+      col = 0;
+      ++r;
     }
   }
-  x3[row * S + i] = out;
+  *reinterpret_cast<Vec8<T> *>(x3 + (long long)row * S + i0) = out;
 }
 
-// Grid: x = one (b, co, y) output row (B·Cout·OH rows), y = chunks of 256 columns of OW.
+// Block (tx, ty): ty output rows (b, co, y) of OW columns, each thread 4 consecutive columns
+// (one aligned float4 of the accumulator: rows start at multiples of Wp, a multiple of 8).
 template <typename T>
 __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__ bias,
-                            const T *__restrict__ res, T *__restrict__ out, int Cout, int OH,
-                            int OW, int Wp, int has_bias, int has_res) {
-  const long long row = blockIdx.x;  // (b·Cout + co)·OH + y
-  const int x = blockIdx.y * blockDim.x + threadIdx.x;
-  if (x >= OW) return;
-  const int y = (int)(row % OH);
-  const long long bco = row / OH;
-  const int co = (int)(bco % Cout);
-  float v = acc[(bco * OH + y) * (long long)Wp + x];
-  if (has_bias) v += to_f<T>(bias[co]);
-  const long long o = row * OW + x;
-  if (has_res) v += to_f<T>(res[o]);
-  out[o] = from_f<T>(v);
+                            const T *__restrict__ res, T *__restrict__ out, int rows, int Cout,
+                            int OH, int OW, int Wp, int has_bias, int has_res) {
+  const int row = blockIdx.x * blockDim.y + threadIdx.y;  // (b·Cout + co)·OH + y
+  if (row >= rows) return;
+  const int co = (row / OH) % Cout;
+  const float bv = has_bias ? to_f<T>(bias[co]) : 0.f;
+  const float *a = acc + (long long)row * Wp;
+  const long long o = (long long)row * OW;
+  for (int x = 4 * threadIdx.x; x < OW; x += 4 * blockDim.x) {
+    const float4 v = *reinterpret_cast<const float4 *>(a + x);
+    const float vs[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (x + e < OW) {
+        float r = vs[e] + bv;
+        if (has_res) r += to_f<T>(res[o + x + e]);
+        out[o + x + e] = from_f<T>(r);
+      }
+    }
+  }
 }
 
 #define CONV_KERNELS(T, SUF)                                                                 \
@@ -73,9 +89,9 @@ __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__
     conv_shift<T>(x, x3, C, H, W, up, pt, pl, Hp, Wp, S, k);                                 \
   }                                                                                          \
   extern "C" __global__ void conv_finish_##SUF(const float *acc, const T *bias, const T *res, \
-                                                T *out, int Cout, int OH, int OW, int Wp,     \
-                                                int has_bias, int has_res) {                  \
-    conv_finish<T>(acc, bias, res, out, Cout, OH, OW, Wp, has_bias, has_res);                \
+                                                T *out, int rows, int Cout, int OH, int OW,   \
+                                                int Wp, int has_bias, int has_res) {          \
+    conv_finish<T>(acc, bias, res, out, rows, Cout, OH, OW, Wp, has_bias, has_res);          \
   }
 
 CONV_KERNELS(float, f32)

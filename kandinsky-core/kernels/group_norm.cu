@@ -68,13 +68,14 @@ __device__ void stats(const T* __restrict__ x, float* __restrict__ partial, long
                       long long chunk, int splits) {
   const int gs = blockIdx.x / splits, split = blockIdx.x % splits;
   const T* xg = x + (long long)gs * group_elems;
-  long long lo = (long long)split * chunk, hi = min(lo + chunk, group_elems);
+  // One group's elements stay below 2^31 (checked by the launcher): 32-bit indices.
+  const int lo = (int)((long long)split * chunk), hi = (int)min((long long)lo + chunk, group_elems);
   Welford w{0.f, 0.f, 0.f};
-  for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+  for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
     float v = to_f(xg[i]);
     w.n += 1.f;
     float d = v - w.mean;
-    w.mean += d / w.n;
+    w.mean += d * __frcp_rn(w.n);
     w.m2 += d * (v - w.mean);
   }
   w = block_merge(w);
@@ -109,14 +110,17 @@ __device__ void apply(const T* __restrict__ x, const T* __restrict__ gamma, cons
   // kind 2 geometry: the map is hw / width rows of `width` pixels.
   const int fy = mkind == 2 ? (int)(hw / width) / mh : 1, fx = mkind == 2 ? width / mw : 1;
   const long long base = (long long)gs * group_elems;
-  long long lo = (long long)split * chunk, hi = min(lo + chunk, group_elems);
-  for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-    const int c = g * cpg + (int)(i / hw);
+  // 32-bit indices and divisions (a group stays below 2^31 elements, checked by the launcher):
+  // 64-bit divisions per element made this kernel several times slower than its traffic.
+  const int lo = (int)((long long)split * chunk), hi = (int)min((long long)lo + chunk, group_elems);
+  const int hw32 = (int)hw;
+  for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    const int cl = i / hw32, c = g * cpg + cl;
     float v = (to_f(x[base + i]) - mean) * rstd * to_f(gamma[c]) + to_f(beta[c]);
     if (mkind == 1) {
       v = v * (1.f + to_f(mscale[b * scale_sb + c * scale_sc])) + to_f(mshift[b * shift_sb + c * shift_sc]);
     } else if (mkind == 2) {
-      const int pix = (int)(i % hw), row = pix / width, col = pix % width;
+      const int pix = i - cl * hw32, row = pix / width, col = pix - row * width;
       const long long m = (((long long)b * channels + c) * mh + row / fy) * mw + col / fx;
       v = v * to_f(mscale[m]) + to_f(mshift[m]);
     }

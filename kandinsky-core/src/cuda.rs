@@ -93,6 +93,11 @@ impl CustomOp3 for GroupNormOp {
         let g = self.groups;
         let cpg = c / g;
         let group_elems = cpg * hw;
+        if group_elems > i32::MAX as usize {
+            candle_core::bail!(
+                "group-norm kernel: {group_elems} elements per group, at most 2^31 - 1"
+            );
+        }
         // Enough blocks to fill the GPU (~4 waves on 132 SMs), at least 4096 elements each.
         let splits = (528usize.div_ceil(b * g)).clamp(1, group_elems.div_ceil(4096).max(1));
         let chunk = group_elems.div_ceil(splits);
@@ -590,6 +595,15 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
         let wp = wfull.div_ceil(8) * 8;
         let (oh, ow) = (hp + 1 - k, wfull + 1 - k);
         let (n, s) = (oh * wp, hp * wp);
+        // The kernels index one channel's map, the output rows and the GEMM sizes in 32 bits.
+        if [b * k * c, b * cout * oh, s, n]
+            .iter()
+            .any(|&v| v > i32::MAX as usize)
+        {
+            candle_core::bail!(
+                "shifted convolution: a {hu}x{wu} map of {c} channels is too large for 32-bit indices"
+            );
+        }
         let dev = xs.device().clone();
         let stream = dev.cuda_stream();
         let blas = dev.cublas_handle();
@@ -606,19 +620,26 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
             None => None,
         };
         let bias = self.bias.as_ref().map(|t| t.storage_and_layout());
+        // conv_shift: one block row per (b, dx, c), 8 positions per thread.
         let shift_cfg = LaunchConfig {
-            grid_dim: ((b * k * c) as u32, s.div_ceil(256) as u32, 1),
+            grid_dim: ((b * k * c) as u32, s.div_ceil(8 * 256) as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        // conv_finish: 4 columns per thread, as many output rows per block as fit in 256
+        // threads (the 12×12 maps would leave most of a one-row block idle).
+        let rows = b * cout * oh;
+        let tx = ow.div_ceil(4).div_ceil(32).clamp(1, 8) * 32;
+        let ty = 256 / tx;
         let finish_cfg = LaunchConfig {
-            grid_dim: ((b * cout * oh) as u32, ow.div_ceil(256) as u32, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (rows.div_ceil(ty) as u32, 1, 1),
+            block_dim: (tx as u32, ty as u32, 1),
             shared_mem_bytes: 0,
         };
         let args_i32 = [c, h, w, up, pt, pl, hp, wp].map(|v| v as i32);
         let (s64, k32) = (s as i64, k as i32);
-        let (cout32, oh32, ow32, wp32) = (cout as i32, oh as i32, ow as i32, wp as i32);
+        let (rows32, cout32, oh32, ow32, wp32) =
+            (rows as i32, cout as i32, oh as i32, ow as i32, wp as i32);
         macro_rules! launch {
             ($t:ty, $suf:literal, $cuda_t:expr) => {{
                 let x = xs.as_cuda_slice::<$t>()?.slice(xo..);
@@ -704,6 +725,7 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 a.arg(bias_v.as_ref().unwrap_or(&stand_in));
                 a.arg(res_v.as_ref().unwrap_or(&stand_in));
                 a.arg(&mut out);
+                a.arg(&rows32);
                 a.arg(&cout32);
                 a.arg(&oh32);
                 a.arg(&ow32);
