@@ -100,7 +100,14 @@ impl CustomOp3 for GroupNormOp {
         }
         // Enough blocks to fill the GPU (~4 waves on 132 SMs), at least 4096 elements each.
         let splits = (528usize.div_ceil(b * g)).clamp(1, group_elems.div_ceil(4096).max(1));
-        let chunk = group_elems.div_ceil(splits);
+        // Maps of a multiple of 8 pixels take the kernels' 8-wide path: chunks in multiples
+        // of 8 too (a last split may then be empty, which the merge skips).
+        let vec8 = i32::from(hw % 8 == 0);
+        let chunk = if vec8 == 1 {
+            group_elems.div_ceil(splits).div_ceil(8) * 8
+        } else {
+            group_elems.div_ceil(splits)
+        };
         let nblocks = b * g * splits;
         let dev = xs.device().clone();
         let partial = dev.alloc_zeros::<f32>(3 * nblocks)?;
@@ -174,6 +181,7 @@ impl CustomOp3 for GroupNormOp {
                 s.arg(&ge);
                 s.arg(&ch);
                 s.arg(&sp);
+                s.arg(&vec8);
                 unsafe { s.launch(cfg) }.w()?;
                 let out = unsafe { dev.alloc::<$t>(b * c * hw)? };
                 let apply = dev.get_or_load_custom_func(
@@ -205,6 +213,7 @@ impl CustomOp3 for GroupNormOp {
                 a.arg(&mh);
                 a.arg(&mw);
                 a.arg(&width);
+                a.arg(&vec8);
                 unsafe { a.launch(cfg) }.w()?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};

@@ -5,7 +5,7 @@
 #   1. gpu_check: tiny-fixture parity on CUDA, every kernel against candle's plain path,
 #      timings with peak pool memory;
 #   2. ncu: the GPU time of every kernel of one 768 px UNet step and one MoVQ decode;
-#   3. the UNet timings with candle's own kernels (KANDINSKY_PLAIN_KERNELS=1): the A/B;
+#   3. unless PLAIN=0, the UNet timings with candle's own kernels (KANDINSKY_PLAIN_KERNELS=1);
 #   4. with DIFFUSERS=1, diffusers/PyTorch on the same card (fp16), from the carried wheels.
 set -uo pipefail
 # Every part's timeout is cut to what is left of DEADLINE seconds (the device call's limit
@@ -31,9 +31,11 @@ for w in unet movq; do
         >"$OUT/ncu-$w.csv" 2>"$OUT/ncu-$w.err"; echo "ncu $w exit $?"
     python3 xtask/gpu/ncu_summary.py "$OUT/ncu-$w.csv" 16 2>&1 | tee "$OUT/ncu-$w.txt"
 done
-echo "== 3. UNet with candle's own kernels (KANDINSKY_PLAIN_KERNELS=1)"
-KANDINSKY_PLAIN_KERNELS=1 timeout $(t 70) $BIN/gpu_check --timings-only --unet-only --quick 2>&1 \
-    | tee "$OUT/rust-plain.log" | grep -E '^(unet|timings)'
+if [ "${PLAIN:-1}" = 1 ]; then
+    echo "== 3. UNet with candle's own kernels (KANDINSKY_PLAIN_KERNELS=1)"
+    KANDINSKY_PLAIN_KERNELS=1 timeout $(t 70) $BIN/gpu_check --timings-only --unet-only --quick 2>&1 \
+        | tee "$OUT/rust-plain.log" | grep -E '^(unet|timings)'
+fi
 if [ "${DIFFUSERS:-0}" = 1 ]; then
     echo "== 4. diffusers"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1

@@ -217,6 +217,8 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
         (1536, 12, None),
         (3072, 12, None),
         (128, 256, Some(32)),
+        // 15×15: not a multiple of 8 pixels, the kernels' scalar path.
+        (384, 15, Some(5)),
     ] {
         let gn_w = (Tensor::randn(0f32, 0.1, c, dev)? + 1.0)?;
         let gn_b = Tensor::randn(0f32, 0.1, c, dev)?;
