@@ -3,11 +3,12 @@
 //! `$CUDA_COMPUTE_CAP` (default 90); see ../shared/cuda/README.md for a toolchain recipe.
 use std::{env, path::PathBuf, process::Command};
 
-const KERNELS: [&str; 4] = [
+const KERNELS: [&str; 5] = [
     "group_norm",
     "flash_attention",
     "flash_attention_mma",
     "conv",
+    "softmax",
 ];
 
 fn main() {

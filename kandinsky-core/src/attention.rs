@@ -156,7 +156,8 @@ fn concat_segments(kv: &[KvSegment<'_>]) -> Result<(Tensor, Tensor)> {
     Ok((Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?))
 }
 
-/// The reference path: full scores, f32 softmax.
+/// The reference path: full scores, softmax in f32 (on CUDA without a mask one fused kernel
+/// for the scale and the softmax, [`crate::cuda::softmax_scaled`]).
 pub fn plain(
     q: &Tensor,
     k: &Tensor,
@@ -167,6 +168,13 @@ pub fn plain(
     let dtype = q.dtype();
     let q = q.contiguous()?;
     let kt = k.transpose(2, 3)?.contiguous()?;
+    // On CUDA without a mask, one kernel scales, exponentiates in f32 and normalises the
+    // scores (candle's ops: a scale pass, an upcast, an f32 softmax and a downcast).
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() && mask.is_none() && crate::nn::use_fused_kernels() {
+        let probs = crate::cuda::softmax_scaled(&q.matmul(&kt)?, scale)?;
+        return Ok(probs.matmul(&v.contiguous()?)?);
+    }
     let scores = (q.matmul(&kt)? * scale)?;
     let scores = if dtype == DType::F32 {
         scores

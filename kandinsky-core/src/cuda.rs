@@ -787,3 +787,198 @@ pub fn shifted_conv(
         },
     )
 }
+
+const SOFTMAX_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
+
+/// `softmax(scale · x)` along the last dimension, in f32 whatever the storage type.
+struct SoftmaxOp {
+    scale: f32,
+}
+
+impl candle_core::CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "kandinsky-softmax"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kandinsky-softmax is a CUDA kernel")
+    }
+
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let xo = contiguous_start(xl, "the softmax input")?;
+        let ncols = xl.shape().dims().last().copied().unwrap_or(1);
+        let numel = xl.shape().elem_count();
+        let rows = numel / ncols.max(1);
+        if ncols == 0 || ncols > i32::MAX as usize || rows > i32::MAX as usize {
+            candle_core::bail!("softmax kernel: {rows} rows of {ncols}, each at most 2^31 - 1");
+        }
+        let dev = xs.device().clone();
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n32 = ncols as i32;
+        macro_rules! launch {
+            ($t:ty, $suf:literal) => {{
+                let x = xs.as_cuda_slice::<$t>()?.slice(xo..);
+                let mut out = unsafe { dev.alloc::<$t>(numel)? };
+                let f = dev.get_or_load_custom_func(
+                    concat!("softmax_rows_", $suf),
+                    "kandinsky_softmax",
+                    SOFTMAX_PTX,
+                )?;
+                let mut a = f.builder();
+                a.arg(&x);
+                a.arg(&mut out);
+                a.arg(&n32);
+                a.arg(&self.scale);
+                unsafe { a.launch(cfg) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match xs.dtype() {
+            DType::F32 => launch!(f32, "f32"),
+            DType::F16 => launch!(half::f16, "f16"),
+            DType::BF16 => launch!(half::bf16, "bf16"),
+            dt => candle_core::bail!("softmax kernel: unsupported dtype {dt:?}"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// `softmax(scale · x)` over the last dimension of a CUDA tensor: exponentials and sums in
+/// f32, one rounding to `x`'s dtype (the plain attention path's scores, unscaled).
+pub fn softmax_scaled(x: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&SoftmaxOp {
+        scale: scale as f32,
+    })
+}
+
+/// One cuBLASLt handle (with its workspace) per CUDA stream, made on first use: candle keeps
+/// only a cuBLAS handle, whose GEMMs cannot add a bias.
+fn blas_lt(
+    dev: &candle_core::CudaDevice,
+) -> candle_core::Result<std::sync::Arc<cudarc::cublaslt::CudaBlasLT>> {
+    use std::sync::{Arc, Mutex, OnceLock};
+    type Handles = Mutex<Vec<(usize, Arc<cudarc::cublaslt::CudaBlasLT>)>>;
+    static HANDLES: OnceLock<Handles> = OnceLock::new();
+    let stream = dev.cuda_stream();
+    let key = stream.cu_stream() as usize;
+    let mut handles = HANDLES
+        .get_or_init(|| Mutex::new(Vec::new()))
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("cuBLASLt handle cache poisoned".into()))?;
+    if let Some((_, h)) = handles.iter().find(|(k, _)| *k == key) {
+        return Ok(h.clone());
+    }
+    let h = Arc::new(
+        cudarc::cublaslt::CudaBlasLT::new(stream)
+            .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt: {e:?}")))?,
+    );
+    handles.push((key, h.clone()));
+    Ok(h)
+}
+
+/// `x·Wᵀ + b` with the bias added in the GEMM's epilogue (f16/bf16, f32 accumulation).
+struct LinearBiasOp;
+
+impl CustomOp3 for LinearBiasOp {
+    fn name(&self) -> &'static str {
+        "kandinsky-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kandinsky-linear-bias is a CUDA kernel")
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use cudarc::cublaslt::{Matmul, MatmulConfig};
+        let xo = contiguous_start(xl, "the linear input")?;
+        let wo = contiguous_start(wl, "the linear weight")?;
+        let bo = contiguous_start(bl, "the linear bias")?;
+        let (n, k) = wl.shape().dims2()?;
+        let dims = xl.shape().dims();
+        if dims.last() != Some(&k) || bl.shape().elem_count() != n {
+            candle_core::bail!(
+                "linear: input {dims:?}, weight [{n}, {k}], bias {:?}",
+                bl.shape().dims()
+            );
+        }
+        let m = xl.shape().elem_count() / k.max(1);
+        let dev = xs.device().clone();
+        let lt = blas_lt(&dev)?;
+        // Column-major: yᵀ (n × m, ld n) = W (the row-major [n, k] weight read transposed)
+        // · xᵀ (k × m, ld k), bias per row of yᵀ, i.e. per output feature.
+        let cfg = MatmulConfig {
+            transa: true,
+            transb: false,
+            transc: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            alpha: 1.0,
+            lda: k as i64,
+            ldb: k as i64,
+            beta: 0.0,
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        macro_rules! launch {
+            ($t:ty) => {{
+                let x = xs.as_cuda_slice::<$t>()?.slice(xo..);
+                let w = ws.as_cuda_slice::<$t>()?.slice(wo..);
+                let b = bs.as_cuda_slice::<$t>()?.slice(bo..);
+                let mut out = unsafe { dev.alloc::<$t>(m * n)? };
+                unsafe { lt.matmul(cfg, &w, &x, &mut out, Some(&b), None) }
+                    .map_err(|e| candle_core::Error::Msg(format!("linear: cuBLASLt: {e:?}")))?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match xs.dtype() {
+            DType::F16 => launch!(half::f16),
+            DType::BF16 => launch!(half::bf16),
+            dt => candle_core::bail!("linear kernel: {dt:?}, only f16 and bf16"),
+        };
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        Ok((out, Shape::from(out_dims)))
+    }
+}
+
+/// Whether [`linear_bias`] takes `x`: f16/bf16 on CUDA.
+pub fn linear_bias_covers(x: &Tensor) -> bool {
+    x.device().is_cuda() && matches!(x.dtype(), DType::F16 | DType::BF16)
+}
+
+/// `x·Wᵀ + b` for `x` `[…, K]`, `weight` `[N, K]`, `bias` `[N]` on CUDA in f16/bf16: one
+/// cuBLASLt GEMM with the bias in its epilogue (candle runs the GEMM, then a broadcast add
+/// that took longer than the GEMM itself at the UNet's attention shapes on an H200).
+pub fn linear_bias(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let w = weight.to_dtype(x.dtype())?.contiguous()?;
+    let b = bias.to_dtype(x.dtype())?.contiguous()?;
+    x.apply_op3_no_bwd(&w, &b, &LinearBiasOp)
+}

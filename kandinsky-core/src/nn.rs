@@ -63,8 +63,9 @@ impl Activation {
 /// kernels of [`crate::cpu_gemm`] (≈ 1.2–1.4× the throughput of candle's matmul at the CLIP
 /// and prior shapes, two threads); bf16 on the CPU computes in f32 and rounds back, as
 /// PyTorch's CPU bf16 matmul accumulates in f32 (candle 0.11 has no CPU bf16 matmul);
-/// everything else is candle's `Linear`. `KANDINSKY_PLAIN_KERNELS=1` (read at load) keeps
-/// candle's everywhere.
+/// f16/bf16 on CUDA with a bias runs one cuBLASLt GEMM with the bias in its epilogue
+/// ([`crate::cuda::linear_bias`]); everything else is candle's `Linear`.
+/// `KANDINSKY_PLAIN_KERNELS=1` keeps candle's everywhere.
 #[derive(Debug, Clone)]
 pub struct Linear(LinearKind);
 
@@ -130,6 +131,13 @@ impl Module for Linear {
                 candle_nn::Linear::new(w, b)
                     .forward(&x.to_dtype(DType::F32)?)?
                     .to_dtype(DType::BF16)
+            }
+            #[cfg(feature = "cuda")]
+            LinearKind::Candle(l) if crate::cuda::linear_bias_covers(x) && use_fused_kernels() => {
+                match l.bias() {
+                    Some(b) => crate::cuda::linear_bias(x, l.weight(), b),
+                    None => l.forward(x),
+                }
             }
             LinearKind::Candle(l) => l.forward(x),
         }

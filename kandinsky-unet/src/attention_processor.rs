@@ -104,6 +104,11 @@ impl Attention {
         )?;
         let out = merge_heads(&out.to_dtype(x.dtype())?)?.contiguous()?;
         let out = self.to_out.forward(&out)?;
+        if x.device().is_cuda() {
+            // One strided add instead of a transpose copy and an add.
+            let sum = (x.reshape((b, c, h * w))? + out.transpose(1, 2)?)?;
+            return Ok(sum.reshape((b, c, h, w))?);
+        }
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((out + x)?)
     }

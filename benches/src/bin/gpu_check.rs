@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use kandinsky_benches::{random_var_builder, sync};
 use kandinsky_core::testing::{diff, fixtures_dir, get, load_fixture};
 use kandinsky_core::traits::{
@@ -203,6 +203,15 @@ fn fast_attention(
     use kandinsky_core::attention::{attention, KvSegment};
     let segs = [KvSegment { k: ki, v: vi }, KvSegment { k: ks, v: vs }];
     Ok(attention(q, &segs, None, 0.125)?)
+}
+
+/// `softmax(q·kᵀ·scale)·v` with candle's ops alone, in f32 (the kernels' reference).
+fn candle_attention_f32(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let up = |t: &Tensor| t.to_dtype(DType::F32);
+    let kt = up(k)?.transpose(2, 3)?.contiguous()?;
+    let scores = (up(q)?.contiguous()?.matmul(&kt)? * scale)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok(probs.matmul(&up(v)?.contiguous()?)?)
 }
 
 fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
@@ -408,6 +417,79 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             });
         }
     }
+    // Linear layers with the bias in the cuBLASLt epilogue (the UNet's attention projections
+    // at the 48×48 level, its image-token projections, the prior's width), against candle's
+    // ops in f32.
+    for (b, l, k, n) in [
+        (2usize, 2304usize, 768usize, 768usize),
+        (2, 32, 1280, 768),
+        (2, 81, 2048, 2048),
+    ] {
+        let x32 = Tensor::randn(0f32, 1.0, (b, l, k), dev)?;
+        let w32 = (Tensor::randn(0f32, 1.0, (n, k), dev)? / (k as f64).sqrt())?;
+        let b32 = Tensor::randn(0f32, 1.0, n, dev)?;
+        for dt in [DType::F16, DType::BF16] {
+            let (x, w, bias) = (x32.to_dtype(dt)?, w32.to_dtype(dt)?, b32.to_dtype(dt)?);
+            let layer = kandinsky_core::nn::Linear::new(w.clone(), Some(bias.clone()))?;
+            let up = |t: &Tensor| t.to_dtype(DType::F32);
+            let reference = up(&x)?
+                .broadcast_matmul(&up(&w)?.t()?)?
+                .broadcast_add(&up(&bias)?)?;
+            let d = diff(&layer.forward(&x)?, &reference)?;
+            let ms = time(dev, 2, 10, || {
+                layer.forward(&x)?;
+                Ok(())
+            })?;
+            let candle_layer = candle_nn::Linear::new(w.clone(), Some(bias.clone()));
+            let ms_candle = time(dev, 2, 10, || {
+                candle_layer.forward(&x)?;
+                Ok(())
+            })?;
+            let tol = if dt == DType::F16 { 5e-3 } else { 1e-2 };
+            rows.push(Row {
+                what: format!("linear {b}x{l}x{k}->{n} {dt:?}: rel err vs f32 / ms / candle ms"),
+                value: format!("{:.1e} / {ms:.3} / {ms_candle:.3}", d.rel),
+                ok: Some(d.rel <= tol && !d.rel.is_nan()),
+            });
+        }
+    }
+    // The plain attention path on CUDA (MoVQ's single head of 512 at 96×96, an odd small
+    // shape): scale + softmax in one kernel, against candle's ops in f32.
+    for (heads, lq, lk, d) in [(1usize, 9216usize, 9216usize, 512usize), (3, 77, 81, 64)] {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let scale = 1.0 / (d as f64).sqrt();
+            let q = Tensor::randn(0f32, 1.0, (1, heads, lq, d), dev)?.to_dtype(dt)?;
+            let k = Tensor::randn(0f32, 1.0, (1, heads, lk, d), dev)?.to_dtype(dt)?;
+            let v = Tensor::randn(0f32, 1.0, (1, heads, lk, d), dev)?.to_dtype(dt)?;
+            let reference = candle_attention_f32(&q, &k, &v, scale)?;
+            let got = kandinsky_core::attention::plain(&q, &k, &v, None, scale)?;
+            let d_ = diff(&got, &reference)?;
+            let ms = time(dev, 1, 5, || {
+                kandinsky_core::attention::plain(&q, &k, &v, None, scale)?;
+                Ok(())
+            })?;
+            let ms_candle = time(dev, 1, 5, || {
+                let kt = k.transpose(2, 3)?.contiguous()?;
+                let s = (q.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
+                candle_nn::ops::softmax_last_dim(&s)?
+                    .to_dtype(dt)?
+                    .matmul(&v)?;
+                Ok(())
+            })?;
+            let tol = match dt {
+                DType::F32 => 1e-4,
+                DType::F16 => 5e-3,
+                _ => 1e-2,
+            };
+            rows.push(Row {
+                what: format!(
+                    "plain attention {heads}x{lq}x{lk} d{d} {dt:?}: rel err vs f32 / ms / candle ms"
+                ),
+                value: format!("{:.1e} / {ms:.3} / {ms_candle:.3}", d_.rel),
+                ok: Some(d_.rel <= tol && !d_.rel.is_nan()),
+            });
+        }
+    }
     // The attention entry point at the UNet's shapes (latent 96: levels 48/24/12).
     for (level, heads) in [(48usize, 12usize), (24, 18), (12, 24)] {
         for dt in [DType::F16, DType::BF16] {
@@ -419,10 +501,9 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             let vs = Tensor::randn(0f32, 1.0, (2, heads, n, 64), dev)?.to_dtype(dt)?;
             let k = Tensor::cat(&[&ki, &ks], 2)?;
             let v = Tensor::cat(&[&vi, &vs], 2)?;
-            // Reference in f32 on the same rounded inputs (the kernel's error alone).
-            let up = |t: &Tensor| t.to_dtype(DType::F32);
-            let reference =
-                kandinsky_core::attention::plain(&up(&q)?, &up(&k)?, &up(&v)?, None, 0.125)?;
+            // Reference: candle's ops in f32 on the same rounded inputs (the kernel's error
+            // alone).
+            let reference = candle_attention_f32(&q, &k, &v, 0.125)?;
             let tol = if dt == DType::F16 { 5e-3 } else { 1e-2 };
             let ms_plain = time(dev, 1, 5, || {
                 kandinsky_core::attention::plain(&q, &k, &v, None, 0.125)?;

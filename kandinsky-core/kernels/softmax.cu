@@ -1,0 +1,63 @@
+// Row softmax of scaled scores, softmax(scale · x) along the last dimension, in f32 for
+// every storage type: one block per row, three passes over the row (max, sum of
+// exponentials, write), the row re-read from L1/L2. Replaces, on CUDA, the plain attention
+// path's scale pass, the upcast to f32, candle's f32 softmax and the downcast (7.2 ms of a
+// 768 px MoVQ decode on an H200, GPU run 5), and rounds once instead of three times.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
+
+// blockDim.x: a multiple of 32, at most 1024. `op` 0: max, 1: sum.
+__device__ float block_reduce(float v, int op) {
+  __shared__ float part[32];
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffff, v, o);
+    v = op == 0 ? fmaxf(v, w) : v + w;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < nwarps ? part[lane] : (op == 0 ? -INFINITY : 0.f);
+    for (int o = 16; o > 0; o >>= 1) {
+      const float w = __shfl_xor_sync(0xffffffff, v, o);
+      v = op == 0 ? fmaxf(v, w) : v + w;
+    }
+    if (lane == 0) part[0] = v;
+  }
+  __syncthreads();
+  v = part[0];
+  __syncthreads();
+  return v;
+}
+
+template <typename T>
+__device__ void softmax_rows(const T *__restrict__ x, T *__restrict__ y, int ncols, float scale) {
+  const T *xr = x + (long long)blockIdx.x * ncols;
+  T *yr = y + (long long)blockIdx.x * ncols;
+  float m = -INFINITY;
+  for (int i = threadIdx.x; i < ncols; i += blockDim.x) m = fmaxf(m, scale * to_f(xr[i]));
+  m = block_reduce(m, 0);
+  float s = 0.f;
+  for (int i = threadIdx.x; i < ncols; i += blockDim.x) s += expf(scale * to_f(xr[i]) - m);
+  const float inv = 1.f / block_reduce(s, 1);
+  for (int i = threadIdx.x; i < ncols; i += blockDim.x)
+    yr[i] = from_f<T>(expf(scale * to_f(xr[i]) - m) * inv);
+}
+
+#define SOFTMAX_KERNEL(T, SUF)                                                                   \
+  extern "C" __global__ void softmax_rows_##SUF(const T *x, T *y, int ncols, float scale) {     \
+    softmax_rows<T>(x, y, ncols, scale);                                                         \
+  }
+
+SOFTMAX_KERNEL(float, f32)
+SOFTMAX_KERNEL(__half, f16)
+SOFTMAX_KERNEL(__nv_bfloat16, bf16)
