@@ -2,7 +2,7 @@
 // every storage type: one block per row, three passes over the row (max, sum of
 // exponentials, write), the row re-read from L1/L2. Replaces, on CUDA, the plain attention
 // path's scale pass, the upcast to f32, candle's f32 softmax and the downcast (7.2 ms of a
-// 768 px MoVQ decode on an H200, GPU run 5), and rounds once instead of three times.
+// 768 px MoVQ decode on an H200, GPU runs 5-8), and rounds once instead of three times.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
