@@ -21,6 +21,7 @@ fn main() {
     let nvcc = env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-changed=kernels/common.cuh");
     for name in KERNELS {
         let src = format!("kernels/{name}.cu");
         println!("cargo:rerun-if-changed={src}");

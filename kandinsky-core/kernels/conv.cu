@@ -10,20 +10,7 @@
 //
 // `conv_finish_*` crops the accumulator [B, Cout, OH·Wp] (f32) to [B, Cout, OH, OW], adds the
 // bias and an optional same-shape residual, and rounds once to the output type.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
-
-// Eight consecutive elements: one 16-byte store for 2-byte types (two for f32).
-template <typename T> struct alignas(16) Vec8 { T v[8]; };
+#include "common.cuh"
 
 // Grid: x = one (b, dx, c) row of X3 (B·k·C rows), y = chunks of 8·blockDim positions of S;
 // each thread writes 8 consecutive positions (S is a multiple of 8). x: contiguous

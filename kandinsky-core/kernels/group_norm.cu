@@ -13,25 +13,14 @@
 // the GPU: `group_norm_stats_*` writes a partial (count, mean, M2) per block (Welford), and
 // `group_norm_apply_*` merges its group's partials (Chan et al.) and normalises its chunk.
 // candle's composite GroupNorm makes about a dozen passes; this makes two reads and a write.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
+#include "common.cuh"
 
 struct Welford { float n, mean, m2; };
 
-// Eight consecutive elements: one 16-byte load/store for 2-byte types (two for f32). The
-// kernels take this path when a channel's map is a multiple of 8 elements (then so are the
-// groups and, rounded by the launcher, the chunks) and the tensors are 16-byte aligned:
-// one 2-byte element per thread and iteration reached only ~250 GB/s on an H200.
-template <typename T> struct alignas(16) Vec8 { T v[8]; };
+// The 8-wide path (Vec8, common.cuh): taken when a channel's map is a multiple of 8 elements
+// (then so are the groups and, rounded by the launcher, the chunks) and the tensors are
+// 16-byte aligned; one 2-byte element per thread and iteration reached only ~250 GB/s on an
+// H200.
 
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;

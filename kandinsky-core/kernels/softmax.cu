@@ -3,17 +3,7 @@
 // exponentials, write), the row re-read from L1/L2. Replaces, on CUDA, the plain attention
 // path's scale pass, the upcast to f32, candle's f32 softmax and the downcast (7.2 ms of a
 // 768 px MoVQ decode on an H200, GPU runs 5-8), and rounds once instead of three times.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
+#include "common.cuh"
 
 // blockDim.x: a multiple of 32, at most 1024. `op` 0: max, 1: sum.
 __device__ float block_reduce(float v, int op) {

@@ -69,7 +69,8 @@ impl ShiftedConv {
 
     /// `conv(pad(x)) + bias`, or with `upsample2x` `conv(pad(nearest_2x(x))) + bias`
     /// (the upsampled map is never materialised), plus `residual` where given (same shape
-    /// as the output). `x` `[B, Cin, H, W]` on a CUDA device.
+    /// as the output), for `x` `[B, Cin, H, W]`: the CUDA kernels on a CUDA device (with the
+    /// `cuda` feature), [`Self::forward_reference`] elsewhere.
     pub fn forward(
         &self,
         x: &Tensor,

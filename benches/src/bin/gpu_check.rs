@@ -205,6 +205,36 @@ fn fast_attention(
     Ok(attention(q, &segs, None, 0.125)?)
 }
 
+/// The relative-error bar of a kernel against candle's ops in f32, by storage type.
+fn tolerance(dt: DType) -> f32 {
+    match dt {
+        DType::F32 => 1e-4,
+        DType::F16 => 5e-3,
+        _ => 1e-2,
+    }
+}
+
+/// A checked kernel's row: "rel err / ms (TFLOP/s) / baseline ms" and pass/fail, or the
+/// error (a kernel that fails to launch is a failed row, not the end of the checks).
+fn kernel_row(
+    checked: Result<(kandinsky_core::testing::Diff, f64)>,
+    tol: f32,
+    flops: f64,
+    baseline_ms: f64,
+) -> (String, bool) {
+    match checked {
+        Ok((d, ms)) => (
+            format!(
+                "{:.1e} / {ms:.3} ({:.0} TFLOP/s) / {baseline_ms:.3}",
+                d.rel,
+                flops / ms / 1e9
+            ),
+            d.rel <= tol && !d.rel.is_nan(),
+        ),
+        Err(e) => (format!("ERROR {e:#}"), false),
+    }
+}
+
 /// `softmax(q·kᵀ·scale)·v` with candle's ops alone, in f32 (the kernels' reference).
 fn candle_attention_f32(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let up = |t: &Tensor| t.to_dtype(DType::F32);
@@ -249,11 +279,7 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 32,
                 1e-5,
             )?;
-            let tol = match dt {
-                DType::F32 => 1e-4,
-                DType::F16 => 5e-3,
-                _ => 1e-2,
-            };
+            let tol = tolerance(dt);
             let t = temb.to_dtype(dt)?;
             let (scale, shift) = (t.narrow(1, 0, c)?, t.narrow(1, c, c)?);
             let spatial = match &maps {
@@ -389,23 +415,9 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 }
                 Ok(())
             })?;
-            let tol = match dt {
-                DType::F32 => 1e-4,
-                DType::F16 => 5e-3,
-                _ => 1e-2,
-            };
+            let tol = tolerance(dt);
             let flops = 2.0 * (batch * os * os) as f64 * (cout * cin * k * k) as f64;
-            let (value, ok) = match checked {
-                Ok((d, ms)) => (
-                    format!(
-                        "{:.1e} / {ms:.3} ({:.0} TFLOP/s) / {ms_candle:.3}",
-                        d.rel,
-                        flops / ms / 1e9
-                    ),
-                    d.rel <= tol && !d.rel.is_nan(),
-                ),
-                Err(e) => (format!("ERROR {e:#}"), false),
-            };
+            let (value, ok) = kernel_row(checked, tol, flops, ms_candle);
             rows.push(Row {
                 what: format!(
                     "conv {cin}->{cout} k{k} {s}x{s}{} b{batch}{} {dt:?}: rel err / ms / candle ms",
@@ -445,7 +457,7 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 candle_layer.forward(&x)?;
                 Ok(())
             })?;
-            let tol = if dt == DType::F16 { 5e-3 } else { 1e-2 };
+            let tol = tolerance(dt);
             rows.push(Row {
                 what: format!("linear {b}x{l}x{k}->{n} {dt:?}: rel err vs f32 / ms / candle ms"),
                 value: format!("{:.1e} / {ms:.3} / {ms_candle:.3}", d.rel),
@@ -476,11 +488,7 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                     .matmul(&v)?;
                 Ok(())
             })?;
-            let tol = match dt {
-                DType::F32 => 1e-4,
-                DType::F16 => 5e-3,
-                _ => 1e-2,
-            };
+            let tol = tolerance(dt);
             rows.push(Row {
                 what: format!(
                     "plain attention {heads}x{lq}x{lk} d{d} {dt:?}: rel err vs f32 / ms / candle ms"
@@ -504,7 +512,7 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             // Reference: candle's ops in f32 on the same rounded inputs (the kernel's error
             // alone).
             let reference = candle_attention_f32(&q, &k, &v, 0.125)?;
-            let tol = if dt == DType::F16 { 5e-3 } else { 1e-2 };
+            let tol = tolerance(dt);
             let ms_plain = time(dev, 1, 5, || {
                 kandinsky_core::attention::plain(&q, &k, &v, None, 0.125)?;
                 Ok(())
@@ -520,17 +528,7 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                     })?;
                     Ok((d, ms))
                 });
-                let (value, ok) = match checked {
-                    Ok((d, ms)) => (
-                        format!(
-                            "{:.1e} / {ms:.3} ({:.0} TFLOP/s) / {ms_plain:.3}",
-                            d.rel,
-                            flops / ms / 1e9
-                        ),
-                        d.rel <= tol && !d.rel.is_nan(),
-                    ),
-                    Err(e) => (format!("ERROR {e:#}"), false),
-                };
+                let (value, ok) = kernel_row(checked, tol, flops, ms_plain);
                 rows.push(Row {
                     what: format!(
                         "attention {level}x{level} h{heads} {dt:?} {kernel}: rel err vs f32 / ms / plain ms"
