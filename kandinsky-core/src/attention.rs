@@ -157,7 +157,7 @@ fn concat_segments(kv: &[KvSegment<'_>]) -> Result<(Tensor, Tensor)> {
 }
 
 /// The reference path: full scores, softmax in f32 (on CUDA without a mask one fused kernel
-/// for the scale and the softmax, [`crate::cuda::softmax_scaled`]).
+/// for the scale and the softmax, `cuda::softmax_scaled`).
 pub fn plain(
     q: &Tensor,
     k: &Tensor,

@@ -64,7 +64,7 @@ impl Activation {
 /// and prior shapes, two threads); bf16 on the CPU computes in f32 and rounds back, as
 /// PyTorch's CPU bf16 matmul accumulates in f32 (candle 0.11 has no CPU bf16 matmul);
 /// f16/bf16 on CUDA with a bias runs one cuBLASLt GEMM with the bias in its epilogue
-/// ([`crate::cuda::linear_bias`]); everything else is candle's `Linear`.
+/// (`cuda::linear_bias`); everything else is candle's `Linear`.
 /// `KANDINSKY_PLAIN_KERNELS=1` keeps candle's everywhere.
 #[derive(Debug, Clone)]
 pub struct Linear(LinearKind);

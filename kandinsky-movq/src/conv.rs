@@ -54,7 +54,7 @@ impl Padding {
 ///
 /// On the CPU the 3×3 stride-1 padding-1 convolutions (almost all of the decoder's time) keep
 /// their weight pre-arranged from load and run kandinsky-core's [`PackedConv3x3`] (implicit
-/// GEMM over the padded width, memory bounded by bands as well, the 2× upsampling fused);
+/// GEMM over the padded width, memory bounded by bands as well, the 2× upsampling fused).
 /// On CUDA, every stride-1 convolution runs kandinsky-core's [`ShiftedConv`] (no im2col
 /// matrix, f32 accumulation, bias, upsampling and a residual add fused). The rest (the
 /// encoder's stride-2 downsampling, 1×1s on the CPU, or `KANDINSKY_PLAIN_KERNELS=1` read at
