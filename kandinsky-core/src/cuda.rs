@@ -968,17 +968,31 @@ impl CustomOp3 for LinearBiasOp {
     }
 }
 
-/// Whether [`linear_bias`] takes `x`: f16/bf16 on CUDA.
-pub fn linear_bias_covers(x: &Tensor) -> bool {
-    x.device().is_cuda() && matches!(x.dtype(), DType::F16 | DType::BF16)
+/// Whether [`linear_bias`] takes `x` `[…, K]` times `weight` `[N, K]`: f16/bf16 on CUDA, `K`
+/// and `N` multiples of 8 (every projection of these networks; the shapes `gpu_check`
+/// measured), so every row starts 16-byte aligned for cuBLASLt's tensor-core kernels.
+pub fn linear_bias_covers(x: &Tensor, weight: &Tensor) -> bool {
+    x.device().is_cuda()
+        && matches!(x.dtype(), DType::F16 | DType::BF16)
+        && x.dims().last().is_some_and(|k| k % 8 == 0)
+        && weight.dims().first().is_some_and(|n| n % 8 == 0)
 }
 
 /// `x·Wᵀ + b` for `x` `[…, K]`, `weight` `[N, K]`, `bias` `[N]` on CUDA in f16/bf16: one
 /// cuBLASLt GEMM with the bias in its epilogue (candle runs the GEMM, then a broadcast add
 /// that took longer than the GEMM itself at the UNet's attention shapes on an H200).
 pub fn linear_bias(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    let x = x.contiguous()?;
-    let w = weight.to_dtype(x.dtype())?.contiguous()?;
-    let b = bias.to_dtype(x.dtype())?.contiguous()?;
+    // cuBLASLt's heuristics assume 256-byte aligned matrices: views into a larger buffer
+    // are copied to a fresh (aligned) one first.
+    let fresh = |t: Tensor| -> candle_core::Result<Tensor> {
+        if t.is_contiguous() && t.layout().start_offset() == 0 {
+            Ok(t)
+        } else {
+            t.copy()
+        }
+    };
+    let x = fresh(x.clone())?;
+    let w = fresh(weight.to_dtype(x.dtype())?)?;
+    let b = fresh(bias.to_dtype(x.dtype())?)?;
     x.apply_op3_no_bwd(&w, &b, &LinearBiasOp)
 }

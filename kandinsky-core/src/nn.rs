@@ -133,7 +133,9 @@ impl Module for Linear {
                     .to_dtype(DType::BF16)
             }
             #[cfg(feature = "cuda")]
-            LinearKind::Candle(l) if crate::cuda::linear_bias_covers(x) && use_fused_kernels() => {
+            LinearKind::Candle(l)
+                if crate::cuda::linear_bias_covers(x, l.weight()) && use_fused_kernels() =>
+            {
                 match l.bias() {
                     Some(b) => crate::cuda::linear_bias(x, l.weight(), b),
                     None => l.forward(x),
