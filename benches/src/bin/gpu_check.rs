@@ -3,7 +3,8 @@
 //! networks with random weights. Prints a table last.
 //!
 //! Build here with the CUDA recipe (`../shared/cuda/README.md`), run on the GPU machine:
-//! `gpu_check [--quick] [--timings-only [--unet-only]] [--kernels-only]`, or
+//! `gpu_check [--quick] [--timings-only [--unet-only]] [--kernels-only]`,
+//! `gpu_check --text2img-only [--px N] [--steps P,D]` (only the whole flow), or
 //! `gpu_check --profile unet|movq` under `ncu --profile-from-start off` (one 768 px UNet step
 //! or MoVQ decode inside the profiler range, after two warm-up runs). Without a CUDA
 //! device it runs the same on the CPU (slowly; `--kernels-only` then checks the fused CPU
@@ -20,6 +21,7 @@ use kandinsky_core::traits::{
 };
 use kandinsky_pipeline::decoder::DecoderOptions;
 use kandinsky_pipeline::prior::{ImageEmbeds, PriorOptions};
+use kandinsky_pipeline::PriorModels;
 use kandinsky_pipeline::{
     images, DecoderPipeline, Hooks, ImageEncoderUse, Placement, PriorPipeline, SchedulerChoice,
 };
@@ -756,7 +758,134 @@ fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
         value: format!("{ms:.2} ms"),
         ok: None,
     });
+    drop(te);
+    // The whole flow the performance goal names: 768 px, 25 prior + 50 decoder steps.
+    rows.extend(text2img_flow(
+        dev,
+        DType::F16,
+        768,
+        (25, 50),
+        if quick { 1 } else { 3 },
+    )?);
     Ok(())
+}
+
+/// A tokenizer stand-in for timing: 77 fixed ids (the networks' cost does not depend on them).
+struct FixedTokens;
+
+impl kandinsky_pipeline::prior::PromptTokenizer for FixedTokens {
+    fn tokenize(
+        &self,
+        prompts: &[String],
+    ) -> kandinsky_core::Result<kandinsky_pipeline::prior::Tokens> {
+        let b = prompts.len();
+        let ids: Vec<u32> = (0..b * 77).map(|i| (i as u32 * 331) % 49000).collect();
+        Ok(kandinsky_pipeline::prior::Tokens {
+            ids: Tensor::from_vec(ids, (b, 77), &Device::Cpu)?,
+            mask: Tensor::ones((b, 77), DType::U32, &Device::Cpu)?,
+        })
+    }
+}
+
+/// The whole text2img flow at `px` with full-size random-weight networks (real configs),
+/// through the pipeline's functional API: CLIP text, `steps.0` prior steps (UnCLIP, CFG),
+/// `steps.1` decoder steps (DDPM, CFG), MoVQ decode; one warm-up run, then the median of
+/// `runs`. Returns rows: total and per stage (ms).
+fn text2img_flow(
+    dev: &Device,
+    dt: DType,
+    px: usize,
+    steps: (usize, usize),
+    runs: usize,
+) -> Result<Vec<Row>> {
+    use kandinsky_pipeline::{decoder, prior};
+    let text_cfg: kandinsky_clip::ClipTextConfig = cfg("kandinsky-2-2-prior__text_encoder.json")?;
+    let text_encoder =
+        kandinsky_clip::ClipTextModelWithProjection::new(random_var_builder(dt, dev), &text_cfg)?;
+    let prior_cfg: kandinsky_prior::PriorTransformerConfig =
+        cfg("kandinsky-2-2-prior__prior.json")?;
+    let prior_model =
+        kandinsky_prior::PriorTransformer::new(random_var_builder(dt, dev), &prior_cfg)?;
+    let unet_cfg: kandinsky_unet::UNet2DConditionConfig = cfg("kandinsky-2-2-decoder__unet.json")?;
+    let unet = kandinsky_unet::UNet2DConditionModel::new(random_var_builder(dt, dev), &unet_cfg)?;
+    let movq_cfg: kandinsky_movq::VQModelConfig = cfg("kandinsky-2-2-decoder__movq.json")?;
+    let movq = kandinsky_movq::VQModel::new(random_var_builder(dt, dev), &movq_cfg)?;
+    let tiny = fixtures_dir().join("tiny");
+    let mut prior_sched = kandinsky_schedulers::AnyScheduler::from_file(
+        tiny.join("kandinsky-2-2-prior/scheduler/scheduler_config.json"),
+    )?;
+    let mut decoder_sched = kandinsky_schedulers::AnyScheduler::from_file(
+        tiny.join("kandinsky-2-2-decoder/scheduler/scheduler_config.json"),
+    )?;
+    let zero = Tensor::zeros((1, EmbeddingPrior::embedding_dim(&prior_model)), dt, dev)?;
+    let prior_models = PriorModels {
+        tokenizer: &FixedTokens,
+        text_encoder: &text_encoder,
+        prior: &prior_model,
+    };
+    let decoder_models = decoder::DecoderModels {
+        unet: &unet,
+        movq: &movq,
+        text: None,
+    };
+    let mut once = || -> Result<[f64; 3]> {
+        sync(dev)?;
+        let t0 = Instant::now();
+        let e = prior::prior(
+            &prior_models,
+            &mut prior_sched,
+            &["a red cat on a sofa".into()],
+            None,
+            &zero,
+            &PriorOptions {
+                steps: steps.0,
+                ..Default::default()
+            },
+            &mut Hooks::default(),
+        )?;
+        sync(dev)?;
+        let t1 = Instant::now();
+        let latents = decoder::text2img(
+            &decoder_models,
+            &mut decoder_sched,
+            &e.image_embeds,
+            &e.negative_image_embeds,
+            &DecoderOptions {
+                height: px,
+                width: px,
+                steps: steps.1,
+                ..Default::default()
+            },
+            None,
+            &mut Hooks::default(),
+        )?;
+        sync(dev)?;
+        let t2 = Instant::now();
+        decoder::decode(&movq, &latents)?;
+        sync(dev)?;
+        let t3 = Instant::now();
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        Ok([ms(t0, t1), ms(t1, t2), ms(t2, t3)])
+    };
+    once()?;
+    reset_peak(dev);
+    let mut all = (0..runs.max(1))
+        .map(|_| once())
+        .collect::<Result<Vec<_>>>()?;
+    let peak = peak_mib(dev);
+    all.sort_by(|a, b| a.iter().sum::<f64>().total_cmp(&b.iter().sum::<f64>()));
+    let [p, d, m] = all[all.len() / 2];
+    Ok(vec![Row {
+        what: format!(
+            "text2img {px}px {dt:?}: {} prior + {} decoder steps (CFG) + decode",
+            steps.0, steps.1
+        ),
+        value: format!(
+            "{:.0} ms (prior {p:.0} / decoder {d:.0} / decode {m:.0}), peak {peak:.0} MiB",
+            p + d + m
+        ),
+        ok: None,
+    }])
 }
 
 /// Run `f` twice to warm up, then once inside the CUDA profiler range (`cuProfilerStart`/
@@ -834,6 +963,34 @@ fn main() -> Result<()> {
     eprintln!("device: {dev:?}{tuning}");
     let kernels_only = std::env::args().any(|a| a == "--kernels-only");
     let mut rows = Vec::new();
+    if args.iter().any(|a| a == "--text2img-only") {
+        let value = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+                .cloned()
+        };
+        let px: usize = value("--px").map_or(Ok(768), |v| v.parse())?;
+        let steps = match value("--steps") {
+            Some(v) => {
+                let (p, d) = v
+                    .split_once(',')
+                    .context("--steps takes PRIOR,DECODER (e.g. 25,50)")?;
+                (p.parse()?, d.parse()?)
+            }
+            None => (25, 50),
+        };
+        let dt = if dev.is_cuda() {
+            DType::F16
+        } else {
+            DType::F32
+        };
+        rows.extend(text2img_flow(&dev, dt, px, steps, 1)?);
+        for r in &rows {
+            println!("{:<62} {}", r.what, r.value);
+        }
+        return Ok(());
+    }
     // A part that fails as a whole becomes one failed row; the others still run.
     fn record(what: &str, r: Result<()>, rows: &mut Vec<Row>) {
         if let Err(e) = r {
