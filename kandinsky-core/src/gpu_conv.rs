@@ -15,6 +15,17 @@ use candle_core::Tensor;
 
 use crate::{Error, Result};
 
+/// `KANDINSKY_CONV_SCRATCH_MB` in bytes, read once (`None`: unset, no banding).
+fn scratch_limit() -> Option<usize> {
+    static LIMIT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::env::var("KANDINSKY_CONV_SCRATCH_MB")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map(|mb| mb << 20)
+    })
+}
+
 /// Zero padding `(top, bottom, left, right)`.
 pub type Padding4 = [usize; 4];
 
@@ -70,12 +81,31 @@ impl ShiftedConv {
     /// `conv(pad(x)) + bias`, or with `upsample2x` `conv(pad(nearest_2x(x))) + bias`
     /// (the upsampled map is never materialised), plus `residual` where given (same shape
     /// as the output), for `x` `[B, Cin, H, W]`: the CUDA kernels on a CUDA device (with the
-    /// `cuda` feature), [`Self::forward_reference`] elsewhere.
+    /// `cuda` feature), [`Self::forward_reference`] elsewhere. With
+    /// `KANDINSKY_CONV_SCRATCH_MB=N` (read once) a convolution whose scratch would exceed N MiB
+    /// runs in bands of output rows ([`Self::forward_banded`]); off by default until a GPU
+    /// run has measured it.
     pub fn forward(
         &self,
         x: &Tensor,
         upsample2x: bool,
         residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if let Some(limit) = scratch_limit() {
+            if self.scratch_bytes(x, upsample2x)? > limit {
+                return self.forward_banded(x, upsample2x, residual, limit);
+            }
+        }
+        self.run(x, upsample2x, residual, self.padding)
+    }
+
+    /// One whole-map convolution with explicit padding: the CUDA op, or the reference.
+    fn run(
+        &self,
+        x: &Tensor,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+        padding: Padding4,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
@@ -83,12 +113,92 @@ impl ShiftedConv {
                 x,
                 &self.taps,
                 self.bias.as_ref(),
-                self.padding,
+                padding,
                 upsample2x,
                 residual,
             )?);
         }
-        self.forward_reference(x, upsample2x, residual)
+        self.reference(x, upsample2x, residual, padding)
+    }
+
+    /// Bytes of scratch one whole-map call takes: the `k` shifted copies of the padded
+    /// input and the f32 accumulator (as `cuda::shifted_conv` allocates them).
+    pub fn scratch_bytes(&self, x: &Tensor, upsample2x: bool) -> Result<usize> {
+        let (b, c, h, w) = x.dims4()?;
+        let (k, cout, _) = self.taps.dims3()?;
+        let [pt, pb, pl, pr] = self.padding;
+        let up = usize::from(upsample2x);
+        let (hp, wp) = ((h << up) + pt + pb, ((w << up) + pl + pr).div_ceil(8) * 8);
+        let oh = (hp + 1).saturating_sub(k);
+        Ok(b * (k * c * hp * wp * x.dtype().size_in_bytes() + cout * oh * wp * 4))
+    }
+
+    /// [`Self::forward`] in horizontal bands of output rows, each band's scratch within
+    /// `max_scratch_bytes` (at least one row per band): each band convolves the input rows
+    /// its kernel reaches, zero-padded only at the map's borders, and the bands are
+    /// concatenated. With the upsampling folded in, a band starting or ending inside a
+    /// low-resolution row computes one extra row, which is cropped.
+    pub fn forward_banded(
+        &self,
+        x: &Tensor,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+        max_scratch_bytes: usize,
+    ) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (k, cout, _) = self.taps.dims3()?;
+        let [pt, pb, pl, pr] = self.padding;
+        let up = usize::from(upsample2x);
+        let (hu, wu) = (h << up, w << up);
+        let wp = (wu + pl + pr).div_ceil(8) * 8;
+        let oh = (hu + pt + pb + 1)
+            .checked_sub(k)
+            .filter(|&oh| oh > 0 && wu + pl + pr >= k)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "shifted convolution: a {hu}x{wu} map padded by {:?} is smaller than the \
+                     {k}x{k} kernel",
+                    self.padding
+                ))
+            })?;
+        let per_row = b * wp * (k * c * x.dtype().size_in_bytes() + cout * 4);
+        let rows = (max_scratch_bytes / per_row.max(1))
+            .saturating_sub(k - 1)
+            .max(1);
+        let mut bands = Vec::with_capacity(oh.div_ceil(rows));
+        let mut r0 = 0;
+        while r0 < oh {
+            let r1 = (r0 + rows).min(oh);
+            // Rows [a, e) of the (upsampled) map feed output rows [r0, r1); outside the map
+            // they are the zero padding.
+            let (a, e) = (
+                r0 as isize - pt as isize,
+                (r1 + k - 1) as isize - pt as isize,
+            );
+            let (ca, ce) = (a.max(0) as usize, (e.min(hu as isize)).max(0) as usize);
+            let (top, bottom) = ((ca as isize - a) as usize, (e - ce as isize) as usize);
+            let (lo, hi, extra_top) = if upsample2x {
+                (ca / 2, ce.div_ceil(2), ca % 2)
+            } else {
+                (ca, ce, 0)
+            };
+            if hi <= lo {
+                return Err(Error::invalid(format!(
+                    "shifted convolution: padding {:?} reaches past a whole band of a {k}x{k} \
+                     kernel",
+                    self.padding
+                )));
+            }
+            let band_in = x.narrow(2, lo, hi - lo)?;
+            let y = self.run(&band_in, upsample2x, None, [top, bottom, pl, pr])?;
+            let mut y = y.narrow(2, extra_top, r1 - r0)?;
+            if let Some(r) = residual {
+                y = (y + r.narrow(2, r0, r1 - r0)?)?;
+            }
+            bands.push(y);
+            r0 = r1;
+        }
+        Ok(Tensor::cat(&bands, 2)?)
     }
 
     /// The same decomposition in candle ops (any device): the shifted, flattened copies,
@@ -100,9 +210,19 @@ impl ShiftedConv {
         upsample2x: bool,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.reference(x, upsample2x, residual, self.padding)
+    }
+
+    fn reference(
+        &self,
+        x: &Tensor,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+        padding: Padding4,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let (k, cout, _) = self.taps.dims3()?;
-        let [pt, pb, pl, pr] = self.padding;
+        let [pt, pb, pl, pr] = padding;
         let x = if upsample2x {
             x.upsample_nearest2d(2 * h, 2 * w)?
         } else {
@@ -112,9 +232,8 @@ impl ShiftedConv {
         let (hp, wfull) = (hu + pt + pb, wu + pl + pr);
         if hp < k || wfull < k {
             return Err(Error::invalid(format!(
-                "shifted convolution: a {hu}x{wu} map padded by {:?} is smaller than the \
-                 {k}x{k} kernel",
-                self.padding
+                "shifted convolution: a {hu}x{wu} map padded by {padding:?} is smaller than \
+                 the {k}x{k} kernel"
             )));
         }
         let wp = wfull.div_ceil(8) * 8;
@@ -207,6 +326,56 @@ mod tests {
                 "k {k} pad {pad:?} up {up}: {err} of {scale}"
             );
             assert_eq!(got.dtype(), DType::F32);
+        }
+        Ok(())
+    }
+
+    /// Bands of output rows give the whole-map result: one-row bands, bands starting and
+    /// ending inside upsampled rows, the residual, asymmetric padding, 1×1 and 5×5 kernels.
+    #[test]
+    fn banded_equals_whole_map() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        for (cin, cout, k, h, w, pad, up, res) in [
+            (
+                3usize,
+                5usize,
+                3usize,
+                9usize,
+                7usize,
+                [1usize, 1, 1, 1],
+                false,
+                true,
+            ),
+            (4, 4, 3, 5, 6, [1, 1, 1, 1], true, true),
+            (2, 3, 3, 6, 5, [0, 1, 0, 1], false, false),
+            (3, 2, 1, 7, 9, [0, 0, 0, 0], true, false),
+            (2, 3, 5, 11, 8, [2, 2, 2, 2], false, true),
+            (2, 2, 5, 6, 6, [2, 2, 2, 2], true, false),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, cin, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?;
+            let bias = Tensor::randn(0f32, 1.0, cout, &dev)?;
+            let conv = ShiftedConv::new(&wt, Some(&bias), pad)?;
+            let whole = conv.forward_reference(&x, up, None)?;
+            let residual = Tensor::randn(0f32, 1.0, whole.dims(), &dev)?;
+            let (expected, r) = if res {
+                ((&whole + &residual)?, Some(&residual))
+            } else {
+                (whole.clone(), None)
+            };
+            let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?;
+            // From one output row per band up to everything in one band.
+            let per_row = conv.scratch_bytes(&x, up)? / whole.dim(2)?;
+            for limit in [1usize, 2 * per_row, 3 * per_row + 1, usize::MAX] {
+                let got = conv.forward_banded(&x, up, r, limit)?;
+                assert_eq!(got.dims(), expected.dims());
+                let err = (&got - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                // The same sums per output row; only the GEMM blocking may differ.
+                assert!(
+                    err <= 1e-5 * scale,
+                    "k {k} pad {pad:?} up {up} limit {limit}: {err} of {scale}"
+                );
+            }
         }
         Ok(())
     }

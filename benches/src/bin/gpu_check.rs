@@ -380,29 +380,34 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             let p = k / 2;
             let conv = kandinsky_core::gpu_conv::ShiftedConv::new(&w, Some(&b), [p, p, p, p])?;
             let res = if res { Some(&r) } else { None };
-            let checked = conv
-                .forward(&x, up, res)
-                .map_err(anyhow::Error::from)
-                .and_then(|got| {
-                    let up32 = |t: &Tensor| t.to_dtype(DType::F32);
-                    let xin = if up {
-                        up32(&x)?.upsample_nearest2d(os, os)?
-                    } else {
-                        up32(&x)?
-                    };
-                    let mut reference = xin
-                        .conv2d(&up32(&w)?, p, 1, 1, 1)?
-                        .broadcast_add(&up32(&b)?.reshape((1, cout, 1, 1))?)?;
-                    if let Some(r) = res {
-                        reference = (reference + up32(r)?)?;
-                    }
-                    let d = diff(&got, &reference)?;
-                    let ms = time(dev, 2, 10, || {
-                        conv.forward(&x, up, res)?;
-                        Ok(())
-                    })?;
-                    Ok((d, ms))
-                });
+            let up32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let xin = if up {
+                up32(&x)?.upsample_nearest2d(os, os)?
+            } else {
+                up32(&x)?
+            };
+            let mut reference = xin
+                .conv2d(&up32(&w)?, p, 1, 1, 1)?
+                .broadcast_add(&up32(&b)?.reshape((1, cout, 1, 1))?)?;
+            if let Some(r) = res {
+                reference = (reference + up32(r)?)?;
+            }
+            // Whole map, or (MoVQ's large maps) bands of at most 64 MiB of scratch.
+            let run = |banded: bool| {
+                if banded {
+                    conv.forward_banded(&x, up, res, 64 << 20)
+                } else {
+                    conv.forward(&x, up, res)
+                }
+            };
+            let check = |banded: bool| -> Result<(kandinsky_core::testing::Diff, f64)> {
+                let d = diff(&run(banded)?, &reference)?;
+                let ms = time(dev, 2, 10, || {
+                    run(banded)?;
+                    Ok(())
+                })?;
+                Ok((d, ms))
+            };
             let ms_candle = time(dev, 1, 5, || {
                 let xin = if up {
                     x.upsample_nearest2d(os, os)?
@@ -419,16 +424,22 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             })?;
             let tol = tolerance(dt);
             let flops = 2.0 * (batch * os * os) as f64 * (cout * cin * k * k) as f64;
-            let (value, ok) = kernel_row(checked, tol, flops, ms_candle);
-            rows.push(Row {
-                what: format!(
-                    "conv {cin}->{cout} k{k} {s}x{s}{} b{batch}{} {dt:?}: rel err / ms / candle ms",
-                    if up { " up2x" } else { "" },
-                    if res.is_some() { " +res" } else { "" }
-                ),
-                value,
-                ok: Some(ok),
-            });
+            for banded in [false, true] {
+                if banded && batch != 1 {
+                    continue;
+                }
+                let (value, ok) = kernel_row(check(banded), tol, flops, ms_candle);
+                rows.push(Row {
+                    what: format!(
+                        "conv {cin}->{cout} k{k} {s}x{s}{} b{batch}{}{} {dt:?}: rel err / ms / candle ms",
+                        if up { " up2x" } else { "" },
+                        if res.is_some() { " +res" } else { "" },
+                        if banded { " banded 64MiB" } else { "" }
+                    ),
+                    value,
+                    ok: Some(ok),
+                });
+            }
         }
     }
     // Linear layers with the bias in the cuBLASLt epilogue (the UNet's attention projections
