@@ -80,17 +80,19 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Rows [r0, r0 + 64) of the two-segment matrix (a: la rows, then b: lb rows) into a padded
-// 64 × 72 tile; rows past the end are zero. 512 16-byte chunks over 128 threads.
+// Rows [r0, r0 + 64) of the two-segment matrix (a: la rows, then b: lb rows, `rs` elements
+// apart) into a padded 64 × 72 tile; rows past the end are zero. 512 16-byte chunks over 128
+// threads.
 template <typename T>
-__device__ __forceinline__ void load_tile_async(T* tile, const T* a, int la, const T* b, int lb, int r0) {
+__device__ __forceinline__ void load_tile_async(T* tile, const T* a, int la, const T* b, int lb, int r0,
+                                                int rs) {
 #pragma unroll
   for (int i = threadIdx.x; i < 64 * 8; i += WARPS * 32) {
     const int r = i >> 3, c = (i & 7) * 8;
     const int row = r0 + r;
     const bool in_a = row < la, valid = row < la + lb;
     // A valid address even when nothing is read (src-size 0 still takes an address).
-    const T* src = in_a ? a + (size_t)row * D + c : (valid ? b + (size_t)(row - la) * D + c : a);
+    const T* src = in_a ? a + (size_t)row * rs + c : (valid ? b + (size_t)(row - la) * rs + c : a);
     cp_async16(tile + r * LDS + c, src, valid);
   }
 }
@@ -103,10 +105,13 @@ __device__ __forceinline__ uint32_t pack_raw(T lo, T hi) {
   return (uint32_t)l | ((uint32_t)h << 16);
 }
 
-template <typename T>
+// TOKEN_MAJOR: every tensor is laid out [B, L, H, 64] (the projections' own layout, so the
+// caller needs no head split/merge copies): rows of one head are H·64 elements apart. Otherwise
+// [B, H, L, 64] contiguous, as the entry points below have always read them.
+template <typename T, bool TOKEN_MAJOR>
 __device__ void flash_mma(const T* __restrict__ q, const T* __restrict__ k1, const T* __restrict__ v1, int l1,
                           const T* __restrict__ k2, const T* __restrict__ v2, int l2, T* __restrict__ o,
-                          int lq, float scale) {
+                          int lq, float scale, int heads) {
   __shared__ __align__(128) T sK[2][BK * LDS];
   __shared__ __align__(128) T sV[2][BK * LDS];
 
@@ -115,18 +120,30 @@ __device__ void flash_mma(const T* __restrict__ q, const T* __restrict__ k1, con
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int lk = l1 + l2;
-  q += (size_t)bh * lq * D;
-  o += (size_t)bh * lq * D;
-  k1 += (size_t)bh * l1 * D;
-  v1 += (size_t)bh * l1 * D;
-  k2 += (size_t)bh * l2 * D;
-  v2 += (size_t)bh * l2 * D;
+  int rs = D;
+  if constexpr (TOKEN_MAJOR) {
+    const size_t b = bh / heads, h = bh % heads;
+    rs = heads * D;
+    q += (b * lq * heads + h) * D;
+    o += (b * lq * heads + h) * D;
+    k1 += (b * l1 * heads + h) * D;
+    v1 += (b * l1 * heads + h) * D;
+    k2 += (b * l2 * heads + h) * D;
+    v2 += (b * l2 * heads + h) * D;
+  } else {
+    q += (size_t)bh * lq * D;
+    o += (size_t)bh * lq * D;
+    k1 += (size_t)bh * l1 * D;
+    v1 += (size_t)bh * l1 * D;
+    k2 += (size_t)bh * l2 * D;
+    v2 += (size_t)bh * l2 * D;
+  }
 
   // Q through sV[1] (free until the second key tile), then into A fragments.
-  load_tile_async<T>(sV[1], q, lq, q, 0, q0);
+  load_tile_async<T>(sV[1], q, lq, q, 0, q0, rs);
   cp_async_commit();
-  load_tile_async<T>(sK[0], k1, l1, k2, l2, 0);
-  load_tile_async<T>(sV[0], v1, l1, v2, l2, 0);
+  load_tile_async<T>(sK[0], k1, l1, k2, l2, 0, rs);
+  load_tile_async<T>(sV[0], v1, l1, v2, l2, 0, rs);
   cp_async_commit();
   cp_async_wait<1>();
   __syncthreads();
@@ -154,8 +171,8 @@ __device__ void flash_mma(const T* __restrict__ q, const T* __restrict__ k1, con
   for (int it = 0; it < tiles; ++it) {
     const int buf = it & 1;
     if (it + 1 < tiles) {
-      load_tile_async<T>(sK[buf ^ 1], k1, l1, k2, l2, (it + 1) * BK);
-      load_tile_async<T>(sV[buf ^ 1], v1, l1, v2, l2, (it + 1) * BK);
+      load_tile_async<T>(sK[buf ^ 1], k1, l1, k2, l2, (it + 1) * BK, rs);
+      load_tile_async<T>(sV[buf ^ 1], v1, l1, v2, l2, (it + 1) * BK, rs);
     }
     cp_async_commit();
     cp_async_wait<1>();  // this tile's group has landed
@@ -244,7 +261,7 @@ __device__ void flash_mma(const T* __restrict__ q, const T* __restrict__ k1, con
   for (int r = 0; r < 2; ++r) {
     const int row = q0 + warp * 16 + g + 8 * r;
     if (row >= lq) continue;
-    T* orow = o + (size_t)row * D + 2 * t;
+    T* orow = o + (size_t)row * rs + 2 * t;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       *reinterpret_cast<uint32_t*>(orow + j * 8) =
@@ -258,11 +275,24 @@ __device__ void flash_mma(const T* __restrict__ q, const T* __restrict__ k1, con
 extern "C" __global__ void __launch_bounds__(128) flash_mma_f16(
     const __half* q, const __half* k1, const __half* v1, int l1, const __half* k2, const __half* v2, int l2,
     __half* o, int lq, float scale) {
-  flash_mma<__half>(q, k1, v1, l1, k2, v2, l2, o, lq, scale);
+  flash_mma<__half, false>(q, k1, v1, l1, k2, v2, l2, o, lq, scale, 1);
 }
 
 extern "C" __global__ void __launch_bounds__(128) flash_mma_bf16(
     const __nv_bfloat16* q, const __nv_bfloat16* k1, const __nv_bfloat16* v1, int l1, const __nv_bfloat16* k2,
     const __nv_bfloat16* v2, int l2, __nv_bfloat16* o, int lq, float scale) {
-  flash_mma<__nv_bfloat16>(q, k1, v1, l1, k2, v2, l2, o, lq, scale);
+  flash_mma<__nv_bfloat16, false>(q, k1, v1, l1, k2, v2, l2, o, lq, scale, 1);
+}
+
+// The same with every tensor token-major, [B, L, H, 64] (`heads` = H).
+extern "C" __global__ void __launch_bounds__(128) flash_mma_tm_f16(
+    const __half* q, const __half* k1, const __half* v1, int l1, const __half* k2, const __half* v2, int l2,
+    __half* o, int lq, float scale, int heads) {
+  flash_mma<__half, true>(q, k1, v1, l1, k2, v2, l2, o, lq, scale, heads);
+}
+
+extern "C" __global__ void __launch_bounds__(128) flash_mma_tm_bf16(
+    const __nv_bfloat16* q, const __nv_bfloat16* k1, const __nv_bfloat16* v1, int l1, const __nv_bfloat16* k2,
+    const __nv_bfloat16* v2, int l2, __nv_bfloat16* o, int lq, float scale, int heads) {
+  flash_mma<__nv_bfloat16, true>(q, k1, v1, l1, k2, v2, l2, o, lq, scale, heads);
 }

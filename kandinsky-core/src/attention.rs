@@ -57,6 +57,14 @@ fn flash_kernel() -> crate::cuda::FlashKernel {
     })
 }
 
+/// `KANDINSKY_FLASH_TOKEN_MAJOR=1`: the mma kernel reads the heads in the projections'
+/// `[B, L, H, D]` layout (no split/merge copies). Opt-in until a GPU run has measured it.
+#[cfg(feature = "cuda")]
+fn flash_token_major() -> bool {
+    static TM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TM.get_or_init(|| std::env::var("KANDINSKY_FLASH_TOKEN_MAJOR").as_deref() == Ok("1"))
+}
+
 /// Choose the path for these shapes (`masked`: an additive mask is given).
 pub fn choose_path(
     device: &Device,
@@ -112,6 +120,18 @@ pub fn attention(
         && use_flash()
         && crate::cuda::flash_covers(q, kv.len(), mask.is_some())
     {
+        if flash_token_major() && flash_kernel() == crate::cuda::FlashKernel::Mma {
+            // Heads split by `split_heads` are transposed views of the projections: back to
+            // [B, L, H, D] they are contiguous, and the output goes back as a view.
+            let tm = |t: &Tensor| t.transpose(1, 2);
+            let kv_tm = kv
+                .iter()
+                .map(|s| Ok((tm(s.k)?, tm(s.v)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let segs: Vec<(&Tensor, &Tensor)> = kv_tm.iter().map(|(k, v)| (k, v)).collect();
+            let out = crate::cuda::flash_attention_token_major(&tm(q)?, &segs, scale)?;
+            return Ok(out.transpose(1, 2)?);
+        }
         let segs: Vec<(&Tensor, &Tensor)> = kv.iter().map(|s| (s.k, s.v)).collect();
         return Ok(crate::cuda::flash_attention_with(
             q,

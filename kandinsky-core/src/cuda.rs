@@ -361,6 +361,9 @@ struct FlashOp {
     second: Option<(Tensor, Tensor)>,
     scale: f32,
     kernel: FlashKernel,
+    /// Every tensor `[B, L, H, 64]` (the mma kernel's `flash_mma_tm_*` entry points) instead
+    /// of `[B, H, L, 64]`.
+    token_major: bool,
 }
 
 fn cuda_ptr_check(l: &Layout, what: &str) -> candle_core::Result<usize> {
@@ -399,8 +402,17 @@ impl CustomOp3 for FlashOp {
         vs: &CudaStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (b, h, lq, d) = ql.shape().dims4()?;
-        let l1 = kl.shape().dims4()?.2;
+        let tm = self.token_major;
+        if tm && self.kernel != FlashKernel::Mma {
+            candle_core::bail!("flash attention: the token-major layout is the mma kernel's only");
+        }
+        // (batch, heads, length, head size) whichever the layout.
+        let bhld = |l: &Layout| -> candle_core::Result<(usize, usize, usize, usize)> {
+            let (a, b, c, d) = l.shape().dims4()?;
+            Ok(if tm { (a, c, b, d) } else { (a, b, c, d) })
+        };
+        let (b, h, lq, d) = bhld(ql)?;
+        let l1 = bhld(kl)?.2;
         if d != 64 {
             candle_core::bail!("flash attention: head size {d}, the kernel takes 64");
         }
@@ -436,7 +448,7 @@ impl CustomOp3 for FlashOp {
                         (
                             k2c.as_cuda_slice::<$t>()?.slice(k2o..),
                             v2c.as_cuda_slice::<$t>()?.slice(v2o..),
-                            k2l.shape().dims4()?.2,
+                            bhld(k2l)?.2,
                         )
                     }
                     None => (
@@ -446,12 +458,17 @@ impl CustomOp3 for FlashOp {
                     ),
                 };
                 let out = unsafe { dev.alloc::<$t>(b * h * lq * d)? };
-                let (name, module, ptx) = match self.kernel {
-                    FlashKernel::Wmma => ($name.0, "kandinsky_flash_attention", FLASH_PTX),
-                    FlashKernel::Mma => ($name.1, "kandinsky_flash_attention_mma", FLASH_MMA_PTX),
+                let (name, module, ptx) = match (self.kernel, tm) {
+                    (FlashKernel::Wmma, _) => ($name.0, "kandinsky_flash_attention", FLASH_PTX),
+                    (FlashKernel::Mma, false) => {
+                        ($name.1, "kandinsky_flash_attention_mma", FLASH_MMA_PTX)
+                    }
+                    (FlashKernel::Mma, true) => {
+                        ($name.2, "kandinsky_flash_attention_mma", FLASH_MMA_PTX)
+                    }
                 };
                 let f = dev.get_or_load_custom_func(name, module, ptx)?;
-                let (l1i, l2i, lqi) = (l1 as i32, l2 as i32, lq as i32);
+                let (l1i, l2i, lqi, hi) = (l1 as i32, l2 as i32, lq as i32, h as i32);
                 let mut a = f.builder();
                 a.arg(&q);
                 a.arg(&k1);
@@ -463,13 +480,26 @@ impl CustomOp3 for FlashOp {
                 a.arg(&out);
                 a.arg(&lqi);
                 a.arg(&self.scale);
+                if tm {
+                    a.arg(&hi);
+                }
                 unsafe { a.launch(cfg) }.w()?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
         let out = match qs.dtype() {
-            DType::F16 => launch!(half::f16, ("flash_attention_f16", "flash_mma_f16")),
-            DType::BF16 => launch!(half::bf16, ("flash_attention_bf16", "flash_mma_bf16")),
+            DType::F16 => launch!(
+                half::f16,
+                ("flash_attention_f16", "flash_mma_f16", "flash_mma_tm_f16")
+            ),
+            DType::BF16 => launch!(
+                half::bf16,
+                (
+                    "flash_attention_bf16",
+                    "flash_mma_bf16",
+                    "flash_mma_tm_bf16"
+                )
+            ),
             dt => candle_core::bail!("flash attention: unsupported dtype {dt:?}"),
         };
         Ok((out, ql.shape().clone()))
@@ -519,6 +549,35 @@ pub fn flash_attention_with(
             second,
             scale: scale as f32,
             kernel,
+            token_major: false,
+        },
+    )
+}
+
+/// [`flash_attention`] with every tensor token-major, `[B, L, H, 64]` — the layout the
+/// projections produce, so neither the heads' split nor their merge is a copy (the mma
+/// kernel; returns `[B, Lq, H, 64]`). Prepared in session 6 and checked only on the CPU
+/// side: opt-in through the entry point with `KANDINSKY_FLASH_TOKEN_MAJOR=1` until a GPU run
+/// has compared it with the f32 reference (`gpu_check`).
+pub fn flash_attention_token_major(
+    q: &Tensor,
+    kv: &[(&Tensor, &Tensor)],
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let q = q.contiguous()?;
+    let (k1, v1) = (kv[0].0.contiguous()?, kv[0].1.contiguous()?);
+    let second = match kv.get(1) {
+        Some((k, v)) => Some((k.contiguous()?, v.contiguous()?)),
+        None => None,
+    };
+    q.apply_op3_no_bwd(
+        &k1,
+        &v1,
+        &FlashOp {
+            second,
+            scale: scale as f32,
+            kernel: FlashKernel::Mma,
+            token_major: true,
         },
     )
 }

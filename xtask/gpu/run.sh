@@ -7,6 +7,7 @@
 #   2. ncu: the GPU time of every kernel of one 768 px UNet step and one MoVQ decode;
 #   3. unless PLAIN=0, the UNet timings with candle's own kernels (KANDINSKY_PLAIN_KERNELS=1);
 #      unless BANDED=0, the timings with the convolution scratch banded at 64 MiB (peak memory);
+#      unless TOKEN_MAJOR=0, the UNet with the token-major attention kernel (no head copies);
 #   4. with DIFFUSERS=1, diffusers/PyTorch on the same card (fp16), from the carried wheels.
 set -uo pipefail
 # Every part's timeout is cut to what is left of DEADLINE seconds (the device call's limit
@@ -41,6 +42,11 @@ if [ "${BANDED:-1}" = 1 ]; then
     echo "== 3b. MoVQ with the convolution scratch banded (KANDINSKY_CONV_SCRATCH_MB=64)"
     KANDINSKY_CONV_SCRATCH_MB=64 timeout $(t 70) $BIN/gpu_check --timings-only --quick 2>&1 \
         | tee "$OUT/rust-banded.log" | grep -E '^(movq|unet step 768px b2 F16 |timings)'
+fi
+if [ "${TOKEN_MAJOR:-1}" = 1 ]; then
+    echo "== 3c. UNet with the token-major attention kernel (KANDINSKY_FLASH_TOKEN_MAJOR=1)"
+    KANDINSKY_FLASH_TOKEN_MAJOR=1 timeout $(t 60) $BIN/gpu_check --timings-only --unet-only --quick 2>&1 \
+        | tee "$OUT/rust-token-major.log" | grep -E '^(unet|timings)'
 fi
 if [ "${DIFFUSERS:-0}" = 1 ]; then
     echo "== 4. diffusers"

@@ -176,7 +176,7 @@ fn parity(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
 /// (the entry point only dispatches f16 to the WMMA one), or the entry point elsewhere.
 fn attention_kernels(dev: &Device) -> &'static [&'static str] {
     if dev.is_cuda() {
-        &["wmma", "mma"]
+        &["wmma", "mma", "mma-tm"]
     } else {
         &["entry point"]
     }
@@ -191,6 +191,18 @@ fn fast_attention(
     ks: &Tensor,
     vs: &Tensor,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() && kernel == "mma-tm" {
+        // Token-major copies of the inputs ([B, L, H, 64]), the output back to [B, H, L, 64].
+        let tm = |t: &Tensor| t.transpose(1, 2)?.contiguous();
+        let (qt, kit, vit, kst, vst) = (tm(q)?, tm(ki)?, tm(vi)?, tm(ks)?, tm(vs)?);
+        let out = kandinsky_core::cuda::flash_attention_token_major(
+            &qt,
+            &[(&kit, &vit), (&kst, &vst)],
+            0.125,
+        )?;
+        return Ok(out.transpose(1, 2)?);
+    }
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
         use kandinsky_core::cuda::{flash_attention_with, FlashKernel};
