@@ -33,21 +33,20 @@ for w in unet movq; do
         >"$OUT/ncu-$w.csv" 2>"$OUT/ncu-$w.err"; echo "ncu $w exit $?"
     python3 xtask/gpu/ncu_summary.py "$OUT/ncu-$w.csv" 16 2>&1 | tee "$OUT/ncu-$w.txt"
 done
-if [ "${PLAIN:-1}" = 1 ]; then
-    echo "== 3. UNet with candle's own kernels (KANDINSKY_PLAIN_KERNELS=1)"
-    KANDINSKY_PLAIN_KERNELS=1 timeout $(t 70) $BIN/gpu_check --timings-only --unet-only --quick 2>&1 \
-        | tee "$OUT/rust-plain.log" | grep -E '^(unet|timings)'
-fi
-if [ "${BANDED:-1}" = 1 ]; then
-    echo "== 3b. MoVQ with the convolution scratch banded (KANDINSKY_CONV_SCRATCH_MB=64)"
-    KANDINSKY_CONV_SCRATCH_MB=64 timeout $(t 70) $BIN/gpu_check --timings-only --quick 2>&1 \
-        | tee "$OUT/rust-banded.log" | grep -E '^(movq|unet step 768px b2 F16 |timings)'
-fi
-if [ "${TOKEN_MAJOR:-1}" = 1 ]; then
-    echo "== 3c. UNet with the token-major attention kernel (KANDINSKY_FLASH_TOKEN_MAJOR=1)"
-    KANDINSKY_FLASH_TOKEN_MAJOR=1 timeout $(t 60) $BIN/gpu_check --timings-only --unet-only --quick 2>&1 \
-        | tee "$OUT/rust-token-major.log" | grep -E '^(unet|timings)'
-fi
+# ab SKIP_VAR ENV=VALUE LIMIT LOG PATTERN ARGS...: gpu_check again with one switch set, unless
+# $SKIP_VAR is 0; the log under $OUT, the lines matching PATTERN printed.
+ab() {
+    local skip=$1 env=$2 limit=$3 log=$4 pattern=$5
+    shift 5
+    [ "${!skip:-1}" = 1 ] || return 0
+    echo "== $env"
+    env "$env" timeout "$(t "$limit")" $BIN/gpu_check "$@" 2>&1 | tee "$OUT/$log" | grep -E "$pattern"
+}
+ab PLAIN KANDINSKY_PLAIN_KERNELS=1 70 rust-plain.log '^(unet|timings)' --timings-only --unet-only --quick
+ab BANDED KANDINSKY_CONV_SCRATCH_MB=64 70 rust-banded.log '^(movq|unet step 768px b2 F16 |timings)' \
+    --timings-only --quick
+ab TOKEN_MAJOR KANDINSKY_FLASH_TOKEN_MAJOR=1 60 rust-token-major.log '^(unet|timings)' \
+    --timings-only --unet-only --quick
 if [ "${DIFFUSERS:-0}" = 1 ]; then
     echo "== 4. diffusers"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
