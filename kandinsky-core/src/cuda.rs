@@ -78,15 +78,9 @@ impl CustomOp3 for GroupNormOp {
         bs: &CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (xo, _) = xl.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("group-norm kernel needs a contiguous input".into())
-        })?;
-        let (wo, _) = wl.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("group-norm weight must be contiguous".into())
-        })?;
-        let (bo, _) = bl
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("group-norm bias must be contiguous".into()))?;
+        let xo = contiguous_start(xl, "group-norm kernel: the input")?;
+        let wo = contiguous_start(wl, "group-norm kernel: the weight")?;
+        let bo = contiguous_start(bl, "group-norm kernel: the bias")?;
         let dims = xl.shape().dims();
         let (b, c) = (dims[0], dims[1]);
         let hw: usize = dims[2..].iter().product();
@@ -367,9 +361,7 @@ struct FlashOp {
 }
 
 fn cuda_ptr_check(l: &Layout, what: &str) -> candle_core::Result<usize> {
-    let (o, _) = l.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg(format!("flash attention: {what} must be contiguous"))
-    })?;
+    let o = contiguous_start(l, &format!("flash attention: {what}"))?;
     if o % 8 != 0 {
         candle_core::bail!("flash attention: {what} starts at an unaligned offset {o}");
     }
@@ -595,11 +587,11 @@ struct ShiftedConvOp {
     residual: Option<Tensor>,
 }
 
-/// A contiguous layout's start offset, or a clear error naming `what`.
+/// A contiguous layout's start offset, or an error naming `what` (the kernel and the tensor).
 fn contiguous_start(l: &Layout, what: &str) -> candle_core::Result<usize> {
-    l.contiguous_offsets().map(|(o, _)| o).ok_or_else(|| {
-        candle_core::Error::Msg(format!("shifted convolution: {what} must be contiguous"))
-    })
+    l.contiguous_offsets()
+        .map(|(o, _)| o)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))
 }
 
 /// The contiguous CUDA data of a storage (an optional input of [`ShiftedConvOp`]).
@@ -611,7 +603,7 @@ fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
     let candle_core::Storage::Cuda(cs) = st else {
         candle_core::bail!("shifted convolution: {what} is not on the GPU");
     };
-    let o = contiguous_start(l, what)?;
+    let o = contiguous_start(l, &format!("shifted convolution: {what}"))?;
     Ok(cs.as_cuda_slice::<T>()?.slice(o..))
 }
 
@@ -649,19 +641,13 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 self.k
             );
         }
-        let xo = contiguous_start(xl, "the input")?;
-        let wo = contiguous_start(wl, "the weight")?;
-        let [pt, pb, pl, pr] = self.pad;
+        let xo = contiguous_start(xl, "shifted convolution: the input")?;
+        let wo = contiguous_start(wl, "shifted convolution: the weight")?;
+        let [pt, _, pl, _] = self.pad;
         let up = usize::from(self.upsample2x);
-        let (hu, wu) = (h << up, w << up);
-        let (hp, wfull) = (hu + pt + pb, wu + pl + pr);
-        if hp < k || wfull < k {
-            candle_core::bail!("shifted convolution: a {hu}x{wu} map padded by {:?} is smaller than the {k}x{k} kernel", self.pad);
-        }
-        // Row stride and channel stride in multiples of 8 elements: every GEMM view starts
-        // 16-byte aligned (cuBLAS's tensor-core kernels need it to run at full speed).
-        let wp = wfull.div_ceil(8) * 8;
-        let (oh, ow) = (hp + 1 - k, wfull + 1 - k);
+        let g = crate::gpu_conv::Geometry::new(h, w, k, self.pad, self.upsample2x)
+            .map_err(candle_core::Error::wrap)?;
+        let (hp, wp, oh, ow) = (g.hp, g.wp, g.oh, g.ow);
         let (n, s) = (oh * wp, hp * wp);
         // The kernels index one channel's map, the output rows and the GEMM sizes in 32 bits.
         if [b * k * c, b * cout * oh, s, n]
@@ -669,7 +655,7 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
             .any(|&v| v > i32::MAX as usize)
         {
             candle_core::bail!(
-                "shifted convolution: a {hu}x{wu} map of {c} channels is too large for 32-bit indices"
+                "shifted convolution: a padded {hp}x{wp} map of {c} channels is too large for 32-bit indices"
             );
         }
         let dev = xs.device().clone();
@@ -864,7 +850,7 @@ impl candle_core::CustomOp1 for SoftmaxOp {
     }
 
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let xo = contiguous_start(xl, "the softmax input")?;
+        let xo = contiguous_start(xl, "softmax kernel: the input")?;
         let ncols = xl.shape().dims().last().copied().unwrap_or(1);
         let numel = xl.shape().elem_count();
         let rows = numel / ncols.max(1);
@@ -969,9 +955,9 @@ impl CustomOp3 for LinearBiasOp {
         bl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         use cudarc::cublaslt::{Matmul, MatmulConfig};
-        let xo = contiguous_start(xl, "the linear input")?;
-        let wo = contiguous_start(wl, "the linear weight")?;
-        let bo = contiguous_start(bl, "the linear bias")?;
+        let xo = contiguous_start(xl, "linear kernel: the input")?;
+        let wo = contiguous_start(wl, "linear kernel: the weight")?;
+        let bo = contiguous_start(bl, "linear kernel: the bias")?;
         let (n, k) = wl.shape().dims2()?;
         let dims = xl.shape().dims();
         if dims.last() != Some(&k) || bl.shape().elem_count() != n {

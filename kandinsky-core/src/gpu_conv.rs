@@ -29,6 +29,50 @@ fn scratch_limit() -> Option<usize> {
 /// Zero padding `(top, bottom, left, right)`.
 pub type Padding4 = [usize; 4];
 
+/// The padded map of one shifted convolution, as the CUDA op allocates it and the reference
+/// computes it: the (upsampled) map `hu` rows high, padded to `hp × wfull`, stored with the row
+/// stride `wp` (rounded up to 8 elements, so that every GEMM view starts 16-byte aligned),
+/// and the output `oh × ow`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub hu: usize,
+    pub hp: usize,
+    pub wfull: usize,
+    pub wp: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl Geometry {
+    /// For an `h × w` input, a `k × k` kernel, `padding`, optionally upsampled 2× first.
+    pub(crate) fn new(
+        h: usize,
+        w: usize,
+        k: usize,
+        padding: Padding4,
+        upsample2x: bool,
+    ) -> Result<Self> {
+        let [pt, pb, pl, pr] = padding;
+        let up = usize::from(upsample2x);
+        let (hu, wu) = (h << up, w << up);
+        let (hp, wfull) = (hu + pt + pb, wu + pl + pr);
+        if hp < k || wfull < k {
+            return Err(Error::invalid(format!(
+                "shifted convolution: a {hu}x{wu} map padded by {padding:?} is smaller than \
+                 the {k}x{k} kernel"
+            )));
+        }
+        Ok(Self {
+            hu,
+            hp,
+            wfull,
+            wp: wfull.div_ceil(8) * 8,
+            oh: hp + 1 - k,
+            ow: wfull + 1 - k,
+        })
+    }
+}
+
 /// A stride-1, dilation-1, ungrouped `k`×`k` convolution kept in the layout the CUDA kernel
 /// reads (weight taps `[k, Cout, k·Cin]`, arranged once at load).
 #[derive(Debug, Clone)]
@@ -126,11 +170,8 @@ impl ShiftedConv {
     pub fn scratch_bytes(&self, x: &Tensor, upsample2x: bool) -> Result<usize> {
         let (b, c, h, w) = x.dims4()?;
         let (k, cout, _) = self.taps.dims3()?;
-        let [pt, pb, pl, pr] = self.padding;
-        let up = usize::from(upsample2x);
-        let (hp, wp) = ((h << up) + pt + pb, ((w << up) + pl + pr).div_ceil(8) * 8);
-        let oh = (hp + 1).saturating_sub(k);
-        Ok(b * (k * c * hp * wp * x.dtype().size_in_bytes() + cout * oh * wp * 4))
+        let g = Geometry::new(h, w, k, self.padding, upsample2x)?;
+        Ok(b * (k * c * g.hp * g.wp * x.dtype().size_in_bytes() + cout * g.oh * g.wp * 4))
     }
 
     /// [`Self::forward`] in horizontal bands of output rows, each band's scratch within
@@ -147,20 +188,8 @@ impl ShiftedConv {
     ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let (k, cout, _) = self.taps.dims3()?;
-        let [pt, pb, pl, pr] = self.padding;
-        let up = usize::from(upsample2x);
-        let (hu, wu) = (h << up, w << up);
-        let wp = (wu + pl + pr).div_ceil(8) * 8;
-        let oh = (hu + pt + pb + 1)
-            .checked_sub(k)
-            .filter(|&oh| oh > 0 && wu + pl + pr >= k)
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "shifted convolution: a {hu}x{wu} map padded by {:?} is smaller than the \
-                     {k}x{k} kernel",
-                    self.padding
-                ))
-            })?;
+        let [pt, _, pl, pr] = self.padding;
+        let Geometry { hu, wp, oh, .. } = Geometry::new(h, w, k, self.padding, upsample2x)?;
         let per_row = b * wp * (k * c * x.dtype().size_in_bytes() + cout * 4);
         let rows = (max_scratch_bytes / per_row.max(1))
             .saturating_sub(k - 1)
@@ -228,16 +257,15 @@ impl ShiftedConv {
         } else {
             x.clone()
         };
-        let (hu, wu) = (x.dim(2)?, x.dim(3)?);
-        let (hp, wfull) = (hu + pt + pb, wu + pl + pr);
-        if hp < k || wfull < k {
-            return Err(Error::invalid(format!(
-                "shifted convolution: a {hu}x{wu} map padded by {padding:?} is smaller than \
-                 the {k}x{k} kernel"
-            )));
-        }
-        let wp = wfull.div_ceil(8) * 8;
-        let (oh, ow, s) = (hp + 1 - k, wfull + 1 - k, hp * wp);
+        let Geometry {
+            hp,
+            wfull,
+            wp,
+            oh,
+            ow,
+            ..
+        } = Geometry::new(h, w, k, padding, upsample2x)?;
+        let s = hp * wp;
         let n = oh * wp;
         let flat = x
             .pad_with_zeros(2, pt, pb)?
