@@ -2,9 +2,10 @@
 //!
 //! Every network calls [`attention`]; it picks the fastest path available for the device,
 //! dtype and shape: a CUDA kernel (when built with the `cuda` feature and a kernel covers the
-//! shape), a fused flash-style CPU kernel (no mask; blocks of queries stream the keys with an
-//! online softmax), a query-chunked CPU path that never materialises more than a bounded slice
-//! of the score matrix (masked attention), or the plain path. All paths compute
+//! shape), a fused flash-style CPU kernel (blocks of queries stream the keys with an online
+//! softmax, the additive mask added block by block), a query-chunked CPU path that never
+//! materialises more than a bounded slice of the score matrix (masked attention when the
+//! fused kernels are off, `KANDINSKY_PLAIN_KERNELS`), or the plain path. All paths compute
 //! `softmax(q·kᵀ·scale + mask)·v` with the softmax in f32 for half-precision inputs
 //! (diffusers' `upcast_softmax`).
 
@@ -31,7 +32,8 @@ pub enum AttentionPath {
     Plain,
     /// Process queries in chunks bounded by [`CHUNK_SCORE_BYTES`].
     ChunkedQueries,
-    /// The fused CPU kernel (unmasked attention on the CPU).
+    /// The fused CPU kernel (any attention on the CPU, the additive mask added to each score
+    /// block).
     FusedCpu,
 }
 
@@ -65,17 +67,10 @@ fn flash_token_major() -> bool {
     *TM.get_or_init(|| std::env::var("KANDINSKY_FLASH_TOKEN_MAJOR").as_deref() == Ok("1"))
 }
 
-/// Choose the path for these shapes (`masked`: an additive mask is given).
-pub fn choose_path(
-    device: &Device,
-    b: usize,
-    h: usize,
-    lq: usize,
-    lk: usize,
-    masked: bool,
-) -> AttentionPath {
+/// Choose the path for these shapes (masked or not: every path takes the additive mask).
+pub fn choose_path(device: &Device, b: usize, h: usize, lq: usize, lk: usize) -> AttentionPath {
     let score_bytes = b * h * lq * lk * 4;
-    if device.is_cpu() && !masked && crate::nn::use_fused_kernels() {
+    if device.is_cpu() && crate::nn::use_fused_kernels() {
         AttentionPath::FusedCpu
     } else if device.is_cpu() && score_bytes > CHUNK_SCORE_BYTES && lq > 1 {
         AttentionPath::ChunkedQueries
@@ -140,31 +135,42 @@ pub fn attention(
             flash_kernel(),
         )?);
     }
-    let path = choose_path(q.device(), b, h, lq, lk, mask.is_some());
+    let path = choose_path(q.device(), b, h, lq, lk);
     if path == AttentionPath::FusedCpu {
-        return crate::cpu_attention::flash_attention(q, kv, scale);
+        return crate::cpu_attention::flash_attention(q, kv, mask, scale);
     }
     let (k, v) = concat_segments(kv)?;
     match path {
         AttentionPath::Plain | AttentionPath::FusedCpu => plain(q, &k, &v, mask, scale),
-        AttentionPath::ChunkedQueries => {
-            let rows = (CHUNK_SCORE_BYTES / (b * h * lk * 4)).max(1);
-            let mut outs = Vec::with_capacity(lq.div_ceil(rows));
-            let mut start = 0;
-            while start < lq {
-                let n = rows.min(lq - start);
-                let qc = q.narrow(2, start, n)?;
-                let mc = match mask {
-                    Some(m) if m.rank() == 4 && m.dim(2)? == lq => Some(m.narrow(2, start, n)?),
-                    Some(m) => Some(m.clone()),
-                    None => None,
-                };
-                outs.push(plain(&qc, &k, &v, mc.as_ref(), scale)?);
-                start += n;
-            }
-            Ok(Tensor::cat(&outs, 2)?)
-        }
+        AttentionPath::ChunkedQueries => chunked_queries(q, &k, &v, mask, scale),
     }
+}
+
+/// The plain path over chunks of queries, each chunk's scores at most [`CHUNK_SCORE_BYTES`].
+fn chunked_queries(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, lq, _) = q.dims4()?;
+    let lk = k.dim(2)?;
+    let rows = (CHUNK_SCORE_BYTES / (b * h * lk * 4)).max(1);
+    let mut outs = Vec::with_capacity(lq.div_ceil(rows));
+    let mut start = 0;
+    while start < lq {
+        let n = rows.min(lq - start);
+        let qc = q.narrow(2, start, n)?;
+        let mc = match mask {
+            Some(m) if m.rank() == 4 && m.dim(2)? == lq => Some(m.narrow(2, start, n)?),
+            Some(m) => Some(m.clone()),
+            None => None,
+        };
+        outs.push(plain(&qc, k, v, mc.as_ref(), scale)?);
+        start += n;
+    }
+    Ok(Tensor::cat(&outs, 2)?)
 }
 
 fn concat_segments(kv: &[KvSegment<'_>]) -> Result<(Tensor, Tensor)> {
@@ -233,15 +239,19 @@ mod tests {
         let v1 = Tensor::randn(0f32, 1.0, (1, 2, 32, 8), &dev)?;
         let k2 = Tensor::randn(0f32, 1.0, (1, 2, 9000, 8), &dev)?;
         let v2 = Tensor::randn(0f32, 1.0, (1, 2, 9000, 8), &dev)?;
-        assert_eq!(
-            choose_path(&dev, 1, 2, 2000, 9032, true),
+        // The chunked path runs when the fused kernels are off (`KANDINSKY_PLAIN_KERNELS`).
+        let expected = if crate::nn::use_fused_kernels() {
+            AttentionPath::FusedCpu
+        } else {
             AttentionPath::ChunkedQueries
-        );
+        };
+        assert_eq!(choose_path(&dev, 1, 2, 2000, 9032), expected);
         let k = Tensor::cat(&[&k1, &k2], 2)?;
         let v = Tensor::cat(&[&v1, &v2], 2)?;
-        // An all-zero mask takes the chunked path with the same arithmetic as plain.
+        // An all-zero mask: the chunked path with the same arithmetic as plain.
         let mask = Tensor::zeros((1, 1, 1, 9032), DType::F32, &dev)?;
-        let out = attention(&q, &[KvSegment { k: &k, v: &v }], Some(&mask), 0.3)?;
+        let out = chunked_queries(&q, &k, &v, Some(&mask), 0.3)?;
+        assert!(CHUNK_SCORE_BYTES / (2 * 9032 * 4) < 2000, "one chunk only");
         let reference = plain(&q, &k, &v, None, 0.3)?;
         let diff = (out - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
         // Same arithmetic per row, only the batching differs.
@@ -269,7 +279,7 @@ mod tests {
             // KANDINSKY_PLAIN_KERNELS turns the kernel off (then this compares plain to plain).
             if crate::nn::use_fused_kernels() {
                 assert_eq!(
-                    choose_path(&dev, 2, 3, lq, l1 + l2, false),
+                    choose_path(&dev, 2, 3, lq, l1 + l2),
                     AttentionPath::FusedCpu
                 );
             }

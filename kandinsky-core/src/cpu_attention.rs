@@ -27,11 +27,64 @@ const QUERY_BLOCK: usize = 128;
 /// 128×512 138 ms, 256×512 134 ms (≈ 46–50 GFLOP/s per core).
 const KEY_BLOCK: usize = 512;
 
-/// `softmax(q·kᵀ·scale)·v` without a mask; `q` `[B, H, Lq, D]`, segments `[B, H, L_i, D]`
-/// (shapes already checked by the caller). Returns `[B, H, Lq, D]` in `q`'s dtype.
-pub(crate) fn flash_attention(q: &Tensor, kv: &[KvSegment<'_>], scale: f64) -> Result<Tensor> {
+/// `softmax(q·kᵀ·scale + mask)·v`; `q` `[B, H, Lq, D]`, segments `[B, H, L_i, D]` (shapes
+/// already checked by the caller), `mask` additive, broadcastable to `[B, H, Lq, Lk]`.
+/// Returns `[B, H, Lq, D]` in `q`'s dtype.
+pub(crate) fn flash_attention(
+    q: &Tensor,
+    kv: &[KvSegment<'_>],
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let d = q.dim(3)?;
-    flash_attention_with(q, kv, scale, microkernels_available(d))
+    flash_attention_with(q, kv, mask, scale, microkernels_available(d))
+}
+
+/// An additive mask as f32 rows of `Lk` values: `[Bm, Hm, Lm, Lk]` contiguous with `Bm` in
+/// {1, B}, `Hm` in {1, H}, `Lm` in {1, Lq} — the broadcast dimensions are not expanded
+/// (a padding mask `[B, 1, 1, Lk]` stays one row per batch).
+struct MaskRows {
+    data: Tensor,
+    dims: [usize; 4],
+}
+
+impl MaskRows {
+    fn new(mask: &Tensor, b: usize, h: usize, lq: usize, lk: usize) -> Result<Self> {
+        let mut dims = [1usize; 4];
+        let rank = mask.rank();
+        if rank > 4 {
+            return Err(crate::error::Error::invalid(format!(
+                "attention mask {:?} has more than 4 dimensions",
+                mask.dims()
+            )));
+        }
+        dims[4 - rank..].copy_from_slice(mask.dims());
+        let target = [b, h, lq, lk];
+        for (i, (&m, &t)) in dims.iter().zip(&target).enumerate() {
+            if m != t && m != 1 {
+                return Err(crate::error::Error::invalid(format!(
+                    "attention mask {:?} does not broadcast to [B, H, Lq, Lk] = {target:?} \
+                     (dimension {i})",
+                    mask.dims()
+                )));
+            }
+        }
+        let given = mask.to_dtype(DType::F32)?.reshape(&dims[..])?;
+        // Only the key dimension is expanded, so every row is Lk values.
+        dims[3] = lk;
+        let data = given.broadcast_as(&dims[..])?.contiguous()?;
+        Ok(Self { data, dims })
+    }
+
+    /// The rows of head `bh` (= batch · H + head): the mask slice and the row stride (0 when
+    /// one row serves every query).
+    fn head<'a>(&self, values: &'a [f32], bh: usize, h: usize) -> (&'a [f32], usize) {
+        let [mb, mh, ml, lk] = self.dims;
+        let (bi, hi) = (bh / h, bh % h);
+        let idx = (if mb == 1 { 0 } else { bi }) * mh + if mh == 1 { 0 } else { hi };
+        let head = &values[idx * ml * lk..(idx + 1) * ml * lk];
+        (head, if ml == 1 { 0 } else { lk })
+    }
 }
 
 /// [`flash_attention`] with the products through the AVX2 micro-kernels (`fast`, only when
@@ -39,10 +92,21 @@ pub(crate) fn flash_attention(q: &Tensor, kv: &[KvSegment<'_>], scale: f64) -> R
 fn flash_attention_with(
     q: &Tensor,
     kv: &[KvSegment<'_>],
+    mask: Option<&Tensor>,
     scale: f64,
     fast: bool,
 ) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
+    let lk: usize = kv
+        .iter()
+        .map(|s| s.k.dim(2))
+        .sum::<candle_core::Result<usize>>()?;
+    let mask = mask.map(|m| MaskRows::new(m, b, h, lq, lk)).transpose()?;
+    let mask_guard = mask.as_ref().map(|m| m.data.storage_and_layout());
+    let mask_values = mask_guard
+        .as_ref()
+        .map(|g| cpu_gemm::cpu_f32(g))
+        .transpose()?;
     let dtype = q.dtype();
     // f32 contiguous inputs are read in place (a copy of q, k and v was a serial tenth of
     // the two-thread time); other dtypes and layouts are converted once.
@@ -90,13 +154,23 @@ fn flash_attention_with(
                     }
                 })
                 .collect();
+            let mask_head = mask
+                .as_ref()
+                .zip(mask_values)
+                .map(|(m, values)| m.head(values, bh, h));
             out_head
                 .par_chunks_mut(QUERY_BLOCK * d)
                 .enumerate()
                 .for_each(|(blk, o)| {
                     let rows = o.len() / d;
                     let qs = &q_head[blk * QUERY_BLOCK * d..][..rows * d];
-                    attend_block(qs, &heads, o, rows, d, scale);
+                    // This block's mask rows: from its first query on (one shared row
+                    // when the stride is 0).
+                    let block_mask = mask_head.map(|(m, stride)| BlockMask {
+                        rows: &m[blk * QUERY_BLOCK * stride..],
+                        stride,
+                    });
+                    attend_block(qs, &heads, block_mask, o, rows, d, scale);
                 });
         });
     Ok(Tensor::from_vec(out, (b, h, lq, d), q.device())?.to_dtype(dtype)?)
@@ -111,10 +185,18 @@ struct Segment<'a> {
     len: usize,
 }
 
+/// The additive mask of one query block: row `r` is `rows[r·stride..][..Lk]`.
+#[derive(Clone, Copy)]
+struct BlockMask<'a> {
+    rows: &'a [f32],
+    stride: usize,
+}
+
 /// One block of `rows` queries against every key segment of one head; writes `o` `[rows, D]`.
 fn attend_block(
     q: &[f32],
     segments: &[Segment<'_>],
+    mask: Option<BlockMask<'_>>,
     o: &mut [f32],
     rows: usize,
     d: usize,
@@ -125,6 +207,8 @@ fn attend_block(
     let mut row_max = vec![f32::NEG_INFINITY; rows];
     let mut row_sum = vec![0f32; rows];
     o.fill(0.0);
+    // Index of the segment's first key in the whole key sequence (the mask's columns).
+    let mut seg_base = 0;
     for seg in segments {
         let mut start = 0;
         while start < seg.len {
@@ -145,7 +229,18 @@ fn attend_block(
             };
             for r in 0..rows {
                 let srow = &mut scores[r * lds..r * lds + n];
+                if let Some(m) = mask {
+                    let mrow = &m.rows[r * m.stride + seg_base + start..][..n];
+                    for (s, &a) in srow.iter_mut().zip(mrow) {
+                        *s += a;
+                    }
+                }
                 let new_max = row_max[r].max(max_of(srow));
+                if new_max == f32::NEG_INFINITY {
+                    // Every key so far is masked out: nothing to add (exp(−∞ − −∞) is NaN).
+                    srow.fill(0.0);
+                    continue;
+                }
                 // Rescale what was accumulated under the old maximum.
                 let correction = if row_max[r] == f32::NEG_INFINITY {
                     0.0
@@ -168,6 +263,7 @@ fn attend_block(
             }
             start += n;
         }
+        seg_base += seg.len;
     }
     for r in 0..rows {
         let inv = 1.0 / row_sum[r];
@@ -452,20 +548,69 @@ mod tests {
             let k = Tensor::cat(&ks.iter().map(|(k, _)| k).collect::<Vec<_>>(), 2)?;
             let v = Tensor::cat(&ks.iter().map(|(_, v)| v).collect::<Vec<_>>(), 2)?;
             let scale = 1.0 / (d as f64).sqrt();
-            let want = crate::attention::plain(&q, &k, &v, None, scale)?;
-            let mut paths = vec![false];
-            if microkernels_available(d) {
-                paths.push(true);
+            let lk = l1 + l2;
+            // The masks the models pass: none; a per-row one [1, 1, Lq, Lk] that hides the
+            // first half of the keys from even rows with −∞ (whole key blocks and the first
+            // segment masked, so a row's running maximum starts at −∞) and adds noise
+            // elsewhere; a per-batch padding row [2, 1, 1, Lk] with a large finite negative;
+            // a full [2, 3, Lq, Lk] one.
+            let rows: Vec<f32> = (0..lq * lk)
+                .map(|i| {
+                    let (r, j) = (i / lk, i % lk);
+                    if r % 2 == 0 && j < lk.div_ceil(2) && lk > 1 {
+                        f32::NEG_INFINITY
+                    } else {
+                        ((i * 7919) % 13) as f32 * 0.1
+                    }
+                })
+                .collect();
+            let padding: Vec<f32> = (0..2 * lk)
+                .map(|i| {
+                    if i % lk >= lk - lk / 3 && i >= lk {
+                        -1e4
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let masks = [
+                None,
+                Some(Tensor::from_vec(rows, (1, 1, lq, lk), &dev)?),
+                Some(Tensor::from_vec(padding, (2, 1, 1, lk), &dev)?),
+                Some(Tensor::randn(0f32, 1.0, (2, 3, lq, lk), &dev)?),
+            ];
+            for mask in &masks {
+                let want = crate::attention::plain(&q, &k, &v, mask.as_ref(), scale)?;
+                let mut paths = vec![false];
+                if microkernels_available(d) {
+                    paths.push(true);
+                }
+                for fast in paths {
+                    let got = flash_attention_with(&q, &segs, mask.as_ref(), scale, fast)?;
+                    let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    // f32 sums in another order: a few ulps of values of order 1.
+                    assert!(
+                        err < 1e-5,
+                        "lq {lq} keys {l1}+{l2} d {d} fast {fast} mask {:?}: {err}",
+                        mask.as_ref().map(|m| m.dims().to_vec())
+                    );
+                }
             }
-            for fast in paths {
-                let got = flash_attention_with(&q, &segs, scale, fast)?;
-                let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                // f32 sums in another order: a few ulps of values of order 1.
-                assert!(
-                    err < 1e-5,
-                    "lq {lq} keys {l1}+{l2} d {d} fast {fast}: {err}"
-                );
-            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn masks_that_do_not_broadcast_are_refused() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((2, 3, 5, 16), DType::F32, &dev)?;
+        let k = Tensor::zeros((2, 3, 7, 16), DType::F32, &dev)?;
+        let segs = [KvSegment { k: &k, v: &k }];
+        for dims in [vec![2, 3, 5, 6], vec![3, 1, 1, 7], vec![1, 1, 1, 1, 7]] {
+            let mask = Tensor::zeros(dims.clone(), DType::F32, &dev)?;
+            let err = flash_attention(&q, &segs, Some(&mask), 0.25)
+                .expect_err("a mask that does not broadcast");
+            assert!(err.to_string().contains("mask"), "{dims:?}: {err}");
         }
         Ok(())
     }

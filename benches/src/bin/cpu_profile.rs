@@ -13,6 +13,9 @@
 //! Winograd or direct as chosen), an attention block per level.
 //! `cpu_profile linear [--reps 5]`: the packed linear layer against candle's at the UNet
 //! attention blocks' token shapes.
+//! `cpu_profile clip [--reps 5]`: one CLIP bigG text encoder layer (batch 2 × 77 tokens) and
+//! its pieces: the LayerNorms, the q/k/v/out and MLP linear layers, the GELU, the causal
+//! attention, the head split/merge copies and the residual adds.
 //! `cpu_profile conv [--reps 5]`: the packed 3×3 convolution alone at the UNet's and MoVQ's
 //! shapes (minimum time, GFLOP/s).
 
@@ -517,6 +520,104 @@ fn linear_profile(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn clip_profile(args: &[String]) -> Result<()> {
+    use kandinsky_clip::modeling_clip::{ClipEncoderLayer, TowerDims};
+    use kandinsky_core::attention::{merge_heads, split_heads};
+    let reps = arg(args, "--reps", 5);
+    let dev = Device::Cpu;
+    kandinsky_core::device::keep_freed_memory();
+    let (hidden, heads, inter, tokens) = (1280usize, 20usize, 5120usize, 77usize);
+    let dims = TowerDims {
+        hidden,
+        intermediate: inter,
+        heads,
+        layers: 1,
+        eps: 1e-5,
+        act: kandinsky_core::nn::Activation::Gelu,
+    };
+    let vb = kandinsky_benches::random_var_builder(candle_core::DType::F32, &dev);
+    let layer = ClipEncoderLayer::new(vb.pp("layer"), &dims)?;
+    let x = Tensor::randn(0f32, 1.0, (2, tokens, hidden), &dev)?;
+    let causal: Vec<f32> = (0..tokens * tokens)
+        .map(|i| {
+            if i % tokens > i / tokens {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(causal, (1, 1, tokens, tokens), &dev)?;
+    println!(
+        "CLIP bigG text layer, batch 2 × {tokens} tokens, {} threads, median of {reps}",
+        candle_core::utils::get_num_threads()
+    );
+    row(
+        "whole layer (× 32 layers ≈ the encoder)",
+        time(reps, || Ok(layer.forward(&x, Some(&mask))?))?,
+    );
+    let w = |n, k| -> Result<kandinsky_core::nn::Linear> {
+        Ok(kandinsky_core::nn::Linear::new(
+            Tensor::randn(0f32, 0.02, (n, k), &dev)?,
+            Some(Tensor::randn(0f32, 0.02, n, &dev)?),
+        )?)
+    };
+    let (q, fc1, fc2) = (w(hidden, hidden)?, w(inter, hidden)?, w(hidden, inter)?);
+    let ln = candle_nn::LayerNorm::new(
+        Tensor::ones(hidden, candle_core::DType::F32, &dev)?,
+        Tensor::zeros(hidden, candle_core::DType::F32, &dev)?,
+        1e-5,
+    );
+    let m = |l: &kandinsky_core::nn::Linear, t: &Tensor| candle_core::Module::forward(l, t);
+    row(
+        "layer norm",
+        time(reps, || Ok(kandinsky_core::nn::layer_norm_f32(&ln, &x)?))?,
+    );
+    row(
+        "one 1280 → 1280 linear (× 4: q, k, v, out)",
+        time(reps, || Ok(m(&q, &x)?))?,
+    );
+    let h = m(&fc1, &x)?;
+    row("fc1 1280 → 5120", time(reps, || Ok(m(&fc1, &x)?))?);
+    row(
+        "GELU on [2, 77, 5120]",
+        time(reps, || Ok(kandinsky_core::nn::Activation::Gelu.apply(&h)?))?,
+    );
+    row("fc2 5120 → 1280", time(reps, || Ok(m(&fc2, &h)?))?);
+    let qh = split_heads(&x, heads)?;
+    row(
+        "split_heads (× 3)",
+        time(reps, || Ok(split_heads(&x, heads)?))?,
+    );
+    let scale = 1.0 / 8.0;
+    row(
+        "attention, causal mask",
+        time(reps, || {
+            Ok(attention(
+                &qh,
+                &[KvSegment { k: &qh, v: &qh }],
+                Some(&mask),
+                scale,
+            )?)
+        })?,
+    );
+    row(
+        "attention, no mask",
+        time(reps, || {
+            Ok(attention(
+                &qh,
+                &[KvSegment { k: &qh, v: &qh }],
+                None,
+                scale,
+            )?)
+        })?,
+    );
+    let o = attention(&qh, &[KvSegment { k: &qh, v: &qh }], Some(&mask), scale)?;
+    row("merge_heads", time(reps, || Ok(merge_heads(&o)?))?);
+    row("residual add (× 2)", time(reps, || Ok((&x + &x)?))?);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -525,9 +626,10 @@ fn main() -> Result<()> {
         Some("unet") => unet_profile(&args),
         Some("conv") => conv_profile(&args),
         Some("linear") => linear_profile(&args),
+        Some("clip") => clip_profile(&args),
         _ => bail!(
             "usage: cpu_profile attention [--level 32|48] [--reps N] | movq [--reps N] \
-             | unet [--px N] [--reps N] | conv [--reps N] | linear [--reps N]"
+             | unet [--px N] [--reps N] | conv [--reps N] | linear [--reps N] | clip [--reps N]"
         ),
     }
 }
