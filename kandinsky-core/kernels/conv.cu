@@ -8,20 +8,64 @@
 // padded[b, c, (dy·Wp + dx + j)]. Wp and S are multiples of 8 (16-byte aligned views for
 // cuBLAS's tensor-core kernels). Positions past the padded map are zero.
 //
+// `conv_shift_norm_*` is `conv_shift_*` reading the map through a GroupNorm (+ modulation)
+// (+ SiLU): the statistics come from `group_norm_stats_*` (group_norm.cu), each block merges
+// its channel's group once and normalises on read, so the normalised map — the convolution's
+// input in every ResNet block — is never written and read back.
+//
 // `conv_finish_*` crops the accumulator [B, Cout, OH·Wp] (f32) to [B, Cout, OH, OW], adds the
 // bias and an optional same-shape residual, and rounds once to the output type.
 #include "common.cuh"
+#include "welford.cuh"
+
+// The GroupNorm read by conv_shift_norm: `partial` holds (count, mean, M2) for each of the
+// `splits` chunks of each group (b·G + g), as group_norm_stats_* writes them; the modulation
+// kinds are group_norm.cu's (0 none, 1 per-channel scale-shift through its strides, 2 spatial
+// maps [B, C, mh, mw] nearest-upsampled to the input's H × W).
+template <typename T>
+struct NormIn {
+  const T *gamma, *beta, *mscale, *mshift;
+  const float *partial;
+  int splits, cpg, silu, mkind, mh, mw;
+  float eps;
+  long long ssb, ssc, tsb, tsc;
+};
 
 // Grid: x = one (b, dx, c) row of X3 (B·k·C rows), y = chunks of 8·blockDim positions of S;
 // each thread writes 8 consecutive positions (S is a multiple of 8). x: contiguous
 // [B, C, H, W]; the padded map is [Hp, Wp] with the (upsampled) input at rows
 // [pt, pt + H << up), columns [pl, pl + W << up). 32-bit index arithmetic (one map of one
 // channel stays far below 2^31 elements), the divisions once per thread.
-template <typename T>
+template <typename T, bool NORM>
 __device__ void conv_shift(const T *__restrict__ x, T *__restrict__ x3, int C, int H, int W,
-                           int up, int pt, int pl, int Hp, int Wp, long long S, int k) {
+                           int up, int pt, int pl, int Hp, int Wp, long long S, int k,
+                           NormIn<T> nm) {
   const int row = blockIdx.x;  // (b·k + dx)·C + c
   const int c = row % C, bdx = row / C, dx = bdx % k, b = bdx / k;
+  // The channel's normalisation, v = (x − mean)·mul + add, merged once per block (before any
+  // thread leaves: the whole block waits on it).
+  __shared__ float s_mean, s_mul, s_add;
+  if (NORM) {
+    if (threadIdx.x == 0) {
+      const int gs = b * (C / nm.cpg) + c / nm.cpg;
+      Welford w{0.f, 0.f, 0.f};
+      for (int sp = 0; sp < nm.splits; ++sp) {
+        const float *q = nm.partial + 3 * (gs * nm.splits + sp);
+        w = merge(w, Welford{q[0], q[1], q[2]});
+      }
+      float mul = rsqrtf(w.m2 / w.n + nm.eps) * to_f(nm.gamma[c]);
+      float add = to_f(nm.beta[c]);
+      if (nm.mkind == 1) {
+        const float sc = 1.f + to_f(nm.mscale[b * nm.ssb + c * nm.ssc]);
+        mul *= sc;
+        add = add * sc + to_f(nm.mshift[b * nm.tsb + c * nm.tsc]);
+      }
+      s_mean = w.mean;
+      s_mul = mul;
+      s_add = add;
+    }
+    __syncthreads();
+  }
   const int i0 = 8 * (blockIdx.y * blockDim.x + threadIdx.x);
   if (i0 >= S) return;
   const T *xc = x + ((long long)b * C + c) * H * W;
@@ -32,9 +76,24 @@ __device__ void conv_shift(const T *__restrict__ x, T *__restrict__ x3, int C, i
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
     const int yy = r - pt, xx = col - pl;
-    out.v[e] = (r < Hp && yy >= 0 && yy < hu && xx >= 0 && xx < wu)
-                   ? xc[(yy >> up) * W + (xx >> up)]
-                   : from_f<T>(0.f);
+    if (r < Hp && yy >= 0 && yy < hu && xx >= 0 && xx < wu) {
+      const int sy = yy >> up, sx = xx >> up;
+      if (NORM) {
+        float v = (to_f(xc[sy * W + sx]) - s_mean) * s_mul + s_add;
+        if (nm.mkind == 2) {
+          const long long m = (((long long)b * C + c) * nm.mh + sy / (H / nm.mh)) * nm.mw +
+                              sx / (W / nm.mw);
+          v = v * to_f(nm.mscale[m]) + to_f(nm.mshift[m]);
+        }
+        if (nm.silu) v = v / (1.f + __expf(-v));
+        out.v[e] = from_f<T>(v);
+      } else {
+        out.v[e] = xc[sy * W + sx];
+      }
+    } else {
+      // The zero padding is applied to the normalised map.
+      out.v[e] = from_f<T>(0.f);
+    }
     if (++col == Wp) {
       col = 0;
       ++r;
@@ -73,7 +132,16 @@ __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__
   extern "C" __global__ void conv_shift_##SUF(const T *x, T *x3, int C, int H, int W, int up, \
                                                int pt, int pl, int Hp, int Wp, long long S,  \
                                                int k) {                                      \
-    conv_shift<T>(x, x3, C, H, W, up, pt, pl, Hp, Wp, S, k);                                 \
+    conv_shift<T, false>(x, x3, C, H, W, up, pt, pl, Hp, Wp, S, k, NormIn<T>{});             \
+  }                                                                                          \
+  extern "C" __global__ void conv_shift_norm_##SUF(                                          \
+      const T *x, T *x3, int C, int H, int W, int up, int pt, int pl, int Hp, int Wp,        \
+      long long S, int k, const T *gamma, const T *beta, const float *partial, int splits,   \
+      int cpg, float eps, int silu, const T *mscale, const T *mshift, int mkind,             \
+      long long ssb, long long ssc, long long tsb, long long tsc, int mh, int mw) {          \
+    conv_shift<T, true>(x, x3, C, H, W, up, pt, pl, Hp, Wp, S, k,                            \
+                        NormIn<T>{gamma, beta, mscale, mshift, partial, splits, cpg, silu,   \
+                                  mkind, mh, mw, eps, ssb, ssc, tsb, tsc});                  \
   }                                                                                          \
   extern "C" __global__ void conv_finish_##SUF(const float *acc, const T *bias, const T *res, \
                                                 T *out, int rows, int Cout, int OH, int OW,   \

@@ -14,8 +14,7 @@
 // `group_norm_apply_*` merges its group's partials (Chan et al.) and normalises its chunk.
 // candle's composite GroupNorm makes about a dozen passes; this makes two reads and a write.
 #include "common.cuh"
-
-struct Welford { float n, mean, m2; };
+#include "welford.cuh"
 
 // The 8-wide path (Vec8, common.cuh): taken when a channel's map is a multiple of 8 elements
 // (then so are the groups and, rounded by the launcher, the chunks) and the tensors are
@@ -24,21 +23,6 @@ struct Welford { float n, mean, m2; };
 
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
-}
-
-__device__ __forceinline__ void welford_add(Welford& w, float v) {
-  w.n += 1.f;
-  float d = v - w.mean;
-  w.mean += d * __frcp_rn(w.n);
-  w.m2 += d * (v - w.mean);
-}
-
-__device__ __forceinline__ Welford merge(Welford a, Welford b) {
-  float n = a.n + b.n;
-  if (n == 0.f) return a;
-  float d = b.mean - a.mean;
-  float f = b.n / n;
-  return {n, a.mean + d * f, a.m2 + b.m2 + d * d * a.n * f};
 }
 
 __device__ __forceinline__ Welford warp_merge(Welford w) {

@@ -44,10 +44,199 @@ struct KernelModulation {
     shift: Tensor,
 }
 
+impl KernelModulation {
+    /// Per-channel values are read through their strides (the halves of the time projection
+    /// in place); only a dtype change copies. Spatial maps are made contiguous.
+    fn new(m: NormModulation<'_>, dtype: DType) -> candle_core::Result<Self> {
+        Ok(match m {
+            NormModulation::ScaleShift { scale, shift } => Self {
+                kind: 1,
+                scale: scale.to_dtype(dtype)?,
+                shift: shift.to_dtype(dtype)?,
+            },
+            NormModulation::Spatial { scale, shift } => Self {
+                kind: 2,
+                scale: scale.to_dtype(dtype)?.contiguous()?,
+                shift: shift.to_dtype(dtype)?.contiguous()?,
+            },
+        })
+    }
+
+    fn hold(&self) -> HeldModulation<'_, impl std::ops::Deref<Target = candle_core::Storage> + '_> {
+        Some((
+            self.kind,
+            self.scale.storage_and_layout(),
+            self.shift.storage_and_layout(),
+        ))
+    }
+}
+
 /// Batch and channel strides of a per-channel `[B, C, 1, …]` modulation tensor.
 fn bc_strides(l: &Layout) -> (i64, i64) {
     let st = l.stride();
     (st[0] as i64, st.get(1).copied().unwrap_or(0) as i64)
+}
+
+/// The scalar kernel arguments of a [`KernelModulation`] (the kinds of `group_norm.cu`):
+/// the batch/channel strides of scale and shift (kind 1), the spatial maps' size (kind 2).
+#[derive(Debug, Clone, Copy)]
+struct ModulationArgs {
+    kind: i32,
+    ssb: i64,
+    ssc: i64,
+    tsb: i64,
+    tsc: i64,
+    mh: i32,
+    mw: i32,
+}
+
+impl ModulationArgs {
+    const NONE: Self = Self {
+        kind: 0,
+        ssb: 0,
+        ssc: 0,
+        tsb: 0,
+        tsc: 0,
+        mh: 1,
+        mw: 1,
+    };
+
+    fn new(kind: i32, scale: &Layout, shift: &Layout) -> Self {
+        let (ssb, ssc) = bc_strides(scale);
+        let (tsb, tsc) = bc_strides(shift);
+        let (mh, mw) = if kind == 2 {
+            let d = scale.shape().dims();
+            (d[2] as i32, d[3] as i32)
+        } else {
+            (1, 1)
+        };
+        Self {
+            kind,
+            ssb,
+            ssc,
+            tsb,
+            tsc,
+            mh,
+            mw,
+        }
+    }
+}
+
+/// A modulation's kind, storages (`G`: their read guards) and layouts while a kernel reads
+/// them.
+type HeldModulation<'a, G> = Option<(i32, (G, &'a Layout), (G, &'a Layout))>;
+
+/// The modulation's scale and shift as kernel arguments, from their start offsets (kind 1
+/// reads them through their strides); without a modulation `stand_in`, which the kernels
+/// never read then.
+fn modulation_views<'a, T, G>(
+    m: &'a HeldModulation<'_, G>,
+    stand_in: &cudarc::driver::CudaView<'a, T>,
+    what: &str,
+) -> candle_core::Result<(
+    cudarc::driver::CudaView<'a, T>,
+    cudarc::driver::CudaView<'a, T>,
+)>
+where
+    T: candle_core::cuda_backend::CudaDType,
+    G: std::ops::Deref<Target = candle_core::Storage>,
+{
+    let Some((_, (ss, sl), (ts, tl))) = m else {
+        return Ok((stand_in.slice(..), stand_in.slice(..)));
+    };
+    let (candle_core::Storage::Cuda(sc), candle_core::Storage::Cuda(tc)) = (&**ss, &**ts) else {
+        candle_core::bail!("{what} is not on the GPU");
+    };
+    Ok((
+        sc.as_cuda_slice::<T>()?.slice(sl.start_offset()..),
+        tc.as_cuda_slice::<T>()?.slice(tl.start_offset()..),
+    ))
+}
+
+/// How `group_norm_stats_*` splits the groups of a `[B, C, hw]` map into blocks: enough
+/// blocks to fill the GPU (~4 waves on 132 SMs), at least 4096 elements each; maps of a
+/// multiple of 8 pixels take the kernels' 8-wide path, with chunks in multiples of 8 too (a
+/// last split may then be empty, which the merge skips).
+#[derive(Debug, Clone, Copy)]
+struct StatsPlan {
+    cpg: usize,
+    group_elems: usize,
+    splits: usize,
+    chunk: usize,
+    vec8: i32,
+    blocks: usize,
+}
+
+impl StatsPlan {
+    fn new(
+        b: usize,
+        c: usize,
+        hw: usize,
+        groups: usize,
+        kernel: &str,
+    ) -> candle_core::Result<Self> {
+        if groups == 0 || c % groups != 0 {
+            candle_core::bail!("{kernel}: {c} channels do not split into {groups} groups");
+        }
+        let cpg = c / groups;
+        let group_elems = cpg * hw;
+        if group_elems > i32::MAX as usize {
+            candle_core::bail!("{kernel}: {group_elems} elements per group, at most 2^31 - 1");
+        }
+        let splits = (528usize.div_ceil(b * groups)).clamp(1, group_elems.div_ceil(4096).max(1));
+        let vec8 = i32::from(hw % 8 == 0);
+        let chunk = if vec8 == 1 {
+            group_elems.div_ceil(splits).div_ceil(8) * 8
+        } else {
+            group_elems.div_ceil(splits)
+        };
+        Ok(Self {
+            cpg,
+            group_elems,
+            splits,
+            chunk,
+            vec8,
+            blocks: b * groups * splits,
+        })
+    }
+
+    /// The grid of both group-norm kernels.
+    fn launch_config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.blocks as u32, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Run `group_norm_stats_{suffix}` over `x`: (count, mean, M2) per block.
+    fn launch<T: candle_core::cuda_backend::CudaDType>(
+        &self,
+        dev: &candle_core::CudaDevice,
+        x: &cudarc::driver::CudaView<'_, T>,
+        suffix: &str,
+    ) -> candle_core::Result<cudarc::driver::CudaSlice<f32>> {
+        let partial = dev.alloc_zeros::<f32>(3 * self.blocks)?;
+        let f = dev.get_or_load_custom_func(
+            &format!("group_norm_stats_{suffix}"),
+            "kandinsky_group_norm",
+            GROUP_NORM_PTX,
+        )?;
+        let (ge, ch, sp) = (
+            self.group_elems as i64,
+            self.chunk as i64,
+            self.splits as i32,
+        );
+        let mut s = f.builder();
+        s.arg(x);
+        s.arg(&partial);
+        s.arg(&ge);
+        s.arg(&ch);
+        s.arg(&sp);
+        s.arg(&self.vec8);
+        unsafe { s.launch(self.launch_config()) }.w()?;
+        Ok(partial)
+    }
 }
 
 impl CustomOp3 for GroupNormOp {
@@ -84,60 +273,21 @@ impl CustomOp3 for GroupNormOp {
         let dims = xl.shape().dims();
         let (b, c) = (dims[0], dims[1]);
         let hw: usize = dims[2..].iter().product();
-        let g = self.groups;
-        let cpg = c / g;
-        let group_elems = cpg * hw;
-        if group_elems > i32::MAX as usize {
-            candle_core::bail!(
-                "group-norm kernel: {group_elems} elements per group, at most 2^31 - 1"
-            );
-        }
-        // Enough blocks to fill the GPU (~4 waves on 132 SMs), at least 4096 elements each.
-        let splits = (528usize.div_ceil(b * g)).clamp(1, group_elems.div_ceil(4096).max(1));
-        // Maps of a multiple of 8 pixels take the kernels' 8-wide path: chunks in multiples
-        // of 8 too (a last split may then be empty, which the merge skips).
-        let vec8 = i32::from(hw % 8 == 0);
-        let chunk = if vec8 == 1 {
-            group_elems.div_ceil(splits).div_ceil(8) * 8
-        } else {
-            group_elems.div_ceil(splits)
-        };
-        let nblocks = b * g * splits;
+        let plan = StatsPlan::new(b, c, hw, self.groups, "group-norm kernel")?;
         let dev = xs.device().clone();
-        let partial = dev.alloc_zeros::<f32>(3 * nblocks)?;
-        let cfg = LaunchConfig {
-            grid_dim: (nblocks as u32, 1, 1),
-            block_dim: (512, 1, 1),
-            shared_mem_bytes: 0,
+        let cfg = plan.launch_config();
+        let modulation = self.modulation.as_ref().and_then(KernelModulation::hold);
+        let margs = match &modulation {
+            None => ModulationArgs::NONE,
+            Some((kind, (_, sl), (_, tl))) => ModulationArgs::new(*kind, sl, tl),
         };
-        let modulation = self.modulation.as_ref().map(|m| {
-            (
-                m.kind,
-                m.scale.storage_and_layout(),
-                m.shift.storage_and_layout(),
-            )
-        });
-        let (mkind, ssb, ssc, tsb, tsc, mh, mw, width) = match &modulation {
-            None => (0i32, 0i64, 0i64, 0i64, 0i64, 1i32, 1i32, 1i32),
-            Some((kind, (_, sl), (_, tl))) => {
-                let (ssb, ssc) = bc_strides(sl);
-                let (tsb, tsc) = bc_strides(tl);
-                let sd = sl.shape().dims();
-                let (mh, mw) = if *kind == 2 {
-                    (sd[2] as i32, sd[3] as i32)
-                } else {
-                    (1, 1)
-                };
-                let width = if *kind == 2 { dims[3] as i32 } else { 1 };
-                (*kind, ssb, ssc, tsb, tsc, mh, mw, width)
-            }
-        };
+        let width = if margs.kind == 2 { dims[3] as i32 } else { 1 };
         let (ge, ch, sp, gr, cp, hw64, silu) = (
-            group_elems as i64,
-            chunk as i64,
-            splits as i32,
-            g as i32,
-            cpg as i32,
+            plan.group_elems as i64,
+            plan.chunk as i64,
+            plan.splits as i32,
+            self.groups as i32,
+            plan.cpg as i32,
             hw as i64,
             self.silu as i32,
         );
@@ -146,37 +296,9 @@ impl CustomOp3 for GroupNormOp {
                 let x = xs.as_cuda_slice::<$t>()?.slice(xo..);
                 let w = ws.as_cuda_slice::<$t>()?.slice(wo..);
                 let bias = bs.as_cuda_slice::<$t>()?.slice(bo..);
-                // Without a modulation the kernel never reads these: x stands in for them.
-                let (mscale, mshift) = match &modulation {
-                    Some((_, (ss, sl), (ts, tl))) => {
-                        let (candle_core::Storage::Cuda(sc), candle_core::Storage::Cuda(tc)) =
-                            (&**ss, &**ts)
-                        else {
-                            candle_core::bail!("group-norm modulation is not on the GPU");
-                        };
-                        (
-                            sc.as_cuda_slice::<$t>()?.slice(sl.start_offset()..),
-                            tc.as_cuda_slice::<$t>()?.slice(tl.start_offset()..),
-                        )
-                    }
-                    None => (
-                        xs.as_cuda_slice::<$t>()?.slice(xo..),
-                        xs.as_cuda_slice::<$t>()?.slice(xo..),
-                    ),
-                };
-                let stats = dev.get_or_load_custom_func(
-                    concat!("group_norm_stats_", $suf),
-                    "kandinsky_group_norm",
-                    GROUP_NORM_PTX,
-                )?;
-                let mut s = stats.builder();
-                s.arg(&x);
-                s.arg(&partial);
-                s.arg(&ge);
-                s.arg(&ch);
-                s.arg(&sp);
-                s.arg(&vec8);
-                unsafe { s.launch(cfg) }.w()?;
+                let (mscale, mshift) =
+                    modulation_views::<$t, _>(&modulation, &x, "group-norm modulation")?;
+                let partial = plan.launch::<$t>(&dev, &x, $suf)?;
                 let out = unsafe { dev.alloc::<$t>(b * c * hw)? };
                 let apply = dev.get_or_load_custom_func(
                     concat!("group_norm_apply_", $suf),
@@ -199,15 +321,15 @@ impl CustomOp3 for GroupNormOp {
                 a.arg(&silu);
                 a.arg(&mscale);
                 a.arg(&mshift);
-                a.arg(&mkind);
-                a.arg(&ssb);
-                a.arg(&ssc);
-                a.arg(&tsb);
-                a.arg(&tsc);
-                a.arg(&mh);
-                a.arg(&mw);
+                a.arg(&margs.kind);
+                a.arg(&margs.ssb);
+                a.arg(&margs.ssc);
+                a.arg(&margs.tsb);
+                a.arg(&margs.tsc);
+                a.arg(&margs.mh);
+                a.arg(&margs.mw);
                 a.arg(&width);
-                a.arg(&vec8);
+                a.arg(&plan.vec8);
                 unsafe { a.launch(cfg) }.w()?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
@@ -238,21 +360,9 @@ pub fn group_norm(
     let x = x.contiguous()?;
     let w = weight.to_dtype(x.dtype())?.contiguous()?;
     let b = bias.to_dtype(x.dtype())?.contiguous()?;
-    let modulation = match modulation {
-        None => None,
-        // Per-channel values are read through their strides (the halves of the time
-        // projection in place); only a dtype change copies.
-        Some(NormModulation::ScaleShift { scale, shift }) => Some(KernelModulation {
-            kind: 1,
-            scale: scale.to_dtype(x.dtype())?,
-            shift: shift.to_dtype(x.dtype())?,
-        }),
-        Some(NormModulation::Spatial { scale, shift }) => Some(KernelModulation {
-            kind: 2,
-            scale: scale.to_dtype(x.dtype())?.contiguous()?,
-            shift: shift.to_dtype(x.dtype())?.contiguous()?,
-        }),
-    };
+    let modulation = modulation
+        .map(|m| KernelModulation::new(m, x.dtype()))
+        .transpose()?;
     x.apply_op3_no_bwd(
         &w,
         &b,
@@ -585,6 +695,28 @@ struct ShiftedConvOp {
     upsample2x: bool,
     bias: Option<Tensor>,
     residual: Option<Tensor>,
+    /// Normalise the input on read (`conv_shift_norm_*`).
+    norm: Option<ConvNorm>,
+}
+
+/// The scalar arguments of `conv_shift_norm_*` after the input and geometry.
+struct NormScalars {
+    splits: i32,
+    cpg: i32,
+    eps: f32,
+    silu: i32,
+    margs: ModulationArgs,
+}
+
+/// The GroupNorm (+ modulation) (+ SiLU) a [`ShiftedConvOp`] applies to its input on read;
+/// `gamma`/`beta` `[Cin]` contiguous in the input's dtype.
+struct ConvNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+    modulation: Option<KernelModulation>,
 }
 
 /// A contiguous layout's start offset, or an error naming `what` (the kernel and the tensor).
@@ -674,6 +806,40 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
             None => None,
         };
         let bias = self.bias.as_ref().map(|t| t.storage_and_layout());
+        // The normalisation on read: its statistics' plan and scalar arguments, its tensors
+        // held while the kernel runs.
+        let norm = match &self.norm {
+            Some(nm) => {
+                if nm.gamma.dims() != [c] || nm.beta.dims() != [c] {
+                    candle_core::bail!(
+                        "shifted convolution: norm weight {:?} / bias {:?} for {c} channels",
+                        nm.gamma.dims(),
+                        nm.beta.dims()
+                    );
+                }
+                let plan = StatsPlan::new(b, c, h * w, nm.groups, "shifted convolution: the norm")?;
+                let held = nm.modulation.as_ref().and_then(KernelModulation::hold);
+                let margs = match &held {
+                    None => ModulationArgs::NONE,
+                    Some((kind, (_, sl), (_, tl))) => ModulationArgs::new(*kind, sl, tl),
+                };
+                let scalars = NormScalars {
+                    splits: plan.splits as i32,
+                    cpg: plan.cpg as i32,
+                    eps: nm.eps,
+                    silu: i32::from(nm.silu),
+                    margs,
+                };
+                Some((
+                    plan,
+                    scalars,
+                    held,
+                    nm.gamma.storage_and_layout(),
+                    nm.beta.storage_and_layout(),
+                ))
+            }
+            None => None,
+        };
         // conv_shift: one block row per (b, dx, c), 8 positions per thread.
         let shift_cfg = LaunchConfig {
             grid_dim: ((b * k * c) as u32, s.div_ceil(8 * 256) as u32, 1),
@@ -698,11 +864,12 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
             ($t:ty, $suf:literal, $cuda_t:expr) => {{
                 let x = xs.as_cuda_slice::<$t>()?.slice(xo..);
                 let mut x3 = unsafe { dev.alloc::<$t>(b * k * c * s)? };
-                let f = dev.get_or_load_custom_func(
-                    concat!("conv_shift_", $suf),
-                    "kandinsky_conv",
-                    CONV_PTX,
-                )?;
+                let name = if norm.is_some() {
+                    concat!("conv_shift_norm_", $suf)
+                } else {
+                    concat!("conv_shift_", $suf)
+                };
+                let f = dev.get_or_load_custom_func(name, "kandinsky_conv", CONV_PTX)?;
                 let mut a = f.builder();
                 a.arg(&x);
                 a.arg(&mut x3);
@@ -711,6 +878,40 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 }
                 a.arg(&s64);
                 a.arg(&k32);
+                // The normalisation's arguments (its statistics: one launch before).
+                let norm_views = match &norm {
+                    Some((plan, _, held, (gs, gl), (bs, bl))) => Some((
+                        cuda_view::<$t>(gs, gl, "the norm weight")?,
+                        cuda_view::<$t>(bs, bl, "the norm bias")?,
+                        plan.launch::<$t>(&dev, &x, $suf)?,
+                        modulation_views::<$t, _>(
+                            held,
+                            &x,
+                            "shifted convolution: the norm modulation",
+                        )?,
+                    )),
+                    None => None,
+                };
+                if let (Some((gamma, beta, partial, (mscale, mshift))), Some((_, ns, ..))) =
+                    (&norm_views, &norm)
+                {
+                    a.arg(gamma);
+                    a.arg(beta);
+                    a.arg(partial);
+                    a.arg(&ns.splits);
+                    a.arg(&ns.cpg);
+                    a.arg(&ns.eps);
+                    a.arg(&ns.silu);
+                    a.arg(mscale);
+                    a.arg(mshift);
+                    a.arg(&ns.margs.kind);
+                    a.arg(&ns.margs.ssb);
+                    a.arg(&ns.margs.ssc);
+                    a.arg(&ns.margs.tsb);
+                    a.arg(&ns.margs.tsc);
+                    a.arg(&ns.margs.mh);
+                    a.arg(&ns.margs.mw);
+                }
                 unsafe { a.launch(shift_cfg) }.w()?;
                 let mut acc = unsafe { dev.alloc::<f32>(b * cout * n)? };
                 {
@@ -801,9 +1002,10 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
     }
 }
 
-/// `conv2d(pad(upsample2x?(x)), taps) + bias (+ residual)` for a stride-1 `k`×`k` kernel:
-/// see [`crate::gpu_conv`]. `taps` `[k, Cout, k·Cin]` in `x`'s dtype, `bias` `[Cout]`,
-/// `residual` the output's shape.
+/// `conv2d(pad(upsample2x?(n(x))), taps) + bias (+ residual)` for a stride-1 `k`×`k`
+/// kernel, `n` the `input_norm` (applied on read, statistics in f32) or the identity: see
+/// [`crate::gpu_conv`]. `taps` `[k, Cout, k·Cin]` in `x`'s dtype, `bias` `[Cout]`,
+/// `residual` the output's shape; the caller has checked the norm modulation's shapes.
 pub fn shifted_conv(
     x: &Tensor,
     taps: &Tensor,
@@ -811,6 +1013,7 @@ pub fn shifted_conv(
     pad: [usize; 4],
     upsample2x: bool,
     residual: Option<&Tensor>,
+    input_norm: Option<crate::gpu_conv::InputNorm<'_>>,
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     let k = taps.dim(0)?;
@@ -821,6 +1024,23 @@ pub fn shifted_conv(
     let residual = residual
         .map(|r| r.to_dtype(x.dtype())?.contiguous())
         .transpose()?;
+    let norm = match input_norm {
+        Some(n) => {
+            let (gamma, beta, groups, eps) = n.norm.parts();
+            Some(ConvNorm {
+                gamma: gamma.to_dtype(x.dtype())?.contiguous()?,
+                beta: beta.to_dtype(x.dtype())?.contiguous()?,
+                groups,
+                eps: eps as f32,
+                silu: n.silu,
+                modulation: n
+                    .modulation
+                    .map(|m| KernelModulation::new(m, x.dtype()))
+                    .transpose()?,
+            })
+        }
+        None => None,
+    };
     x.apply_op2_no_bwd(
         &taps,
         &ShiftedConvOp {
@@ -829,6 +1049,7 @@ pub fn shifted_conv(
             upsample2x,
             bias,
             residual,
+            norm,
         },
     )
 }

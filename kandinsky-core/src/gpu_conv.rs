@@ -13,6 +13,7 @@
 
 use candle_core::Tensor;
 
+use crate::nn::{GroupNorm, NormModulation};
 use crate::{Error, Result};
 
 /// `KANDINSKY_CONV_SCRATCH_MB` in bytes, read once (`None`: unset, no banding).
@@ -24,6 +25,33 @@ fn scratch_limit() -> Option<usize> {
             .and_then(|v| v.trim().parse::<usize>().ok())
             .map(|mb| mb << 20)
     })
+}
+
+/// `KANDINSKY_CONV_NORM=1`, read once: [`ShiftedConv::forward_normed`] normalises the input
+/// inside the convolution's copy kernel on CUDA. Opt-in until a GPU run has measured it.
+#[cfg(feature = "cuda")]
+fn norm_on_read() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KANDINSKY_CONV_NORM").as_deref() == Ok("1"))
+}
+
+/// The GroupNorm (+ modulation) (+ SiLU) in front of a convolution: `silu(norm(x)·… + …)` is
+/// its input ([`ShiftedConv::forward_normed`]).
+#[derive(Debug, Clone, Copy)]
+pub struct InputNorm<'a> {
+    /// The GroupNorm.
+    pub norm: &'a GroupNorm,
+    /// The modulation applied after it.
+    pub modulation: Option<NormModulation<'a>>,
+    /// SiLU last.
+    pub silu: bool,
+}
+
+impl InputNorm<'_> {
+    /// The normalised map, materialised.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.norm.forward_modulated(x, self.modulation, self.silu)?)
+    }
 }
 
 /// Zero padding `(top, bottom, left, right)`.
@@ -143,6 +171,54 @@ impl ShiftedConv {
         self.run(x, upsample2x, residual, self.padding)
     }
 
+    /// [`Self::forward`] of `input_norm` applied to `x`. With `KANDINSKY_CONV_NORM=1` on
+    /// CUDA the copy kernel normalises on read (the statistics one pass before), so the
+    /// normalised map is never written; otherwise, and when the convolution runs in bands
+    /// (whose statistics would be the band's), the norm is applied first.
+    pub fn forward_normed(
+        &self,
+        x: &Tensor,
+        input_norm: InputNorm<'_>,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && norm_on_read() && crate::nn::use_fused_kernels() {
+            let banded = match scratch_limit() {
+                Some(limit) => self.scratch_bytes(x, upsample2x)? > limit,
+                None => false,
+            };
+            if !banded {
+                return self.forward_norm_on_read(x, input_norm, upsample2x, residual);
+            }
+        }
+        self.forward(&input_norm.apply(x)?, upsample2x, residual)
+    }
+
+    /// [`Self::forward_normed`] always normalising on read (the kernel `KANDINSKY_CONV_NORM=1`
+    /// selects; whole map, no banding), for checks against the two-step path. CUDA only.
+    #[cfg(feature = "cuda")]
+    pub fn forward_norm_on_read(
+        &self,
+        x: &Tensor,
+        input_norm: InputNorm<'_>,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if let Some(m) = &input_norm.modulation {
+            m.check(x)?;
+        }
+        Ok(crate::cuda::shifted_conv(
+            x,
+            &self.taps,
+            self.bias.as_ref(),
+            self.padding,
+            upsample2x,
+            residual,
+            Some(input_norm),
+        )?)
+    }
+
     /// One whole-map convolution with explicit padding: the CUDA op, or the reference.
     fn run(
         &self,
@@ -160,6 +236,7 @@ impl ShiftedConv {
                 padding,
                 upsample2x,
                 residual,
+                None,
             )?);
         }
         self.reference(x, upsample2x, residual, padding)

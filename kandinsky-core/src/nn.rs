@@ -195,6 +195,13 @@ impl GroupNorm {
         })
     }
 
+    /// The tensors and settings, for kernels that normalise on read: `(weight, bias, groups,
+    /// eps)`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn parts(&self) -> (&Tensor, &Tensor, usize, f64) {
+        (&self.weight, &self.bias, self.groups, self.eps)
+    }
+
     /// Number of channels.
     pub fn channels(&self) -> usize {
         self.weight.dims1().unwrap_or(0)
@@ -385,7 +392,7 @@ pub enum NormModulation<'a> {
 
 impl NormModulation<'_> {
     /// Shapes against the map `x` `[B, C, ...]`.
-    fn check(&self, x: &Tensor) -> candle_core::Result<()> {
+    pub(crate) fn check(&self, x: &Tensor) -> candle_core::Result<()> {
         let dims = x.dims();
         match self {
             Self::ScaleShift { scale, shift } => {

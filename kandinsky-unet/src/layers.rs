@@ -8,7 +8,7 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 use kandinsky_core::cpu_conv::PackedConv3x3;
-use kandinsky_core::gpu_conv::ShiftedConv;
+use kandinsky_core::gpu_conv::{InputNorm, ShiftedConv};
 use kandinsky_core::nn::{use_fused_kernels, Conv2dConfig};
 
 /// True when `x` needs the f32 detour (bf16 on the CPU).
@@ -85,6 +85,26 @@ pub fn conv2d(
 }
 
 impl Conv2d {
+    /// `conv(up(n(x))) + residual` with `n` the GroupNorm (+ modulation) (+ SiLU) of
+    /// `input_norm`: on the CUDA path with `KANDINSKY_CONV_NORM=1` the convolution's copy
+    /// kernel normalises on read ([`ShiftedConv::forward_normed`]); elsewhere the norm, then
+    /// [`Self::forward_fused`].
+    pub fn forward_normed(
+        &self,
+        x: &Tensor,
+        input_norm: InputNorm<'_>,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        if let ConvKind::Shifted(s) = &self.0 {
+            return s
+                .forward_normed(x, input_norm, upsample2x, residual)
+                .map_err(candle_core::Error::wrap);
+        }
+        let h = input_norm.apply(x).map_err(candle_core::Error::wrap)?;
+        self.forward_fused(&h, upsample2x, residual)
+    }
+
     /// `conv(up(x)) + residual`, where `up` is the nearest-2× upsampling when `upsample2x`:
     /// one kernel on the CUDA path (neither the upsampled map nor the sum before the add is
     /// materialised), the same ops one after the other elsewhere.

@@ -3,6 +3,7 @@
 
 use candle_core::Tensor;
 use candle_nn::{Module, VarBuilder};
+use kandinsky_core::gpu_conv::InputNorm;
 use kandinsky_core::nn::{group_norm, Activation, Conv2dConfig, GroupNorm, NormModulation};
 use kandinsky_core::Result;
 
@@ -106,16 +107,27 @@ impl ResnetBlock2D {
     /// `x` `[B, C_in, H, W]`, `temb` `[B, temb_channels]` → `[B, C_out, H', W']`.
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         let act = self.settings.act;
-        // One fused pass on CUDA (GroupNorm + SiLU).
-        let h = match act {
-            Activation::Silu => self.norm1.forward_silu(x)?,
-            _ => act.apply(&self.norm1.forward(x)?)?,
-        };
         let residual = self.resample.apply(x)?;
-        // The 2× upsampling of the main branch rides in the convolution (folded on CUDA).
-        let h = match self.resample {
-            Resample::Up => self.conv1.forward_fused(&h, true, None)?,
-            _ => self.conv1.forward(&self.resample.apply(&h)?)?,
+        // GroupNorm + SiLU in one pass (on CUDA, optionally inside the convolution's copy
+        // kernel); the 2× upsampling of the main branch rides in the convolution (folded on
+        // CUDA).
+        let h = match (act, self.resample) {
+            (Activation::Silu, Resample::Up | Resample::None) => self.conv1.forward_normed(
+                x,
+                InputNorm {
+                    norm: &self.norm1,
+                    modulation: None,
+                    silu: true,
+                },
+                self.resample == Resample::Up,
+                None,
+            )?,
+            (Activation::Silu, _) => self
+                .conv1
+                .forward(&self.resample.apply(&self.norm1.forward_silu(x)?)?)?,
+            _ => self
+                .conv1
+                .forward(&self.resample.apply(&act.apply(&self.norm1.forward(x)?)?)?)?,
         };
 
         let temb = if self.settings.skip_time_act {
@@ -130,21 +142,33 @@ impl ResnetBlock2D {
             .unsqueeze(3)?;
         let scale = temb.narrow(1, 0, self.out_channels)?;
         let shift = temb.narrow(1, self.out_channels, self.out_channels)?;
-        // GroupNorm, ·(1 + scale) + shift and SiLU in one pass on the CPU (fused kernel).
+        // GroupNorm, ·(1 + scale) + shift and SiLU in one pass (fused kernels; on CUDA
+        // optionally inside conv2's copy kernel).
         let modulation = Some(NormModulation::ScaleShift {
             scale: &scale,
             shift: &shift,
         });
-        let h = match act {
-            Activation::Silu => self.norm2.forward_modulated(&h, modulation, true)?,
-            _ => act.apply(&self.norm2.forward_modulated(&h, modulation, false)?)?,
-        };
         let residual = match &self.conv_shortcut {
             Some(conv) => conv.forward(&residual)?,
             None => residual,
         };
         // The residual add rides in conv2 (one kernel on CUDA).
-        let out = self.conv2.forward_fused(&h, false, Some(&residual))?;
+        let out = match act {
+            Activation::Silu => self.conv2.forward_normed(
+                &h,
+                InputNorm {
+                    norm: &self.norm2,
+                    modulation,
+                    silu: true,
+                },
+                false,
+                Some(&residual),
+            )?,
+            _ => {
+                let h = act.apply(&self.norm2.forward_modulated(&h, modulation, false)?)?;
+                self.conv2.forward_fused(&h, false, Some(&residual))?
+            }
+        };
         Ok(if self.settings.output_scale_factor == 1.0 {
             out
         } else {

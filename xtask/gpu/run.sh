@@ -8,6 +8,8 @@
 #   3. unless PLAIN=0, the UNet timings with candle's own kernels (KANDINSKY_PLAIN_KERNELS=1);
 #      unless BANDED=0, the timings with the convolution scratch banded at 64 MiB (peak memory);
 #      unless TOKEN_MAJOR=0, the UNet with the token-major attention kernel (no head copies);
+#      unless CONV_NORM=0, the UNet with the ResNet GroupNorms inside the convolutions' copy
+#      kernel (KANDINSKY_CONV_NORM=1), then with both of these switches;
 #   4. with DIFFUSERS=1, diffusers/PyTorch on the same card (fp16), from the carried wheels.
 set -uo pipefail
 # Every part's timeout is cut to what is left of DEADLINE seconds (the device call's limit
@@ -33,19 +35,24 @@ for w in unet movq; do
         >"$OUT/ncu-$w.csv" 2>"$OUT/ncu-$w.err"; echo "ncu $w exit $?"
     python3 xtask/gpu/ncu_summary.py "$OUT/ncu-$w.csv" 16 2>&1 | tee "$OUT/ncu-$w.txt"
 done
-# ab SKIP_VAR ENV=VALUE LIMIT LOG PATTERN ARGS...: gpu_check again with one switch set, unless
-# $SKIP_VAR is 0; the log under $OUT, the lines matching PATTERN printed.
+# ab SKIP_VAR "ENV=VALUE ..." LIMIT LOG PATTERN ARGS...: gpu_check again with the switches set,
+# unless $SKIP_VAR is 0; the log under $OUT, the lines matching PATTERN printed.
 ab() {
     local skip=$1 env=$2 limit=$3 log=$4 pattern=$5
     shift 5
     [ "${!skip:-1}" = 1 ] || return 0
     echo "== $env"
-    env "$env" timeout "$(t "$limit")" $BIN/gpu_check "$@" 2>&1 | tee "$OUT/$log" | grep -E "$pattern"
+    # shellcheck disable=SC2086 # several assignments in one word
+    env $env timeout "$(t "$limit")" $BIN/gpu_check "$@" 2>&1 | tee "$OUT/$log" | grep -E "$pattern"
 }
 ab PLAIN KANDINSKY_PLAIN_KERNELS=1 70 rust-plain.log '^(unet|timings)' --timings-only --unet-only --quick
 ab BANDED KANDINSKY_CONV_SCRATCH_MB=64 70 rust-banded.log '^(movq|unet step 768px b2 F16 |timings)' \
     --timings-only --quick
 ab TOKEN_MAJOR KANDINSKY_FLASH_TOKEN_MAJOR=1 60 rust-token-major.log '^(unet|timings)' \
+    --timings-only --unet-only --quick
+ab CONV_NORM KANDINSKY_CONV_NORM=1 60 rust-conv-norm.log '^(unet|timings)' \
+    --timings-only --unet-only --quick
+ab CONV_NORM "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-both.log '^(unet|timings)' \
     --timings-only --unet-only --quick
 if [ "${DIFFUSERS:-0}" = 1 ]; then
     echo "== 4. diffusers"

@@ -454,6 +454,112 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             }
         }
     }
+    // The convolution normalising its input on read (`KANDINSKY_CONV_NORM=1`: GroupNorm
+    // (+ scale-shift or spatial modulation) + SiLU inside the copy kernel) against candle's
+    // ops in f32 (the composite GroupNorm, the modulation, SiLU, conv2d), at the UNet's 768 px
+    // ResNet shapes (conv1 with the folded upsampling, conv2 with the scale-shift and the
+    // residual) and a MoVQ one (spatial); timed against the two-kernel path (GroupNorm kernel,
+    // then the shifted convolution).
+    #[cfg(feature = "cuda")]
+    for (c, s, batch, up, kind) in [
+        (384usize, 96usize, 2usize, false, "scale-shift"),
+        (768, 48, 2, false, "scale-shift"),
+        (1536, 24, 2, true, ""),
+        (768, 48, 2, true, ""),
+        (256, 96, 1, false, "spatial"),
+    ] {
+        use kandinsky_core::gpu_conv::{InputNorm, ShiftedConv};
+        let w32 = (Tensor::randn(0f32, 1.0, (c, c, 3, 3), dev)? / ((c * 9) as f64).sqrt())?;
+        let b32 = Tensor::randn(0f32, 1.0, c, dev)?;
+        let x32 = ((Tensor::randn(0f32, 1.0, (batch, c, s, s), dev)? * 2.0)? + 0.5)?;
+        let gw32 = (Tensor::randn(0f32, 0.2, c, dev)? + 1.0)?;
+        let gb32 = Tensor::randn(0f32, 0.2, c, dev)?;
+        let os = if up { 2 * s } else { s };
+        let r32 = Tensor::randn(0f32, 1.0, (batch, c, os, os), dev)?;
+        let temb32 = Tensor::randn(0f32, 0.3, (batch, 2 * c, 1, 1), dev)?;
+        let map32 = (Tensor::randn(0f32, 0.5, (batch, 2 * c, s / 4, s / 4), dev)? + 0.5)?;
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let r = |t: &Tensor| t.to_dtype(dt);
+            let f = |t: &Tensor| t.to_dtype(dt)?.to_dtype(DType::F32);
+            let (w, x, res) = (r(&w32)?, r(&x32)?, r(&r32)?);
+            let conv = ShiftedConv::new(&w, Some(&r(&b32)?), [1, 1, 1, 1])?;
+            let gn = GroupNorm::from_parts(r(&gw32)?, r(&gb32)?, 32, 1e-5)?;
+            let temb = r(&temb32)?;
+            let maps = r(&map32)?.contiguous()?;
+            let (scale, shift) = match kind {
+                "spatial" => (
+                    maps.narrow(1, 0, c)?.contiguous()?,
+                    maps.narrow(1, c, c)?.contiguous()?,
+                ),
+                _ => (temb.narrow(1, 0, c)?, temb.narrow(1, c, c)?),
+            };
+            let modulation = match kind {
+                "scale-shift" => Some(NormModulation::ScaleShift {
+                    scale: &scale,
+                    shift: &shift,
+                }),
+                "spatial" => Some(NormModulation::Spatial {
+                    scale: &scale,
+                    shift: &shift,
+                }),
+                _ => None,
+            };
+            let residual = (!up).then_some(&res);
+            let input_norm = InputNorm {
+                norm: &gn,
+                modulation,
+                silu: true,
+            };
+            // candle's ops in f32 on the same rounded inputs.
+            let gn32 = GroupNorm::from_parts(f(&gw32)?, f(&gb32)?, 32, 1e-5)?;
+            let mut h = gn32.forward_plain(&f(&x32)?)?;
+            h = match kind {
+                "scale-shift" => h
+                    .broadcast_mul(&(scale.to_dtype(DType::F32)? + 1.0)?)?
+                    .broadcast_add(&shift.to_dtype(DType::F32)?)?,
+                "spatial" => h
+                    .mul(&scale.to_dtype(DType::F32)?.upsample_nearest2d(s, s)?)?
+                    .add(&shift.to_dtype(DType::F32)?.upsample_nearest2d(s, s)?)?,
+                _ => h,
+            };
+            h = h.silu()?;
+            if up {
+                h = h.upsample_nearest2d(os, os)?;
+            }
+            let mut reference = h
+                .conv2d(&f(&w32)?, 1, 1, 1, 1)?
+                .broadcast_add(&f(&b32)?.reshape((1, c, 1, 1))?)?;
+            if residual.is_some() {
+                reference = (reference + f(&r32)?)?;
+            }
+            let fused = || conv.forward_norm_on_read(&x, input_norm, up, residual);
+            let two_step = || conv.forward(&input_norm.apply(&x)?, up, residual);
+            let check = || -> Result<(kandinsky_core::testing::Diff, f64)> {
+                let d = diff(&fused()?, &reference)?;
+                let ms = time(dev, 2, 10, || {
+                    fused()?;
+                    Ok(())
+                })?;
+                Ok((d, ms))
+            };
+            let ms_two = time(dev, 2, 10, || {
+                two_step()?;
+                Ok(())
+            })?;
+            let flops = 2.0 * (batch * os * os) as f64 * (c * c * 9) as f64;
+            let (value, ok) = kernel_row(check(), tolerance(dt), flops, ms_two);
+            rows.push(Row {
+                what: format!(
+                    "conv norm-on-read {c} {s}x{s}{} b{batch} gn{}{}+silu {dt:?}: rel err / ms / two-step ms",
+                    if up { " up2x" } else { "" },
+                    if kind.is_empty() { String::new() } else { format!("+{kind}") },
+                    if residual.is_some() { " +res" } else { "" },
+                ),
+                value,
+                ok: Some(ok),
+            });
+        }
+    }
     // Linear layers with the bias in the cuBLASLt epilogue (the UNet's attention projections
     // at the 48×48 level, its image-token projections, the prior's width), against candle's
     // ops in f32.
