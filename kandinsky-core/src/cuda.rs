@@ -1262,3 +1262,38 @@ pub fn linear_bias(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::R
     let b = fresh(bias.to_dtype(x.dtype())?)?;
     x.apply_op3_no_bwd(&w, &b, &LinearBiasOp)
 }
+
+/// A CUDA graph of the work `f` queues on `device`'s stream, and what the captured call of `f`
+/// returned (its tensors live in the graph's memory: every replay rewrites them in place).
+///
+/// `f` runs twice: once eagerly, with candle's capture cache on, so that every small
+/// host-to-device upload it makes (dims, strides, constants) is cached by content, then under
+/// capture, where those uploads become device copies from the cache. So `f` must upload the
+/// same host data both times (whatever varies between replays belongs in device buffers the
+/// caller refills before each `launch`), and must not copy to the host. The cached uploads
+/// live in thread-local storage: replay on the capturing thread. Drop the returned value
+/// before the graph.
+pub fn capture_graph<T>(
+    device: &candle_core::CudaDevice,
+    f: impl Fn() -> candle_core::Result<T>,
+) -> candle_core::Result<(cudarc::driver::CudaGraph, T)> {
+    use cudarc::driver::sys;
+    let _cache = device.enable_cuda_graph_htod_cache();
+    drop(f()?);
+    let stream = device.cuda_stream();
+    stream.synchronize().w()?;
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .w()?;
+    let captured = f();
+    // End the capture whatever happened, or the stream stays unusable.
+    let graph = stream.end_capture(
+        sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+    );
+    let captured = captured?;
+    let graph = graph
+        .w()?
+        .ok_or_else(|| candle_core::Error::Msg("CUDA graph capture recorded no work".into()))?;
+    graph.upload().w()?;
+    Ok((graph, captured))
+}

@@ -19,11 +19,13 @@
 
 pub mod attention_processor;
 pub mod embeddings;
+pub mod graph;
 pub mod layers;
 pub mod resnet;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
 
+pub use graph::GraphedUNet;
 pub use unet_2d_condition::{
     AddEmbedding, AdditionEmbedType, EncoderHidDimType, EncoderHidProj, PerBlock,
     UNet2DConditionConfig, UNet2DConditionModel,

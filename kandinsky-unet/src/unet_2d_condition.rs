@@ -951,8 +951,56 @@ impl UNet2DConditionModel {
         )
     }
 
+    /// The sinusoidal embedding of `timesteps` (`[B, block_out_channels[0]]`, f32, on the
+    /// model's device): computed on the host exactly as diffusers does, then uploaded. The
+    /// input of [`Self::predict_with_sinusoid`].
+    pub fn time_sinusoid(&self, timesteps: &[f64]) -> Result<Tensor> {
+        timestep_embedding(
+            timesteps,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+            &self.device,
+        )
+    }
+
+    /// [`Denoiser::predict`] with the timesteps given as their sinusoidal embedding
+    /// ([`Self::time_sinusoid`]), so that the forward issues no host-to-device copy of its
+    /// own: the form a CUDA graph captures (`graph::GraphedUNet`), the sinusoid's buffer
+    /// refilled before each replay.
+    pub fn predict_with_sinusoid(
+        &self,
+        sample: &Tensor,
+        time_sinusoid: &Tensor,
+        cond: &DenoiserCondition,
+    ) -> Result<Tensor> {
+        let dim = self.config.block_out_channels[0];
+        let rows = match time_sinusoid.dims() {
+            &[n, d] if d == dim => n,
+            dims => {
+                return Err(Error::invalid(format!(
+                    "UNet time sinusoid must be [batch, {dim}], got shape {dims:?}"
+                )))
+            }
+        };
+        self.run_with_sinusoid(sample, rows, time_sinusoid, Cond::of(cond))
+    }
+
     fn run(&self, sample: &Tensor, timesteps: &[f64], cond: Cond<'_>) -> Result<Tensor> {
-        let checked = self.check_inputs(sample, timesteps, cond)?;
+        // Checked before the upload (the error names the timesteps).
+        self.check_inputs(sample, timesteps.len(), cond)?;
+        let t_sin = self.time_sinusoid(timesteps)?;
+        self.run_with_sinusoid(sample, timesteps.len(), &t_sin, cond)
+    }
+
+    fn run_with_sinusoid(
+        &self,
+        sample: &Tensor,
+        n_timesteps: usize,
+        t_sin: &Tensor,
+        cond: Cond<'_>,
+    ) -> Result<Tensor> {
+        let checked = self.check_inputs(sample, n_timesteps, cond)?;
         let (b, h, w) = (checked.batch, checked.height, checked.width);
         let to_model =
             |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?) };
@@ -964,14 +1012,8 @@ impl UNet2DConditionModel {
         };
 
         // Time embedding: sinusoid and MLP in f32, then the model dtype.
-        let t_emb = timestep_embedding(
-            timesteps,
-            self.config.block_out_channels[0],
-            self.config.flip_sin_to_cos,
-            self.config.freq_shift,
-            &self.device,
-        )?;
-        let emb = self.time_embedding.forward(&t_emb)?.to_dtype(self.dtype)?;
+        let t_sin = t_sin.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let emb = self.time_embedding.forward(&t_sin)?.to_dtype(self.dtype)?;
         let mismatch = || Error::invalid("the conditioning does not match this UNet's type");
         let aug = match (&self.add_embedding, &text, checked.hint) {
             (AddEmbedding::Image(e), None, None) => e.forward(&image_embeds)?,
@@ -1018,7 +1060,7 @@ impl UNet2DConditionModel {
     fn check_inputs<'a>(
         &self,
         sample: &Tensor,
-        timesteps: &[f64],
+        n_timesteps: usize,
         cond: Cond<'a>,
     ) -> Result<Checked<'a>> {
         let expected_c = self.sample_channels();
@@ -1046,10 +1088,9 @@ impl UNet2DConditionModel {
                 f * 8
             )));
         }
-        if timesteps.len() != b {
+        if n_timesteps != b {
             return Err(Error::invalid(format!(
-                "expected one timestep per batch element ({b}), got {}",
-                timesteps.len()
+                "expected one timestep per batch element ({b}), got {n_timesteps}"
             )));
         }
         let version = if self.takes_text() { "2.1" } else { "2.2" };
@@ -1157,6 +1198,17 @@ struct Cond<'a> {
     hint: Option<&'a Tensor>,
 }
 
+impl<'a> Cond<'a> {
+    fn of(cond: &'a DenoiserCondition) -> Self {
+        Self {
+            image_embeds: cond.image_embeds.as_ref(),
+            text_embeds: cond.text_embeds.as_ref(),
+            text_hidden_states: cond.text_hidden_states.as_ref(),
+            hint: cond.hint.as_ref(),
+        }
+    }
+}
+
 /// The inputs after [`UNet2DConditionModel::check_inputs`]: present and of the right shapes.
 struct Checked<'a> {
     batch: usize,
@@ -1178,16 +1230,7 @@ impl Denoiser for UNet2DConditionModel {
         timesteps: &[f64],
         cond: &DenoiserCondition,
     ) -> Result<Tensor> {
-        self.run(
-            sample,
-            timesteps,
-            Cond {
-                image_embeds: cond.image_embeds.as_ref(),
-                text_embeds: cond.text_embeds.as_ref(),
-                text_hidden_states: cond.text_hidden_states.as_ref(),
-                hint: cond.hint.as_ref(),
-            },
-        )
+        self.run(sample, timesteps, Cond::of(cond))
     }
 
     fn sample_channels(&self) -> usize {

@@ -174,6 +174,53 @@ fn denoiser_trait_matches_forward() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The timesteps given as their sinusoid (the form a CUDA graph replays) and the graph
+/// wrapper (which calls the UNet directly off CUDA) match diffusers like `predict`; a
+/// sinusoid of the wrong width is refused with the expected shape.
+#[test]
+fn sinusoid_input_and_graph_wrapper_match_diffusers() -> anyhow::Result<()> {
+    let unet = tiny("kandinsky-2-2-controlnet-depth", DType::F32)?;
+    let fx = load_fixture("unet/controlnet.safetensors")?;
+    let cond = DenoiserCondition {
+        image_embeds: Some(get(&fx, "image_embeds_1")?.clone()),
+        hint: Some(get(&fx, "hint_1")?.clone()),
+        ..Default::default()
+    };
+    let ts = timesteps(get(&fx, "timesteps_1")?)?;
+    let sample = get(&fx, "sample_1")?;
+    let reference = get(&fx, "output_1")?;
+    let t_sin = unet.time_sinusoid(&ts)?;
+    let out = unet.predict_with_sinusoid(sample, &t_sin, &cond)?;
+    assert_close("sinusoid input", &out, reference, TOL_F32)?;
+    // Other timesteps give another output: the sinusoid is used.
+    let other = unet.time_sinusoid(&ts.iter().map(|t| t + 100.0).collect::<Vec<_>>())?;
+    let moved = diff(
+        &unet.predict_with_sinusoid(sample, &other, &cond)?,
+        reference,
+    )?;
+    assert!(
+        moved.max_abs > 1e-3,
+        "the sinusoid changed nothing: {moved:?}"
+    );
+    let graphed = kandinsky_unet::GraphedUNet::new(&unet);
+    for _ in 0..2 {
+        assert_close(
+            "graph wrapper",
+            &graphed.predict(sample, &ts, &cond)?,
+            reference,
+            TOL_F32,
+        )?;
+    }
+    assert!(!graphed.is_captured(), "no graph off CUDA");
+    assert_eq!(Denoiser::out_channels(&graphed), 8);
+    let wide = Tensor::zeros((t_sin.dim(0)?, t_sin.dim(1)? + 2), DType::F32, &Device::Cpu)?;
+    let err = unet
+        .predict_with_sinusoid(sample, &wide, &cond)
+        .expect_err("a sinusoid of the wrong width");
+    assert!(err.to_string().contains("time sinusoid"), "{err}");
+    Ok(())
+}
+
 /// f16 / bf16 forward against diffusers' f32 output (weights are f16-exact in the fixture,
 /// so only activation rounding differs). Tolerances relative to the output's max magnitude
 /// (≈ 4.4): f16 has an 11-bit mantissa, bf16 8 bits.

@@ -563,6 +563,7 @@ fn clip_profile(args: &[String]) -> Result<()> {
         )?)
     };
     let (q, fc1, fc2) = (w(hidden, hidden)?, w(inter, hidden)?, w(hidden, inter)?);
+    let (wk, wv, wo) = (w(hidden, hidden)?, w(hidden, hidden)?, w(hidden, hidden)?);
     let ln = candle_nn::LayerNorm::new(
         Tensor::ones(hidden, candle_core::DType::F32, &dev)?,
         Tensor::zeros(hidden, candle_core::DType::F32, &dev)?,
@@ -615,6 +616,27 @@ fn clip_profile(args: &[String]) -> Result<()> {
     let o = attention(&qh, &[KvSegment { k: &qh, v: &qh }], Some(&mask), scale)?;
     row("merge_heads", time(reps, || Ok(merge_heads(&o)?))?);
     row("residual add (× 2)", time(reps, || Ok((&x + &x)?))?);
+    // The same pieces one after the other with their own weights, as in the layer: the
+    // difference to the layer is the layer's own overhead, the difference to the sum of
+    // the pieces above is the weights streaming from memory instead of the cache.
+    let chained = || -> Result<Tensor> {
+        let ln_ = |t: &Tensor| kandinsky_core::nn::layer_norm_f32(&ln, t);
+        let h = ln_(&x)?;
+        let (qq, kk, vv) = (
+            split_heads(&m(&q, &h)?, heads)?,
+            split_heads(&m(&wk, &h)?, heads)?,
+            split_heads(&m(&wv, &h)?, heads)?,
+        );
+        let a = attention(&qq, &[KvSegment { k: &kk, v: &vv }], Some(&mask), scale)?;
+        let x1 = (&x + m(&wo, &merge_heads(&a)?)?)?;
+        let h = kandinsky_core::nn::Activation::Gelu.apply(&m(&fc1, &ln_(&x1)?)?)?;
+        Ok((&x1 + m(&fc2, &h)?)?)
+    };
+    row("the pieces chained, own weights", time(reps, chained)?);
+    row(
+        "whole layer again",
+        time(reps, || Ok(layer.forward(&x, Some(&mask))?))?,
+    );
     Ok(())
 }
 

@@ -686,23 +686,14 @@ fn unet_graph_step(
     cond: &DenoiserCondition,
     iters: usize,
 ) -> Result<(f64, f64)> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
     let Device::Cuda(cuda) = dev else {
         anyhow::bail!("not a CUDA device");
     };
-    let stream = cuda.cuda_stream();
-    let _cache = cuda.enable_cuda_graph_htod_cache();
     let eager = unet.predict(x, &[500.0, 500.0], cond)?;
-    dev.synchronize()?;
-    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
-    let captured = unet.predict(x, &[500.0, 500.0], cond);
-    // End the capture whatever happened, or the stream stays unusable.
-    let graph = stream.end_capture(
-        sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
-    );
-    let captured = captured?;
-    let graph = graph?.context("the capture recorded no work")?;
-    graph.upload()?;
+    let (graph, captured) = kandinsky_core::cuda::capture_graph(cuda, || {
+        unet.predict(x, &[500.0, 500.0], cond)
+            .map_err(candle_core::Error::wrap)
+    })?;
     graph.launch()?;
     dev.synchronize()?;
     let d = diff(&captured, &eager)?;
@@ -952,69 +943,96 @@ fn text2img_flow(
         text_encoder: &text_encoder,
         prior: &prior_model,
     };
-    let decoder_models = decoder::DecoderModels {
-        unet: &unet,
-        movq: &movq,
-        text: None,
-    };
-    let mut once = || -> Result<[f64; 3]> {
-        sync(dev)?;
-        let t0 = Instant::now();
-        let e = prior::prior(
-            &prior_models,
-            &mut prior_sched,
-            &["a red cat on a sofa".into()],
-            None,
-            &zero,
-            &PriorOptions {
-                steps: steps.0,
-                ..Default::default()
-            },
-            &mut Hooks::default(),
-        )?;
-        sync(dev)?;
-        let t1 = Instant::now();
-        let latents = decoder::text2img(
-            &decoder_models,
-            &mut decoder_sched,
-            &e.image_embeds,
-            &e.negative_image_embeds,
-            &DecoderOptions {
-                height: px,
-                width: px,
-                steps: steps.1,
-                ..Default::default()
-            },
-            None,
-            &mut Hooks::default(),
-        )?;
-        sync(dev)?;
-        let t2 = Instant::now();
-        decoder::decode(&movq, &latents)?;
-        sync(dev)?;
-        let t3 = Instant::now();
-        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-        Ok([ms(t0, t1), ms(t1, t2), ms(t2, t3)])
-    };
-    once()?;
-    reset_peak(dev);
-    let mut all = (0..runs.max(1))
-        .map(|_| once())
-        .collect::<Result<Vec<_>>>()?;
-    let peak = peak_mib(dev);
-    all.sort_by(|a, b| a.iter().sum::<f64>().total_cmp(&b.iter().sum::<f64>()));
-    let [p, d, m] = all[all.len() / 2];
-    Ok(vec![Row {
-        what: format!(
-            "text2img {px}px {dt:?}: {} prior + {} decoder steps (CFG) + decode",
-            steps.0, steps.1
-        ),
-        value: format!(
-            "{:.0} ms (prior {p:.0} / decoder {d:.0} / decode {m:.0}), peak {peak:.0} MiB",
-            p + d + m
-        ),
-        ok: None,
-    }])
+    let graphed = kandinsky_unet::GraphedUNet::new(&unet);
+    // The decoder loop eagerly, then (CUDA) replaying the UNet from a graph.
+    let mut rows = Vec::new();
+    let mut finals: Vec<Tensor> = Vec::new();
+    for use_graph in [false, true] {
+        if use_graph && !dev.is_cuda() {
+            continue;
+        }
+        let decoder_models = decoder::DecoderModels {
+            unet: if use_graph { &graphed } else { &unet },
+            movq: &movq,
+            text: None,
+        };
+        let mut last = None;
+        let mut once = || -> Result<[f64; 3]> {
+            sync(dev)?;
+            let t0 = Instant::now();
+            let e = prior::prior(
+                &prior_models,
+                &mut prior_sched,
+                &["a red cat on a sofa".into()],
+                None,
+                &zero,
+                &PriorOptions {
+                    steps: steps.0,
+                    ..Default::default()
+                },
+                &mut Hooks::default(),
+            )?;
+            sync(dev)?;
+            let t1 = Instant::now();
+            let latents = decoder::text2img(
+                &decoder_models,
+                &mut decoder_sched,
+                &e.image_embeds,
+                &e.negative_image_embeds,
+                &DecoderOptions {
+                    height: px,
+                    width: px,
+                    steps: steps.1,
+                    ..Default::default()
+                },
+                None,
+                &mut Hooks::default(),
+            )?;
+            sync(dev)?;
+            let t2 = Instant::now();
+            last = Some(decoder::decode(&movq, &latents)?);
+            sync(dev)?;
+            let t3 = Instant::now();
+            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            Ok([ms(t0, t1), ms(t1, t2), ms(t2, t3)])
+        };
+        once()?;
+        reset_peak(dev);
+        let mut all = (0..runs.max(1))
+            .map(|_| once())
+            .collect::<Result<Vec<_>>>()?;
+        let peak = peak_mib(dev);
+        all.sort_by(|a, b| a.iter().sum::<f64>().total_cmp(&b.iter().sum::<f64>()));
+        let [p, d, m] = all[all.len() / 2];
+        finals.extend(last);
+        rows.push(Row {
+            what: format!(
+                "text2img {px}px {dt:?}: {} prior + {} decoder steps (CFG) + decode{}",
+                steps.0,
+                steps.1,
+                if use_graph {
+                    ", decoder UNet from a CUDA graph"
+                } else {
+                    ""
+                }
+            ),
+            value: format!(
+                "{:.0} ms (prior {p:.0} / decoder {d:.0} / decode {m:.0}), peak {peak:.0} MiB",
+                p + d + m
+            ),
+            ok: None,
+        });
+    }
+    // Same seed, same kernels in the same order: the graph's image equals the eager one.
+    if let [eager, replayed] = &finals[..] {
+        let d = diff(replayed, eager)?;
+        rows.push(Row {
+            what: format!("text2img {px}px {dt:?}, CUDA graph vs eager image: rel diff"),
+            value: format!("{:.1e}", d.rel),
+            ok: Some(d.rel <= 1e-3 && !d.rel.is_nan()),
+        });
+    }
+    Ok(rows)
 }
 
 /// Run `f` twice to warm up, then once inside the CUDA profiler range (`cuProfilerStart`/
