@@ -111,6 +111,9 @@ pub struct Common {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Replay the decoder UNet from a CUDA graph at each step (CUDA only; ignored elsewhere).
+    #[arg(long)]
+    pub cuda_graphs: bool,
     /// Output PNG (a batch gets -0, -1, ... suffixes).
     #[arg(long, short = 'o', default_value = "out.png")]
     pub out: PathBuf,

@@ -388,6 +388,7 @@ fn decode_flow(c: &Common, repo: DecoderRepo, flow: Flow) -> Result<()> {
     let mut dec =
         DecoderPipeline::load(&dir, &placement, &placement, scheduler_choice(c.scheduler))
             .with_context(|| format!("loading the decoder from {}", dir.display()))?;
+    dec.cuda_graphs = c.cuda_graphs;
     pb.finish_and_clear();
     steps.mark("load decoder");
     let noise = match &c.noise {

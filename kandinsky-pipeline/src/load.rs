@@ -15,7 +15,7 @@ use kandinsky_core::{Error, ModelConfig, Result};
 use kandinsky_movq::VQModel;
 use kandinsky_prior::{PriorTransformer, PriorTransformerConfig, ZeroImageEmbedding};
 use kandinsky_schedulers::{AnyScheduler, SchedulerConfig, SchedulerKind};
-use kandinsky_unet::UNet2DConditionModel;
+use kandinsky_unet::{GraphedUNet, UNet2DConditionModel};
 
 use crate::callback::Hooks;
 use crate::decoder::{self, DecoderModels, DecoderOptions, DecoderText};
@@ -385,6 +385,9 @@ pub struct DecoderPipeline {
     pub class_name: String,
     /// Kandinsky 2.1 only: the text side of the decoder.
     pub text: Option<DecoderTextEncoder>,
+    /// Replay the UNet from a CUDA graph in the denoising loop (a CUDA UNet only; captured
+    /// once per flow call, see [`GraphedUNet`]). Off by default.
+    pub cuda_graphs: bool,
 }
 
 impl DecoderPipeline {
@@ -442,6 +445,7 @@ impl DecoderPipeline {
             scheduler,
             class_name: index.class_name,
             text,
+            cuda_graphs: false,
         })
     }
 
@@ -458,8 +462,15 @@ impl DecoderPipeline {
         hint: Option<&Tensor>,
         hooks: &mut Hooks<'_>,
     ) -> Result<Tensor> {
+        let graphed = GraphedUNet::new(&self.unet);
         let latents = decoder::text2img(
-            &decoder_models(&self.unet, &self.movq, self.text.as_ref()),
+            &decoder_models(
+                &self.unet,
+                &graphed,
+                self.cuda_graphs,
+                &self.movq,
+                self.text.as_ref(),
+            ),
             &mut self.scheduler,
             &embeds.image_embeds,
             &embeds.negative_image_embeds,
@@ -480,8 +491,15 @@ impl DecoderPipeline {
         hint: Option<&Tensor>,
         hooks: &mut Hooks<'_>,
     ) -> Result<Tensor> {
+        let graphed = GraphedUNet::new(&self.unet);
         let latents = decoder::img2img(
-            &decoder_models(&self.unet, &self.movq, self.text.as_ref()),
+            &decoder_models(
+                &self.unet,
+                &graphed,
+                self.cuda_graphs,
+                &self.movq,
+                self.text.as_ref(),
+            ),
             &mut self.scheduler,
             &embeds.image_embeds,
             &embeds.negative_image_embeds,
@@ -503,8 +521,15 @@ impl DecoderPipeline {
         opts: &DecoderOptions,
         hooks: &mut Hooks<'_>,
     ) -> Result<Tensor> {
+        let graphed = GraphedUNet::new(&self.unet);
         let latents = decoder::inpaint(
-            &decoder_models(&self.unet, &self.movq, self.text.as_ref()),
+            &decoder_models(
+                &self.unet,
+                &graphed,
+                self.cuda_graphs,
+                &self.movq,
+                self.text.as_ref(),
+            ),
             &mut self.scheduler,
             &embeds.image_embeds,
             &embeds.negative_image_embeds,
@@ -526,11 +551,13 @@ impl DecoderPipeline {
 /// beside it).
 fn decoder_models<'a>(
     unet: &'a UNet2DConditionModel,
+    graphed: &'a GraphedUNet<'a>,
+    cuda_graphs: bool,
     movq: &'a VQModel,
     text: Option<&'a DecoderTextEncoder>,
 ) -> DecoderModels<'a> {
     DecoderModels {
-        unet,
+        unet: if cuda_graphs { graphed } else { unet },
         movq,
         text: text.map(|t| DecoderText {
             tokenizer: &t.tokenizer,

@@ -204,8 +204,13 @@ fn text2img_ddim_matches_diffusers() -> anyhow::Result<()> {
     let mut d = decoder("kandinsky-2-2-decoder", Some(SchedulerKind::Ddim))?;
     let mut o = opts(&f, 4, 4.0, "image")?;
     o.noise = Some(get(&f, "latents")?.clone());
-    let img = d.text2img(&embeds(&f)?, &o, None, &mut Hooks::default())?;
-    check_images("text2img (DDIM)", &img, &f)
+    // Through the CUDA-graph wrapper too (which calls the UNet directly off CUDA).
+    for graphs in [false, true] {
+        d.cuda_graphs = graphs;
+        let img = d.text2img(&embeds(&f)?, &o, None, &mut Hooks::default())?;
+        check_images(&format!("text2img (DDIM, cuda_graphs {graphs})"), &img, &f)?;
+    }
+    Ok(())
 }
 
 #[test]
