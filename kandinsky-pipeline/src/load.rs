@@ -462,23 +462,17 @@ impl DecoderPipeline {
         hint: Option<&Tensor>,
         hooks: &mut Hooks<'_>,
     ) -> Result<Tensor> {
-        let graphed = GraphedUNet::new(&self.unet);
-        let latents = decoder::text2img(
-            &decoder_models(
-                &self.unet,
-                &graphed,
-                self.cuda_graphs,
-                &self.movq,
-                self.text.as_ref(),
-            ),
-            &mut self.scheduler,
-            &embeds.image_embeds,
-            &embeds.negative_image_embeds,
-            opts,
-            hint,
-            hooks,
-        )?;
-        decoder::decode(&self.movq, &latents)
+        self.run_flow(|models, scheduler| {
+            decoder::text2img(
+                models,
+                scheduler,
+                &embeds.image_embeds,
+                &embeds.negative_image_embeds,
+                opts,
+                hint,
+                hooks,
+            )
+        })
     }
 
     /// img2img (with `hint`: ControlNet img2img) → images in [-1, 1].
@@ -491,25 +485,19 @@ impl DecoderPipeline {
         hint: Option<&Tensor>,
         hooks: &mut Hooks<'_>,
     ) -> Result<Tensor> {
-        let graphed = GraphedUNet::new(&self.unet);
-        let latents = decoder::img2img(
-            &decoder_models(
-                &self.unet,
-                &graphed,
-                self.cuda_graphs,
-                &self.movq,
-                self.text.as_ref(),
-            ),
-            &mut self.scheduler,
-            &embeds.image_embeds,
-            &embeds.negative_image_embeds,
-            image,
-            strength,
-            opts,
-            hint,
-            hooks,
-        )?;
-        decoder::decode(&self.movq, &latents)
+        self.run_flow(|models, scheduler| {
+            decoder::img2img(
+                models,
+                scheduler,
+                &embeds.image_embeds,
+                &embeds.negative_image_embeds,
+                image,
+                strength,
+                opts,
+                hint,
+                hooks,
+            )
+        })
     }
 
     /// Inpainting → images in [-1, 1].
@@ -521,47 +509,45 @@ impl DecoderPipeline {
         opts: &DecoderOptions,
         hooks: &mut Hooks<'_>,
     ) -> Result<Tensor> {
+        self.run_flow(|models, scheduler| {
+            decoder::inpaint(
+                models,
+                scheduler,
+                &embeds.image_embeds,
+                &embeds.negative_image_embeds,
+                image,
+                mask,
+                opts,
+                hooks,
+            )
+        })
+    }
+
+    /// Run a decoder flow (`f`, given the models and the scheduler; the UNet through a
+    /// [`GraphedUNet`] with [`Self::cuda_graphs`]) and decode its latents.
+    fn run_flow(
+        &mut self,
+        f: impl FnOnce(&DecoderModels<'_>, &mut AnyScheduler) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let graphed = GraphedUNet::new(&self.unet);
-        let latents = decoder::inpaint(
-            &decoder_models(
-                &self.unet,
-                &graphed,
-                self.cuda_graphs,
-                &self.movq,
-                self.text.as_ref(),
-            ),
-            &mut self.scheduler,
-            &embeds.image_embeds,
-            &embeds.negative_image_embeds,
-            image,
-            mask,
-            opts,
-            hooks,
-        )?;
+        let models = DecoderModels {
+            unet: if self.cuda_graphs {
+                &graphed
+            } else {
+                &self.unet
+            },
+            movq: &self.movq,
+            text: self.text.as_ref().map(|t| DecoderText {
+                tokenizer: &t.tokenizer,
+                text_encoder: &t.text_encoder,
+            }),
+        };
+        let latents = f(&models, &mut self.scheduler)?;
         decoder::decode(&self.movq, &latents)
     }
 
     /// The MoVQ codec as the shared trait.
     pub fn codec(&self) -> &dyn LatentCodec {
         &self.movq
-    }
-}
-
-/// The flows' view of a loaded decoder (split borrows: the scheduler is borrowed mutably
-/// beside it).
-fn decoder_models<'a>(
-    unet: &'a UNet2DConditionModel,
-    graphed: &'a GraphedUNet<'a>,
-    cuda_graphs: bool,
-    movq: &'a VQModel,
-    text: Option<&'a DecoderTextEncoder>,
-) -> DecoderModels<'a> {
-    DecoderModels {
-        unet: if cuda_graphs { graphed } else { unet },
-        movq,
-        text: text.map(|t| DecoderText {
-            tokenizer: &t.tokenizer,
-            text_encoder: &t.text_encoder,
-        }),
     }
 }

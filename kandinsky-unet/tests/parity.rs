@@ -156,9 +156,14 @@ fn kandinsky21_denoiser_trait_matches() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `Denoiser` trait path is the same computation as `forward`.
-#[test]
-fn denoiser_trait_matches_forward() -> anyhow::Result<()> {
+/// The ControlNet UNet and its fixture's second case as `Denoiser` inputs: (model, fixture,
+/// conditioning, timesteps).
+fn controlnet_case_1() -> anyhow::Result<(
+    UNet2DConditionModel,
+    std::collections::HashMap<String, Tensor>,
+    DenoiserCondition,
+    Vec<f64>,
+)> {
     let unet = tiny("kandinsky-2-2-controlnet-depth", DType::F32)?;
     let fx = load_fixture("unet/controlnet.safetensors")?;
     let cond = DenoiserCondition {
@@ -167,6 +172,13 @@ fn denoiser_trait_matches_forward() -> anyhow::Result<()> {
         ..Default::default()
     };
     let ts = timesteps(get(&fx, "timesteps_1")?)?;
+    Ok((unet, fx, cond, ts))
+}
+
+/// The `Denoiser` trait path is the same computation as `forward`.
+#[test]
+fn denoiser_trait_matches_forward() -> anyhow::Result<()> {
+    let (unet, fx, cond, ts) = controlnet_case_1()?;
     let out = unet.predict(get(&fx, "sample_1")?, &ts, &cond)?;
     assert_close("trait", &out, get(&fx, "output_1")?, TOL_F32)?;
     assert_eq!(Denoiser::sample_channels(&unet), 4);
@@ -179,14 +191,7 @@ fn denoiser_trait_matches_forward() -> anyhow::Result<()> {
 /// sinusoid of the wrong width is refused with the expected shape.
 #[test]
 fn sinusoid_input_and_graph_wrapper_match_diffusers() -> anyhow::Result<()> {
-    let unet = tiny("kandinsky-2-2-controlnet-depth", DType::F32)?;
-    let fx = load_fixture("unet/controlnet.safetensors")?;
-    let cond = DenoiserCondition {
-        image_embeds: Some(get(&fx, "image_embeds_1")?.clone()),
-        hint: Some(get(&fx, "hint_1")?.clone()),
-        ..Default::default()
-    };
-    let ts = timesteps(get(&fx, "timesteps_1")?)?;
+    let (unet, fx, cond, ts) = controlnet_case_1()?;
     let sample = get(&fx, "sample_1")?;
     let reference = get(&fx, "output_1")?;
     let t_sin = unet.time_sinusoid(&ts)?;
