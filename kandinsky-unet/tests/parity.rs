@@ -156,14 +156,13 @@ fn kandinsky21_denoiser_trait_matches() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A loaded fixture: tensors by name.
+type Fixture = std::collections::HashMap<String, Tensor>;
+
 /// The ControlNet UNet and its fixture's second case as `Denoiser` inputs: (model, fixture,
 /// conditioning, timesteps).
-fn controlnet_case_1() -> anyhow::Result<(
-    UNet2DConditionModel,
-    std::collections::HashMap<String, Tensor>,
-    DenoiserCondition,
-    Vec<f64>,
-)> {
+fn controlnet_case_1(
+) -> anyhow::Result<(UNet2DConditionModel, Fixture, DenoiserCondition, Vec<f64>)> {
     let unet = tiny("kandinsky-2-2-controlnet-depth", DType::F32)?;
     let fx = load_fixture("unet/controlnet.safetensors")?;
     let cond = DenoiserCondition {
