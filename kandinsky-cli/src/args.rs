@@ -79,6 +79,10 @@ pub struct PriorArgs {
     /// Use these embeddings (safetensors with `image_embeds`, `negative_image_embeds`) instead of running the prior.
     #[arg(long)]
     pub image_embeds: Option<PathBuf>,
+    /// Replay the prior and the decoder UNet from CUDA graphs at each denoising step (CUDA
+    /// only; ignored elsewhere).
+    #[arg(long)]
+    pub cuda_graphs: bool,
 }
 
 /// Options of every flow.
@@ -111,9 +115,6 @@ pub struct Common {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Replay the decoder UNet from a CUDA graph at each step (CUDA only; ignored elsewhere).
-    #[arg(long)]
-    pub cuda_graphs: bool,
     /// Output PNG (a batch gets -0, -1, ... suffixes).
     #[arg(long, short = 'o', default_value = "out.png")]
     pub out: PathBuf,

@@ -247,8 +247,9 @@ fn load_prior(
             cache: zero_cache(&dir),
         }
     };
-    let p = PriorPipeline::load(&dir, &placement, &placement, use_)
+    let mut p = PriorPipeline::load(&dir, &placement, &placement, use_)
         .with_context(|| format!("loading the prior from {}", dir.display()))?;
+    p.cuda_graphs = args.cuda_graphs;
     pb.finish_and_clear();
     Ok(p)
 }
@@ -388,7 +389,7 @@ fn decode_flow(c: &Common, repo: DecoderRepo, flow: Flow) -> Result<()> {
     let mut dec =
         DecoderPipeline::load(&dir, &placement, &placement, scheduler_choice(c.scheduler))
             .with_context(|| format!("loading the decoder from {}", dir.display()))?;
-    dec.cuda_graphs = c.cuda_graphs;
+    dec.cuda_graphs = c.prior.cuda_graphs;
     pb.finish_and_clear();
     steps.mark("load decoder");
     let noise = match &c.noise {

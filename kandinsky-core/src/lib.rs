@@ -25,6 +25,7 @@ pub mod device;
 pub mod embeddings;
 pub mod error;
 pub mod gpu_conv;
+pub mod graph;
 pub mod loading;
 pub mod manifest;
 pub mod nn;

@@ -13,7 +13,7 @@ use kandinsky_core::loading::{ComponentDir, ModelIndex};
 use kandinsky_core::traits::LatentCodec;
 use kandinsky_core::{Error, ModelConfig, Result};
 use kandinsky_movq::VQModel;
-use kandinsky_prior::{PriorTransformer, PriorTransformerConfig, ZeroImageEmbedding};
+use kandinsky_prior::{GraphedPrior, PriorTransformer, PriorTransformerConfig, ZeroImageEmbedding};
 use kandinsky_schedulers::{AnyScheduler, SchedulerConfig, SchedulerKind};
 use kandinsky_unet::{GraphedUNet, UNet2DConditionModel};
 
@@ -117,6 +117,9 @@ pub struct PriorPipeline {
     pub image_processor: Option<ClipImageProcessor>,
     /// Image encoder applied to an all-zeros image, `[1, E]`.
     pub zero_image_embed: Tensor,
+    /// Replay the prior from a CUDA graph in the denoising loop (a CUDA prior only; captured
+    /// once per flow call, see [`GraphedPrior`]). Off by default.
+    pub cuda_graphs: bool,
 }
 
 impl PriorPipeline {
@@ -182,6 +185,7 @@ impl PriorPipeline {
             image_encoder,
             image_processor,
             zero_image_embed: zero,
+            cuda_graphs: false,
         })
     }
 
@@ -193,20 +197,45 @@ impl PriorPipeline {
         opts: &PriorOptions,
         hooks: &mut Hooks<'_>,
     ) -> Result<ImageEmbeds> {
+        self.run_flow(|models, scheduler, zero, _| {
+            prior::prior(
+                models,
+                scheduler,
+                prompts,
+                negative_prompts,
+                zero,
+                opts,
+                hooks,
+            )
+        })
+    }
+
+    /// Run a prior flow (`f`, given the models, the scheduler, the zero image embedding and
+    /// the image encoder; the prior through a [`GraphedPrior`] with [`Self::cuda_graphs`]).
+    fn run_flow<R>(
+        &mut self,
+        f: impl FnOnce(
+            &PriorModels<'_>,
+            &mut AnyScheduler,
+            &Tensor,
+            Option<&dyn kandinsky_core::traits::ImageEncoder>,
+        ) -> Result<R>,
+    ) -> Result<R> {
+        let graphed = GraphedPrior::new(&self.prior);
         let models = PriorModels {
             tokenizer: &self.tokenizer,
             text_encoder: &self.text_encoder,
-            prior: &self.prior,
+            prior: if self.cuda_graphs {
+                &graphed
+            } else {
+                &self.prior
+            },
         };
-        prior::prior(
-            &models,
-            &mut self.scheduler,
-            prompts,
-            negative_prompts,
-            &self.zero_image_embed,
-            opts,
-            hooks,
-        )
+        let enc = self
+            .image_encoder
+            .as_ref()
+            .map(|e| e as &dyn kandinsky_core::traits::ImageEncoder);
+        f(&models, &mut self.scheduler, &self.zero_image_embed, enc)
     }
 
     /// Preprocess a picture for the image encoder.
@@ -230,24 +259,9 @@ impl PriorPipeline {
         opts: &FusionOptions,
         hooks: &mut Hooks<'_>,
     ) -> Result<ImageEmbeds> {
-        let enc = self
-            .image_encoder
-            .as_ref()
-            .map(|e| e as &dyn kandinsky_core::traits::ImageEncoder);
-        let models = PriorModels {
-            tokenizer: &self.tokenizer,
-            text_encoder: &self.text_encoder,
-            prior: &self.prior,
-        };
-        prior::interpolate(
-            &models,
-            enc,
-            &mut self.scheduler,
-            inputs,
-            &self.zero_image_embed,
-            opts,
-            hooks,
-        )
+        self.run_flow(|models, scheduler, zero, enc| {
+            prior::interpolate(models, enc, scheduler, inputs, zero, opts, hooks)
+        })
     }
 
     /// Image-guided prior (diffusers' `KandinskyV22PriorEmb2EmbPipeline`) from CLIP image
@@ -261,22 +275,19 @@ impl PriorPipeline {
         opts: &PriorOptions,
         hooks: &mut Hooks<'_>,
     ) -> Result<ImageEmbeds> {
-        let models = PriorModels {
-            tokenizer: &self.tokenizer,
-            text_encoder: &self.text_encoder,
-            prior: &self.prior,
-        };
-        prior::emb2emb(
-            &models,
-            &mut self.scheduler,
-            prompts,
-            image_embeds,
-            strength,
-            negative_prompts,
-            &self.zero_image_embed,
-            opts,
-            hooks,
-        )
+        self.run_flow(|models, scheduler, zero, _| {
+            prior::emb2emb(
+                models,
+                scheduler,
+                prompts,
+                image_embeds,
+                strength,
+                negative_prompts,
+                zero,
+                opts,
+                hooks,
+            )
+        })
     }
 
     /// CLIP image embedding of a picture `[1, E]`.

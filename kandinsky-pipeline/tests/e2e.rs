@@ -81,19 +81,24 @@ fn prior_matches_diffusers() -> anyhow::Result<()> {
 fn prior_with_negative_prompt_matches_diffusers() -> anyhow::Result<()> {
     let f = load_fixture("pipeline/prior_negative.safetensors")?;
     let mut p = prior_pipeline()?;
-    let mut noise = recorded(&f);
     let neg = ["blurry, low quality".to_string()];
-    let out = p.generate(
-        &["a red cat on a sofa".to_string()],
-        Some(&neg),
-        &prior_opts(2, 3.0),
-        &mut Hooks {
-            noise: Some(&mut noise),
-            ..Default::default()
-        },
-    )?;
-    assert_eq!(noise.remaining(), 0);
-    check_embeds("prior+negative", &out, &f)
+    // Through the CUDA-graph wrapper too (which calls the prior directly off CUDA).
+    for graphs in [false, true] {
+        p.cuda_graphs = graphs;
+        let mut noise = recorded(&f);
+        let out = p.generate(
+            &["a red cat on a sofa".to_string()],
+            Some(&neg),
+            &prior_opts(2, 3.0),
+            &mut Hooks {
+                noise: Some(&mut noise),
+                ..Default::default()
+            },
+        )?;
+        assert_eq!(noise.remaining(), 0);
+        check_embeds(&format!("prior+negative, cuda_graphs {graphs}"), &out, &f)?;
+    }
+    Ok(())
 }
 
 #[test]

@@ -12,8 +12,10 @@
 
 pub mod attention;
 pub mod attention_processor;
+pub mod graph;
 pub mod prior_transformer;
 pub mod zero_embedding;
 
+pub use graph::GraphedPrior;
 pub use prior_transformer::{PriorTransformer, PriorTransformerConfig};
 pub use zero_embedding::{zero_image_embedding, ZeroImageEmbedding, NEGATIVE_IMAGE_EMBEDS_KEY};

@@ -343,7 +343,6 @@ impl PriorTransformer {
     fn check_inputs(
         &self,
         hidden_states: &Tensor,
-        timesteps: &[f64],
         proj_embedding: &Tensor,
         encoder_hidden_states: &Tensor,
         attention_mask: Option<&Tensor>,
@@ -389,6 +388,10 @@ impl PriorTransformer {
                 )));
             }
         }
+        Ok(b)
+    }
+
+    fn check_timesteps(timesteps: &[f64], b: usize) -> Result<()> {
         if timesteps.len() != 1 && timesteps.len() != b {
             return Err(Error::invalid(format!(
                 "prior needs 1 or {b} timesteps, got {}",
@@ -398,7 +401,7 @@ impl PriorTransformer {
         if let Some(t) = timesteps.iter().find(|t| !t.is_finite()) {
             return Err(Error::invalid(format!("prior timestep {t} is not finite")));
         }
-        Ok(b)
+        Ok(())
     }
 
     /// One forward, as diffusers' `PriorTransformer.forward`.
@@ -421,20 +424,81 @@ impl PriorTransformer {
     ) -> Result<Tensor> {
         let b = self.check_inputs(
             hidden_states,
-            timesteps,
             proj_embedding,
             encoder_hidden_states,
             attention_mask,
         )?;
-        let dt = self.dtype;
-        let inner = self.cfg.inner_dim();
+        Self::check_timesteps(timesteps, b)?;
+        let t_sin = self.time_sinusoid(timesteps, b)?;
+        self.forward_checked(
+            b,
+            hidden_states,
+            &t_sin,
+            proj_embedding,
+            encoder_hidden_states,
+            attention_mask,
+        )
+    }
+
+    /// The sinusoidal embedding of `timesteps` (one for the whole batch of `batch`, or one per
+    /// element) as [`Self::forward_with_sinusoid`] takes it: `[batch, inner_dim]` f32 on the
+    /// model's device, computed on the host as diffusers does.
+    pub fn time_sinusoid(&self, timesteps: &[f64], batch: usize) -> Result<Tensor> {
         let ts: Vec<f64> = if timesteps.len() == 1 {
-            vec![timesteps[0]; b]
+            vec![timesteps[0]; batch]
         } else {
             timesteps.to_vec()
         };
+        timestep_embedding(&ts, self.cfg.inner_dim(), true, 0.0, &self.device)
+    }
+
+    /// [`Self::forward`] with the timesteps given as their sinusoid
+    /// ([`Self::time_sinusoid`]): the forward then uploads nothing that varies between
+    /// denoising steps, the form a CUDA graph replays (`graph::GraphedPrior`).
+    pub fn forward_with_sinusoid(
+        &self,
+        hidden_states: &Tensor,
+        time_sinusoid: &Tensor,
+        proj_embedding: &Tensor,
+        encoder_hidden_states: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let b = self.check_inputs(
+            hidden_states,
+            proj_embedding,
+            encoder_hidden_states,
+            attention_mask,
+        )?;
+        if time_sinusoid.dims() != [b, self.cfg.inner_dim()] {
+            return Err(Error::invalid(format!(
+                "prior time sinusoid must be [{b}, {}], got {:?}",
+                self.cfg.inner_dim(),
+                time_sinusoid.dims()
+            )));
+        }
+        self.forward_checked(
+            b,
+            hidden_states,
+            time_sinusoid,
+            proj_embedding,
+            encoder_hidden_states,
+            attention_mask,
+        )
+    }
+
+    fn forward_checked(
+        &self,
+        b: usize,
+        hidden_states: &Tensor,
+        t_sin: &Tensor,
+        proj_embedding: &Tensor,
+        encoder_hidden_states: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let dt = self.dtype;
+        let inner = self.cfg.inner_dim();
         // The sinusoid is computed in f32 and cast, as diffusers does.
-        let t_proj = timestep_embedding(&ts, inner, true, 0.0, &self.device)?.to_dtype(dt)?;
+        let t_proj = t_sin.to_device(&self.device)?.to_dtype(dt)?;
         let time_emb = self.time_embedding.forward(&t_proj)?;
 
         let proj_embedding = proj_embedding.to_dtype(dt)?;

@@ -155,6 +155,56 @@ fn trait_predict_matches_scalar_timestep() -> Result<()> {
     Ok(())
 }
 
+/// The timesteps given as their sinusoid (the form a CUDA graph replays) and the graph
+/// wrapper (which calls the prior directly off CUDA) match diffusers; a sinusoid of the wrong
+/// shape is refused.
+#[test]
+fn sinusoid_input_and_graph_wrapper_match_diffusers() -> Result<()> {
+    let model = PriorTransformer::load(tiny_dir(), DType::F32, &Device::Cpu)?;
+    let f = load_fixture("prior/forward.safetensors")?;
+    let (x, p, enc, mask) = (
+        get(&f, "hidden_states")?,
+        get(&f, "proj_embedding")?,
+        get(&f, "encoder_hidden_states")?,
+        get(&f, "attention_mask")?,
+    );
+    let b = x.dim(0)?;
+    let ts = timesteps(&f)?;
+    let t_sin = model.time_sinusoid(&ts, b)?;
+    let out = model.forward_with_sinusoid(x, &t_sin, p, enc, Some(mask))?;
+    assert_close(
+        "sinusoid, per-element timesteps",
+        &out,
+        get(&f, "out")?,
+        TOL_F32,
+    )?;
+    let out =
+        model.forward_with_sinusoid(x, &model.time_sinusoid(&[42.0], b)?, p, enc, Some(mask))?;
+    assert_close(
+        "sinusoid, scalar timestep",
+        &out,
+        get(&f, "out_scalar_t")?,
+        TOL_F32,
+    )?;
+    let cond = PriorCondition {
+        proj_embedding: p,
+        encoder_hidden_states: enc,
+        attention_mask: mask,
+    };
+    let graphed = kandinsky_prior::GraphedPrior::new(&model);
+    for _ in 0..2 {
+        let out = graphed.predict(x, 42.0, &cond)?;
+        assert_close("graph wrapper", &out, get(&f, "out_scalar_t")?, TOL_F32)?;
+    }
+    assert!(!graphed.is_captured(), "no graph off CUDA");
+    let short = t_sin.narrow(0, 0, b - 1)?;
+    let err = model
+        .forward_with_sinusoid(x, &short, p, enc, Some(mask))
+        .expect_err("a sinusoid for fewer elements");
+    assert!(err.to_string().contains("time sinusoid"), "{err}");
+    Ok(())
+}
+
 #[test]
 fn mask_accepts_bool_like_dtypes() -> Result<()> {
     // The pipeline's tokenizer mask may arrive as u8/u32 (bool in torch).

@@ -938,19 +938,24 @@ fn text2img_flow(
         tiny.join("kandinsky-2-2-decoder/scheduler/scheduler_config.json"),
     )?;
     let zero = Tensor::zeros((1, EmbeddingPrior::embedding_dim(&prior_model)), dt, dev)?;
-    let prior_models = PriorModels {
-        tokenizer: &FixedTokens,
-        text_encoder: &text_encoder,
-        prior: &prior_model,
-    };
     let graphed = kandinsky_unet::GraphedUNet::new(&unet);
-    // The decoder loop eagerly, then (CUDA) replaying the UNet from a graph.
+    let graphed_prior = kandinsky_prior::GraphedPrior::new(&prior_model);
+    // The denoising loops eagerly, then (CUDA) replaying the prior and the UNet from graphs.
     let mut rows = Vec::new();
     let mut finals: Vec<Tensor> = Vec::new();
     for use_graph in [false, true] {
         if use_graph && !dev.is_cuda() {
             continue;
         }
+        let prior_models = PriorModels {
+            tokenizer: &FixedTokens,
+            text_encoder: &text_encoder,
+            prior: if use_graph {
+                &graphed_prior
+            } else {
+                &prior_model
+            },
+        };
         let decoder_models = decoder::DecoderModels {
             unet: if use_graph { &graphed } else { &unet },
             movq: &movq,
@@ -1011,7 +1016,7 @@ fn text2img_flow(
                 steps.0,
                 steps.1,
                 if use_graph {
-                    ", decoder UNet from a CUDA graph"
+                    ", prior and UNet from CUDA graphs"
                 } else {
                     ""
                 }

@@ -1,0 +1,94 @@
+//! The prior replayed from a CUDA graph: [`GraphedPrior`].
+
+use candle_core::{DType, Device, Tensor, TensorId};
+use kandinsky_core::graph::GraphReplay;
+use kandinsky_core::traits::{EmbeddingPrior, PriorCondition};
+use kandinsky_core::Result;
+
+use crate::PriorTransformer;
+
+/// An [`EmbeddingPrior`] that replays `prior`'s forward from a CUDA graph on a CUDA device
+/// (with the `cuda` feature; [`GraphReplay`]) and calls it directly elsewhere: its step is
+/// small (4.3 ms at batch 2 on an H200, GPU run 9) and issued op by op from the host. The
+/// graph is captured once per (latents shape, dtype, conditioning tensors) and replayed with
+/// the latents and the timestep's sinusoid ([`PriorTransformer::forward_with_sinusoid`])
+/// copied into its input buffers.
+pub struct GraphedPrior<'a> {
+    prior: &'a PriorTransformer,
+    replay: GraphReplay<Key>,
+}
+
+/// What a graph was captured for (the conditioning by identity).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Key {
+    dims: Vec<usize>,
+    dtype: DType,
+    cond: [TensorId; 3],
+}
+
+impl<'a> GraphedPrior<'a> {
+    /// Wrap `prior`; nothing is captured before the first prediction.
+    pub fn new(prior: &'a PriorTransformer) -> Self {
+        Self {
+            prior,
+            replay: GraphReplay::new(),
+        }
+    }
+
+    /// Whether a graph is held (after a prediction on a CUDA device).
+    pub fn is_captured(&self) -> bool {
+        self.replay.is_captured()
+    }
+}
+
+impl EmbeddingPrior for GraphedPrior<'_> {
+    fn predict(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        cond: &PriorCondition<'_>,
+    ) -> Result<Tensor> {
+        // Off CUDA, and for inputs the prior will refuse (its own errors), call it directly.
+        if !self.prior.device().is_cuda() || latents.rank() != 2 || !timestep.is_finite() {
+            return self.prior.predict(latents, timestep, cond);
+        }
+        let tensors = [
+            cond.proj_embedding,
+            cond.encoder_hidden_states,
+            cond.attention_mask,
+        ];
+        let key = Key {
+            dims: latents.dims().to_vec(),
+            dtype: latents.dtype(),
+            cond: tensors.map(Tensor::id),
+        };
+        let latents = latents.to_device(self.prior.device())?;
+        let t_sin = self.prior.time_sinusoid(&[timestep], latents.dim(0)?)?;
+        self.replay
+            .run(key, &[&latents, &t_sin], &tensors, |inputs| {
+                self.prior.forward_with_sinusoid(
+                    &inputs[0],
+                    &inputs[1],
+                    cond.proj_embedding,
+                    cond.encoder_hidden_states,
+                    Some(cond.attention_mask),
+                )
+            })
+    }
+
+    fn post_process_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        self.prior.post_process_latents(latents)
+    }
+
+    fn embedding_dim(&self) -> usize {
+        EmbeddingPrior::embedding_dim(self.prior)
+    }
+
+    fn device(&self) -> &Device {
+        EmbeddingPrior::device(self.prior)
+    }
+
+    fn dtype(&self) -> DType {
+        EmbeddingPrior::dtype(self.prior)
+    }
+}
