@@ -49,6 +49,38 @@ impl SpatialNorm {
 
     /// Normalise `f` `[B, C, H, W]` conditioned on `zq` `[B, Z, h, w]`, then apply `act`.
     pub fn forward(&self, f: &Tensor, zq: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        let (scale, shift) = self.maps(f, zq)?;
+        self.norm_layer.forward(
+            f,
+            Some(Modulation {
+                scale: &scale,
+                shift: &shift,
+            }),
+            act,
+        )
+    }
+
+    /// `conv(act(spatial_norm(f, zq))) [+ residual]`, normalised on read on CUDA
+    /// ([`GroupNorm::forward_into_conv`]).
+    pub fn forward_into_conv(
+        &self,
+        conv: &Conv2d,
+        f: Tensor,
+        zq: &Tensor,
+        act: Option<Activation>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (scale, shift) = self.maps(&f, zq)?;
+        let modulation = Some(Modulation {
+            scale: &scale,
+            shift: &shift,
+        });
+        self.norm_layer
+            .forward_into_conv(conv, f, modulation, act, residual)
+    }
+
+    /// The modulation maps `(conv_y(zq'), conv_b(zq'))` for a map `f`.
+    fn maps(&self, f: &Tensor, zq: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_, _, h, w) = f.dims4()?;
         let (_, _, zh, zw) = zq.dims4()?;
         // A 1×1 convolution commutes with nearest upsampling: when the map is an integer
@@ -58,16 +90,7 @@ impl SpatialNorm {
         } else {
             zq.upsample_nearest2d(h, w)?
         };
-        let scale = self.conv_y.forward(&zq)?;
-        let shift = self.conv_b.forward(&zq)?;
-        self.norm_layer.forward(
-            f,
-            Some(Modulation {
-                scale: &scale,
-                shift: &shift,
-            }),
-            act,
-        )
+        Ok((self.conv_y.forward(&zq)?, self.conv_b.forward(&zq)?))
     }
 }
 
@@ -91,13 +114,29 @@ impl Norm {
     ) -> Result<Tensor> {
         match self {
             Norm::Group(n) => n.forward(x, None, act),
-            Norm::Spatial(n) => {
-                let zq = zq.ok_or_else(|| {
-                    Error::invalid("a SpatialNorm needs the latent it is conditioned on")
-                })?;
-                n.forward(x, zq, act)
-            }
+            Norm::Spatial(n) => n.forward(x, Self::latent(zq)?, act),
         }
+    }
+
+    /// `conv(act(norm(x))) [+ residual]`, the norm applied on read by the CUDA convolution
+    /// (`KANDINSKY_CONV_NORM=1`); `zq` is required by the spatial variant. Takes `x` so that
+    /// elsewhere it can be freed before the convolution.
+    pub fn forward_into_conv(
+        &self,
+        conv: &Conv2d,
+        x: Tensor,
+        zq: Option<&Tensor>,
+        act: Option<Activation>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        match self {
+            Norm::Group(n) => n.forward_into_conv(conv, x, None, act, residual),
+            Norm::Spatial(n) => n.forward_into_conv(conv, x, Self::latent(zq)?, act, residual),
+        }
+    }
+
+    fn latent(zq: Option<&Tensor>) -> Result<&Tensor> {
+        zq.ok_or_else(|| Error::invalid("a SpatialNorm needs the latent it is conditioned on"))
     }
 }
 

@@ -129,6 +129,15 @@ impl Conv2d {
         }
     }
 
+    /// The CUDA convolution, which can normalise its input on read
+    /// ([`ShiftedConv::forward_normed`]); `None` on other paths.
+    pub fn shifted(&self) -> Option<&ShiftedConv> {
+        match &self.0 {
+            ConvKind::Shifted(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// `conv(x) + residual` (one kernel on CUDA). Takes `x` so that elsewhere it is freed
     /// before the add (one full-size map less at the peak).
     pub fn forward_add(&self, x: Tensor, residual: &Tensor) -> Result<Tensor> {

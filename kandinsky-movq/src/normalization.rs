@@ -198,6 +198,53 @@ impl GroupNorm {
 }
 
 impl GroupNorm {
+    /// The same norm as kandinsky-core's (whose CUDA kernel and fused CPU loop it uses).
+    pub fn core(&self) -> Result<kandinsky_core::nn::GroupNorm> {
+        kandinsky_core::nn::GroupNorm::from_parts(
+            self.weight.clone(),
+            self.bias.clone(),
+            self.groups,
+            self.eps,
+        )
+    }
+
+    /// `conv(act(group_norm(x)) [· scale + shift]) [+ residual]`: with `conv` on CUDA and
+    /// SiLU (or no activation), the convolution normalises on read
+    /// ([`ShiftedConv::forward_normed`](kandinsky_core::gpu_conv::ShiftedConv::forward_normed):
+    /// with `KANDINSKY_CONV_NORM=1` the normalised map is never written); otherwise
+    /// [`Self::forward`], then the convolution. Takes `x` so that the normalised map's input
+    /// is freed before the convolution where the caller holds no other reference.
+    pub fn forward_into_conv(
+        &self,
+        conv: &crate::conv::Conv2d,
+        x: Tensor,
+        modulation: Option<Modulation<'_>>,
+        act: Option<Activation>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if let (Some(shifted), None | Some(Activation::Silu)) = (conv.shifted(), act) {
+            Self::upscale(&x, modulation)?;
+            let gn = self.core()?;
+            let input_norm = kandinsky_core::gpu_conv::InputNorm {
+                norm: &gn,
+                modulation: modulation.map(|m| NormModulation::Spatial {
+                    scale: m.scale,
+                    shift: m.shift,
+                }),
+                silu: act.is_some(),
+            };
+            return shifted.forward_normed(&x, input_norm, false, residual);
+        }
+        let h = self.forward(&x, modulation, act)?;
+        drop(x);
+        match residual {
+            Some(r) => conv.forward_add(h, r),
+            None => conv.forward(&h),
+        }
+    }
+}
+
+impl GroupNorm {
     /// kandinsky-core's GroupNorm with the modulation and the SiLU (on the CPU inside its
     /// one output pass; on CUDA the kernel, then the modulation); any other activation is
     /// applied afterwards.
@@ -207,12 +254,7 @@ impl GroupNorm {
         modulation: Option<Modulation<'_>>,
         act: Option<Activation>,
     ) -> Result<Tensor> {
-        let gn = kandinsky_core::nn::GroupNorm::from_parts(
-            self.weight.clone(),
-            self.bias.clone(),
-            self.groups,
-            self.eps,
-        )?;
+        let gn = self.core()?;
         let m = modulation.map(|m| NormModulation::Spatial {
             scale: m.scale,
             shift: m.shift,

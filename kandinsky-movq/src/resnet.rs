@@ -69,16 +69,23 @@ impl ResnetBlock2D {
 
     /// Forward `x` `[B, C, H, W]`; `zq` is the latent for spatial norms.
     pub fn forward(&self, x: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
-        // Reassigning one binding frees each full-size intermediate as soon as the next exists
-        // (shadowing would keep all of them alive until the end of the block: +2 GB at 1024²).
-        let mut h = self.norm1.forward(x, zq, Some(self.act))?;
-        h = self.conv1.forward(&h)?;
-        h = self.norm2.forward(&h, zq, Some(self.act))?;
+        // Each norm goes into its convolution (on CUDA optionally applied on read); the
+        // conv1 output is handed over, so it is freed as soon as its norm exists (elsewhere).
         // output_scale_factor is 1 in every VQ-VAE block; the residual add rides in conv2
         // (one kernel on CUDA).
-        match &self.conv_shortcut {
-            Some(c) => self.conv2.forward_add(h, &c.forward(x)?),
-            None => self.conv2.forward_add(h, x),
-        }
+        let h = self
+            .norm1
+            .forward_into_conv(&self.conv1, x.clone(), zq, Some(self.act), None)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => Some(c.forward(x)?),
+            None => None,
+        };
+        self.norm2.forward_into_conv(
+            &self.conv2,
+            h,
+            zq,
+            Some(self.act),
+            Some(shortcut.as_ref().unwrap_or(x)),
+        )
     }
 }

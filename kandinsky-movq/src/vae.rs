@@ -203,9 +203,10 @@ impl Decoder {
         for block in &self.up_blocks {
             h = block.forward(&h, zq)?;
         }
-        // `conv_act` is always SiLU. Reassigned, not shadowed, to free the previous map.
-        h = self.conv_norm_out.forward(&h, zq, Some(Activation::Silu))?;
-        self.conv_out.forward(&h)
+        // `conv_act` is always SiLU. `h` is handed over, so it is freed as soon as its norm
+        // exists (or, on CUDA, the norm is applied on read by the convolution).
+        self.conv_norm_out
+            .forward_into_conv(&self.conv_out, h, zq, Some(Activation::Silu), None)
     }
 }
 
