@@ -5,11 +5,13 @@
 #   1. gpu_check: tiny-fixture parity on CUDA, every kernel against candle's plain path,
 #      timings with peak pool memory;
 #   2. ncu: the GPU time of every kernel of one 768 px UNet step and one MoVQ decode;
-#   3. unless PLAIN=0, the UNet timings with candle's own kernels (KANDINSKY_PLAIN_KERNELS=1);
-#      unless BANDED=0, the timings with the convolution scratch banded at 64 MiB (peak memory);
-#      unless TOKEN_MAJOR=0, the UNet with the token-major attention kernel (no head copies);
-#      unless CONV_NORM=0, the UNet with the ResNet GroupNorms inside the convolutions' copy
-#      kernel (KANDINSKY_CONV_NORM=1), then with both of these switches;
+#   3. the opt-in switches, each part skipped with its variable set to 0, in this order:
+#      TOKEN_MAJOR, the UNet with the token-major attention kernel (no head copies);
+#      CONV_NORM, the UNet and MoVQ with the ResNet norms inside the convolutions' copy
+#      kernel (KANDINSKY_CONV_NORM=1), then the UNet and the whole text2img (eager and with
+#      CUDA graphs) with both switches; BANDED, the timings with the convolution scratch
+#      banded at 64 MiB (peak memory); PLAIN, the UNet with candle's own kernels
+#      (KANDINSKY_PLAIN_KERNELS=1, measured before: run 9);
 #   4. with DIFFUSERS=1, diffusers/PyTorch on the same card (fp16), from the carried wheels.
 set -uo pipefail
 # Every part's timeout is cut to what is left of DEADLINE seconds (the device call's limit
@@ -45,15 +47,17 @@ ab() {
     # shellcheck disable=SC2086 # several assignments in one word
     env $env timeout "$(t "$limit")" $BIN/gpu_check "$@" 2>&1 | tee "$OUT/$log" | grep -E "$pattern"
 }
-ab PLAIN KANDINSKY_PLAIN_KERNELS=1 70 rust-plain.log '^(unet|timings)' --timings-only --unet-only --quick
-ab BANDED KANDINSKY_CONV_SCRATCH_MB=64 70 rust-banded.log '^(movq|unet step 768px b2 F16 |timings)' \
-    --timings-only --quick
 ab TOKEN_MAJOR KANDINSKY_FLASH_TOKEN_MAJOR=1 60 rust-token-major.log '^(unet|timings)' \
     --timings-only --unet-only --quick
-ab CONV_NORM KANDINSKY_CONV_NORM=1 60 rust-conv-norm.log '^(unet|timings)' \
-    --timings-only --unet-only --quick
+ab CONV_NORM KANDINSKY_CONV_NORM=1 70 rust-conv-norm.log '^(unet step|movq|timings)' \
+    --timings-only --quick --no-text2img
 ab CONV_NORM "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-both.log '^(unet|timings)' \
     --timings-only --unet-only --quick
+ab CONV_NORM "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-t2i-both.log '^(text2img|timings)' \
+    --text2img-only
+ab BANDED KANDINSKY_CONV_SCRATCH_MB=64 70 rust-banded.log '^(movq|unet step 768px b2 F16 |timings)' \
+    --timings-only --quick --no-text2img
+ab PLAIN KANDINSKY_PLAIN_KERNELS=1 70 rust-plain.log '^(unet|timings)' --timings-only --unet-only --quick
 if [ "${DIFFUSERS:-0}" = 1 ]; then
     echo "== 4. diffusers"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1

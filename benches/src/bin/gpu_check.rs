@@ -879,7 +879,11 @@ fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
         ok: None,
     });
     drop(te);
-    // The whole flow the performance goal names: 768 px, 25 prior + 50 decoder steps.
+    // The whole flow the performance goal names: 768 px, 25 prior + 50 decoder steps
+    // (`--no-text2img` skips it, for the A/B parts of run.sh).
+    if std::env::args().any(|a| a == "--no-text2img") {
+        return Ok(());
+    }
     rows.extend(text2img_flow(
         dev,
         DType::F16,
