@@ -1005,32 +1005,47 @@ fn text2img_flow(
             let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
             Ok([ms(t0, t1), ms(t1, t2), ms(t2, t3)])
         };
-        once()?;
-        reset_peak(dev);
-        let mut all = (0..runs.max(1))
-            .map(|_| once())
-            .collect::<Result<Vec<_>>>()?;
-        let peak = peak_mib(dev);
-        all.sort_by(|a, b| a.iter().sum::<f64>().total_cmp(&b.iter().sum::<f64>()));
-        let [p, d, m] = all[all.len() / 2];
-        finals.extend(last);
-        rows.push(Row {
-            what: format!(
-                "text2img {px}px {dt:?}: {} prior + {} decoder steps (CFG) + decode{}",
-                steps.0,
-                steps.1,
-                if use_graph {
-                    ", prior and UNet from CUDA graphs"
-                } else {
-                    ""
-                }
-            ),
-            value: format!(
+        let what = format!(
+            "text2img {px}px {dt:?}: {} prior + {} decoder steps (CFG) + decode{}",
+            steps.0,
+            steps.1,
+            if use_graph {
+                ", prior and UNet from CUDA graphs"
+            } else {
+                ""
+            }
+        );
+        let mut measure = || -> Result<String> {
+            once()?;
+            reset_peak(dev);
+            let mut all = (0..runs.max(1))
+                .map(|_| once())
+                .collect::<Result<Vec<_>>>()?;
+            let peak = peak_mib(dev);
+            all.sort_by(|a, b| a.iter().sum::<f64>().total_cmp(&b.iter().sum::<f64>()));
+            let [p, d, m] = all[all.len() / 2];
+            Ok(format!(
                 "{:.0} ms (prior {p:.0} / decoder {d:.0} / decode {m:.0}), peak {peak:.0} MiB",
                 p + d + m
-            ),
-            ok: None,
-        });
+            ))
+        };
+        // The graphed flow is new on the GPU: its failure is a failed row, not the end of
+        // the run.
+        let row = match measure() {
+            Ok(value) => Row {
+                what,
+                value,
+                ok: None,
+            },
+            Err(e) if use_graph => Row {
+                what,
+                value: format!("ERROR {e:#}"),
+                ok: Some(false),
+            },
+            Err(e) => return Err(e),
+        };
+        finals.extend(last);
+        rows.push(row);
     }
     // Same seed, same kernels in the same order: the graph's image equals the eager one.
     if let [eager, replayed] = &finals[..] {
