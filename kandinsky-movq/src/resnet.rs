@@ -69,13 +69,24 @@ impl ResnetBlock2D {
 
     /// Forward `x` `[B, C, H, W]`; `zq` is the latent for spatial norms.
     pub fn forward(&self, x: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
-        // Each norm goes into its convolution (on CUDA optionally applied on read); the
-        // conv1 output is handed over, so it is freed as soon as its norm exists (elsewhere).
+        // Each norm goes into its convolution (on CUDA optionally applied on read).
         // output_scale_factor is 1 in every VQ-VAE block; the residual add rides in conv2
         // (one kernel on CUDA).
-        let h = self
-            .norm1
-            .forward_into_conv(&self.conv1, x.clone(), zq, Some(self.act), None)?;
+        // Reassigned, not shadowed: each full-size intermediate is freed as soon as the next
+        // exists.
+        let mut h =
+            self.norm1
+                .forward_into_conv(&self.conv1, x.clone(), zq, Some(self.act), None)?;
+        if self.conv2.shifted().is_none() {
+            // Elsewhere the shortcut is computed after norm2 has freed the conv1 output:
+            // computed before, it was one more full-size map at the peak (+32 MiB for a
+            // 256 px decode, measured).
+            h = self.norm2.forward(&h, zq, Some(self.act))?;
+            return match &self.conv_shortcut {
+                Some(c) => self.conv2.forward_add(h, &c.forward(x)?),
+                None => self.conv2.forward_add(h, x),
+            };
+        }
         let shortcut = match &self.conv_shortcut {
             Some(c) => Some(c.forward(x)?),
             None => None,
