@@ -19,14 +19,15 @@
 #include "welford.cuh"
 
 // The GroupNorm read by conv_shift_norm: `partial` holds (count, mean, M2) for each of the
-// `splits` chunks of each group (b·G + g), as group_norm_stats_* writes them; the modulation
-// kinds are group_norm.cu's (0 none, 1 per-channel scale-shift through its strides, 2 spatial
-// maps [B, C, mh, mw] nearest-upsampled to the input's H × W).
+// `splits` chunks of each group (b·G + g), as group_norm_stats_* writes them (over the whole
+// map, also when the input is a band of its rows); the modulation kinds are group_norm.cu's
+// (0 none, 1 per-channel scale-shift through its strides, 2 spatial maps [B, C, mh, mw]
+// nearest-upsampled to the whole map's hfull × W, the input being its rows [row0, row0 + H)).
 template <typename T>
 struct NormIn {
   const T *gamma, *beta, *mscale, *mshift;
   const float *partial;
-  int splits, cpg, silu, mkind, mh, mw;
+  int splits, cpg, silu, mkind, mh, mw, row0, hfull;
   float eps;
   long long ssb, ssc, tsb, tsc;
 };
@@ -81,8 +82,9 @@ __device__ void conv_shift(const T *__restrict__ x, T *__restrict__ x3, int C, i
       if (NORM) {
         float v = (to_f(xc[sy * W + sx]) - s_mean) * s_mul + s_add;
         if (nm.mkind == 2) {
-          const long long m = (((long long)b * C + c) * nm.mh + sy / (H / nm.mh)) * nm.mw +
-                              sx / (W / nm.mw);
+          const long long m =
+              (((long long)b * C + c) * nm.mh + (nm.row0 + sy) / (nm.hfull / nm.mh)) * nm.mw +
+              sx / (W / nm.mw);
           v = v * to_f(nm.mscale[m]) + to_f(nm.mshift[m]);
         }
         if (nm.silu) v = v / (1.f + __expf(-v));
@@ -138,10 +140,11 @@ __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__
       const T *x, T *x3, int C, int H, int W, int up, int pt, int pl, int Hp, int Wp,        \
       long long S, int k, const T *gamma, const T *beta, const float *partial, int splits,   \
       int cpg, float eps, int silu, const T *mscale, const T *mshift, int mkind,             \
-      long long ssb, long long ssc, long long tsb, long long tsc, int mh, int mw) {          \
+      long long ssb, long long ssc, long long tsb, long long tsc, int mh, int mw, int row0,  \
+      int hfull) {                                                                           \
     conv_shift<T, true>(x, x3, C, H, W, up, pt, pl, Hp, Wp, S, k,                            \
                         NormIn<T>{gamma, beta, mscale, mshift, partial, splits, cpg, silu,   \
-                                  mkind, mh, mw, eps, ssb, ssc, tsb, tsc});                  \
+                                  mkind, mh, mw, row0, hfull, eps, ssb, ssc, tsb, tsc});     \
   }                                                                                          \
   extern "C" __global__ void conv_finish_##SUF(const float *acc, const T *bias, const T *res, \
                                                 T *out, int rows, int Cout, int OH, int OW,   \

@@ -706,6 +706,14 @@ struct NormScalars {
     eps: f32,
     silu: i32,
     margs: ModulationArgs,
+    row0: i32,
+    hfull: i32,
+}
+
+/// The statistics `conv_shift_norm_*` reads: computed for this call, or a whole map's.
+enum NormPartial<'a> {
+    Own(cudarc::driver::CudaSlice<f32>),
+    Given(cudarc::driver::CudaView<'a, f32>),
 }
 
 /// The GroupNorm (+ modulation) (+ SiLU) a [`ShiftedConvOp`] applies to its input on read;
@@ -717,6 +725,77 @@ struct ConvNorm {
     eps: f32,
     silu: bool,
     modulation: Option<KernelModulation>,
+    /// The input is rows `[row0, row0 + H)` of a map `hfull` rows high whose statistics are
+    /// given ([`group_norm_stats`]); `None`: the input is the whole map.
+    band: Option<NormBand>,
+}
+
+/// A band of rows of a larger map, normalised with the whole map's statistics.
+#[derive(Debug, Clone)]
+pub struct NormBand {
+    /// The whole map's [`group_norm_stats`].
+    pub stats: GroupNormStats,
+    /// The band's first row in the whole map.
+    pub row0: usize,
+    /// The whole map's height.
+    pub hfull: usize,
+}
+
+/// GroupNorm statistics of a map: (count, mean, M2) per block of `group_norm_stats_*`
+/// (`splits` blocks per group), as the normalising kernels merge them.
+#[derive(Debug, Clone)]
+pub struct GroupNormStats {
+    partial: Tensor,
+    dims: (usize, usize, usize),
+    groups: usize,
+}
+
+/// `group_norm_stats_*` over a contiguous `[B, C, H, W]` map, as a tensor.
+struct GroupNormStatsOp {
+    groups: usize,
+}
+
+impl candle_core::CustomOp1 for GroupNormStatsOp {
+    fn name(&self) -> &'static str {
+        "kandinsky-group-norm-stats"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kandinsky-group-norm-stats is a CUDA kernel")
+    }
+
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let xo = contiguous_start(xl, "group-norm statistics: the input")?;
+        let (b, c, h, w) = xl.shape().dims4()?;
+        let plan = StatsPlan::new(b, c, h * w, self.groups, "group-norm statistics")?;
+        let dev = xs.device().clone();
+        let partial = match xs.dtype() {
+            DType::F32 => plan.launch(&dev, &xs.as_cuda_slice::<f32>()?.slice(xo..), "f32")?,
+            DType::F16 => {
+                plan.launch(&dev, &xs.as_cuda_slice::<half::f16>()?.slice(xo..), "f16")?
+            }
+            DType::BF16 => {
+                plan.launch(&dev, &xs.as_cuda_slice::<half::bf16>()?.slice(xo..), "bf16")?
+            }
+            dt => candle_core::bail!("group-norm statistics: unsupported dtype {dt:?}"),
+        };
+        Ok((
+            CudaStorage::wrap_cuda_slice(partial, dev),
+            Shape::from((plan.blocks, 3)),
+        ))
+    }
+}
+
+/// The GroupNorm statistics of `x` `[B, C, H, W]` in `groups` groups (f32), for normalising
+/// bands of its rows on read ([`NormBand`]).
+pub fn group_norm_stats(x: &Tensor, groups: usize) -> candle_core::Result<GroupNormStats> {
+    let x = x.contiguous()?;
+    let (b, c, h, w) = x.dims4()?;
+    Ok(GroupNormStats {
+        partial: x.apply_op1_no_bwd(&GroupNormStatsOp { groups })?,
+        dims: (b, c, h * w),
+        groups,
+    })
 }
 
 /// A contiguous layout's start offset, or an error naming `what` (the kernel and the tensor).
@@ -817,25 +896,70 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                         nm.beta.dims()
                     );
                 }
-                let plan = StatsPlan::new(b, c, h * w, nm.groups, "shifted convolution: the norm")?;
+                let plan = match &nm.band {
+                    None => {
+                        StatsPlan::new(b, c, h * w, nm.groups, "shifted convolution: the norm")?
+                    }
+                    Some(band) => {
+                        let st = &band.stats;
+                        if st.groups != nm.groups
+                            || (st.dims.0, st.dims.1) != (b, c)
+                            || st.dims.2 != band.hfull * w
+                            || band.row0 + h > band.hfull
+                        {
+                            candle_core::bail!(
+                                "shifted convolution: rows {}..{} of a {}-row map do not fit \
+                                 the norm statistics of {:?} in {} groups",
+                                band.row0,
+                                band.row0 + h,
+                                band.hfull,
+                                st.dims,
+                                st.groups
+                            );
+                        }
+                        let plan = StatsPlan::new(
+                            b,
+                            c,
+                            st.dims.2,
+                            nm.groups,
+                            "shifted convolution: the norm",
+                        )?;
+                        if st.partial.dims() != [plan.blocks, 3] {
+                            candle_core::bail!(
+                                "shifted convolution: norm statistics {:?}, expected [{}, 3]",
+                                st.partial.dims(),
+                                plan.blocks
+                            );
+                        }
+                        plan
+                    }
+                };
                 let held = nm.modulation.as_ref().and_then(KernelModulation::hold);
                 let margs = match &held {
                     None => ModulationArgs::NONE,
                     Some((kind, (_, sl), (_, tl))) => ModulationArgs::new(*kind, sl, tl),
                 };
+                let (row0, hfull) = nm.band.as_ref().map_or((0, h), |bd| (bd.row0, bd.hfull));
                 let scalars = NormScalars {
                     splits: plan.splits as i32,
                     cpg: plan.cpg as i32,
                     eps: nm.eps,
                     silu: i32::from(nm.silu),
                     margs,
+                    row0: row0 as i32,
+                    hfull: hfull as i32,
                 };
+                let given = nm
+                    .band
+                    .as_ref()
+                    .map(|bd| bd.stats.partial.storage_and_layout());
                 Some((
                     plan,
                     scalars,
                     held,
                     nm.gamma.storage_and_layout(),
                     nm.beta.storage_and_layout(),
+                    given,
                 ))
             }
             None => None,
@@ -880,10 +1004,16 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 a.arg(&k32);
                 // The normalisation's arguments (its statistics: one launch before).
                 let norm_views = match &norm {
-                    Some((plan, _, held, (gs, gl), (bs, bl))) => Some((
+                    Some((plan, _, held, (gs, gl), (bs, bl), given)) => Some((
                         cuda_view::<$t>(gs, gl, "the norm weight")?,
                         cuda_view::<$t>(bs, bl, "the norm bias")?,
-                        plan.launch::<$t>(&dev, &x, $suf)?,
+                        match given {
+                            // The whole map's statistics, for a band of its rows.
+                            Some((ps, pl)) => {
+                                NormPartial::Given(cuda_view::<f32>(ps, pl, "the norm statistics")?)
+                            }
+                            None => NormPartial::Own(plan.launch::<$t>(&dev, &x, $suf)?),
+                        },
                         modulation_views::<$t, _>(
                             held,
                             &x,
@@ -897,7 +1027,10 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 {
                     a.arg(gamma);
                     a.arg(beta);
-                    a.arg(partial);
+                    match partial {
+                        NormPartial::Given(p) => a.arg(p),
+                        NormPartial::Own(p) => a.arg(p),
+                    };
                     a.arg(&ns.splits);
                     a.arg(&ns.cpg);
                     a.arg(&ns.eps);
@@ -911,6 +1044,8 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                     a.arg(&ns.margs.tsc);
                     a.arg(&ns.margs.mh);
                     a.arg(&ns.margs.mw);
+                    a.arg(&ns.row0);
+                    a.arg(&ns.hfull);
                 }
                 unsafe { a.launch(shift_cfg) }.w()?;
                 let mut acc = unsafe { dev.alloc::<f32>(b * cout * n)? };
@@ -1003,9 +1138,11 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
 }
 
 /// `conv2d(pad(upsample2x?(n(x))), taps) + bias (+ residual)` for a stride-1 `k`×`k`
-/// kernel, `n` the `input_norm` (applied on read, statistics in f32) or the identity: see
+/// kernel, `n` the `input_norm` (applied on read, statistics in f32; with a [`NormBand`], `x`
+/// is a band of a larger map whose statistics are given) or the identity: see
 /// [`crate::gpu_conv`]. `taps` `[k, Cout, k·Cin]` in `x`'s dtype, `bias` `[Cout]`,
-/// `residual` the output's shape; the caller has checked the norm modulation's shapes.
+/// `residual` the output's shape; the caller has checked the norm modulation's shapes (of
+/// the whole map when `x` is a `band` of its rows).
 pub fn shifted_conv(
     x: &Tensor,
     taps: &Tensor,
@@ -1013,7 +1150,7 @@ pub fn shifted_conv(
     pad: [usize; 4],
     upsample2x: bool,
     residual: Option<&Tensor>,
-    input_norm: Option<crate::gpu_conv::InputNorm<'_>>,
+    input_norm: Option<(crate::gpu_conv::InputNorm<'_>, Option<NormBand>)>,
 ) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     let k = taps.dim(0)?;
@@ -1025,7 +1162,7 @@ pub fn shifted_conv(
         .map(|r| r.to_dtype(x.dtype())?.contiguous())
         .transpose()?;
     let norm = match input_norm {
-        Some(n) => {
+        Some((n, band)) => {
             let (gamma, beta, groups, eps) = n.norm.parts();
             Some(ConvNorm {
                 gamma: gamma.to_dtype(x.dtype())?.contiguous()?,
@@ -1037,6 +1174,7 @@ pub fn shifted_conv(
                     .modulation
                     .map(|m| KernelModulation::new(m, x.dtype()))
                     .transpose()?,
+                band,
             })
         }
         None => None,

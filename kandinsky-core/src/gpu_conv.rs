@@ -184,15 +184,56 @@ impl ShiftedConv {
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && norm_on_read() && crate::nn::use_fused_kernels() {
-            let banded = match scratch_limit() {
-                Some(limit) => self.scratch_bytes(x, upsample2x)? > limit,
-                None => false,
+            return match scratch_limit() {
+                Some(limit) if self.scratch_bytes(x, upsample2x)? > limit => {
+                    self.forward_norm_on_read_banded(x, input_norm, upsample2x, residual, limit)
+                }
+                _ => self.forward_norm_on_read(x, input_norm, upsample2x, residual),
             };
-            if !banded {
-                return self.forward_norm_on_read(x, input_norm, upsample2x, residual);
-            }
         }
         self.forward(&input_norm.apply(x)?, upsample2x, residual)
+    }
+
+    /// [`Self::forward_norm_on_read`] in bands of output rows ([`Self::forward_banded`]),
+    /// each band normalised with the whole map's statistics (computed once). CUDA only.
+    #[cfg(feature = "cuda")]
+    pub fn forward_norm_on_read_banded(
+        &self,
+        x: &Tensor,
+        input_norm: InputNorm<'_>,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+        max_scratch_bytes: usize,
+    ) -> Result<Tensor> {
+        if let Some(m) = &input_norm.modulation {
+            m.check(x)?;
+        }
+        let (_, _, h, _) = x.dims4()?;
+        let stats = crate::cuda::group_norm_stats(x, input_norm.norm.parts().2)?;
+        self.in_bands(
+            x,
+            upsample2x,
+            residual,
+            max_scratch_bytes,
+            |band, row0, padding| {
+                Ok(crate::cuda::shifted_conv(
+                    band,
+                    &self.taps,
+                    self.bias.as_ref(),
+                    padding,
+                    upsample2x,
+                    None,
+                    Some((
+                        input_norm,
+                        Some(crate::cuda::NormBand {
+                            stats: stats.clone(),
+                            row0,
+                            hfull: h,
+                        }),
+                    )),
+                )?)
+            },
+        )
     }
 
     /// [`Self::forward_normed`] always normalising on read (the kernel `KANDINSKY_CONV_NORM=1`
@@ -215,7 +256,7 @@ impl ShiftedConv {
             self.padding,
             upsample2x,
             residual,
-            Some(input_norm),
+            Some((input_norm, None)),
         )?)
     }
 
@@ -263,6 +304,25 @@ impl ShiftedConv {
         residual: Option<&Tensor>,
         max_scratch_bytes: usize,
     ) -> Result<Tensor> {
+        self.in_bands(
+            x,
+            upsample2x,
+            residual,
+            max_scratch_bytes,
+            |band, _, padding| self.run(band, upsample2x, None, padding),
+        )
+    }
+
+    /// The banding of [`Self::forward_banded`], each band convolved by `run_band(input rows,
+    /// index of their first row in x, padding)`.
+    fn in_bands(
+        &self,
+        x: &Tensor,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+        max_scratch_bytes: usize,
+        mut run_band: impl FnMut(&Tensor, usize, Padding4) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let (k, cout, _) = self.taps.dims3()?;
         let [pt, _, pl, pr] = self.padding;
@@ -296,7 +356,7 @@ impl ShiftedConv {
                 )));
             }
             let band_in = x.narrow(2, lo, hi - lo)?;
-            let y = self.run(&band_in, upsample2x, None, [top, bottom, pl, pr])?;
+            let y = run_band(&band_in, lo, [top, bottom, pl, pr])?;
             let mut y = y.narrow(2, extra_top, r1 - r0)?;
             if let Some(r) = residual {
                 y = (y + r.narrow(2, r0, r1 - r0)?)?;

@@ -532,12 +532,20 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             if residual.is_some() {
                 reference = (reference + f(&r32)?)?;
             }
-            let fused = || conv.forward_norm_on_read(&x, input_norm, up, residual);
+            // Whole map, or in bands (about three) normalised with the whole map's statistics.
+            let band_limit = conv.scratch_bytes(&x, up)? / 3;
+            let fused = |banded: bool| {
+                if banded {
+                    conv.forward_norm_on_read_banded(&x, input_norm, up, residual, band_limit)
+                } else {
+                    conv.forward_norm_on_read(&x, input_norm, up, residual)
+                }
+            };
             let two_step = || conv.forward(&input_norm.apply(&x)?, up, residual);
-            let check = || -> Result<(kandinsky_core::testing::Diff, f64)> {
-                let d = diff(&fused()?, &reference)?;
+            let check = |banded: bool| -> Result<(kandinsky_core::testing::Diff, f64)> {
+                let d = diff(&fused(banded)?, &reference)?;
                 let ms = time(dev, 2, 10, || {
-                    fused()?;
+                    fused(banded)?;
                     Ok(())
                 })?;
                 Ok((d, ms))
@@ -547,17 +555,20 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 Ok(())
             })?;
             let flops = 2.0 * (batch * os * os) as f64 * (c * c * 9) as f64;
-            let (value, ok) = kernel_row(check(), tolerance(dt), flops, ms_two);
-            rows.push(Row {
-                what: format!(
-                    "conv norm-on-read {c} {s}x{s}{} b{batch} gn{}{}+silu {dt:?}: rel err / ms / two-step ms",
-                    if up { " up2x" } else { "" },
-                    if kind.is_empty() { String::new() } else { format!("+{kind}") },
-                    if residual.is_some() { " +res" } else { "" },
-                ),
-                value,
-                ok: Some(ok),
-            });
+            for banded in [false, true] {
+                let (value, ok) = kernel_row(check(banded), tolerance(dt), flops, ms_two);
+                rows.push(Row {
+                    what: format!(
+                        "conv norm-on-read {c} {s}x{s}{} b{batch} gn{}{}+silu{} {dt:?}: rel err / ms / two-step ms",
+                        if up { " up2x" } else { "" },
+                        if kind.is_empty() { String::new() } else { format!("+{kind}") },
+                        if residual.is_some() { " +res" } else { "" },
+                        if banded { " banded" } else { "" },
+                    ),
+                    value,
+                    ok: Some(ok),
+                });
+            }
         }
     }
     // Linear layers with the bias in the cuBLASLt epilogue (the UNet's attention projections
