@@ -426,6 +426,7 @@ impl PackedLinear {
         let ptr = SendPtr(c.as_mut_ptr());
         let row_blocks = m.div_ceil(MC);
         let groups = panels.div_ceil(NC_PANELS);
+        let bias = self.bias.as_deref();
         (0..row_blocks * groups).into_par_iter().for_each(|task| {
             let (rb, g) = (task / groups, task % groups);
             let (r0, rows) = (rb * MC, MC.min(m - rb * MC));
@@ -452,14 +453,21 @@ impl PackedLinear {
                     KC,
                 )
             };
-        });
-        if let Some(b) = &self.bias {
-            for row in c.chunks_exact_mut(n) {
-                for (v, bi) in row.iter_mut().zip(b) {
-                    *v += bi;
+            // The bias while the task's block is in cache, in parallel (a pass over the
+            // whole output on one thread afterwards was ≈ 2 % of a CLIP fc1).
+            if let Some(b) = bias {
+                let cols = PANEL * p0..PANEL * (p0 + np);
+                for r in r0..r0 + rows {
+                    // SAFETY: the same region this task alone wrote above.
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(p.0.add(r * n + cols.start), cols.len())
+                    };
+                    for (v, bi) in row.iter_mut().zip(&b[cols.clone()]) {
+                        *v += bi;
+                    }
                 }
             }
-        }
+        });
         c
     }
 }
