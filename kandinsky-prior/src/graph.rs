@@ -1,6 +1,6 @@
 //! The prior replayed from a CUDA graph: [`GraphedPrior`].
 
-use candle_core::{DType, Device, Tensor, TensorId};
+use candle_core::{DType, Device, Tensor};
 use kandinsky_core::graph::GraphReplay;
 use kandinsky_core::traits::{EmbeddingPrior, PriorCondition};
 use kandinsky_core::Result;
@@ -10,20 +10,12 @@ use crate::PriorTransformer;
 /// An [`EmbeddingPrior`] that replays `prior`'s forward from a CUDA graph on a CUDA device
 /// (with the `cuda` feature; [`GraphReplay`]) and calls it directly elsewhere: its step is
 /// small (4.3 ms at batch 2 on an H200, GPU run 9) and issued op by op from the host. The
-/// graph is captured once per (latents shape, dtype, conditioning tensors) and replayed with
-/// the latents and the timestep's sinusoid ([`PriorTransformer::forward_with_sinusoid`])
-/// copied into its input buffers.
+/// graph is captured once per input shapes and replayed with the latents, the timestep's
+/// sinusoid ([`PriorTransformer::forward_with_sinusoid`]) and the conditioning copied into
+/// its input buffers.
 pub struct GraphedPrior<'a> {
     prior: &'a PriorTransformer,
-    replay: GraphReplay<Key>,
-}
-
-/// What a graph was captured for (the conditioning by identity).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Key {
-    dims: Vec<usize>,
-    dtype: DType,
-    cond: [TensorId; 3],
+    replay: GraphReplay,
 }
 
 impl<'a> GraphedPrior<'a> {
@@ -52,28 +44,19 @@ impl EmbeddingPrior for GraphedPrior<'_> {
         if !self.prior.device().is_cuda() || latents.rank() != 2 || !timestep.is_finite() {
             return self.prior.predict(latents, timestep, cond);
         }
-        let tensors = [
-            cond.proj_embedding,
-            cond.encoder_hidden_states,
-            cond.attention_mask,
+        let dev = self.prior.device();
+        let inputs = [
+            latents.to_device(dev)?,
+            self.prior.time_sinusoid(&[timestep], latents.dim(0)?)?,
+            cond.proj_embedding.to_device(dev)?,
+            cond.encoder_hidden_states.to_device(dev)?,
+            cond.attention_mask.to_device(dev)?,
         ];
-        let key = Key {
-            dims: latents.dims().to_vec(),
-            dtype: latents.dtype(),
-            cond: tensors.map(Tensor::id),
-        };
-        let latents = latents.to_device(self.prior.device())?;
-        let t_sin = self.prior.time_sinusoid(&[timestep], latents.dim(0)?)?;
-        self.replay
-            .run(key, &[&latents, &t_sin], &tensors, |inputs| {
-                self.prior.forward_with_sinusoid(
-                    &inputs[0],
-                    &inputs[1],
-                    cond.proj_embedding,
-                    cond.encoder_hidden_states,
-                    Some(cond.attention_mask),
-                )
-            })
+        let refs: Vec<&Tensor> = inputs.iter().collect();
+        self.replay.run(0, &refs, |x| {
+            self.prior
+                .forward_with_sinusoid(&x[0], &x[1], &x[2], &x[3], Some(&x[4]))
+        })
     }
 
     fn post_process_latents(&self, latents: &Tensor) -> Result<Tensor> {

@@ -1,6 +1,6 @@
 //! The decoder UNet replayed from a CUDA graph: [`GraphedUNet`].
 
-use candle_core::{DType, Device, Tensor, TensorId};
+use candle_core::{DType, Device, Tensor};
 use kandinsky_core::graph::GraphReplay;
 use kandinsky_core::traits::{Denoiser, DenoiserCondition};
 use kandinsky_core::Result;
@@ -9,22 +9,12 @@ use crate::UNet2DConditionModel;
 
 /// A [`Denoiser`] that replays `unet`'s forward from a CUDA graph on a CUDA device (with the
 /// `cuda` feature; [`GraphReplay`]) and calls it directly elsewhere. The graph is captured
-/// once per (sample shape, dtype, conditioning tensors): the pipeline's loop passes a new
-/// sample and timestep at each step and the same conditioning, and the timesteps enter as
-/// their sinusoid ([`UNet2DConditionModel::predict_with_sinusoid`]), refilled before each
-/// replay. Outputs equal the eager ones (the same kernels in the same order).
+/// once per input shapes (sample, conditioning) and replayed with the sample, the timesteps'
+/// sinusoid ([`UNet2DConditionModel::predict_with_sinusoid`]) and the conditioning copied
+/// into its input buffers. Outputs equal the eager ones (the same kernels in the same order).
 pub struct GraphedUNet<'a> {
     unet: &'a UNet2DConditionModel,
-    replay: GraphReplay<Key>,
-}
-
-/// What a graph was captured for: the sample's shape and dtype and the conditioning tensors
-/// (by identity).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Key {
-    dims: Vec<usize>,
-    dtype: DType,
-    cond: [Option<TensorId>; 4],
+    replay: GraphReplay,
 }
 
 impl<'a> GraphedUNet<'a> {
@@ -56,23 +46,34 @@ impl Denoiser for GraphedUNet<'_> {
         {
             return self.unet.predict(sample, timesteps, cond);
         }
-        let tensors = [
+        let dev = self.unet.device();
+        let optional = [
             &cond.image_embeds,
             &cond.text_embeds,
             &cond.text_hidden_states,
             &cond.hint,
         ];
-        let key = Key {
-            dims: sample.dims().to_vec(),
-            dtype: sample.dtype(),
-            cond: tensors.map(|t| t.as_ref().map(Tensor::id)),
-        };
-        let keep: Vec<&Tensor> = tensors.iter().filter_map(|t| t.as_ref()).collect();
-        let sample = sample.to_device(self.unet.device())?;
-        let t_sin = self.unet.time_sinusoid(timesteps)?;
-        self.replay.run(key, &[&sample, &t_sin], &keep, |inputs| {
+        // The tag says which conditioning tensors follow the sample and the sinusoid.
+        let tag = optional
+            .iter()
+            .enumerate()
+            .fold(0u32, |t, (i, c)| t | (u32::from(c.is_some()) << i));
+        let mut inputs = vec![sample.to_device(dev)?, self.unet.time_sinusoid(timesteps)?];
+        for c in optional.iter().copied().flatten() {
+            inputs.push(c.to_device(dev)?);
+        }
+        let refs: Vec<&Tensor> = inputs.iter().collect();
+        self.replay.run(tag, &refs, |inputs| {
+            let mut rest = inputs[2..].iter();
+            let mut next = |present: bool| if present { rest.next().cloned() } else { None };
+            let cond = DenoiserCondition {
+                image_embeds: next(tag & 1 != 0),
+                text_embeds: next(tag & 2 != 0),
+                text_hidden_states: next(tag & 4 != 0),
+                hint: next(tag & 8 != 0),
+            };
             self.unet
-                .predict_with_sinusoid(&inputs[0], &inputs[1], cond)
+                .predict_with_sinusoid(&inputs[0], &inputs[1], &cond)
         })
     }
 

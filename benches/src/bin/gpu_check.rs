@@ -1043,6 +1043,18 @@ fn text2img_flow(
         // The graphed flow is new on the GPU: its failure is a failed row, not the end of
         // the run.
         let row = match measure() {
+            // A failed capture falls back to eager (with a warning): say so.
+            Ok(value) if use_graph && !(graphed.is_captured() && graphed_prior.is_captured()) => {
+                Row {
+                    what,
+                    value: format!(
+                        "{value}; NOT captured (UNet {}, prior {}), ran eagerly",
+                        graphed.is_captured(),
+                        graphed_prior.is_captured()
+                    ),
+                    ok: Some(false),
+                }
+            }
             Ok(value) => Row {
                 what,
                 value,
