@@ -163,18 +163,25 @@ impl ShiftedConv {
         upsample2x: bool,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if let Some(limit) = scratch_limit() {
-            if self.scratch_bytes(x, upsample2x)? > limit {
-                return self.forward_banded(x, upsample2x, residual, limit);
-            }
+        match self.band_limit(x, upsample2x)? {
+            Some(limit) => self.forward_banded(x, upsample2x, residual, limit),
+            None => self.run(x, upsample2x, residual, self.padding),
         }
-        self.run(x, upsample2x, residual, self.padding)
+    }
+
+    /// `Some(KANDINSKY_CONV_SCRATCH_MB in bytes)` when a whole-map call on `x` would take more
+    /// scratch than that (the convolution then runs in bands).
+    fn band_limit(&self, x: &Tensor, upsample2x: bool) -> Result<Option<usize>> {
+        Ok(match scratch_limit() {
+            Some(limit) if self.scratch_bytes(x, upsample2x)? > limit => Some(limit),
+            _ => None,
+        })
     }
 
     /// [`Self::forward`] of `input_norm` applied to `x`. With `KANDINSKY_CONV_NORM=1` on
-    /// CUDA the copy kernel normalises on read (the statistics one pass before), so the
-    /// normalised map is never written; otherwise, and when the convolution runs in bands
-    /// (whose statistics would be the band's), the norm is applied first.
+    /// CUDA the copy kernel normalises on read (the statistics one pass before; in bands,
+    /// the whole map's), so the normalised map is never written; otherwise the norm is
+    /// applied first.
     pub fn forward_normed(
         &self,
         x: &Tensor,
@@ -184,11 +191,11 @@ impl ShiftedConv {
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && norm_on_read() && crate::nn::use_fused_kernels() {
-            return match scratch_limit() {
-                Some(limit) if self.scratch_bytes(x, upsample2x)? > limit => {
+            return match self.band_limit(x, upsample2x)? {
+                Some(limit) => {
                     self.forward_norm_on_read_banded(x, input_norm, upsample2x, residual, limit)
                 }
-                _ => self.forward_norm_on_read(x, input_norm, upsample2x, residual),
+                None => self.forward_norm_on_read(x, input_norm, upsample2x, residual),
             };
         }
         self.forward(&input_norm.apply(x)?, upsample2x, residual)

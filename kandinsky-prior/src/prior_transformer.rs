@@ -429,11 +429,9 @@ impl PriorTransformer {
             attention_mask,
         )?;
         Self::check_timesteps(timesteps, b)?;
-        let t_sin = self.time_sinusoid(timesteps, b)?;
-        self.forward_checked(
-            b,
+        self.forward_with_sinusoid(
             hidden_states,
-            &t_sin,
+            &self.time_sinusoid(timesteps, b)?,
             proj_embedding,
             encoder_hidden_states,
             attention_mask,
@@ -476,29 +474,10 @@ impl PriorTransformer {
                 time_sinusoid.dims()
             )));
         }
-        self.forward_checked(
-            b,
-            hidden_states,
-            time_sinusoid,
-            proj_embedding,
-            encoder_hidden_states,
-            attention_mask,
-        )
-    }
-
-    fn forward_checked(
-        &self,
-        b: usize,
-        hidden_states: &Tensor,
-        t_sin: &Tensor,
-        proj_embedding: &Tensor,
-        encoder_hidden_states: &Tensor,
-        attention_mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
         let dt = self.dtype;
         let inner = self.cfg.inner_dim();
         // The sinusoid is computed in f32 and cast, as diffusers does.
-        let t_proj = t_sin.to_device(&self.device)?.to_dtype(dt)?;
+        let t_proj = time_sinusoid.to_device(&self.device)?.to_dtype(dt)?;
         let time_emb = self.time_embedding.forward(&t_proj)?;
 
         let proj_embedding = proj_embedding.to_dtype(dt)?;
