@@ -3,10 +3,11 @@
 //! `$CUDA_COMPUTE_CAP` (default 90); see ../shared/cuda/README.md for a toolchain recipe.
 use std::{env, path::PathBuf, process::Command};
 
-const KERNELS: [&str; 5] = [
+const KERNELS: [&str; 6] = [
     "group_norm",
     "flash_attention",
     "flash_attention_mma",
+    "flash_attention_wide",
     "conv",
     "softmax",
 ];
@@ -23,6 +24,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-changed=kernels/common.cuh");
     println!("cargo:rerun-if-changed=kernels/welford.cuh");
+    println!("cargo:rerun-if-changed=kernels/warp_ops.cuh");
     for name in KERNELS {
         let src = format!("kernels/{name}.cu");
         println!("cargo:rerun-if-changed={src}");

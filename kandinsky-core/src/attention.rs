@@ -49,17 +49,21 @@ fn use_flash() -> bool {
 }
 
 /// The CUDA kernel the entry point launches: the mma.sync one (10× the WMMA one at the
-/// 48×48 level on an H200, GPU run 5), or the first, WMMA kernel with `KANDINSKY_FLASH=wmma`.
+/// 48×48 level on an H200, GPU run 5); `KANDINSKY_FLASH=wmma` the first, WMMA kernel;
+/// `wide` / `wide2` the 32-rows-per-warp ldmatrix kernel (not yet run on a GPU).
 #[cfg(feature = "cuda")]
 fn flash_kernel() -> crate::cuda::FlashKernel {
-    static KERNEL: std::sync::OnceLock<crate::cuda::FlashKernel> = std::sync::OnceLock::new();
+    use crate::cuda::FlashKernel;
+    static KERNEL: std::sync::OnceLock<FlashKernel> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| match std::env::var("KANDINSKY_FLASH").as_deref() {
-        Ok("wmma") => crate::cuda::FlashKernel::Wmma,
-        _ => crate::cuda::FlashKernel::Mma,
+        Ok("wmma") => FlashKernel::Wmma,
+        Ok("wide") => FlashKernel::Wide4,
+        Ok("wide2") => FlashKernel::Wide2,
+        _ => FlashKernel::Mma,
     })
 }
 
-/// `KANDINSKY_FLASH_TOKEN_MAJOR=1`: the mma kernel reads the heads in the projections'
+/// `KANDINSKY_FLASH_TOKEN_MAJOR=1`: the kernel reads the heads in the projections'
 /// `[B, L, H, D]` layout (no split/merge copies). Opt-in until a GPU run has measured it.
 #[cfg(feature = "cuda")]
 fn flash_token_major() -> bool {
@@ -115,7 +119,7 @@ pub fn attention(
         && use_flash()
         && crate::cuda::flash_covers(q, kv.len(), mask.is_some())
     {
-        if flash_token_major() && flash_kernel() == crate::cuda::FlashKernel::Mma {
+        if flash_token_major() && flash_kernel().reads_token_major() {
             // Heads split by `split_heads` are transposed views of the projections: back to
             // [B, L, H, D] they are contiguous, and the output goes back as a view.
             let tm = |t: &Tensor| t.transpose(1, 2);
@@ -124,7 +128,8 @@ pub fn attention(
                 .map(|s| Ok((tm(s.k)?, tm(s.v)?)))
                 .collect::<Result<Vec<_>>>()?;
             let segs: Vec<(&Tensor, &Tensor)> = kv_tm.iter().map(|(k, v)| (k, v)).collect();
-            let out = crate::cuda::flash_attention_token_major(&tm(q)?, &segs, scale)?;
+            let out =
+                crate::cuda::flash_attention_token_major(&tm(q)?, &segs, scale, flash_kernel())?;
             return Ok(out.transpose(1, 2)?);
         }
         let segs: Vec<(&Tensor, &Tensor)> = kv.iter().map(|s| (s.k, s.v)).collect();

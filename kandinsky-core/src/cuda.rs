@@ -14,9 +14,10 @@ use crate::nn::NormModulation;
 const GROUP_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
 const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
 const FLASH_MMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention_mma.ptx"));
+const FLASH_WIDE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention_wide.ptx"));
 
-/// Which fused attention kernel [`flash_attention_with`] launches (same arguments, same
-/// grid: 64 queries per block of 128 threads).
+/// Which fused attention kernel [`flash_attention_with`] launches (same arguments; the grid
+/// is one block per [`FlashKernel::block`] queries of each head).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlashKernel {
     /// `flash_attention.cu`: WMMA tiles, scores and output through shared memory (12 TFLOP/s
@@ -26,6 +27,70 @@ pub enum FlashKernel {
     /// cp.async double buffering (121 TFLOP/s f16, 98 bf16 at the 48×48 level on an H200;
     /// relative error 3.3e-4 / 2.2e-3 against f32). The one the entry point uses.
     Mma,
+    /// `flash_attention_wide.cu`: the FlashAttention-2 division of work, 32 query rows per
+    /// warp and ldmatrix fragment loads (a third of the mma kernel's shared-memory traffic
+    /// per tensor-core product), 4 warps per block. Checked on the CPU by the host emulation
+    /// (`xtask/gpu/emu/check.sh`), not yet on a GPU: opt-in, `KANDINSKY_FLASH=wide`.
+    Wide4,
+    /// [`FlashKernel::Wide4`] with 2 warps (64 queries) per block: twice the blocks, for
+    /// shapes where 128-query blocks leave SMs idle (`KANDINSKY_FLASH=wide2`).
+    Wide2,
+}
+
+impl FlashKernel {
+    /// `(queries per block, threads per block)`.
+    fn block(self) -> (usize, u32) {
+        match self {
+            Self::Wmma | Self::Mma | Self::Wide2 => {
+                (64, if self == Self::Wide2 { 64 } else { 128 })
+            }
+            Self::Wide4 => (128, 128),
+        }
+    }
+
+    /// Whether the kernel has `[B, L, H, 64]` (token-major) entry points.
+    pub fn reads_token_major(self) -> bool {
+        self != Self::Wmma
+    }
+
+    /// `(entry point, module, PTX)` for the storage type and layout.
+    fn entry(
+        self,
+        dtype: DType,
+        token_major: bool,
+    ) -> candle_core::Result<(String, &'static str, &'static str)> {
+        let ty = match dtype {
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            dt => candle_core::bail!("flash attention: unsupported dtype {dt:?}"),
+        };
+        let tm = if token_major { "tm_" } else { "" };
+        Ok(match self {
+            Self::Wmma if token_major => {
+                candle_core::bail!("flash attention: the WMMA kernel reads [B, H, L, 64] only")
+            }
+            Self::Wmma => (
+                format!("flash_attention_{ty}"),
+                "kandinsky_flash_attention",
+                FLASH_PTX,
+            ),
+            Self::Mma => (
+                format!("flash_mma_{tm}{ty}"),
+                "kandinsky_flash_attention_mma",
+                FLASH_MMA_PTX,
+            ),
+            Self::Wide4 => (
+                format!("flash_wide4_{tm}{ty}"),
+                "kandinsky_flash_attention_wide",
+                FLASH_WIDE_PTX,
+            ),
+            Self::Wide2 => (
+                format!("flash_wide2_{tm}{ty}"),
+                "kandinsky_flash_attention_wide",
+                FLASH_WIDE_PTX,
+            ),
+        })
+    }
 }
 
 /// Fused GroupNorm(+modulation)(+SiLU) of a contiguous `[B, C, ...]` tensor.
@@ -505,9 +570,6 @@ impl CustomOp3 for FlashOp {
         vl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let tm = self.token_major;
-        if tm && self.kernel != FlashKernel::Mma {
-            candle_core::bail!("flash attention: the token-major layout is the mma kernel's only");
-        }
         // (batch, heads, length, head size) whichever the layout.
         let bhld = |l: &Layout| -> candle_core::Result<(usize, usize, usize, usize)> {
             let (a, b, c, d) = l.shape().dims4()?;
@@ -528,13 +590,15 @@ impl CustomOp3 for FlashOp {
             .second
             .as_ref()
             .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()));
+        let (rows, threads) = self.kernel.block();
         let cfg = LaunchConfig {
-            grid_dim: (lq.div_ceil(64) as u32, (b * h) as u32, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (lq.div_ceil(rows) as u32, (b * h) as u32, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
+        let (name, module, ptx) = self.kernel.entry(qs.dtype(), tm)?;
         macro_rules! launch {
-            ($t:ty, $name:expr) => {{
+            ($t:ty) => {{
                 let q = qs.as_cuda_slice::<$t>()?.slice(qo..);
                 let k1 = ks.as_cuda_slice::<$t>()?.slice(ko..);
                 let v1 = vs.as_cuda_slice::<$t>()?.slice(vo..);
@@ -560,16 +624,7 @@ impl CustomOp3 for FlashOp {
                     ),
                 };
                 let out = unsafe { dev.alloc::<$t>(b * h * lq * d)? };
-                let (name, module, ptx) = match (self.kernel, tm) {
-                    (FlashKernel::Wmma, _) => ($name.0, "kandinsky_flash_attention", FLASH_PTX),
-                    (FlashKernel::Mma, false) => {
-                        ($name.1, "kandinsky_flash_attention_mma", FLASH_MMA_PTX)
-                    }
-                    (FlashKernel::Mma, true) => {
-                        ($name.2, "kandinsky_flash_attention_mma", FLASH_MMA_PTX)
-                    }
-                };
-                let f = dev.get_or_load_custom_func(name, module, ptx)?;
+                let f = dev.get_or_load_custom_func(&name, module, ptx)?;
                 let (l1i, l2i, lqi, hi) = (l1 as i32, l2 as i32, lq as i32, h as i32);
                 let mut a = f.builder();
                 a.arg(&q);
@@ -590,18 +645,8 @@ impl CustomOp3 for FlashOp {
             }};
         }
         let out = match qs.dtype() {
-            DType::F16 => launch!(
-                half::f16,
-                ("flash_attention_f16", "flash_mma_f16", "flash_mma_tm_f16")
-            ),
-            DType::BF16 => launch!(
-                half::bf16,
-                (
-                    "flash_attention_bf16",
-                    "flash_mma_bf16",
-                    "flash_mma_tm_bf16"
-                )
-            ),
+            DType::F16 => launch!(half::f16),
+            DType::BF16 => launch!(half::bf16),
             dt => candle_core::bail!("flash attention: unsupported dtype {dt:?}"),
         };
         Ok((out, ql.shape().clone()))
@@ -638,33 +683,30 @@ pub fn flash_attention_with(
     scale: f64,
     kernel: FlashKernel,
 ) -> candle_core::Result<Tensor> {
-    let q = q.contiguous()?;
-    let (k1, v1) = (kv[0].0.contiguous()?, kv[0].1.contiguous()?);
-    let second = match kv.get(1) {
-        Some((k, v)) => Some((k.contiguous()?, v.contiguous()?)),
-        None => None,
-    };
-    q.apply_op3_no_bwd(
-        &k1,
-        &v1,
-        &FlashOp {
-            second,
-            scale: scale as f32,
-            kernel,
-            token_major: false,
-        },
-    )
+    flash_op(q, kv, scale, kernel, false)
 }
 
-/// [`flash_attention`] with every tensor token-major, `[B, L, H, 64]` — the layout the
-/// projections produce, so neither the heads' split nor their merge is a copy (the mma
-/// kernel; returns `[B, Lq, H, 64]`). Prepared in session 6 and checked only on the CPU
-/// side: opt-in through the entry point with `KANDINSKY_FLASH_TOKEN_MAJOR=1` until a GPU run
-/// has compared it with the f32 reference (`gpu_check`).
+/// [`flash_attention_with`] with every tensor token-major, `[B, L, H, 64]` — the layout the
+/// projections produce, so neither the heads' split nor their merge is a copy (returns
+/// `[B, Lq, H, 64]`; every kernel but the WMMA one). Prepared in session 6 and checked on
+/// the CPU by the host emulation (`xtask/gpu/emu/check.sh`): opt-in through the entry point
+/// with `KANDINSKY_FLASH_TOKEN_MAJOR=1` until a GPU run has compared it with the f32
+/// reference (`gpu_check`).
 pub fn flash_attention_token_major(
     q: &Tensor,
     kv: &[(&Tensor, &Tensor)],
     scale: f64,
+    kernel: FlashKernel,
+) -> candle_core::Result<Tensor> {
+    flash_op(q, kv, scale, kernel, true)
+}
+
+fn flash_op(
+    q: &Tensor,
+    kv: &[(&Tensor, &Tensor)],
+    scale: f64,
+    kernel: FlashKernel,
+    token_major: bool,
 ) -> candle_core::Result<Tensor> {
     let q = q.contiguous()?;
     let (k1, v1) = (kv[0].0.contiguous()?, kv[0].1.contiguous()?);
@@ -678,8 +720,8 @@ pub fn flash_attention_token_major(
         &FlashOp {
             second,
             scale: scale as f32,
-            kernel: FlashKernel::Mma,
-            token_major: true,
+            kernel,
+            token_major,
         },
     )
 }

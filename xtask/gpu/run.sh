@@ -6,17 +6,23 @@
 #      timings with peak pool memory;
 #   2. ncu: the GPU time of every kernel of one 768 px UNet step and one MoVQ decode;
 #   3. the opt-in switches, each part skipped with its variable set to 0, in this order:
+#      WIDE, the attention kernel with 32 query rows per warp (checked so far only under the
+#      host emulation, xtask/gpu/emu): its correctness and TFLOP/s beside the mma kernel's
+#      (`gpu_check --attention-only`, its own process: a kernel fault poisons the context),
+#      then the UNet with it (KANDINSKY_FLASH=wide, and token-major);
 #      TOKEN_MAJOR, the UNet with the token-major attention kernel (no head copies);
 #      CONV_NORM, the UNet and MoVQ with the ResNet norms inside the convolutions' copy
 #      kernel (KANDINSKY_CONV_NORM=1), then the UNet and the whole text2img (eager and with
 #      CUDA graphs) with both switches; BANDED, the timings with the convolution scratch
 #      banded at 64 MiB (peak memory); PLAIN, the UNet with candle's own kernels
-#      (KANDINSKY_PLAIN_KERNELS=1, measured before: run 9);
+#      (KANDINSKY_PLAIN_KERNELS=1, measured before: run 9; only with PLAIN=1);
 #   4. with DIFFUSERS=1, diffusers/PyTorch on the same card (fp16), from the carried wheels.
 set -uo pipefail
 # Every part's timeout is cut to what is left of DEADLINE seconds (the device call's limit
 # less a margin), so the archive at the end is always written.
 DEADLINE=${DEADLINE:-575}
+# Measured in run 9 (candle's own kernels, 5.6× slower): off unless PLAIN=1.
+PLAIN=${PLAIN:-0}
 t() { local left=$((DEADLINE - SECONDS - 10)); [ "$left" -lt "$1" ] && echo $((left > 1 ? left : 1)) || echo "$1"; }
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -47,6 +53,10 @@ ab() {
     # shellcheck disable=SC2086 # several assignments in one word
     env $env timeout "$(t "$limit")" $BIN/gpu_check "$@" 2>&1 | tee "$OUT/$log" | grep -E "$pattern"
 }
+ab WIDE KANDINSKY_FLASH=wide 40 rust-wide-kernels.log '^(attention|GPU_CHECK)' --attention-only
+ab WIDE KANDINSKY_FLASH=wide 60 rust-wide.log '^(unet|timings)' --timings-only --unet-only --quick
+ab WIDE "KANDINSKY_FLASH=wide KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-wide-tm.log '^(unet|timings)' \
+    --timings-only --unet-only --quick
 ab TOKEN_MAJOR KANDINSKY_FLASH_TOKEN_MAJOR=1 60 rust-token-major.log '^(unet|timings)' \
     --timings-only --unet-only --quick
 ab CONV_NORM KANDINSKY_CONV_NORM=1 70 rust-conv-norm.log '^(unet step|movq|timings)' \

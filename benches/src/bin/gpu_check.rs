@@ -4,6 +4,8 @@
 //!
 //! Build here with the CUDA recipe (`../shared/cuda/README.md`), run on the GPU machine:
 //! `gpu_check [--quick] [--timings-only [--unet-only]] [--kernels-only]`,
+//! `gpu_check --attention-only` (the attention kernels not yet checked on a GPU, beside the
+//! mma one),
 //! `gpu_check --text2img-only [--px N] [--steps P,D]` (only the whole flow), or
 //! `gpu_check --profile unet|movq` under `ncu --profile-from-start off` (one 768 px UNet step
 //! or MoVQ decode inside the profiler range, after two warm-up runs). Without a CUDA
@@ -172,8 +174,8 @@ fn parity(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// The names of the fused attention kernels [`fast_attention`] can run: both CUDA kernels
-/// (the entry point only dispatches f16 to the WMMA one), or the entry point elsewhere.
+/// The names of the fused attention kernels [`fast_attention`] can run that GPU runs have
+/// checked (head-major, and `-tm` token-major), or the entry point off CUDA.
 fn attention_kernels(dev: &Device) -> &'static [&'static str] {
     if dev.is_cuda() {
         &["wmma", "mma", "mma-tm"]
@@ -182,7 +184,14 @@ fn attention_kernels(dev: &Device) -> &'static [&'static str] {
     }
 }
 
-/// Attention with the kernel named `kernel` (see [`attention_kernels`]).
+/// `--attention-only`: the mma kernel beside the wide ones, which have run only under the
+/// host emulation (`xtask/gpu/emu`) so far. A separate process in `xtask/gpu/run.sh`: a
+/// kernel fault poisons the CUDA context for everything after it.
+const NEW_ATTENTION_KERNELS: [&str; 6] = ["mma", "mma-tm", "wide", "wide-tm", "wide2", "wide2-tm"];
+
+/// Attention with the kernel named `kernel` (see [`attention_kernels`]). A `-tm` kernel
+/// takes and returns `[B, L, H, 64]` tensors (see [`kernel_layout`]), the others
+/// `[B, H, L, 64]`.
 fn fast_attention(
     kernel: &str,
     q: &Tensor,
@@ -192,31 +201,42 @@ fn fast_attention(
     vs: &Tensor,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if q.device().is_cuda() && kernel == "mma-tm" {
-        // Token-major copies of the inputs ([B, L, H, 64]), the output back to [B, H, L, 64].
-        let tm = |t: &Tensor| t.transpose(1, 2)?.contiguous();
-        let (qt, kit, vit, kst, vst) = (tm(q)?, tm(ki)?, tm(vi)?, tm(ks)?, tm(vs)?);
-        let out = kandinsky_core::cuda::flash_attention_token_major(
-            &qt,
-            &[(&kit, &vit), (&kst, &vst)],
-            0.125,
-        )?;
-        return Ok(out.transpose(1, 2)?);
-    }
-    #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        use kandinsky_core::cuda::{flash_attention_with, FlashKernel};
-        let k = if kernel == "mma" {
-            FlashKernel::Mma
-        } else {
-            FlashKernel::Wmma
+        use kandinsky_core::cuda::{
+            flash_attention_token_major, flash_attention_with, FlashKernel,
         };
-        return Ok(flash_attention_with(q, &[(ki, vi), (ks, vs)], 0.125, k)?);
+        let (base, tm) = match kernel.strip_suffix("-tm") {
+            Some(base) => (base, true),
+            None => (kernel, false),
+        };
+        let k = match base {
+            "wmma" => FlashKernel::Wmma,
+            "mma" => FlashKernel::Mma,
+            "wide" => FlashKernel::Wide4,
+            "wide2" => FlashKernel::Wide2,
+            other => anyhow::bail!("no attention kernel {other}"),
+        };
+        let kv = [(ki, vi), (ks, vs)];
+        return Ok(if tm {
+            flash_attention_token_major(q, &kv, 0.125, k)?
+        } else {
+            flash_attention_with(q, &kv, 0.125, k)?
+        });
     }
     let _ = kernel;
     use kandinsky_core::attention::{attention, KvSegment};
     let segs = [KvSegment { k: ki, v: vi }, KvSegment { k: ks, v: vs }];
     Ok(attention(q, &segs, None, 0.125)?)
+}
+
+/// `[B, H, L, 64]` as `kernel` reads it: token-major copies for a `-tm` kernel (made before
+/// the clock starts: in a model the projections produce that layout).
+fn kernel_layout(kernel: &str, t: &Tensor) -> Result<Tensor> {
+    Ok(if kernel.ends_with("-tm") {
+        t.transpose(1, 2)?.contiguous()?
+    } else {
+        t.clone()
+    })
 }
 
 /// The relative-error bar of a kernel against candle's ops in f32, by storage type.
@@ -640,7 +660,13 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             });
         }
     }
-    // The attention entry point at the UNet's shapes (latent 96: levels 48/24/12).
+    attention_rows(dev, rows, attention_kernels(dev))
+}
+
+/// The fused attention kernels named in `kernels` (see [`attention_kernels`]) at the UNet's
+/// shapes (latent 96: levels 48/24/12, batch 2, 32 image tokens + the spatial ones), against
+/// candle's ops in f32, timed against the plain path.
+fn attention_rows(dev: &Device, rows: &mut Vec<Row>, kernels: &[&str]) -> Result<()> {
     for (level, heads) in [(48usize, 12usize), (24, 18), (12, 24)] {
         for dt in [DType::F16, DType::BF16] {
             let n = level * level;
@@ -660,16 +686,24 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 Ok(())
             })?;
             let flops = 4.0 * 2.0 * heads as f64 * n as f64 * (n + 32) as f64 * 64.0;
-            for kernel in attention_kernels(dev) {
+            for kernel in kernels {
                 // A kernel that fails to launch is a failed row, not the end of the checks.
-                let checked = fast_attention(kernel, &q, &ki, &vi, &ks, &vs).and_then(|fast| {
+                let checked = (|| {
+                    let l = |t: &Tensor| kernel_layout(kernel, t);
+                    let (q, ki, vi, ks, vs) = (l(&q)?, l(&ki)?, l(&vi)?, l(&ks)?, l(&vs)?);
+                    let fast = fast_attention(kernel, &q, &ki, &vi, &ks, &vs)?;
+                    let fast = if kernel.ends_with("-tm") {
+                        fast.transpose(1, 2)?
+                    } else {
+                        fast
+                    };
                     let d = diff(&fast, &reference)?;
                     let ms = time(dev, 2, 10, || {
                         fast_attention(kernel, &q, &ki, &vi, &ks, &vs)?;
                         Ok(())
                     })?;
                     Ok((d, ms))
-                });
+                })();
                 let (value, ok) = kernel_row(checked, tol, flops, ms_plain);
                 rows.push(Row {
                     what: format!(
@@ -1195,17 +1229,27 @@ fn main() -> Result<()> {
             });
         }
     }
-    if !only_timings && !kernels_only {
-        let r = parity(&dev, &mut rows);
-        record("parity", r, &mut rows);
-    }
-    if !only_timings {
-        let r = kernels(&dev, &mut rows);
-        record("kernels", r, &mut rows);
-    }
-    if !kernels_only {
-        let r = timings(&dev, &mut rows, quick);
-        record("timings", r, &mut rows);
+    if args.iter().any(|a| a == "--attention-only") {
+        let kernels: &[&str] = if dev.is_cuda() {
+            &NEW_ATTENTION_KERNELS
+        } else {
+            attention_kernels(&dev)
+        };
+        let r = attention_rows(&dev, &mut rows, kernels);
+        record("attention", r, &mut rows);
+    } else {
+        if !only_timings && !kernels_only {
+            let r = parity(&dev, &mut rows);
+            record("parity", r, &mut rows);
+        }
+        if !only_timings {
+            let r = kernels(&dev, &mut rows);
+            record("kernels", r, &mut rows);
+        }
+        if !kernels_only {
+            let r = timings(&dev, &mut rows, quick);
+            record("timings", r, &mut rows);
+        }
     }
     println!("\n{:<62} {:<40} ok", "check", "value");
     for r in &rows {

@@ -1,0 +1,278 @@
+// Host emulation of the CUDA features the attention kernels use, so that their index
+// arithmetic (fragment layouts, tile offsets, masking, the cp.async pipeline) is checked on a
+// machine without a GPU. Every thread of a block is a host thread; warp-collective operations
+// (mma.sync, ldmatrix, shuffles) exchange their operands through the warp's slots between two
+// barriers, and compute what the PTX ISA says each lane receives. cp.async copies are held
+// back until the cp.async.wait_group that covers them (the latest moment the hardware may
+// land them), so a read that the pipeline does not wait for sees stale data.
+//
+// Not emulated: timing, bank conflicts, the tensor cores' internal rounding (products are
+// summed in f32 here). What the emulation proves is which values meet which.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+// Blocks run one after another, so one static array per kernel instantiation is the block's.
+#define __shared__ static
+
+struct __half {
+  uint16_t x;
+};
+struct __half2 {
+  __half lo, hi;
+};
+struct __nv_bfloat16 {
+  uint16_t x;
+};
+struct __nv_bfloat162 {
+  __nv_bfloat16 lo, hi;
+};
+
+inline __half __float2half_rn(float v) {
+  _Float16 f = (_Float16)v;
+  __half h;
+  memcpy(&h.x, &f, 2);
+  return h;
+}
+inline __half __float2half(float v) { return __float2half_rn(v); }
+inline float __half2float(__half h) {
+  _Float16 f;
+  memcpy(&f, &h.x, 2);
+  return (float)f;
+}
+inline __half2 __floats2half2_rn(float lo, float hi) { return {__float2half_rn(lo), __float2half_rn(hi)}; }
+inline __nv_bfloat16 __float2bfloat16_rn(float v) {
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  __nv_bfloat16 b;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    b.x = 0x7fc0;  // NaN
+  } else {
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    b.x = (uint16_t)(u >> 16);
+  }
+  return b;
+}
+inline __nv_bfloat16 __float2bfloat16(float v) { return __float2bfloat16_rn(v); }
+inline float __bfloat162float(__nv_bfloat16 b) {
+  uint32_t u = (uint32_t)b.x << 16;
+  float v;
+  memcpy(&v, &u, 4);
+  return v;
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+  return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
+}
+
+struct EmuDim3 {
+  unsigned x, y, z;
+};
+inline thread_local EmuDim3 threadIdx, blockIdx;
+
+namespace emu {
+
+// A reusable barrier that gives up (and aborts the check) instead of hanging when some
+// thread never arrives: a collective that not every lane reaches is a kernel bug.
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait(const char* what) {
+    std::unique_lock<std::mutex> lock(mu_);
+    const long gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+      return;
+    }
+    if (!cv_.wait_for(lock, std::chrono::seconds(120), [&] { return gen_ != gen; })) {
+      fprintf(stderr, "emu: %s: not every thread arrived (divergent collective?)\n", what);
+      abort();
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int n_, count_ = 0;
+  long gen_ = 0;
+};
+
+struct Warp {
+  Barrier bar{32};
+  uint32_t u[32][6];
+  float f[32][4];
+  const void* p[32];
+};
+
+struct Block {
+  explicit Block(int threads) : bar(threads), warps(new Warp[(threads + 31) / 32]) {}
+  Barrier bar;
+  std::unique_ptr<Warp[]> warps;
+};
+
+struct Copy {
+  void* dst;
+  const void* src;
+  bool valid;
+  int group;
+};
+
+inline thread_local Block* t_block;
+inline thread_local int t_lane;
+inline thread_local int t_warp;
+inline thread_local std::vector<Copy> t_copies;
+inline thread_local int t_group;
+
+inline Warp& warp() { return t_block->warps[t_warp]; }
+
+inline void check_aligned(const void* p, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    fprintf(stderr, "emu: %s: address %p is not 16-byte aligned\n", what, p);
+    abort();
+  }
+}
+
+// Run `body` as every thread of every block of `grid` (blocks in turn).
+template <class F>
+void launch(EmuDim3 grid, int threads, F body) {
+  for (unsigned by = 0; by < grid.y; ++by)
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      Block blk(threads);
+      std::vector<std::thread> ts;
+      for (int tid = 0; tid < threads; ++tid)
+        ts.emplace_back([&, tid] {
+          threadIdx = {(unsigned)tid, 0, 0};
+          blockIdx = {bx, by, 0};
+          t_block = &blk;
+          t_lane = tid & 31;
+          t_warp = tid >> 5;
+          t_copies.clear();
+          t_group = 0;
+          body();
+          if (!t_copies.empty()) {
+            fprintf(stderr, "emu: thread %d ended with %zu cp.async copies never waited for\n", tid,
+                    t_copies.size());
+            abort();
+          }
+        });
+      for (auto& t : ts) t.join();
+    }
+}
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::t_block->bar.wait("__syncthreads"); }
+
+inline float __shfl_xor_sync(unsigned, float v, int mask) {
+  emu::Warp& w = emu::warp();
+  w.f[emu::t_lane][0] = v;
+  w.bar.wait("shfl");
+  const float r = w.f[emu::t_lane ^ mask][0];
+  w.bar.wait("shfl");
+  return r;
+}
+
+inline void cp_async16(void* dst, const void* src, bool valid) {
+  emu::check_aligned(dst, "cp.async destination");
+  emu::check_aligned(src, "cp.async source");
+  emu::t_copies.push_back({dst, src, valid, emu::t_group});
+}
+inline void cp_async_commit() { ++emu::t_group; }
+// Complete every committed group but the newest N.
+template <int N>
+void cp_async_wait() {
+  const int done_below = emu::t_group - N;
+  std::vector<emu::Copy> keep;
+  for (const emu::Copy& c : emu::t_copies) {
+    if (c.group < done_below) {
+      if (c.valid)
+        memcpy(c.dst, c.src, 16);
+      else
+        memset(c.dst, 0, 16);
+    } else {
+      keep.push_back(c);
+    }
+  }
+  emu::t_copies.swap(keep);
+}
+
+namespace emu {
+inline uint16_t u16_at(const void* row, int i) {
+  uint16_t v;
+  memcpy(&v, static_cast<const char*>(row) + 2 * i, 2);
+  return v;
+}
+inline void ldmatrix(uint32_t* r, const void* p, bool trans) {
+  check_aligned(p, "ldmatrix row");
+  Warp& w = warp();
+  w.p[t_lane] = p;
+  w.bar.wait("ldmatrix");
+  const int row = t_lane >> 2, word = t_lane & 3;
+  for (int j = 0; j < 4; ++j) {
+    uint16_t lo, hi;
+    if (trans) {  // elements (2·word, row) and (2·word + 1, row) of matrix j
+      lo = u16_at(w.p[8 * j + 2 * word], row);
+      hi = u16_at(w.p[8 * j + 2 * word + 1], row);
+    } else {  // elements (row, 2·word) and (row, 2·word + 1)
+      lo = u16_at(w.p[8 * j + row], 2 * word);
+      hi = u16_at(w.p[8 * j + row], 2 * word + 1);
+    }
+    r[j] = (uint32_t)lo | ((uint32_t)hi << 16);
+  }
+  w.bar.wait("ldmatrix");
+}
+
+// mma.m16n8k16.row.col with f32 accumulation; `cvt` reads one 16-bit element.
+inline void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1, float (*cvt)(uint16_t)) {
+  Warp& w = warp();
+  for (int i = 0; i < 4; ++i) {
+    w.u[t_lane][i] = a[i];
+    w.f[t_lane][i] = c[i];
+  }
+  w.u[t_lane][4] = b0;
+  w.u[t_lane][5] = b1;
+  w.bar.wait("mma");
+  auto half_of = [](uint32_t v, int k) { return (uint16_t)(k & 1 ? v >> 16 : v & 0xffff); };
+  // A(row, k): lane 4·(row % 8) + (k % 8) / 2, register (row ≥ 8) + 2·(k ≥ 8).
+  auto A = [&](int row, int k) {
+    return cvt(half_of(w.u[4 * (row & 7) + ((k & 7) >> 1)][(row >> 3) + 2 * (k >> 3)], k));
+  };
+  // B(k, n): lane 4·n + (k % 8) / 2, register b0 (k < 8) or b1.
+  auto B = [&](int k, int n) { return cvt(half_of(w.u[4 * n + ((k & 7) >> 1)][4 + (k >> 3)], k)); };
+  const int g = t_lane >> 2, t = t_lane & 3;
+  float d[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    float acc = w.f[t_lane][i];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    d[i] = acc;
+  }
+  w.bar.wait("mma");
+  for (int i = 0; i < 4; ++i) c[i] = d[i];
+}
+inline float f16_bits(uint16_t v) { return __half2float(__half{v}); }
+inline float bf16_bits(uint16_t v) { return __bfloat162float(__nv_bfloat16{v}); }
+}  // namespace emu
+
+inline void ldmatrix_x4(uint32_t* r, const void* p) { emu::ldmatrix(r, p, false); }
+inline void ldmatrix_x4_trans(uint32_t* r, const void* p) { emu::ldmatrix(r, p, true); }
+inline void mma_f16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) { emu::mma(c, a, b0, b1, emu::f16_bits); }
+inline void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  emu::mma(c, a, b0, b1, emu::bf16_bits);
+}
