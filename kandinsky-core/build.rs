@@ -3,17 +3,19 @@
 //! `$CUDA_COMPUTE_CAP` (default 90); see ../shared/cuda/README.md for a toolchain recipe.
 use std::{env, path::PathBuf, process::Command};
 
-const KERNELS: [&str; 6] = [
+const KERNELS: [&str; 7] = [
     "group_norm",
     "flash_attention",
     "flash_attention_mma",
     "flash_attention_wide",
+    "flash_attention_wgmma",
     "conv",
     "softmax",
 ];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo::rustc-check-cfg=cfg(kandinsky_wgmma)");
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -25,18 +27,24 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels/common.cuh");
     println!("cargo:rerun-if-changed=kernels/welford.cuh");
     println!("cargo:rerun-if-changed=kernels/warp_ops.cuh");
+    println!("cargo:rerun-if-changed=kernels/wgmma_ops.cuh");
+    // wgmma exists only in the architecture-specific sm_90a target, which runs on sm_90
+    // cards alone: that kernel is built for it when the target is 9.0 (and traps elsewhere,
+    // where `kandinsky_wgmma` is unset and the Rust side never launches it).
+    if cap == "90" {
+        println!("cargo:rustc-cfg=kandinsky_wgmma");
+    }
     for name in KERNELS {
         let src = format!("kernels/{name}.cu");
         println!("cargo:rerun-if-changed={src}");
         let ptx = out.join(format!("{name}.ptx"));
+        let arch = if name == "flash_attention_wgmma" && cap == "90" {
+            "sm_90a".to_string()
+        } else {
+            format!("sm_{cap}")
+        };
         let status = Command::new(&nvcc)
-            .args([
-                "--ptx",
-                "-O3",
-                "-std=c++17",
-                &format!("-arch=sm_{cap}"),
-                "-o",
-            ])
+            .args(["--ptx", "-O3", "-std=c++17", &format!("-arch={arch}"), "-o"])
             .arg(&ptx)
             .arg(&src)
             .status()

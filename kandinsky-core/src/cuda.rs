@@ -15,6 +15,7 @@ const GROUP_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.
 const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
 const FLASH_MMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention_mma.ptx"));
 const FLASH_WIDE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention_wide.ptx"));
+const FLASH_WGMMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention_wgmma.ptx"));
 
 /// Which fused attention kernel [`flash_attention_with`] launches (same arguments; the grid
 /// is one block per [`FlashKernel::block`] queries of each head).
@@ -35,6 +36,11 @@ pub enum FlashKernel {
     /// [`FlashKernel::Wide4`] with 2 warps (64 queries) per block: twice the blocks, for
     /// shapes where 128-query blocks leave SMs idle (`KANDINSKY_FLASH=wide2`).
     Wide2,
+    /// `flash_attention_wgmma.cu`: Hopper's warpgroup tensor cores (wgmma, sm_90a), two
+    /// warpgroups of 64 query rows per block. Built only when `CUDA_COMPUTE_CAP` is 90 (it
+    /// runs on sm_90 cards alone); checked on the CPU by the host emulation, not yet on a GPU:
+    /// opt-in, `KANDINSKY_FLASH=wgmma`.
+    Wgmma,
 }
 
 impl FlashKernel {
@@ -45,6 +51,7 @@ impl FlashKernel {
                 (64, if self == Self::Wide2 { 64 } else { 128 })
             }
             Self::Wide4 => (128, 128),
+            Self::Wgmma => (128, 256),
         }
     }
 
@@ -88,6 +95,15 @@ impl FlashKernel {
                 format!("flash_wide2_{tm}{ty}"),
                 "kandinsky_flash_attention_wide",
                 FLASH_WIDE_PTX,
+            ),
+            Self::Wgmma if !cfg!(kandinsky_wgmma) => candle_core::bail!(
+                "flash attention: the wgmma kernel needs the kernels built for compute \
+                 capability 9.0 (CUDA_COMPUTE_CAP=90)"
+            ),
+            Self::Wgmma => (
+                format!("flash_wgmma_{tm}{ty}"),
+                "kandinsky_flash_attention_wgmma",
+                FLASH_WGMMA_PTX,
             ),
         })
     }

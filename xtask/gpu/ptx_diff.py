@@ -36,8 +36,10 @@ def compile_dir(src: str, name: str, out: str) -> dict:
     nvcc = os.environ.get("NVCC", "nvcc")
     cap = os.environ.get("CUDA_COMPUTE_CAP", "90")
     ptx = os.path.join(out, name + ".ptx")
+    # As build.rs: the wgmma kernel targets sm_90a (wgmma exists in no other target).
+    arch = f"sm_{cap}a" if (name == "flash_attention_wgmma" and cap == "90") else f"sm_{cap}"
     subprocess.run(
-        [nvcc, "--ptx", "-O3", "-std=c++17", f"-arch=sm_{cap}", "-o", ptx,
+        [nvcc, "--ptx", "-O3", "-std=c++17", f"-arch={arch}", "-o", ptx,
          os.path.join(src, name + ".cu")],
         check=True,
     )

@@ -9,7 +9,8 @@
 #      WIDE, the attention kernel with 32 query rows per warp (checked so far only under the
 #      host emulation, xtask/gpu/emu): its correctness and TFLOP/s beside the mma kernel's
 #      (`gpu_check --attention-only`, its own process: a kernel fault poisons the context),
-#      then the UNet with it (KANDINSKY_FLASH=wide, and token-major);
+#      then the UNet with it (KANDINSKY_FLASH=wide, and token-major); the same rows list the
+#      Hopper wgmma kernel, and the UNet runs with it (KANDINSKY_FLASH=wgmma);
 #      TOKEN_MAJOR, the UNet with the token-major attention kernel (no head copies);
 #      CONV_NORM, the UNet and MoVQ with the ResNet norms inside the convolutions' copy
 #      kernel (KANDINSKY_CONV_NORM=1), then the UNet and the whole text2img (eager and with
@@ -57,6 +58,7 @@ ab WIDE KANDINSKY_FLASH=wide 40 rust-wide-kernels.log '^(attention|GPU_CHECK)' -
 ab WIDE KANDINSKY_FLASH=wide 60 rust-wide.log '^(unet|timings)' --timings-only --unet-only --quick
 ab WIDE "KANDINSKY_FLASH=wide KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-wide-tm.log '^(unet|timings)' \
     --timings-only --unet-only --quick
+ab WIDE KANDINSKY_FLASH=wgmma 60 rust-wgmma.log '^(unet|timings)' --timings-only --unet-only --quick
 ab TOKEN_MAJOR KANDINSKY_FLASH_TOKEN_MAJOR=1 60 rust-token-major.log '^(unet|timings)' \
     --timings-only --unet-only --quick
 ab CONV_NORM KANDINSKY_CONV_NORM=1 70 rust-conv-norm.log '^(unet step|movq|timings)' \

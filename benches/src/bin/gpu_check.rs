@@ -184,10 +184,12 @@ fn attention_kernels(dev: &Device) -> &'static [&'static str] {
     }
 }
 
-/// `--attention-only`: the mma kernel beside the wide ones, which have run only under the
+/// `--attention-only`: the mma kernel beside the wide and wgmma ones, which have run only under the
 /// host emulation (`xtask/gpu/emu`) so far. A separate process in `xtask/gpu/run.sh`: a
 /// kernel fault poisons the CUDA context for everything after it.
-const NEW_ATTENTION_KERNELS: [&str; 6] = ["mma", "mma-tm", "wide", "wide-tm", "wide2", "wide2-tm"];
+const NEW_ATTENTION_KERNELS: [&str; 8] = [
+    "mma", "mma-tm", "wide", "wide-tm", "wide2", "wide2-tm", "wgmma", "wgmma-tm",
+];
 
 /// Attention with the kernel named `kernel` (see [`attention_kernels`]). A `-tm` kernel
 /// takes and returns `[B, L, H, 64]` tensors (see [`kernel_layout`]), the others
@@ -214,6 +216,7 @@ fn fast_attention(
             "mma" => FlashKernel::Mma,
             "wide" => FlashKernel::Wide4,
             "wide2" => FlashKernel::Wide2,
+            "wgmma" => FlashKernel::Wgmma,
             other => anyhow::bail!("no attention kernel {other}"),
         };
         let kv = [(ki, vi), (ks, vs)];

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "flash_attention_mma.cu"
+#include "flash_attention_wgmma.cu"
 #include "flash_attention_wide.cu"
 
 namespace {
@@ -35,13 +36,24 @@ struct Case {
   float qscale;  // large values make the softmax sharp: the running max moves
 };
 
-enum class Kernel { Mma, Wide4, Wide2 };
+enum class Kernel { Mma, Wide4, Wide2, Wgmma };
 
 const char* name(Kernel k) {
   switch (k) {
     case Kernel::Mma: return "mma";
     case Kernel::Wide4: return "wide4";
-    default: return "wide2";
+    case Kernel::Wide2: return "wide2";
+    default: return "wgmma";
+  }
+}
+
+// (query rows, threads) per block.
+std::pair<int, int> block_of(Kernel k) {
+  switch (k) {
+    case Kernel::Wide4: return {128, 128};
+    case Kernel::Wide2: return {64, 64};
+    case Kernel::Wgmma: return {128, 256};
+    default: return {64, 128};
   }
 }
 
@@ -70,8 +82,7 @@ double run(Kernel kernel, bool tm, const Case& c, uint32_t seed) {
   };
 
   constexpr bool is_f16 = std::is_same<T, __half>::value;
-  const int rows = kernel == Kernel::Mma ? 64 : kernel == Kernel::Wide4 ? 128 : 64;
-  const int threads = kernel == Kernel::Wide2 ? 64 : 128;
+  const auto [rows, threads] = block_of(kernel);
   const EmuDim3 grid{(unsigned)((c.lq + rows - 1) / rows), (unsigned)(c.b * c.h), 1};
   emu::launch(grid, threads, [&] {
     using H = __half;
@@ -93,6 +104,10 @@ double run(Kernel kernel, bool tm, const Case& c, uint32_t seed) {
           tm ? flash_wide2_tm_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
              : flash_wide2_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
           break;
+        case Kernel::Wgmma:
+          tm ? flash_wgmma_tm_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
+             : flash_wgmma_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
+          break;
       }
     } else {
       const B *pq = (const B*)q.p, *pk1 = (const B*)k1.p, *pv1 = (const B*)v1.p, *pk2 = (const B*)k2.p,
@@ -110,6 +125,10 @@ double run(Kernel kernel, bool tm, const Case& c, uint32_t seed) {
         case Kernel::Wide2:
           tm ? flash_wide2_tm_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
              : flash_wide2_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
+          break;
+        case Kernel::Wgmma:
+          tm ? flash_wgmma_tm_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
+             : flash_wgmma_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
           break;
       }
     }
@@ -158,12 +177,15 @@ int main(int argc, char** argv) {
       {2, 1, 64, 70, 0, 1.f},
       {1, 1, 130, 32, 200, 12.f},
   };
-  std::vector<Kernel> kernels = {Kernel::Mma, Kernel::Wide4, Kernel::Wide2};
+  std::vector<Kernel> kernels = {Kernel::Mma, Kernel::Wide4, Kernel::Wide2, Kernel::Wgmma};
   if (argc > 1) {
     kernels.clear();
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
-      kernels.push_back(a == "mma" ? Kernel::Mma : a == "wide4" ? Kernel::Wide4 : Kernel::Wide2);
+      kernels.push_back(a == "mma"     ? Kernel::Mma
+                        : a == "wide4" ? Kernel::Wide4
+                        : a == "wide2" ? Kernel::Wide2
+                                       : Kernel::Wgmma);
     }
   }
   // The bars of gpu_check and the performance issue: f16 5e-3, bf16 1e-2.

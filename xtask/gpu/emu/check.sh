@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Check the attention kernels' index arithmetic on the CPU: compile kandinsky-core/kernels'
-# flash_attention_{mma,wide}.cu for the host against warp_emu.h (lanes as host threads) and
+# flash_attention_{mma,wide,wgmma}.cu for the host against warp_emu.h (lanes as host threads) and
 # compare them with attention in double precision. Needs g++ ≥ 12 (C++20, _Float16).
-# Arguments pick kernels (mma, wide4, wide2); the default is all three.
+# Arguments pick kernels (mma, wide4, wide2, wgmma); the default is all four.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 kernels=$here/../../../kandinsky-core/kernels

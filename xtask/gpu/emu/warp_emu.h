@@ -120,10 +120,29 @@ struct Warp {
   const void* p[32];
 };
 
+// wgmma's operands: the 128 threads of a warpgroup exchange their A registers and operand
+// addresses.
+struct WarpGroup {
+  Barrier bar{128};
+  uint32_t a[128][4];
+  const void* b[128];
+};
+
 struct Block {
-  explicit Block(int threads) : bar(threads), warps(new Warp[(threads + 31) / 32]) {}
+  explicit Block(int threads)
+      : bar(threads), warps(new Warp[(threads + 31) / 32]), groups(new WarpGroup[(threads + 127) / 128]) {}
   Barrier bar;
   std::unique_ptr<Warp[]> warps;
+  std::unique_ptr<WarpGroup[]> groups;
+};
+
+// One issued wgmma, run when a wgmma.wait_group covers it (the accumulator reads as stale
+// until then).
+struct Wgmma {
+  float* d;
+  uint32_t a[4];
+  uint64_t desc;
+  int scale_d, trans_b, bf16, group;
 };
 
 struct Copy {
@@ -138,6 +157,9 @@ inline thread_local int t_lane;
 inline thread_local int t_warp;
 inline thread_local std::vector<Copy> t_copies;
 inline thread_local int t_group;
+inline thread_local std::vector<Wgmma> t_wgmma;
+inline thread_local int t_wg_group;
+inline thread_local std::vector<const void*> t_descs;
 
 inline Warp& warp() { return t_block->warps[t_warp]; }
 
@@ -164,7 +186,14 @@ void launch(EmuDim3 grid, int threads, F body) {
           t_warp = tid >> 5;
           t_copies.clear();
           t_group = 0;
+          t_wgmma.clear();
+          t_wg_group = 0;
+          t_descs.clear();
           body();
+          if (!t_wgmma.empty()) {
+            fprintf(stderr, "emu: thread %d ended with %zu wgmma never waited for\n", tid, t_wgmma.size());
+            abort();
+          }
           if (!t_copies.empty()) {
             fprintf(stderr, "emu: thread %d ended with %zu cp.async copies never waited for\n", tid,
                     t_copies.size());
@@ -275,4 +304,94 @@ inline void ldmatrix_x4_trans(uint32_t* r, const void* p) { emu::ldmatrix(r, p, 
 inline void mma_f16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) { emu::mma(c, a, b0, b1, emu::f16_bits); }
 inline void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   emu::mma(c, a, b0, b1, emu::bf16_bits);
+}
+
+// ---- wgmma (sm_90a) --------------------------------------------------------------------------
+// A descriptor's start-address field holds an index into the thread's table of operand
+// addresses (a host pointer does not fit in 14 bits); LBO and SBO are encoded as on the GPU.
+inline uint64_t wgmma_desc(const void* p, uint32_t lbo, uint32_t sbo) {
+  emu::check_aligned(p, "wgmma operand");
+  if (lbo >= (1u << 18) || sbo >= (1u << 18) || lbo % 16 || sbo % 16) {
+    fprintf(stderr, "emu: wgmma descriptor: LBO %u / SBO %u do not encode\n", lbo, sbo);
+    abort();
+  }
+  emu::t_descs.push_back(p);
+  const uint64_t slot = (emu::t_descs.size() - 1) & 0x3FFF;
+  return slot | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
+}
+inline void wgmma_fence() {}
+inline void fence_proxy_async() {}
+inline void wgmma_fence_operand(float&) {}
+inline void wgmma_commit() { ++emu::t_wg_group; }
+
+namespace emu {
+// D[64 × 64] (+)= A[64 × 16] · B[16 × 64] for the calling thread's warpgroup, every thread
+// computing its own 32 accumulators: warp w holds rows 16w.., d[4j + i] is row g + 8·(i / 2),
+// column 8j + 2t + i % 2 (mma.m16n8k16's C layout per n8 block); A as mma.m16n8k16's A.
+inline void wgmma_run(const Wgmma& op) {
+  const int tid = threadIdx.x;
+  WarpGroup& wg = t_block->groups[tid / 128];
+  const int me = tid % 128;
+  const size_t slot = op.desc & 0x3FFF;
+  if (slot >= t_descs.size()) {
+    fprintf(stderr, "emu: wgmma descriptor does not come from wgmma_desc\n");
+    abort();
+  }
+  const char* base = static_cast<const char*>(t_descs[slot]);
+  for (int i = 0; i < 4; ++i) wg.a[me][i] = op.a[i];
+  wg.b[me] = base;
+  wg.bar.wait("wgmma");
+  for (int i = 0; i < 128; ++i)
+    if (wg.b[i] != base) {
+      fprintf(stderr, "emu: wgmma descriptor differs across the warpgroup (thread %d vs %d)\n", i, me);
+      abort();
+    }
+  const uint32_t lbo = ((op.desc >> 16) & 0x3FFF) << 4, sbo = ((op.desc >> 32) & 0x3FFF) << 4;
+  auto cvt = [&](uint16_t v) { return op.bf16 ? bf16_bits(v) : f16_bits(v); };
+  auto half_of = [](uint32_t v, int k) { return (uint16_t)(k & 1 ? v >> 16 : v & 0xffff); };
+  auto A = [&](int row, int k) {
+    const int owner = (row / 16) * 32 + 4 * (row & 7) + ((k & 7) >> 1);
+    return cvt(half_of(wg.a[owner][((row & 15) >> 3) + 2 * (k >> 3)], k));
+  };
+  // Canonical no-swizzle layouts (T = 8 two-byte elements per 16 bytes): K-major
+  // ((8,m),(T,2k)):((T,SBO),(1,LBO)); N-major ((T,1,m),(8,k)):((1,T,SBO),(T,LBO)).
+  auto B = [&](int k, int n) {
+    size_t off;
+    if (op.trans_b)
+      off = (size_t)(n % 8) * 2 + (size_t)(n / 8) * sbo + (size_t)(k % 8) * 16 + (size_t)(k / 8) * lbo;
+    else
+      off = (size_t)(n % 8) * 16 + (size_t)(n / 8) * sbo + (size_t)(k % 8) * 2 + (size_t)(k / 8) * lbo;
+    return cvt(u16_at(base + off, 0));
+  };
+  const int w = me / 32, lane = me % 32, g = lane >> 2, t = lane & 3;
+  float d[32];
+  for (int j = 0; j < 8; ++j)
+    for (int i = 0; i < 4; ++i) {
+      const int row = 16 * w + g + 8 * (i >> 1), col = 8 * j + 2 * t + (i & 1);
+      float acc = op.scale_d ? op.d[4 * j + i] : 0.f;
+      for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+      d[4 * j + i] = acc;
+    }
+  wg.bar.wait("wgmma");
+  for (int e = 0; e < 32; ++e) op.d[e] = d[e];
+}
+}  // namespace emu
+
+// Complete every committed wgmma group but the newest N.
+template <int N>
+void wgmma_wait() {
+  const int done_below = emu::t_wg_group - N;
+  std::vector<emu::Wgmma> keep;
+  for (const emu::Wgmma& op : emu::t_wgmma) {
+    if (op.group < done_below)
+      emu::wgmma_run(op);
+    else
+      keep.push_back(op);
+  }
+  emu::t_wgmma.swap(keep);
+}
+
+template <bool BF16, int TRANS_B>
+void wgmma_m64n64k16_rs(float* d, const uint32_t* a, uint64_t desc, int scale_d) {
+  emu::t_wgmma.push_back({d, {a[0], a[1], a[2], a[3]}, desc, scale_d, TRANS_B, BF16, emu::t_wg_group});
 }

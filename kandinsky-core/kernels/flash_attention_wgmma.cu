@@ -1,0 +1,240 @@
+// Fused attention for head size 64 on Hopper's warpgroup tensor cores (wgmma, sm_90a; built
+// for sm_90a when CUDA_COMPUTE_CAP is 90, otherwise its entry points trap and the Rust side
+// never launches them). Same contract as flash_attention_wide.cu: two key/value segments read
+// in place, f32 softmax in the log2 domain, bf16 P split into P_hi + P_lo.
+//
+// Block: 2 warpgroups (256 threads), 64 query rows each (128 per block). Per tile of 64 keys,
+// each warpgroup issues S = Q·Kᵀ as 4 wgmma.m64n64k16 (Q in registers, K from shared memory),
+// waits, runs the online softmax on the accumulator registers, and issues O += P·V as 4 more
+// (P straight from the S registers: wgmma's accumulator layout is mma.m16n8k16's C, which is
+// its A layout in pairs; V from shared memory, N-major). K/V tiles are double-buffered with
+// cp.async in the no-swizzle core-matrix layout of wgmma_ops.cuh: element (r, c) of a tile
+// at (r/8)·512 + (c/8)·64 + (r%8)·8 + c%8, so LBO = 128 B and SBO = 1024 B for K (K-major,
+// K = head dim), LBO = 1024 B and SBO = 128 B for V (N-major, K = keys). Shared memory
+// 32 KB; Q is staged once through the second K/V pair and read with ldmatrix.
+//
+// The kernel the mma.sync kernels could not be: at the UNet's 48×48 level they reach
+// 126 TFLOP/s (GPU run 9), PyTorch's SDPA 264, the goal 300. Checked so far only under the
+// host emulation (xtask/gpu/emu), which implements wgmma from the PTX ISA's description.
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "wgmma_ops.cuh"
+
+#if defined(KANDINSKY_HOST_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define KD_HAS_WGMMA 1
+#endif
+
+namespace wg {
+
+#ifdef KD_HAS_WGMMA
+constexpr int D = 64;         // head size
+constexpr int BK = 64;        // keys per tile
+constexpr int TILE = BK * D;  // elements per K or V tile
+constexpr int THREADS = 256;  // 2 warpgroups
+constexpr int BQ = 128;       // query rows per block
+
+// Element (r, c) of a core-matrix tile (64 columns).
+__device__ __forceinline__ int core(int r, int c) { return (r >> 3) * 512 + (c >> 3) * 64 + (r & 7) * 8 + (c & 7); }
+
+// Rows [r0, r0 + ROWS) of the two-segment matrix into a core-matrix tile with cp.async; rows
+// past the end are zero.
+template <int ROWS, typename T>
+__device__ __forceinline__ void load_core_async(T* tile, const T* a, int la, const T* b, int lb, int r0, int rs) {
+#pragma unroll
+  for (int i = threadIdx.x; i < ROWS * 8; i += THREADS) {
+    const int r = i >> 3, c = (i & 7) * 8;
+    const int row = r0 + r;
+    const bool in_a = row < la, valid = row < la + lb;
+    const T* src = in_a ? a + (size_t)row * rs + c : (valid ? b + (size_t)(row - la) * rs + c : a);
+    cp_async16(tile + core(r, c), src, valid);
+  }
+}
+
+template <typename T, bool TOKEN_MAJOR>
+__device__ void flash_wgmma(const T* __restrict__ q, const T* __restrict__ k1, const T* __restrict__ v1, int l1,
+                            const T* __restrict__ k2, const T* __restrict__ v2, int l2, T* __restrict__ o, int lq,
+                            float scale, int heads) {
+  constexpr bool BF = Mma<T>::split;
+  // [buffer][K, V]; buffer 1's pair (128 rows) stages Q first.
+  __shared__ __align__(1024) T smem[2][2][TILE];
+
+  const int bh = blockIdx.y;
+  const int q0 = blockIdx.x * BQ;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = (warp >> 2) * 64 + (warp & 3) * 16;  // the warp's first row in the block
+  const int lk = l1 + l2;
+  int rs = D;
+  if constexpr (TOKEN_MAJOR) {
+    const size_t b = bh / heads, h = bh % heads;
+    rs = heads * D;
+    q += (b * lq * heads + h) * D;
+    o += (b * lq * heads + h) * D;
+    k1 += (b * l1 * heads + h) * D;
+    v1 += (b * l1 * heads + h) * D;
+    k2 += (b * l2 * heads + h) * D;
+    v2 += (b * l2 * heads + h) * D;
+  } else {
+    q += (size_t)bh * lq * D;
+    o += (size_t)bh * lq * D;
+    k1 += (size_t)bh * l1 * D;
+    v1 += (size_t)bh * l1 * D;
+    k2 += (size_t)bh * l2 * D;
+    v2 += (size_t)bh * l2 * D;
+  }
+
+  load_core_async<BQ>(smem[1][0], q, lq, q, 0, q0, rs);
+  cp_async_commit();
+  load_core_async<BK>(smem[0][0], k1, l1, k2, l2, 0, rs);
+  load_core_async<BK>(smem[0][1], v1, l1, v2, l2, 0, rs);
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+  // Q as the A fragments of the warp's 16 rows, one per k16 step (ldmatrix: matrices 0/1 =
+  // rows 0–7/8–15 of columns 0–7, 2/3 the same rows of columns 8–15).
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    ldmatrix_x4(qa[kk], smem[1][0] + core(row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+  __syncthreads();  // everyone has its Q before buffer 1 is refilled
+
+  float acc[32];
+#pragma unroll
+  for (int e = 0; e < 32; ++e) acc[e] = 0.f;
+  // Running max (log2 domain, scaled) and sum of rows g (0) and g + 8 (1).
+  float mx[2] = {-FLT_MAX, -FLT_MAX}, sum[2] = {0.f, 0.f};
+  const float sl2 = scale * 1.4426950408889634f;
+
+  const int tiles = (lk + BK - 1) / BK;
+  for (int it = 0; it < tiles; ++it) {
+    const int buf = it & 1;
+    if (it + 1 < tiles) {
+      load_core_async<BK>(smem[buf ^ 1][0], k1, l1, k2, l2, (it + 1) * BK, rs);
+      load_core_async<BK>(smem[buf ^ 1][1], v1, l1, v2, l2, (it + 1) * BK, rs);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // this tile's copies have landed
+    fence_proxy_async();
+    __syncthreads();
+    const T* K = smem[buf][0];
+    const T* V = smem[buf][1];
+
+    // S = Q · Kᵀ: K-major B, k16 step kk starts at column 16kk.
+    float s[32];
+#pragma unroll
+    for (int e = 0; e < 32; ++e) s[e] = 0.f;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      wgmma_m64n64k16_rs<BF, 0>(s, qa[kk], wgmma_desc(K + core(0, kk * 16), 128, 1024), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int e = 0; e < 32; ++e) wgmma_fence_operand(s[e]);
+
+    // s[4j + e]: key 8j + 2t + (e & 1) of row g + 8·(e >> 1). Keys past the end exist only in
+    // the last tile.
+    const int k0 = it * BK;
+    if (k0 + BK > lk) {
+#pragma unroll
+      for (int e = 0; e < 32; ++e)
+        if (k0 + (e >> 2) * 8 + 2 * t + (e & 1) >= lk) s[e] = -INFINITY;
+    }
+    float alpha[2], rsum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tmax = -FLT_MAX;
+#pragma unroll
+      for (int j = 0; j < BK / 8; ++j) tmax = fmaxf(tmax, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 1));
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 2));
+      const float m_new = fmaxf(mx[r], tmax * sl2);
+      alpha[r] = exp2f(mx[r] - m_new);
+      mx[r] = m_new;
+    }
+    // P as A fragments: k16 step kk (keys 16kk..) takes n8 blocks 2kk and 2kk + 1.
+    uint32_t pa[BK / 16][4], pl[BK / 16][4];
+#pragma unroll
+    for (int j = 0; j < BK / 8; ++j) {
+      float p[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        p[e] = exp2f(fmaf(s[4 * j + e], sl2, -mx[e >> 1]));  // −∞ (masked) → 0
+        rsum[e >> 1] += p[e];
+      }
+      const int kk = j >> 1, hi = (j & 1) * 2;
+      pa[kk][hi] = Mma<T>::pack(p[0], p[1]);
+      pa[kk][hi + 1] = Mma<T>::pack(p[2], p[3]);
+      if constexpr (BF) {
+        pl[kk][hi] = Mma<T>::pack(p[0] - Mma<T>::round(p[0]), p[1] - Mma<T>::round(p[1]));
+        pl[kk][hi + 1] = Mma<T>::pack(p[2] - Mma<T>::round(p[2]), p[3] - Mma<T>::round(p[3]));
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      rsum[r] += __shfl_xor_sync(0xffffffff, rsum[r], 1);
+      rsum[r] += __shfl_xor_sync(0xffffffff, rsum[r], 2);
+      sum[r] = sum[r] * alpha[r] + rsum[r];
+    }
+#pragma unroll
+    for (int e = 0; e < 32; ++e) acc[e] *= alpha[(e >> 1) & 1];
+
+    // O += P · V: N-major B, k16 step kk starts at key 16kk.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      const uint64_t dv = wgmma_desc(V + core(kk * 16, 0), 1024, 128);
+      wgmma_m64n64k16_rs<BF, 1>(acc, pa[kk], dv, 1);
+      if constexpr (BF) wgmma_m64n64k16_rs<BF, 1>(acc, pl[kk], dv, 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int e = 0; e < 32; ++e) wgmma_fence_operand(acc[e]);
+    __syncthreads();  // this buffer is refilled two iterations on
+  }
+
+  // O / sum: rows g and g + 8 of the warp.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = q0 + row0 + g + 8 * r;
+    if (row >= lq) continue;
+    const float inv = 1.f / sum[r];
+    T* orow = o + (size_t)row * rs + 2 * t;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+      *reinterpret_cast<uint32_t*>(orow + j * 8) = Mma<T>::pack(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
+  }
+}
+#define KD_WGMMA_BODY(T, TM, HEADS) wg::flash_wgmma<T, TM>(q, k1, v1, l1, k2, v2, l2, o, lq, scale, HEADS);
+#else
+// Built for an architecture without wgmma: the entry points exist (one PTX module for every
+// card) but must never run.
+#define KD_WGMMA_BODY(T, TM, HEADS) __trap();
+#endif
+
+}  // namespace wg
+
+// Entry points: flash_wgmma_{f16,bf16} take [B, H, L, 64]; flash_wgmma_tm_* [B, L, H, 64].
+extern "C" __global__ void __launch_bounds__(256)
+    flash_wgmma_f16(const __half* q, const __half* k1, const __half* v1, int l1, const __half* k2, const __half* v2,
+                    int l2, __half* o, int lq, float scale) {
+  KD_WGMMA_BODY(__half, false, 1)
+}
+extern "C" __global__ void __launch_bounds__(256)
+    flash_wgmma_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k1, const __nv_bfloat16* v1, int l1,
+                     const __nv_bfloat16* k2, const __nv_bfloat16* v2, int l2, __nv_bfloat16* o, int lq, float scale) {
+  KD_WGMMA_BODY(__nv_bfloat16, false, 1)
+}
+extern "C" __global__ void __launch_bounds__(256)
+    flash_wgmma_tm_f16(const __half* q, const __half* k1, const __half* v1, int l1, const __half* k2,
+                       const __half* v2, int l2, __half* o, int lq, float scale, int heads) {
+  KD_WGMMA_BODY(__half, true, heads)
+}
+extern "C" __global__ void __launch_bounds__(256) flash_wgmma_tm_bf16(
+    const __nv_bfloat16* q, const __nv_bfloat16* k1, const __nv_bfloat16* v1, int l1, const __nv_bfloat16* k2,
+    const __nv_bfloat16* v2, int l2, __nv_bfloat16* o, int lq, float scale, int heads) {
+  KD_WGMMA_BODY(__nv_bfloat16, true, heads)
+}
