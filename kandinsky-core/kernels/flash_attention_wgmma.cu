@@ -8,10 +8,14 @@
 // waits, runs the online softmax on the accumulator registers, and issues O += P·V as 4 more
 // (P straight from the S registers: wgmma's accumulator layout is mma.m16n8k16's C, which is
 // its A layout in pairs; V from shared memory, N-major). K/V tiles are double-buffered with
-// cp.async in the no-swizzle core-matrix layout of wgmma_ops.cuh: element (r, c) of a tile
-// at (r/8)·512 + (c/8)·64 + (r%8)·8 + c%8, so LBO = 128 B and SBO = 1024 B for K (K-major,
-// K = head dim), LBO = 1024 B and SBO = 128 B for V (N-major, K = keys). Shared memory
-// 32 KB; Q is staged once through the second K/V pair and read with ldmatrix.
+// cp.async in one of two layouts of wgmma_ops.cuh (template SW, both built: a GPU run picks):
+//   SW = true, 128-byte swizzle: row r of 128 bytes at r·128, its 16-byte chunk c at
+//     (c ^ r % 8)·16 — a row's eight cp.async chunks hit distinct banks. K: K-major, SBO
+//     1024 B, a k16 step 32 B further; V: N-major, SBO 1024 B (8 keys), a step 2048 B.
+//   SW = false, no swizzle: element (r, c) at (r/8)·512 + (c/8)·64 + (r%8)·8 + c%8, so
+//     LBO = 128 B and SBO = 1024 B for K (K = head dim), LBO = 1024 B and SBO = 128 B for V
+//     (K = keys); a row's chunks are 128 bytes apart (an 8-way bank conflict per write).
+// Shared memory 32 KB; Q is staged once through the second K/V pair and read with ldmatrix.
 //
 // The kernel the mma.sync kernels could not be: at the UNet's 48×48 level they reach
 // 126 TFLOP/s (GPU run 9), PyTorch's SDPA 264, the goal 300. Checked so far only under the
@@ -35,24 +39,27 @@ constexpr int TILE = BK * D;  // elements per K or V tile
 constexpr int THREADS = 256;  // 2 warpgroups
 constexpr int BQ = 128;       // query rows per block
 
-// Element (r, c) of a core-matrix tile (64 columns).
-__device__ __forceinline__ int core(int r, int c) { return (r >> 3) * 512 + (c >> 3) * 64 + (r & 7) * 8 + (c & 7); }
+// Element (r, c) of a tile of 64 columns in the layout SW picks (see the top).
+template <bool SW> __device__ __forceinline__ int at(int r, int c) {
+  if constexpr (SW) return r * 64 + (((c >> 3) ^ (r & 7)) << 3) + (c & 7);
+  else return (r >> 3) * 512 + (c >> 3) * 64 + (r & 7) * 8 + (c & 7);
+}
 
-// Rows [r0, r0 + ROWS) of the two-segment matrix into a core-matrix tile with cp.async; rows
-// past the end are zero.
-template <int ROWS, typename T>
-__device__ __forceinline__ void load_core_async(T* tile, const T* a, int la, const T* b, int lb, int r0, int rs) {
+// Rows [r0, r0 + ROWS) of the two-segment matrix into a tile with cp.async; rows past the end
+// are zero.
+template <int ROWS, bool SW, typename T>
+__device__ __forceinline__ void load_tile_async(T* tile, const T* a, int la, const T* b, int lb, int r0, int rs) {
 #pragma unroll
   for (int i = threadIdx.x; i < ROWS * 8; i += THREADS) {
     const int r = i >> 3, c = (i & 7) * 8;
     const int row = r0 + r;
     const bool in_a = row < la, valid = row < la + lb;
     const T* src = in_a ? a + (size_t)row * rs + c : (valid ? b + (size_t)(row - la) * rs + c : a);
-    cp_async16(tile + core(r, c), src, valid);
+    cp_async16(tile + at<SW>(r, c), src, valid);
   }
 }
 
-template <typename T, bool TOKEN_MAJOR>
+template <typename T, bool TOKEN_MAJOR, bool SW>
 __device__ void flash_wgmma(const T* __restrict__ q, const T* __restrict__ k1, const T* __restrict__ v1, int l1,
                             const T* __restrict__ k2, const T* __restrict__ v2, int l2, T* __restrict__ o, int lq,
                             float scale, int heads) {
@@ -85,10 +92,10 @@ __device__ void flash_wgmma(const T* __restrict__ q, const T* __restrict__ k1, c
     v2 += (size_t)bh * l2 * D;
   }
 
-  load_core_async<BQ>(smem[1][0], q, lq, q, 0, q0, rs);
+  load_tile_async<BQ, SW>(smem[1][0], q, lq, q, 0, q0, rs);
   cp_async_commit();
-  load_core_async<BK>(smem[0][0], k1, l1, k2, l2, 0, rs);
-  load_core_async<BK>(smem[0][1], v1, l1, v2, l2, 0, rs);
+  load_tile_async<BK, SW>(smem[0][0], k1, l1, k2, l2, 0, rs);
+  load_tile_async<BK, SW>(smem[0][1], v1, l1, v2, l2, 0, rs);
   cp_async_commit();
   cp_async_wait<1>();
   __syncthreads();
@@ -97,7 +104,7 @@ __device__ void flash_wgmma(const T* __restrict__ q, const T* __restrict__ k1, c
   uint32_t qa[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(qa[kk], smem[1][0] + core(row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    ldmatrix_x4(qa[kk], smem[1][0] + at<SW>(row0 + (lane & 15), kk * 16 + (lane >> 4) * 8));
   __syncthreads();  // everyone has its Q before buffer 1 is refilled
 
   float acc[32];
@@ -111,8 +118,8 @@ __device__ void flash_wgmma(const T* __restrict__ q, const T* __restrict__ k1, c
   for (int it = 0; it < tiles; ++it) {
     const int buf = it & 1;
     if (it + 1 < tiles) {
-      load_core_async<BK>(smem[buf ^ 1][0], k1, l1, k2, l2, (it + 1) * BK, rs);
-      load_core_async<BK>(smem[buf ^ 1][1], v1, l1, v2, l2, (it + 1) * BK, rs);
+      load_tile_async<BK, SW>(smem[buf ^ 1][0], k1, l1, k2, l2, (it + 1) * BK, rs);
+      load_tile_async<BK, SW>(smem[buf ^ 1][1], v1, l1, v2, l2, (it + 1) * BK, rs);
     }
     cp_async_commit();
     cp_async_wait<1>();  // this tile's copies have landed
@@ -121,14 +128,17 @@ __device__ void flash_wgmma(const T* __restrict__ q, const T* __restrict__ k1, c
     const T* K = smem[buf][0];
     const T* V = smem[buf][1];
 
-    // S = Q · Kᵀ: K-major B, k16 step kk starts at column 16kk.
+    // S = Q · Kᵀ: K-major B, k16 step kk starts at column 16kk (swizzled: 32 bytes into row
+    // 0, the hardware swizzles the absolute addresses).
     float s[32];
 #pragma unroll
     for (int e = 0; e < 32; ++e) s[e] = 0.f;
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_m64n64k16_rs<BF, 0>(s, qa[kk], wgmma_desc(K + core(0, kk * 16), 128, 1024), kk > 0);
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t dk = SW ? wgmma_desc(K + kk * 16, 16, 1024, true) : wgmma_desc(K + at<false>(0, kk * 16), 128, 1024, false);
+      wgmma_m64n64k16_rs<BF, 0>(s, qa[kk], dk, kk > 0);
+    }
     wgmma_commit();
     wgmma_wait<0>();
 #pragma unroll
@@ -185,7 +195,9 @@ __device__ void flash_wgmma(const T* __restrict__ q, const T* __restrict__ k1, c
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
-      const uint64_t dv = wgmma_desc(V + core(kk * 16, 0), 1024, 128);
+      // Swizzled: LBO would step to the next 64 dims (there are none).
+      const uint64_t dv =
+          SW ? wgmma_desc(V + kk * 16 * 64, 8192, 1024, true) : wgmma_desc(V + at<false>(kk * 16, 0), 1024, 128, false);
       wgmma_m64n64k16_rs<BF, 1>(acc, pa[kk], dv, 1);
       if constexpr (BF) wgmma_m64n64k16_rs<BF, 1>(acc, pl[kk], dv, 1);
     }
@@ -208,33 +220,38 @@ __device__ void flash_wgmma(const T* __restrict__ q, const T* __restrict__ k1, c
       *reinterpret_cast<uint32_t*>(orow + j * 8) = Mma<T>::pack(acc[4 * j + 2 * r] * inv, acc[4 * j + 2 * r + 1] * inv);
   }
 }
-#define KD_WGMMA_BODY(T, TM, HEADS) wg::flash_wgmma<T, TM>(q, k1, v1, l1, k2, v2, l2, o, lq, scale, HEADS);
+#define KD_WGMMA_BODY(T, TM, SW, HEADS) wg::flash_wgmma<T, TM, SW>(q, k1, v1, l1, k2, v2, l2, o, lq, scale, HEADS);
 #else
 // Built for an architecture without wgmma: the entry points exist (one PTX module for every
 // card) but must never run.
-#define KD_WGMMA_BODY(T, TM, HEADS) __trap();
+#define KD_WGMMA_BODY(T, TM, SW, HEADS) __trap();
 #endif
 
 }  // namespace wg
 
-// Entry points: flash_wgmma_{f16,bf16} take [B, H, L, 64]; flash_wgmma_tm_* [B, L, H, 64].
-extern "C" __global__ void __launch_bounds__(256)
-    flash_wgmma_f16(const __half* q, const __half* k1, const __half* v1, int l1, const __half* k2, const __half* v2,
-                    int l2, __half* o, int lq, float scale) {
-  KD_WGMMA_BODY(__half, false, 1)
-}
-extern "C" __global__ void __launch_bounds__(256)
-    flash_wgmma_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k1, const __nv_bfloat16* v1, int l1,
-                     const __nv_bfloat16* k2, const __nv_bfloat16* v2, int l2, __nv_bfloat16* o, int lq, float scale) {
-  KD_WGMMA_BODY(__nv_bfloat16, false, 1)
-}
-extern "C" __global__ void __launch_bounds__(256)
-    flash_wgmma_tm_f16(const __half* q, const __half* k1, const __half* v1, int l1, const __half* k2,
-                       const __half* v2, int l2, __half* o, int lq, float scale, int heads) {
-  KD_WGMMA_BODY(__half, true, heads)
-}
-extern "C" __global__ void __launch_bounds__(256) flash_wgmma_tm_bf16(
-    const __nv_bfloat16* q, const __nv_bfloat16* k1, const __nv_bfloat16* v1, int l1, const __nv_bfloat16* k2,
-    const __nv_bfloat16* v2, int l2, __nv_bfloat16* o, int lq, float scale, int heads) {
-  KD_WGMMA_BODY(__nv_bfloat16, true, heads)
-}
+// Entry points: flash_wgmma{SUF}_{f16,bf16} take [B, H, L, 64]; flash_wgmma{SUF}_tm_* take
+// [B, L, H, 64]. SUF "" is the 128-byte swizzled layout, "_ns" the unswizzled one.
+#define FLASH_WGMMA_ENTRIES(SUF, SW)                                                                              \
+  extern "C" __global__ void __launch_bounds__(256)                                                             \
+      flash_wgmma##SUF##_f16(const __half* q, const __half* k1, const __half* v1, int l1, const __half* k2,    \
+                             const __half* v2, int l2, __half* o, int lq, float scale) {                       \
+    KD_WGMMA_BODY(__half, false, SW, 1)                                                                         \
+  }                                                                                                             \
+  extern "C" __global__ void __launch_bounds__(256) flash_wgmma##SUF##_bf16(                                   \
+      const __nv_bfloat16* q, const __nv_bfloat16* k1, const __nv_bfloat16* v1, int l1, const __nv_bfloat16* k2, \
+      const __nv_bfloat16* v2, int l2, __nv_bfloat16* o, int lq, float scale) {                                 \
+    KD_WGMMA_BODY(__nv_bfloat16, false, SW, 1)                                                                  \
+  }                                                                                                             \
+  extern "C" __global__ void __launch_bounds__(256)                                                             \
+      flash_wgmma##SUF##_tm_f16(const __half* q, const __half* k1, const __half* v1, int l1, const __half* k2, \
+                                const __half* v2, int l2, __half* o, int lq, float scale, int heads) {         \
+    KD_WGMMA_BODY(__half, true, SW, heads)                                                                      \
+  }                                                                                                             \
+  extern "C" __global__ void __launch_bounds__(256) flash_wgmma##SUF##_tm_bf16(                                \
+      const __nv_bfloat16* q, const __nv_bfloat16* k1, const __nv_bfloat16* v1, int l1, const __nv_bfloat16* k2, \
+      const __nv_bfloat16* v2, int l2, __nv_bfloat16* o, int lq, float scale, int heads) {                      \
+    KD_WGMMA_BODY(__nv_bfloat16, true, SW, heads)                                                               \
+  }
+
+FLASH_WGMMA_ENTRIES(, true)
+FLASH_WGMMA_ENTRIES(_ns, false)

@@ -3,19 +3,24 @@
 // fence that makes cp.async writes visible to it. Only flash_attention_wgmma.cu includes
 // this. With KANDINSKY_HOST_EMU the same names come from xtask/gpu/emu/warp_emu.h.
 //
-// Shared-memory operands use the no-swizzle canonical layouts of the PTX ISA ("matrix
-// descriptor", "canonical layouts"): 8 × 16-byte core matrices stored as 128 contiguous bytes;
-// the descriptor's leading-dimension byte offset (LBO) steps between core matrices along K,
-// the stride byte offset (SBO) along M/N, for K-major and MN-major operands alike.
+// Shared-memory operands use the canonical layouts of the PTX ISA ("matrix descriptor",
+// "canonical layouts"), with T = 8 two-byte elements per 16 bytes:
+//   no swizzle, K-major  ((8,m),(T,2k)):((T,SBO),(1,LBO))   — 8 × 16-byte core matrices of
+//   no swizzle, MN-major ((T,1,m),(8,k)):((1,T,SBO),(T,LBO))  128 contiguous bytes;
+//   128-byte swizzle, K-major  ((8,m),(T,2k)):((8T,SBO),(1,T)) — rows of 128 bytes, whose
+//   128-byte swizzle, MN-major ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)) 16-byte chunks are XORed
+// with the row's index within its 1024-byte block (address bits [4, 7) ^= bits [7, 10), on
+// the absolute shared-memory address: a descriptor may start 32 bytes into a row).
 #pragma once
 #include "warp_ops.cuh"
 
 #ifndef KANDINSKY_HOST_EMU
 
-// Descriptor of a no-swizzle operand starting at `p` (16-byte aligned) in shared memory.
-__device__ __forceinline__ uint64_t wgmma_desc(const void* p, uint32_t lbo, uint32_t sbo) {
+// Descriptor of an operand starting at `p` (16-byte aligned) in shared memory; `sw128`: the
+// 128-byte swizzle (its 1024-byte blocks aligned, so the base-offset field stays 0).
+__device__ __forceinline__ uint64_t wgmma_desc(const void* p, uint32_t lbo, uint32_t sbo, bool sw128) {
   return (uint64_t)((smem_addr(p) & 0x3FFFF) >> 4) | ((uint64_t)((lbo & 0x3FFFF) >> 4) << 16) |
-         ((uint64_t)((sbo & 0x3FFFF) >> 4) << 32);
+         ((uint64_t)((sbo & 0x3FFFF) >> 4) << 32) | ((uint64_t)(sw128 ? 1 : 0) << 62);
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }

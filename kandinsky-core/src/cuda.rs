@@ -37,10 +37,14 @@ pub enum FlashKernel {
     /// shapes where 128-query blocks leave SMs idle (`KANDINSKY_FLASH=wide2`).
     Wide2,
     /// `flash_attention_wgmma.cu`: Hopper's warpgroup tensor cores (wgmma, sm_90a), two
-    /// warpgroups of 64 query rows per block. Built only when `CUDA_COMPUTE_CAP` is 90 (it
-    /// runs on sm_90 cards alone); checked on the CPU by the host emulation, not yet on a GPU:
-    /// opt-in, `KANDINSKY_FLASH=wgmma`.
+    /// warpgroups of 64 query rows per block, K/V tiles in the 128-byte swizzled layout.
+    /// Built only when `CUDA_COMPUTE_CAP` is 90 (it runs on sm_90 cards alone); checked on the
+    /// CPU by the host emulation, not yet on a GPU: opt-in, `KANDINSKY_FLASH=wgmma`.
     Wgmma,
+    /// [`FlashKernel::Wgmma`] with the tiles in the unswizzled core-matrix layout (the other
+    /// reading of the PTX ISA's layouts, should the swizzled one fail on the GPU;
+    /// `KANDINSKY_FLASH=wgmma-ns`).
+    WgmmaNoSwizzle,
 }
 
 impl FlashKernel {
@@ -51,7 +55,7 @@ impl FlashKernel {
                 (64, if self == Self::Wide2 { 64 } else { 128 })
             }
             Self::Wide4 => (128, 128),
-            Self::Wgmma => (128, 256),
+            Self::Wgmma | Self::WgmmaNoSwizzle => (128, 256),
         }
     }
 
@@ -96,12 +100,17 @@ impl FlashKernel {
                 "kandinsky_flash_attention_wide",
                 FLASH_WIDE_PTX,
             ),
-            Self::Wgmma if !cfg!(kandinsky_wgmma) => candle_core::bail!(
+            Self::Wgmma | Self::WgmmaNoSwizzle if !cfg!(kandinsky_wgmma) => candle_core::bail!(
                 "flash attention: the wgmma kernel needs the kernels built for compute \
                  capability 9.0 (CUDA_COMPUTE_CAP=90)"
             ),
             Self::Wgmma => (
                 format!("flash_wgmma_{tm}{ty}"),
+                "kandinsky_flash_attention_wgmma",
+                FLASH_WGMMA_PTX,
+            ),
+            Self::WgmmaNoSwizzle => (
+                format!("flash_wgmma_ns_{tm}{ty}"),
                 "kandinsky_flash_attention_wgmma",
                 FLASH_WGMMA_PTX,
             ),

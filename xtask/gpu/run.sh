@@ -4,11 +4,10 @@
 # (diffusers adds 2), parts in order of priority, every part logging under $OUT:
 #   1. gpu_check: tiny-fixture parity on CUDA, every kernel against candle's plain path,
 #      timings with peak pool memory;
-#   2. ncu: the GPU time of every kernel of one 768 px UNet step and one MoVQ decode;
-#   3. the opt-in switches, each part skipped with its variable set to 0, in this order:
+#   2. the opt-in switches, each part skipped with its variable set to 0, in this order:
 #      WIDE, the attention kernel with 32 query rows per warp (checked so far only under the
 #      host emulation, xtask/gpu/emu): its correctness and TFLOP/s beside the mma kernel's
-#      (`gpu_check --attention-only`, its own process: a kernel fault poisons the context),
+#      (`gpu_check --attention-only`, own processes: a kernel fault poisons the context),
 #      then the UNet with it (KANDINSKY_FLASH=wide, and token-major); the same rows list the
 #      Hopper wgmma kernel, and the UNet runs with it (KANDINSKY_FLASH=wgmma);
 #      TOKEN_MAJOR, the UNet with the token-major attention kernel (no head copies);
@@ -17,6 +16,8 @@
 #      CUDA graphs) with both switches; BANDED, the timings with the convolution scratch
 #      banded at 64 MiB (peak memory); PLAIN, the UNet with candle's own kernels
 #      (KANDINSKY_PLAIN_KERNELS=1, measured before: run 9; only with PLAIN=1);
+#   3. ncu (NCU=0 skips it): the GPU time of every kernel of one 768 px UNet step and one
+#      MoVQ decode, with the switches in NCU_ENV set;
 #   4. with DIFFUSERS=1, diffusers/PyTorch on the same card (fp16), from the carried wheels.
 set -uo pipefail
 # Every part's timeout is cut to what is left of DEADLINE seconds (the device call's limit
@@ -36,14 +37,6 @@ export KANDINSKY_FIXTURES=$PWD/fixtures
 echo "== 1. kandinsky-rs gpu_check"
 timeout $(t 200) $BIN/gpu_check --quick >"$OUT/rust.log" 2>&1; echo "exit $?"
 grep -E '^(device|no CUDA|GPU_CHECK)' "$OUT/rust.log"
-echo "== 2. ncu: kernels of one 768 px UNet step / MoVQ decode (f16)"
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-for w in unet movq; do
-    timeout $(t 75) "$NCU" --profile-from-start off --clock-control none --cache-control none \
-        --metrics gpu__time_duration.sum --csv $BIN/gpu_check --profile $w \
-        >"$OUT/ncu-$w.csv" 2>"$OUT/ncu-$w.err"; echo "ncu $w exit $?"
-    python3 xtask/gpu/ncu_summary.py "$OUT/ncu-$w.csv" 16 2>&1 | tee "$OUT/ncu-$w.txt"
-done
 # ab SKIP_VAR "ENV=VALUE ..." LIMIT LOG PATTERN ARGS...: gpu_check again with the switches set,
 # unless $SKIP_VAR is 0; the log under $OUT, the lines matching PATTERN printed.
 ab() {
@@ -54,7 +47,13 @@ ab() {
     # shellcheck disable=SC2086 # several assignments in one word
     env $env timeout "$(t "$limit")" $BIN/gpu_check "$@" 2>&1 | tee "$OUT/$log" | grep -E "$pattern"
 }
-ab WIDE KANDINSKY_FLASH=wide 40 rust-wide-kernels.log '^(attention|GPU_CHECK)' --attention-only
+# Three processes: a faulting kernel poisons its process's CUDA context, not the others'.
+ab WIDE KANDINSKY_FLASH=wide 40 rust-wide-kernels.log '^(attention|GPU_CHECK)' \
+    --attention-only mma,mma-tm,wide,wide-tm,wide2,wide2-tm
+ab WIDE KANDINSKY_FLASH=wgmma 30 rust-wgmma-kernels.log '^(attention|GPU_CHECK)' \
+    --attention-only mma,wgmma,wgmma-tm
+ab WIDE KANDINSKY_FLASH=wgmma-ns 30 rust-wgmma-ns-kernels.log '^(attention|GPU_CHECK)' \
+    --attention-only wgmma-ns,wgmma-ns-tm
 ab WIDE KANDINSKY_FLASH=wide 60 rust-wide.log '^(unet|timings)' --timings-only --unet-only --quick
 ab WIDE "KANDINSKY_FLASH=wide KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-wide-tm.log '^(unet|timings)' \
     --timings-only --unet-only --quick
@@ -70,6 +69,19 @@ ab CONV_NORM "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-t2i-b
 ab BANDED KANDINSKY_CONV_SCRATCH_MB=64 70 rust-banded.log '^(movq|unet step 768px b2 F16 |timings)' \
     --timings-only --quick --no-text2img
 ab PLAIN KANDINSKY_PLAIN_KERNELS=1 70 rust-plain.log '^(unet|timings)' --timings-only --unet-only --quick
+if [ "${NCU:-1}" = 1 ]; then
+    # Run 9 profiled the default path; NCU_ENV profiles it with switches set (e.g. the ones
+    # that won above).
+    echo "== ncu: kernels of one 768 px UNet step / MoVQ decode (f16) ${NCU_ENV:-}"
+    NCU_BIN=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    for w in unet movq; do
+        # shellcheck disable=SC2086 # several assignments in one word
+        env ${NCU_ENV:-} timeout $(t 75) "$NCU_BIN" --profile-from-start off --clock-control none --cache-control none \
+            --metrics gpu__time_duration.sum --csv $BIN/gpu_check --profile $w \
+            >"$OUT/ncu-$w.csv" 2>"$OUT/ncu-$w.err"; echo "ncu $w exit $?"
+        python3 xtask/gpu/ncu_summary.py "$OUT/ncu-$w.csv" 16 2>&1 | tee "$OUT/ncu-$w.txt"
+    done
+fi
 if [ "${DIFFUSERS:-0}" = 1 ]; then
     echo "== 4. diffusers"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1

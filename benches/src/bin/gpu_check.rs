@@ -4,8 +4,8 @@
 //!
 //! Build here with the CUDA recipe (`../shared/cuda/README.md`), run on the GPU machine:
 //! `gpu_check [--quick] [--timings-only [--unet-only]] [--kernels-only]`,
-//! `gpu_check --attention-only` (the attention kernels not yet checked on a GPU, beside the
-//! mma one),
+//! `gpu_check --attention-only [KERNEL,...]` (the attention kernels not yet checked on a GPU,
+//! beside the mma one; or those listed),
 //! `gpu_check --text2img-only [--px N] [--steps P,D]` (only the whole flow), or
 //! `gpu_check --profile unet|movq` under `ncu --profile-from-start off` (one 768 px UNet step
 //! or MoVQ decode inside the profiler range, after two warm-up runs). Without a CUDA
@@ -187,8 +187,17 @@ fn attention_kernels(dev: &Device) -> &'static [&'static str] {
 /// `--attention-only`: the mma kernel beside the wide and wgmma ones, which have run only under the
 /// host emulation (`xtask/gpu/emu`) so far. A separate process in `xtask/gpu/run.sh`: a
 /// kernel fault poisons the CUDA context for everything after it.
-const NEW_ATTENTION_KERNELS: [&str; 8] = [
-    "mma", "mma-tm", "wide", "wide-tm", "wide2", "wide2-tm", "wgmma", "wgmma-tm",
+const NEW_ATTENTION_KERNELS: [&str; 10] = [
+    "mma",
+    "mma-tm",
+    "wide",
+    "wide-tm",
+    "wide2",
+    "wide2-tm",
+    "wgmma",
+    "wgmma-tm",
+    "wgmma-ns",
+    "wgmma-ns-tm",
 ];
 
 /// Attention with the kernel named `kernel` (see [`attention_kernels`]). A `-tm` kernel
@@ -217,6 +226,7 @@ fn fast_attention(
             "wide" => FlashKernel::Wide4,
             "wide2" => FlashKernel::Wide2,
             "wgmma" => FlashKernel::Wgmma,
+            "wgmma-ns" => FlashKernel::WgmmaNoSwizzle,
             other => anyhow::bail!("no attention kernel {other}"),
         };
         let kv = [(ki, vi), (ks, vs)];
@@ -1232,11 +1242,18 @@ fn main() -> Result<()> {
             });
         }
     }
-    if args.iter().any(|a| a == "--attention-only") {
-        let kernels: &[&str] = if dev.is_cuda() {
+    if let Some(i) = args.iter().position(|a| a == "--attention-only") {
+        // An optional comma-separated list of kernels follows.
+        let listed: Vec<&str> = match args.get(i + 1) {
+            Some(l) if !l.starts_with("--") => l.split(',').collect(),
+            _ => Vec::new(),
+        };
+        let kernels: &[&str] = if !dev.is_cuda() {
+            attention_kernels(&dev)
+        } else if listed.is_empty() {
             &NEW_ATTENTION_KERNELS
         } else {
-            attention_kernels(&dev)
+            &listed
         };
         let r = attention_rows(&dev, &mut rows, kernels);
         record("attention", r, &mut rows);

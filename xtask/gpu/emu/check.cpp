@@ -36,14 +36,15 @@ struct Case {
   float qscale;  // large values make the softmax sharp: the running max moves
 };
 
-enum class Kernel { Mma, Wide4, Wide2, Wgmma };
+enum class Kernel { Mma, Wide4, Wide2, Wgmma, WgmmaNs };
 
 const char* name(Kernel k) {
   switch (k) {
     case Kernel::Mma: return "mma";
     case Kernel::Wide4: return "wide4";
     case Kernel::Wide2: return "wide2";
-    default: return "wgmma";
+    case Kernel::Wgmma: return "wgmma";
+    default: return "wgmma-ns";
   }
 }
 
@@ -52,7 +53,8 @@ std::pair<int, int> block_of(Kernel k) {
   switch (k) {
     case Kernel::Wide4: return {128, 128};
     case Kernel::Wide2: return {64, 64};
-    case Kernel::Wgmma: return {128, 256};
+    case Kernel::Wgmma:
+    case Kernel::WgmmaNs: return {128, 256};
     default: return {64, 128};
   }
 }
@@ -108,6 +110,10 @@ double run(Kernel kernel, bool tm, const Case& c, uint32_t seed) {
           tm ? flash_wgmma_tm_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
              : flash_wgmma_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
           break;
+        case Kernel::WgmmaNs:
+          tm ? flash_wgmma_ns_tm_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
+             : flash_wgmma_ns_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
+          break;
       }
     } else {
       const B *pq = (const B*)q.p, *pk1 = (const B*)k1.p, *pv1 = (const B*)v1.p, *pk2 = (const B*)k2.p,
@@ -129,6 +135,10 @@ double run(Kernel kernel, bool tm, const Case& c, uint32_t seed) {
         case Kernel::Wgmma:
           tm ? flash_wgmma_tm_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
              : flash_wgmma_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
+          break;
+        case Kernel::WgmmaNs:
+          tm ? flash_wgmma_ns_tm_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
+             : flash_wgmma_ns_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
           break;
       }
     }
@@ -177,7 +187,7 @@ int main(int argc, char** argv) {
       {2, 1, 64, 70, 0, 1.f},
       {1, 1, 130, 32, 200, 12.f},
   };
-  std::vector<Kernel> kernels = {Kernel::Mma, Kernel::Wide4, Kernel::Wide2, Kernel::Wgmma};
+  std::vector<Kernel> kernels = {Kernel::Mma, Kernel::Wide4, Kernel::Wide2, Kernel::Wgmma, Kernel::WgmmaNs};
   if (argc > 1) {
     kernels.clear();
     for (int i = 1; i < argc; ++i) {
@@ -185,7 +195,8 @@ int main(int argc, char** argv) {
       kernels.push_back(a == "mma"     ? Kernel::Mma
                         : a == "wide4" ? Kernel::Wide4
                         : a == "wide2" ? Kernel::Wide2
-                                       : Kernel::Wgmma);
+                        : a == "wgmma" ? Kernel::Wgmma
+                                       : Kernel::WgmmaNs);
     }
   }
   // The bars of gpu_check and the performance issue: f16 5e-3, bf16 1e-2.

@@ -309,7 +309,7 @@ inline void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
 // ---- wgmma (sm_90a) --------------------------------------------------------------------------
 // A descriptor's start-address field holds an index into the thread's table of operand
 // addresses (a host pointer does not fit in 14 bits); LBO and SBO are encoded as on the GPU.
-inline uint64_t wgmma_desc(const void* p, uint32_t lbo, uint32_t sbo) {
+inline uint64_t wgmma_desc(const void* p, uint32_t lbo, uint32_t sbo, bool sw128) {
   emu::check_aligned(p, "wgmma operand");
   if (lbo >= (1u << 18) || sbo >= (1u << 18) || lbo % 16 || sbo % 16) {
     fprintf(stderr, "emu: wgmma descriptor: LBO %u / SBO %u do not encode\n", lbo, sbo);
@@ -317,7 +317,7 @@ inline uint64_t wgmma_desc(const void* p, uint32_t lbo, uint32_t sbo) {
   }
   emu::t_descs.push_back(p);
   const uint64_t slot = (emu::t_descs.size() - 1) & 0x3FFF;
-  return slot | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
+  return slot | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32) | ((uint64_t)(sw128 ? 1 : 0) << 62);
 }
 inline void wgmma_fence() {}
 inline void fence_proxy_async() {}
@@ -353,15 +353,29 @@ inline void wgmma_run(const Wgmma& op) {
     const int owner = (row / 16) * 32 + 4 * (row & 7) + ((k & 7) >> 1);
     return cvt(half_of(wg.a[owner][((row & 15) >> 3) + 2 * (k >> 3)], k));
   };
-  // Canonical no-swizzle layouts (T = 8 two-byte elements per 16 bytes): K-major
-  // ((8,m),(T,2k)):((T,SBO),(1,LBO)); N-major ((T,1,m),(8,k)):((1,T,SBO),(T,LBO)).
+  const int swizzle = (int)(op.desc >> 62);
+  if (swizzle > 1) {
+    fprintf(stderr, "emu: wgmma swizzle mode %d is not emulated\n", swizzle);
+    abort();
+  }
+  // Canonical layouts (T = 8 two-byte elements per 16 bytes), byte offsets:
+  //   none: K-major ((8,m),(T,2k)):((T,SBO),(1,LBO)); N-major ((T,1,m),(8,k)):((1,T,SBO),(T,LBO));
+  //   128B: K-major ((8,m),(T,2k)):((8T,SBO),(1,T)); N-major ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)),
+  // then the 128-byte swizzle on the absolute address: bits [4, 7) ^= bits [7, 10).
   auto B = [&](int k, int n) {
     size_t off;
-    if (op.trans_b)
+    if (swizzle == 0 && op.trans_b)
       off = (size_t)(n % 8) * 2 + (size_t)(n / 8) * sbo + (size_t)(k % 8) * 16 + (size_t)(k / 8) * lbo;
-    else
+    else if (swizzle == 0)
       off = (size_t)(n % 8) * 16 + (size_t)(n / 8) * sbo + (size_t)(k % 8) * 2 + (size_t)(k / 8) * lbo;
-    return cvt(u16_at(base + off, 0));
+    else if (op.trans_b)
+      off = (size_t)(n % 8) * 2 + (size_t)(n / 8 % 8) * 16 + (size_t)(n / 64) * lbo + (size_t)(k % 8) * 128 +
+            (size_t)(k / 8) * sbo;
+    else
+      off = (size_t)(n % 8) * 128 + (size_t)(n / 8) * sbo + (size_t)(k % 8) * 2 + (size_t)(k / 8) * 16;
+    uintptr_t addr = reinterpret_cast<uintptr_t>(base) + off;
+    if (swizzle == 1) addr ^= ((addr >> 7) & 7) << 4;
+    return cvt(u16_at(reinterpret_cast<const void*>(addr), 0));
   };
   const int w = me / 32, lane = me % 32, g = lane >> 2, t = lane & 3;
   float d[32];
