@@ -30,8 +30,10 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 // cp.async writes shared memory through the generic proxy, wgmma reads it through the async
 // proxy: each thread fences after its copies have landed, before the block barrier.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Keeps the compiler from moving accesses to an accumulator across an asynchronous wgmma.
+// Keeps the compiler from moving accesses to an accumulator across an asynchronous wgmma,
+// or reusing an A operand's registers before the wgmma reading them is waited for.
 __device__ __forceinline__ void wgmma_fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void wgmma_fence_operand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 
 #define KD_WGMMA_D32                                                                                       \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \

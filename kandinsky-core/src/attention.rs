@@ -50,8 +50,8 @@ fn use_flash() -> bool {
 
 /// The CUDA kernel the entry point launches: the mma.sync one (10× the WMMA one at the
 /// 48×48 level on an H200, GPU run 5); `KANDINSKY_FLASH=wmma` the first, WMMA kernel;
-/// `wide` / `wide2` the 32-rows-per-warp ldmatrix kernel, `wgmma` / `wgmma-ns` the Hopper
-/// warpgroup one (neither run on a GPU yet).
+/// `wide` / `wide2` the 32-rows-per-warp ldmatrix kernel, `wgmma` / `wgmma-ns` /
+/// `wgmma-pipe` / `wgmma-pipe-ns` the Hopper warpgroup ones (none run on a GPU yet).
 #[cfg(feature = "cuda")]
 fn flash_kernel() -> crate::cuda::FlashKernel {
     use crate::cuda::FlashKernel;
@@ -62,6 +62,8 @@ fn flash_kernel() -> crate::cuda::FlashKernel {
         Ok("wide2") => FlashKernel::Wide2,
         Ok("wgmma") => FlashKernel::Wgmma,
         Ok("wgmma-ns") => FlashKernel::WgmmaNoSwizzle,
+        Ok("wgmma-pipe") => FlashKernel::WgmmaPipe,
+        Ok("wgmma-pipe-ns") => FlashKernel::WgmmaPipeNoSwizzle,
         _ => FlashKernel::Mma,
     })
 }

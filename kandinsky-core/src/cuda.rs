@@ -45,6 +45,12 @@ pub enum FlashKernel {
     /// reading of the PTX ISA's layouts, should the swizzled one fail on the GPU;
     /// `KANDINSKY_FLASH=wgmma-ns`).
     WgmmaNoSwizzle,
+    /// [`FlashKernel::Wgmma`] with FlashAttention-3's intra-warpgroup overlap: a tile's S and
+    /// the previous tile's P·V in flight together, the softmax running meanwhile (40 KB of
+    /// shared memory: V in three buffers; `KANDINSKY_FLASH=wgmma-pipe`).
+    WgmmaPipe,
+    /// [`FlashKernel::WgmmaPipe`] in the unswizzled layout (`KANDINSKY_FLASH=wgmma-pipe-ns`).
+    WgmmaPipeNoSwizzle,
 }
 
 impl FlashKernel {
@@ -55,7 +61,9 @@ impl FlashKernel {
                 (64, if self == Self::Wide2 { 64 } else { 128 })
             }
             Self::Wide4 => (128, 128),
-            Self::Wgmma | Self::WgmmaNoSwizzle => (128, 256),
+            Self::Wgmma | Self::WgmmaNoSwizzle | Self::WgmmaPipe | Self::WgmmaPipeNoSwizzle => {
+                (128, 256)
+            }
         }
     }
 
@@ -100,10 +108,14 @@ impl FlashKernel {
                 "kandinsky_flash_attention_wide",
                 FLASH_WIDE_PTX,
             ),
-            Self::Wgmma | Self::WgmmaNoSwizzle if !cfg!(kandinsky_wgmma) => candle_core::bail!(
-                "flash attention: the wgmma kernel needs the kernels built for compute \
+            Self::Wgmma | Self::WgmmaNoSwizzle | Self::WgmmaPipe | Self::WgmmaPipeNoSwizzle
+                if !cfg!(kandinsky_wgmma) =>
+            {
+                candle_core::bail!(
+                    "flash attention: the wgmma kernel needs the kernels built for compute \
                  capability 9.0 (CUDA_COMPUTE_CAP=90)"
-            ),
+                )
+            }
             Self::Wgmma => (
                 format!("flash_wgmma_{tm}{ty}"),
                 "kandinsky_flash_attention_wgmma",
@@ -111,6 +123,16 @@ impl FlashKernel {
             ),
             Self::WgmmaNoSwizzle => (
                 format!("flash_wgmma_ns_{tm}{ty}"),
+                "kandinsky_flash_attention_wgmma",
+                FLASH_WGMMA_PTX,
+            ),
+            Self::WgmmaPipe => (
+                format!("flash_wgmma_pipe_{tm}{ty}"),
+                "kandinsky_flash_attention_wgmma",
+                FLASH_WGMMA_PTX,
+            ),
+            Self::WgmmaPipeNoSwizzle => (
+                format!("flash_wgmma_pipe_ns_{tm}{ty}"),
                 "kandinsky_flash_attention_wgmma",
                 FLASH_WGMMA_PTX,
             ),

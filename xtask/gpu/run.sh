@@ -9,7 +9,7 @@
 #      host emulation, xtask/gpu/emu): its correctness and TFLOP/s beside the mma kernel's
 #      (`gpu_check --attention-only`, own processes: a kernel fault poisons the context),
 #      then the UNet with it (KANDINSKY_FLASH=wide, and token-major); the same rows list the
-#      Hopper wgmma kernel, and the UNet runs with it (KANDINSKY_FLASH=wgmma);
+#      Hopper wgmma kernels, and the UNet runs with them (KANDINSKY_FLASH=wgmma, wgmma-pipe);
 #      TOKEN_MAJOR, the UNet with the token-major attention kernel (no head copies);
 #      CONV_NORM, the UNet and MoVQ with the ResNet norms inside the convolutions' copy
 #      kernel (KANDINSKY_CONV_NORM=1), then the UNet and the whole text2img (eager and with
@@ -47,17 +47,20 @@ ab() {
     # shellcheck disable=SC2086 # several assignments in one word
     env $env timeout "$(t "$limit")" $BIN/gpu_check "$@" 2>&1 | tee "$OUT/$log" | grep -E "$pattern"
 }
-# Three processes: a faulting kernel poisons its process's CUDA context, not the others'.
+# Own processes: a faulting kernel poisons its process's CUDA context, not the others'.
 ab WIDE KANDINSKY_FLASH=wide 40 rust-wide-kernels.log '^(attention|GPU_CHECK)' \
     --attention-only mma,mma-tm,wide,wide-tm,wide2,wide2-tm
 ab WIDE KANDINSKY_FLASH=wgmma 30 rust-wgmma-kernels.log '^(attention|GPU_CHECK)' \
     --attention-only mma,wgmma,wgmma-tm
+ab WIDE KANDINSKY_FLASH=wgmma-pipe 30 rust-wgmma-pipe-kernels.log '^(attention|GPU_CHECK)' \
+    --attention-only wgmma-pipe,wgmma-pipe-tm
 ab WIDE KANDINSKY_FLASH=wgmma-ns 30 rust-wgmma-ns-kernels.log '^(attention|GPU_CHECK)' \
-    --attention-only wgmma-ns,wgmma-ns-tm
+    --attention-only wgmma-ns,wgmma-pipe-ns
 ab WIDE KANDINSKY_FLASH=wide 60 rust-wide.log '^(unet|timings)' --timings-only --unet-only --quick
 ab WIDE "KANDINSKY_FLASH=wide KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-wide-tm.log '^(unet|timings)' \
     --timings-only --unet-only --quick
 ab WIDE KANDINSKY_FLASH=wgmma 60 rust-wgmma.log '^(unet|timings)' --timings-only --unet-only --quick
+ab WIDE KANDINSKY_FLASH=wgmma-pipe 60 rust-wgmma-pipe.log '^(unet|timings)' --timings-only --unet-only --quick
 ab TOKEN_MAJOR KANDINSKY_FLASH_TOKEN_MAJOR=1 60 rust-token-major.log '^(unet|timings)' \
     --timings-only --unet-only --quick
 ab CONV_NORM KANDINSKY_CONV_NORM=1 70 rust-conv-norm.log '^(unet step|movq|timings)' \

@@ -227,6 +227,8 @@ fn fast_attention(
             "wide2" => FlashKernel::Wide2,
             "wgmma" => FlashKernel::Wgmma,
             "wgmma-ns" => FlashKernel::WgmmaNoSwizzle,
+            "wgmma-pipe" => FlashKernel::WgmmaPipe,
+            "wgmma-pipe-ns" => FlashKernel::WgmmaPipeNoSwizzle,
             other => anyhow::bail!("no attention kernel {other}"),
         };
         let kv = [(ki, vi), (ks, vs)];

@@ -36,7 +36,7 @@ struct Case {
   float qscale;  // large values make the softmax sharp: the running max moves
 };
 
-enum class Kernel { Mma, Wide4, Wide2, Wgmma, WgmmaNs };
+enum class Kernel { Mma, Wide4, Wide2, Wgmma, WgmmaNs, WgmmaPipe, WgmmaPipeNs };
 
 const char* name(Kernel k) {
   switch (k) {
@@ -44,7 +44,9 @@ const char* name(Kernel k) {
     case Kernel::Wide4: return "wide4";
     case Kernel::Wide2: return "wide2";
     case Kernel::Wgmma: return "wgmma";
-    default: return "wgmma-ns";
+    case Kernel::WgmmaNs: return "wgmma-ns";
+    case Kernel::WgmmaPipe: return "wgmma-pipe";
+    default: return "wgmma-pipe-ns";
   }
 }
 
@@ -54,7 +56,9 @@ std::pair<int, int> block_of(Kernel k) {
     case Kernel::Wide4: return {128, 128};
     case Kernel::Wide2: return {64, 64};
     case Kernel::Wgmma:
-    case Kernel::WgmmaNs: return {128, 256};
+    case Kernel::WgmmaNs:
+    case Kernel::WgmmaPipe:
+    case Kernel::WgmmaPipeNs: return {128, 256};
     default: return {64, 128};
   }
 }
@@ -114,6 +118,14 @@ double run(Kernel kernel, bool tm, const Case& c, uint32_t seed) {
           tm ? flash_wgmma_ns_tm_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
              : flash_wgmma_ns_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
           break;
+        case Kernel::WgmmaPipe:
+          tm ? flash_wgmma_pipe_tm_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
+             : flash_wgmma_pipe_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
+          break;
+        case Kernel::WgmmaPipeNs:
+          tm ? flash_wgmma_pipe_ns_tm_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
+             : flash_wgmma_pipe_ns_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
+          break;
       }
     } else {
       const B *pq = (const B*)q.p, *pk1 = (const B*)k1.p, *pv1 = (const B*)v1.p, *pk2 = (const B*)k2.p,
@@ -139,6 +151,14 @@ double run(Kernel kernel, bool tm, const Case& c, uint32_t seed) {
         case Kernel::WgmmaNs:
           tm ? flash_wgmma_ns_tm_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
              : flash_wgmma_ns_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
+          break;
+        case Kernel::WgmmaPipe:
+          tm ? flash_wgmma_pipe_tm_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
+             : flash_wgmma_pipe_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
+          break;
+        case Kernel::WgmmaPipeNs:
+          tm ? flash_wgmma_pipe_ns_tm_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
+             : flash_wgmma_pipe_ns_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
           break;
       }
     }
@@ -186,8 +206,10 @@ int main(int argc, char** argv) {
       {1, 2, 150, 32, 77, 1.f},
       {2, 1, 64, 70, 0, 1.f},
       {1, 1, 130, 32, 200, 12.f},
+      {1, 1, 64, 32, 300, 4.f},  // 6 key tiles: every buffer rotation wraps
   };
-  std::vector<Kernel> kernels = {Kernel::Mma, Kernel::Wide4, Kernel::Wide2, Kernel::Wgmma, Kernel::WgmmaNs};
+  std::vector<Kernel> kernels = {Kernel::Mma,     Kernel::Wide4,     Kernel::Wide2,      Kernel::Wgmma,
+                                 Kernel::WgmmaNs, Kernel::WgmmaPipe, Kernel::WgmmaPipeNs};
   if (argc > 1) {
     kernels.clear();
     for (int i = 1; i < argc; ++i) {
@@ -196,7 +218,9 @@ int main(int argc, char** argv) {
                         : a == "wide4" ? Kernel::Wide4
                         : a == "wide2" ? Kernel::Wide2
                         : a == "wgmma" ? Kernel::Wgmma
-                                       : Kernel::WgmmaNs);
+                        : a == "wgmma-ns" ? Kernel::WgmmaNs
+                        : a == "wgmma-pipe" ? Kernel::WgmmaPipe
+                                            : Kernel::WgmmaPipeNs);
     }
   }
   // The bars of gpu_check and the performance issue: f16 5e-3, bf16 1e-2.

@@ -322,6 +322,7 @@ inline uint64_t wgmma_desc(const void* p, uint32_t lbo, uint32_t sbo, bool sw128
 inline void wgmma_fence() {}
 inline void fence_proxy_async() {}
 inline void wgmma_fence_operand(float&) {}
+inline void wgmma_fence_operand(uint32_t&) {}
 inline void wgmma_commit() { ++emu::t_wg_group; }
 
 namespace emu {
