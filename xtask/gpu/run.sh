@@ -95,5 +95,13 @@ if [ "${DIFFUSERS:-0}" = 1 ]; then
 fi
 echo "== rust table"
 grep -A300 '^check' "$OUT/rust.log" | grep -v '^groupnorm'
+# One line per switch and workload, so the switches that win are read off at once: the
+# 768 px UNet step (eager and replayed), MoVQ at 768 px, the whole text2img, and the new
+# attention kernels at the 48×48 level.
+echo "== switches: log / row / value"
+for f in "$OUT"/rust*.log; do
+    grep -hE '^(unet step 768px b2 F16|movq decode 768px|text2img 768px|attention 48x48 h12 F16)' "$f" 2>/dev/null |
+        sed "s|^|$(basename "$f" .log): |" | cut -c1-150
+done
 # Files that come back from the device are limited in number: one archive of every log.
 (cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz ./* && find . -type f ! -name logs.tgz -delete)
