@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
-# Check the attention kernels' index arithmetic on the CPU: compile kandinsky-core/kernels'
-# flash_attention_{mma,wide,wgmma}.cu for the host against warp_emu.h (lanes as host threads) and
-# compare them with attention in double precision. Needs g++ ≥ 12 (C++20, _Float16).
-# Arguments pick kernels (mma, wide4, wide2, wgmma, wgmma-ns, wgmma-pipe, wgmma-pipe-ns); the default is all.
+# Check CUDA kernels' index arithmetic on the CPU: compile kandinsky-core/kernels'
+# flash_attention_{mma,wide,wgmma}.cu for the host against warp_emu.h (lanes as host threads)
+# and compare them with attention in double precision (check.cpp), then the normalise-on-read
+# convolution copy of conv.cu against the plain copy of a map normalised in double
+# (check_conv.cpp). Needs g++ ≥ 12 (C++20, _Float16). Arguments pick attention kernels (mma,
+# wide4, wide2, wgmma, wgmma-ns, wgmma-pipe, wgmma-pipe-ns) and skip the convolution check;
+# the default is everything.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 kernels=$here/../../../kandinsky-core/kernels
 bin=${TMPDIR:-/tmp}/kandinsky-warp-emu-$$
-trap 'rm -f "$bin"' EXIT
-g++ -std=c++20 -O2 -pthread ${EMU_CXXFLAGS:-} -fno-strict-aliasing -DKANDINSKY_HOST_EMU \
-  -I "$here" -I "$kernels" -o "$bin" "$here/check.cpp"
-"$bin" "$@"
+trap 'rm -f "$bin" "$bin-conv"' EXIT
+build() {
+  # shellcheck disable=SC2086 # EMU_CXXFLAGS: several flags (e.g. -fsanitize=address)
+  g++ -std=c++20 -O2 -pthread ${EMU_CXXFLAGS:-} -fno-strict-aliasing -DKANDINSKY_HOST_EMU \
+    -I "$here" -I "$kernels" -o "$1" "$2"
+}
+build "$bin" "$here/check.cpp"
+status=0
+"$bin" "$@" || status=1
+if [ $# -eq 0 ]; then
+  build "$bin-conv" "$here/check_conv.cpp"
+  "$bin-conv" || status=1
+fi
+exit $status

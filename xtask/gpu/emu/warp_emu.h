@@ -82,7 +82,15 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
 struct EmuDim3 {
   unsigned x, y, z;
 };
-inline thread_local EmuDim3 threadIdx, blockIdx;
+inline thread_local EmuDim3 threadIdx, blockIdx, blockDim, gridDim;
+
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float __expf(float v) { return expf(v); }
+inline float rsqrtf(float v) { return 1.f / sqrtf(v); }
+inline float __frcp_rn(float v) { return 1.f / v; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
 
 namespace emu {
 
@@ -181,6 +189,8 @@ void launch(EmuDim3 grid, int threads, F body) {
         ts.emplace_back([&, tid] {
           threadIdx = {(unsigned)tid, 0, 0};
           blockIdx = {bx, by, 0};
+          blockDim = {(unsigned)threads, 1, 1};
+          gridDim = grid;
           t_block = &blk;
           t_lane = tid & 31;
           t_warp = tid >> 5;
