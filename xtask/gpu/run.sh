@@ -13,7 +13,8 @@
 #      TOKEN_MAJOR, the UNet with the token-major attention kernel (no head copies);
 #      CONV_NORM, the UNet and MoVQ with the ResNet norms inside the convolutions' copy
 #      kernel (KANDINSKY_CONV_NORM=1), then the UNet and the whole text2img (eager and with
-#      CUDA graphs) with both switches; BANDED, the timings with the convolution scratch
+#      CUDA graphs) with both switches; ALL, the UNet and the text2img with those two and
+#      the pipelined wgmma kernel; BANDED, the timings with the convolution scratch
 #      banded at 64 MiB (peak memory); PLAIN, the UNet with candle's own kernels
 #      (KANDINSKY_PLAIN_KERNELS=1, measured before: run 9; only with PLAIN=1);
 #   3. ncu (NCU=0 skips it): the GPU time of every kernel of one 768 px UNet step and one
@@ -69,6 +70,11 @@ ab CONV_NORM "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-both.
     --timings-only --unet-only --quick
 ab CONV_NORM "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-t2i-both.log '^(text2img|timings)' \
     --text2img-only
+# Every switch at once, with the pipelined wgmma kernel: the best case the run can show for
+# the UNet goal and the whole text2img (meaningful if the kernel rows above passed).
+ALL_ENV="KANDINSKY_FLASH=wgmma-pipe KANDINSKY_FLASH_TOKEN_MAJOR=1 KANDINSKY_CONV_NORM=1"
+ab ALL "$ALL_ENV" 60 rust-all.log '^(unet|timings)' --timings-only --unet-only --quick
+ab ALL "$ALL_ENV" 60 rust-t2i-all.log '^(text2img|timings)' --text2img-only
 ab BANDED KANDINSKY_CONV_SCRATCH_MB=64 70 rust-banded.log '^(movq|unet step 768px b2 F16 |timings)' \
     --timings-only --quick --no-text2img
 ab PLAIN KANDINSKY_PLAIN_KERNELS=1 70 rust-plain.log '^(unet|timings)' --timings-only --unet-only --quick
