@@ -28,6 +28,7 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels/welford.cuh");
     println!("cargo:rerun-if-changed=kernels/warp_ops.cuh");
     println!("cargo:rerun-if-changed=kernels/wgmma_ops.cuh");
+    println!("cargo:rerun-if-changed=kernels/flash_common.cuh");
     // wgmma exists only in the architecture-specific sm_90a target, which runs on sm_90
     // cards alone: that kernel is built for it when the target is 9.0 (and traps elsewhere,
     // where `kandinsky_wgmma` is unset and the Rust side never launches it).

@@ -12,74 +12,38 @@
 // The key sequence is two segments read in place (the UNet's 32 image tokens, then the
 // spatial tokens); softmax in f32 in the log2 domain; bf16 splits P into P_hi + P_lo as the
 // other kernels do. Fragment layouts: see flash_attention_mma.cu.
-#include <float.h>
-#include <math.h>
-#include <stdint.h>
-
-#include "warp_ops.cuh"
+#include "flash_common.cuh"
 
 namespace wide {
 
-constexpr int D = 64;    // head size
-constexpr int BK = 64;   // keys per tile
+using flash::BK;
+using flash::D;
 constexpr int LDS = 72;  // padded row length in shared memory (halves)
 constexpr int RW = 32;   // query rows per warp
 
-// Rows [r0, r0 + ROWS) of the two-segment matrix (a: la rows, then b: lb rows, `rs` elements
-// apart) into a padded ROWS × 72 tile with cp.async; rows past the end are zero.
-template <int THREADS, int ROWS, typename T>
-__device__ __forceinline__ void load_rows_async(T* tile, const T* a, int la, const T* b, int lb, int r0,
-                                                int rs) {
-#pragma unroll
-  for (int i = threadIdx.x; i < ROWS * 8; i += THREADS) {
-    const int r = i >> 3, c = (i & 7) * 8;
-    const int row = r0 + r;
-    const bool in_a = row < la, valid = row < la + lb;
-    // A valid address even when nothing is read (src-size 0 still takes an address).
-    const T* src = in_a ? a + (size_t)row * rs + c : (valid ? b + (size_t)(row - la) * rs + c : a);
-    cp_async16(tile + r * LDS + c, src, valid);
-  }
-}
+// Rows of 64 padded to 72 halves (144 bytes): the eight row addresses of an ldmatrix phase
+// fall in distinct banks.
+struct Padded {
+  __device__ __forceinline__ static int at(int r, int c) { return r * LDS + c; }
+};
 
-// TOKEN_MAJOR: every tensor [B, L, H, 64] (rows of one head H·64 apart); otherwise
-// [B, H, L, 64] contiguous.
 template <typename T, bool TOKEN_MAJOR, int WARPS>
-__device__ void flash_wide(const T* __restrict__ q, const T* __restrict__ k1, const T* __restrict__ v1, int l1,
-                           const T* __restrict__ k2, const T* __restrict__ v2, int l2, T* __restrict__ o,
-                           int lq, float scale, int heads) {
+__device__ void flash_wide(const T* __restrict__ q_, const T* __restrict__ k1_, const T* __restrict__ v1_, int l1,
+                           const T* __restrict__ k2_, const T* __restrict__ v2_, int l2, T* __restrict__ o_, int lq,
+                           float scale, int heads) {
   constexpr int BQ = WARPS * RW, THREADS = WARPS * 32;
   static_assert(BQ <= 2 * BK, "Q is staged in the second K/V pair (128 rows)");
   // [buffer][K, V]: buffer 1's K and V tiles are adjacent, the 128 rows Q is staged in.
   __shared__ __align__(128) T smem[2][2][BK * LDS];
-
-  const int bh = blockIdx.y;
+  const flash::Head<T, TOKEN_MAJOR> hd(q_, k1_, v1_, l1, k2_, v2_, l2, o_, lq, heads);
   const int q0 = blockIdx.x * BQ;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
   const int lk = l1 + l2;
-  int rs = D;
-  if constexpr (TOKEN_MAJOR) {
-    const size_t b = bh / heads, h = bh % heads;
-    rs = heads * D;
-    q += (b * lq * heads + h) * D;
-    o += (b * lq * heads + h) * D;
-    k1 += (b * l1 * heads + h) * D;
-    v1 += (b * l1 * heads + h) * D;
-    k2 += (b * l2 * heads + h) * D;
-    v2 += (b * l2 * heads + h) * D;
-  } else {
-    q += (size_t)bh * lq * D;
-    o += (size_t)bh * lq * D;
-    k1 += (size_t)bh * l1 * D;
-    v1 += (size_t)bh * l1 * D;
-    k2 += (size_t)bh * l2 * D;
-    v2 += (size_t)bh * l2 * D;
-  }
 
-  load_rows_async<THREADS, BQ>(smem[1][0], q, lq, q, 0, q0, rs);
+  flash::load_rows_async<THREADS, BQ, Padded>(smem[1][0], hd.q, lq, hd.q, 0, q0, hd.rs);
   cp_async_commit();
-  load_rows_async<THREADS, BK>(smem[0][0], k1, l1, k2, l2, 0, rs);
-  load_rows_async<THREADS, BK>(smem[0][1], v1, l1, v2, l2, 0, rs);
+  flash::load_rows_async<THREADS, BK, Padded>(smem[0][0], hd.k1, l1, hd.k2, l2, 0, hd.rs);
+  flash::load_rows_async<THREADS, BK, Padded>(smem[0][1], hd.v1, l1, hd.v2, l2, 0, hd.rs);
   cp_async_commit();
   cp_async_wait<1>();
   __syncthreads();
@@ -100,8 +64,7 @@ __device__ void flash_wide(const T* __restrict__ q, const T* __restrict__ k1, co
   for (int m = 0; m < 2; ++m)
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) acc[m][j][0] = acc[m][j][1] = acc[m][j][2] = acc[m][j][3] = 0.f;
-  // Running max (log2 domain, already scaled) and sum of rows g (index 0) and g + 8 (1) of
-  // each m tile.
+  // Running max (log2 domain, scaled) and sum of rows g (0) and g + 8 (1) of each m tile.
   float mx[2][2] = {{-FLT_MAX, -FLT_MAX}, {-FLT_MAX, -FLT_MAX}};
   float sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
   const float sl2 = scale * 1.4426950408889634f;  // exp(x·scale) = 2^(x·scale·log2 e)
@@ -110,8 +73,8 @@ __device__ void flash_wide(const T* __restrict__ q, const T* __restrict__ k1, co
   for (int it = 0; it < tiles; ++it) {
     const int buf = it & 1;
     if (it + 1 < tiles) {
-      load_rows_async<THREADS, BK>(smem[buf ^ 1][0], k1, l1, k2, l2, (it + 1) * BK, rs);
-      load_rows_async<THREADS, BK>(smem[buf ^ 1][1], v1, l1, v2, l2, (it + 1) * BK, rs);
+      flash::load_rows_async<THREADS, BK, Padded>(smem[buf ^ 1][0], hd.k1, l1, hd.k2, l2, (it + 1) * BK, hd.rs);
+      flash::load_rows_async<THREADS, BK, Padded>(smem[buf ^ 1][1], hd.v1, l1, hd.v2, l2, (it + 1) * BK, hd.rs);
     }
     cp_async_commit();
     cp_async_wait<1>();  // this tile's group has landed
@@ -136,63 +99,12 @@ __device__ void flash_wide(const T* __restrict__ q, const T* __restrict__ k1, co
           Mma<T>::mma(s[m][j], qa[m][kk], kb[kk >> 1][(kk & 1) * 2], kb[kk >> 1][(kk & 1) * 2 + 1]);
       }
     }
-    // Keys past the end exist only in the last tile.
-    const int k0 = it * BK;
-    if (k0 + BK > lk) {
-#pragma unroll
-      for (int m = 0; m < 2; ++m)
-#pragma unroll
-        for (int j = 0; j < BK / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (k0 + j * 8 + 2 * t + (e & 1) >= lk) s[m][j][e] = -INFINITY;
-    }
-    // Online softmax; the four lanes of a row together hold all 64 keys, at least one real.
     uint32_t pa[2][BK / 16][4], pl[2][BK / 16][4];
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
-      float alpha[2], rsum[2] = {0.f, 0.f};
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float tmax = -FLT_MAX;
-#pragma unroll
-        for (int j = 0; j < BK / 8; ++j) tmax = fmaxf(tmax, fmaxf(s[m][j][2 * r], s[m][j][2 * r + 1]));
-        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 1));
-        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffff, tmax, 2));
-        const float m_new = fmaxf(mx[m][r], tmax * sl2);
-        alpha[r] = exp2f(mx[m][r] - m_new);
-        mx[m][r] = m_new;
-      }
-      // P as A fragments: k16 step kk takes score tiles 2kk and 2kk + 1.
-#pragma unroll
-      for (int j = 0; j < BK / 8; ++j) {
-        float p[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          p[e] = exp2f(fmaf(s[m][j][e], sl2, -mx[m][e >> 1]));  // −∞ (masked) → 0
-          rsum[e >> 1] += p[e];
-        }
-        const int kk = j >> 1, hi = (j & 1) * 2;
-        pa[m][kk][hi] = Mma<T>::pack(p[0], p[1]);
-        pa[m][kk][hi + 1] = Mma<T>::pack(p[2], p[3]);
-        if constexpr (Mma<T>::split) {
-          pl[m][kk][hi] = Mma<T>::pack(p[0] - Mma<T>::round(p[0]), p[1] - Mma<T>::round(p[1]));
-          pl[m][kk][hi + 1] = Mma<T>::pack(p[2] - Mma<T>::round(p[2]), p[3] - Mma<T>::round(p[3]));
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        rsum[r] += __shfl_xor_sync(0xffffffff, rsum[r], 1);
-        rsum[r] += __shfl_xor_sync(0xffffffff, rsum[r], 2);
-        sum[m][r] = sum[m][r] * alpha[r] + rsum[r];
-      }
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        acc[m][j][0] *= alpha[0];
-        acc[m][j][1] *= alpha[0];
-        acc[m][j][2] *= alpha[1];
-        acc[m][j][3] *= alpha[1];
-      }
+      float alpha[2];
+      flash::softmax_tile<T>(s[m], it * BK, lk, t, sl2, mx[m], sum[m], alpha, pa[m], pl[m]);
+      flash::rescale(acc[m], alpha);
     }
     // O += P · V. One ldmatrix.x4.trans brings keys kk·16.. kk·16+15 × 16 dims: the (b0, b1)
     // pairs of output tiles 2jp and 2jp + 1.
@@ -215,21 +127,9 @@ __device__ void flash_wide(const T* __restrict__ q, const T* __restrict__ k1, co
     }
     __syncthreads();  // this buffer is refilled two iterations on
   }
-
-  // O / sum: rows g and g + 8 of the warp's two m tiles.
 #pragma unroll
-  for (int m = 0; m < 2; ++m) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = q0 + warp * RW + m * 16 + g + 8 * r;
-      if (row >= lq) continue;
-      const float inv = 1.f / sum[m][r];
-      T* orow = o + (size_t)row * rs + 2 * t;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j)
-        *reinterpret_cast<uint32_t*>(orow + j * 8) = Mma<T>::pack(acc[m][j][2 * r] * inv, acc[m][j][2 * r + 1] * inv);
-    }
-  }
+  for (int m = 0; m < 2; ++m)
+    flash::store_out<T>(acc[m], sum[m], hd.o, hd.rs, q0 + warp * RW + m * 16 + (lane >> 2), lq, t);
 }
 
 }  // namespace wide

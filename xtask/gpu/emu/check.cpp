@@ -7,21 +7,17 @@
 #include <warp_emu.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdio>
 #include <random>
 #include <string>
 
 #include "flash_attention_mma.cu"
 #include "flash_attention_wgmma.cu"
+#include "emu_types.h"
 #include "flash_attention_wide.cu"
 
 namespace {
-
-template <typename T> T from_float(float v);
-template <> __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-float to_float(__half v) { return __half2float(v); }
-float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // 16-byte aligned storage (cp.async and ldmatrix need it).
 template <typename T> struct Buf {
@@ -36,35 +32,35 @@ struct Case {
   float qscale;  // large values make the softmax sharp: the running max moves
 };
 
-enum class Kernel { Mma, Wide4, Wide2, Wgmma, WgmmaNs, WgmmaPipe, WgmmaPipeNs };
+// Entry points of one storage type: head-major, and token-major (with the head count).
+template <typename T> struct Entries {
+  void (*hm)(const T*, const T*, const T*, int, const T*, const T*, int, T*, int, float);
+  void (*tm)(const T*, const T*, const T*, int, const T*, const T*, int, T*, int, float, int);
+};
 
-const char* name(Kernel k) {
-  switch (k) {
-    case Kernel::Mma: return "mma";
-    case Kernel::Wide4: return "wide4";
-    case Kernel::Wide2: return "wide2";
-    case Kernel::Wgmma: return "wgmma";
-    case Kernel::WgmmaNs: return "wgmma-ns";
-    case Kernel::WgmmaPipe: return "wgmma-pipe";
-    default: return "wgmma-pipe-ns";
-  }
-}
+// A kernel under test: its name, its block (query rows, threads) and its entry points.
+struct Kernel {
+  const char* name;
+  int rows, threads;
+  Entries<__half> f16;
+  Entries<__nv_bfloat16> bf16;
+};
 
-// (query rows, threads) per block.
-std::pair<int, int> block_of(Kernel k) {
-  switch (k) {
-    case Kernel::Wide4: return {128, 128};
-    case Kernel::Wide2: return {64, 64};
-    case Kernel::Wgmma:
-    case Kernel::WgmmaNs:
-    case Kernel::WgmmaPipe:
-    case Kernel::WgmmaPipeNs: return {128, 256};
-    default: return {64, 128};
-  }
-}
+#define KD_KERNEL(NAME, ROWS, THREADS, PREFIX) \
+  {NAME, ROWS, THREADS, {PREFIX##_f16, PREFIX##_tm_f16}, {PREFIX##_bf16, PREFIX##_tm_bf16}}
+const Kernel KERNELS[] = {
+    KD_KERNEL("mma", 64, 128, flash_mma),
+    KD_KERNEL("wide4", 128, 128, flash_wide4),
+    KD_KERNEL("wide2", 64, 64, flash_wide2),
+    KD_KERNEL("wgmma", 128, 256, flash_wgmma),
+    KD_KERNEL("wgmma-ns", 128, 256, flash_wgmma_ns),
+    KD_KERNEL("wgmma-pipe", 128, 256, flash_wgmma_pipe),
+    KD_KERNEL("wgmma-pipe-ns", 128, 256, flash_wgmma_pipe_ns),
+};
+#undef KD_KERNEL
 
 template <typename T>
-double run(Kernel kernel, bool tm, const Case& c, uint32_t seed) {
+double run(const Kernel& kernel, bool tm, const Case& c, uint32_t seed) {
   const int D = 64;
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -87,81 +83,13 @@ double run(Kernel kernel, bool tm, const Case& c, uint32_t seed) {
     return to_float(base[i]);
   };
 
-  constexpr bool is_f16 = std::is_same<T, __half>::value;
-  const auto [rows, threads] = block_of(kernel);
-  const EmuDim3 grid{(unsigned)((c.lq + rows - 1) / rows), (unsigned)(c.b * c.h), 1};
-  emu::launch(grid, threads, [&] {
-    using H = __half;
-    using B = __nv_bfloat16;
-    if constexpr (is_f16) {
-      const H *pq = (const H*)q.p, *pk1 = (const H*)k1.p, *pv1 = (const H*)v1.p, *pk2 = (const H*)k2.p,
-              *pv2 = (const H*)v2.p;
-      H* po = (H*)o.p;
-      switch (kernel) {
-        case Kernel::Mma:
-          tm ? flash_mma_tm_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
-             : flash_mma_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
-          break;
-        case Kernel::Wide4:
-          tm ? flash_wide4_tm_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
-             : flash_wide4_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
-          break;
-        case Kernel::Wide2:
-          tm ? flash_wide2_tm_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
-             : flash_wide2_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
-          break;
-        case Kernel::Wgmma:
-          tm ? flash_wgmma_tm_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
-             : flash_wgmma_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
-          break;
-        case Kernel::WgmmaNs:
-          tm ? flash_wgmma_ns_tm_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
-             : flash_wgmma_ns_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
-          break;
-        case Kernel::WgmmaPipe:
-          tm ? flash_wgmma_pipe_tm_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
-             : flash_wgmma_pipe_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
-          break;
-        case Kernel::WgmmaPipeNs:
-          tm ? flash_wgmma_pipe_ns_tm_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
-             : flash_wgmma_pipe_ns_f16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
-          break;
-      }
-    } else {
-      const B *pq = (const B*)q.p, *pk1 = (const B*)k1.p, *pv1 = (const B*)v1.p, *pk2 = (const B*)k2.p,
-              *pv2 = (const B*)v2.p;
-      B* po = (B*)o.p;
-      switch (kernel) {
-        case Kernel::Mma:
-          tm ? flash_mma_tm_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
-             : flash_mma_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
-          break;
-        case Kernel::Wide4:
-          tm ? flash_wide4_tm_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
-             : flash_wide4_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
-          break;
-        case Kernel::Wide2:
-          tm ? flash_wide2_tm_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
-             : flash_wide2_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
-          break;
-        case Kernel::Wgmma:
-          tm ? flash_wgmma_tm_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
-             : flash_wgmma_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
-          break;
-        case Kernel::WgmmaNs:
-          tm ? flash_wgmma_ns_tm_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
-             : flash_wgmma_ns_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
-          break;
-        case Kernel::WgmmaPipe:
-          tm ? flash_wgmma_pipe_tm_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
-             : flash_wgmma_pipe_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
-          break;
-        case Kernel::WgmmaPipeNs:
-          tm ? flash_wgmma_pipe_ns_tm_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale, c.h)
-             : flash_wgmma_pipe_ns_bf16(pq, pk1, pv1, c.l1, pk2, pv2, c.l2, po, c.lq, scale);
-          break;
-      }
-    }
+  Entries<T> fns;
+  if constexpr (std::is_same<T, __half>::value) fns = kernel.f16;
+  else fns = kernel.bf16;
+  const EmuDim3 grid{(unsigned)((c.lq + kernel.rows - 1) / kernel.rows), (unsigned)(c.b * c.h), 1};
+  emu::launch(grid, kernel.threads, [&] {
+    if (tm) fns.tm(q.p, k1.p, v1.p, c.l1, k2.p, v2.p, c.l2, o.p, c.lq, scale, c.h);
+    else fns.hm(q.p, k1.p, v1.p, c.l1, k2.p, v2.p, c.l2, o.p, c.lq, scale);
   });
 
   // Reference in double; relative error = max |out − ref| / max |ref| (NaN counts as ∞).
@@ -208,32 +136,27 @@ int main(int argc, char** argv) {
       {1, 1, 130, 32, 200, 12.f},
       {1, 1, 64, 32, 300, 4.f},  // 6 key tiles: every buffer rotation wraps
   };
-  std::vector<Kernel> kernels = {Kernel::Mma,     Kernel::Wide4,     Kernel::Wide2,      Kernel::Wgmma,
-                                 Kernel::WgmmaNs, Kernel::WgmmaPipe, Kernel::WgmmaPipeNs};
-  if (argc > 1) {
-    kernels.clear();
-    for (int i = 1; i < argc; ++i) {
-      const std::string a = argv[i];
-      kernels.push_back(a == "mma"     ? Kernel::Mma
-                        : a == "wide4" ? Kernel::Wide4
-                        : a == "wide2" ? Kernel::Wide2
-                        : a == "wgmma" ? Kernel::Wgmma
-                        : a == "wgmma-ns" ? Kernel::WgmmaNs
-                        : a == "wgmma-pipe" ? Kernel::WgmmaPipe
-                                            : Kernel::WgmmaPipeNs);
-    }
+  std::vector<const Kernel*> kernels;
+  for (const Kernel& k : KERNELS) {
+    bool picked = argc == 1;
+    for (int i = 1; i < argc; ++i) picked |= strcmp(argv[i], k.name) == 0;
+    if (picked) kernels.push_back(&k);
+  }
+  if (kernels.size() != (size_t)(argc == 1 ? std::size(KERNELS) : argc - 1)) {
+    fprintf(stderr, "unknown kernel among the arguments\n");
+    return 2;
   }
   // The bars of gpu_check and the performance issue: f16 5e-3, bf16 1e-2.
   bool ok = true;
   uint32_t seed = 1;
-  for (Kernel k : kernels)
+  for (const Kernel* k : kernels)
     for (int tm = 0; tm < 2; ++tm)
       for (const Case& c : cases) {
-        const double e16 = run<__half>(k, tm, c, seed), e_bf = run<__nv_bfloat16>(k, tm, c, seed);
+        const double e16 = run<__half>(*k, tm, c, seed), e_bf = run<__nv_bfloat16>(*k, tm, c, seed);
         ++seed;
         const bool pass = e16 <= 5e-3 && e_bf <= 1e-2;
         ok &= pass;
-        printf("%-6s %-12s b%d h%d lq%-4d keys %d+%-4d q×%-4g  f16 %.2e  bf16 %.2e  %s\n", name(k),
+        printf("%-13s %-12s b%d h%d lq%-4d keys %d+%-4d q×%-4g  f16 %.2e  bf16 %.2e  %s\n", k->name,
                tm ? "token-major" : "head-major", c.b, c.h, c.lq, c.l1, c.l2, c.qscale, e16, e_bf,
                pass ? "ok" : "FAIL");
         fflush(stdout);

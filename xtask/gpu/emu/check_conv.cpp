@@ -16,15 +16,10 @@
 #include <vector>
 
 #include "conv.cu"
+#include "emu_types.h"
 #include "group_norm.cu"
 
 namespace {
-
-template <typename T> T from_float(float v);
-template <> __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-float to_float(__half v) { return __half2float(v); }
-float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 struct Case {
   const char* what;
