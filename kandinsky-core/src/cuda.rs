@@ -57,9 +57,8 @@ impl FlashKernel {
     /// `(queries per block, threads per block)`.
     fn block(self) -> (usize, u32) {
         match self {
-            Self::Wmma | Self::Mma | Self::Wide2 => {
-                (64, if self == Self::Wide2 { 64 } else { 128 })
-            }
+            Self::Wmma | Self::Mma => (64, 128),
+            Self::Wide2 => (64, 64),
             Self::Wide4 => (128, 128),
             Self::Wgmma | Self::WgmmaNoSwizzle | Self::WgmmaPipe | Self::WgmmaPipeNoSwizzle => {
                 (128, 256)
@@ -112,8 +111,8 @@ impl FlashKernel {
                 if !cfg!(kandinsky_wgmma) =>
             {
                 candle_core::bail!(
-                    "flash attention: the wgmma kernel needs the kernels built for compute \
-                 capability 9.0 (CUDA_COMPUTE_CAP=90)"
+                    "flash attention: the wgmma kernels need the kernels built for compute \
+                     capability 9.0 (CUDA_COMPUTE_CAP=90)"
                 )
             }
             Self::Wgmma => (

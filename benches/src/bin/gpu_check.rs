@@ -184,10 +184,10 @@ fn attention_kernels(dev: &Device) -> &'static [&'static str] {
     }
 }
 
-/// `--attention-only`: the mma kernel beside the wide and wgmma ones, which have run only under the
-/// host emulation (`xtask/gpu/emu`) so far. A separate process in `xtask/gpu/run.sh`: a
-/// kernel fault poisons the CUDA context for everything after it.
-const NEW_ATTENTION_KERNELS: [&str; 10] = [
+/// `--attention-only`: the mma kernel beside the wide and wgmma ones, which have run only
+/// under the host emulation (`xtask/gpu/emu`) so far. Separate processes in
+/// `xtask/gpu/run.sh`: a kernel fault poisons the CUDA context for everything after it.
+const NEW_ATTENTION_KERNELS: [&str; 14] = [
     "mma",
     "mma-tm",
     "wide",
@@ -198,6 +198,10 @@ const NEW_ATTENTION_KERNELS: [&str; 10] = [
     "wgmma-tm",
     "wgmma-ns",
     "wgmma-ns-tm",
+    "wgmma-pipe",
+    "wgmma-pipe-tm",
+    "wgmma-pipe-ns",
+    "wgmma-pipe-ns-tm",
 ];
 
 /// Attention with the kernel named `kernel` (see [`attention_kernels`]). A `-tm` kernel
