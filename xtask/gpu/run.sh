@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU run (on the device machine, from the repository root, carry
-# [".gpu", ".whl"]; prepare both here with `bash xtask/gpu/build.sh`). About 4 minutes
-# (diffusers adds 2), parts in order of priority, every part logging under $OUT:
+# [".gpu", ".whl"]; prepare both here with `bash xtask/gpu/build.sh`). Every part on takes
+# longer than one device call (≈ 10–13 min estimated): parts run in order of priority and
+# each one's timeout is cut to what DEADLINE leaves, so the last ones (ncu, diffusers) are
+# the first to go; VAR=0 skips a part. Every part logs under $OUT:
 #   1. gpu_check: tiny-fixture parity on CUDA, every kernel against candle's plain path,
 #      timings with peak pool memory;
 #   2. the opt-in switches, each part skipped with its variable set to 0, in this order:
