@@ -1,10 +1,11 @@
-// Host emulation of the CUDA features the attention kernels use, so that their index
-// arithmetic (fragment layouts, tile offsets, masking, the cp.async pipeline) is checked on a
-// machine without a GPU. Every thread of a block is a host thread; warp-collective operations
-// (mma.sync, ldmatrix, shuffles) exchange their operands through the warp's slots between two
-// barriers, and compute what the PTX ISA says each lane receives. cp.async copies are held
-// back until the cp.async.wait_group that covers them (the latest moment the hardware may
-// land them), so a read that the pipeline does not wait for sees stale data.
+// Host emulation of the CUDA features kandinsky-core's kernels use, so that their index
+// arithmetic (fragment layouts, tile offsets, masking, the cp.async and wgmma pipelines) is
+// checked on a machine without a GPU. Every thread of a block is a host thread; warp- and
+// warpgroup-collective operations (mma.sync, ldmatrix, shuffles, wgmma) exchange their
+// operands through slots between two barriers, and compute what the PTX ISA says each lane
+// receives. cp.async copies are held back until the cp.async.wait_group that covers them (the
+// latest moment the hardware may land them), and a wgmma runs at the wgmma.wait_group that
+// covers it, so a read the pipeline does not wait for sees stale data.
 //
 // Not emulated: timing, bank conflicts, the tensor cores' internal rounding (products are
 // summed in f32 here). What the emulation proves is which values meet which.
