@@ -56,15 +56,11 @@ fn use_flash() -> bool {
 fn flash_kernel() -> crate::cuda::FlashKernel {
     use crate::cuda::FlashKernel;
     static KERNEL: std::sync::OnceLock<FlashKernel> = std::sync::OnceLock::new();
-    *KERNEL.get_or_init(|| match std::env::var("KANDINSKY_FLASH").as_deref() {
-        Ok("wmma") => FlashKernel::Wmma,
-        Ok("wide") => FlashKernel::Wide4,
-        Ok("wide2") => FlashKernel::Wide2,
-        Ok("wgmma") => FlashKernel::Wgmma,
-        Ok("wgmma-ns") => FlashKernel::WgmmaNoSwizzle,
-        Ok("wgmma-pipe") => FlashKernel::WgmmaPipe,
-        Ok("wgmma-pipe-ns") => FlashKernel::WgmmaPipeNoSwizzle,
-        _ => FlashKernel::Mma,
+    *KERNEL.get_or_init(|| {
+        std::env::var("KANDINSKY_FLASH")
+            .ok()
+            .and_then(|name| FlashKernel::from_name(&name))
+            .unwrap_or(FlashKernel::Mma)
     })
 }
 

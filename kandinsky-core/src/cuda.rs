@@ -54,15 +54,42 @@ pub enum FlashKernel {
 }
 
 impl FlashKernel {
+    /// Every kernel under its name: the value of `KANDINSKY_FLASH` that selects it in the
+    /// attention entry point, and `gpu_check`'s name for it.
+    pub const NAMED: [(&'static str, FlashKernel); 8] = [
+        ("wmma", Self::Wmma),
+        ("mma", Self::Mma),
+        ("wide", Self::Wide4),
+        ("wide2", Self::Wide2),
+        ("wgmma", Self::Wgmma),
+        ("wgmma-ns", Self::WgmmaNoSwizzle),
+        ("wgmma-pipe", Self::WgmmaPipe),
+        ("wgmma-pipe-ns", Self::WgmmaPipeNoSwizzle),
+    ];
+
+    /// The kernel named `name` in [`Self::NAMED`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::NAMED
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|&(_, k)| k)
+    }
+
+    /// The `flash_attention_wgmma.cu` kernels (sm_90a only).
+    fn is_wgmma(self) -> bool {
+        matches!(
+            self,
+            Self::Wgmma | Self::WgmmaNoSwizzle | Self::WgmmaPipe | Self::WgmmaPipeNoSwizzle
+        )
+    }
+
     /// `(queries per block, threads per block)`.
     fn block(self) -> (usize, u32) {
         match self {
-            Self::Wmma | Self::Mma => (64, 128),
-            Self::Wide2 => (64, 64),
+            _ if self.is_wgmma() => (128, 256),
             Self::Wide4 => (128, 128),
-            Self::Wgmma | Self::WgmmaNoSwizzle | Self::WgmmaPipe | Self::WgmmaPipeNoSwizzle => {
-                (128, 256)
-            }
+            Self::Wide2 => (64, 64),
+            _ => (64, 128),
         }
     }
 
@@ -71,7 +98,8 @@ impl FlashKernel {
         self != Self::Wmma
     }
 
-    /// `(entry point, module, PTX)` for the storage type and layout.
+    /// `(entry point, module, PTX)` for the storage type and layout: entry points are named
+    /// `{prefix}_{tm_}{f16|bf16}`.
     fn entry(
         self,
         dtype: DType,
@@ -82,60 +110,32 @@ impl FlashKernel {
             DType::BF16 => "bf16",
             dt => candle_core::bail!("flash attention: unsupported dtype {dt:?}"),
         };
-        let tm = if token_major { "tm_" } else { "" };
-        Ok(match self {
-            Self::Wmma if token_major => {
-                candle_core::bail!("flash attention: the WMMA kernel reads [B, H, L, 64] only")
-            }
-            Self::Wmma => (
-                format!("flash_attention_{ty}"),
-                "kandinsky_flash_attention",
-                FLASH_PTX,
-            ),
+        if self == Self::Wmma && token_major {
+            candle_core::bail!("flash attention: the WMMA kernel reads [B, H, L, 64] only");
+        }
+        if self.is_wgmma() && !cfg!(kandinsky_wgmma) {
+            candle_core::bail!(
+                "flash attention: the wgmma kernels need the kernels built for compute \
+                 capability 9.0 (CUDA_COMPUTE_CAP=90)"
+            );
+        }
+        const WIDE: (&str, &str) = ("kandinsky_flash_attention_wide", FLASH_WIDE_PTX);
+        const WGMMA: (&str, &str) = ("kandinsky_flash_attention_wgmma", FLASH_WGMMA_PTX);
+        let (prefix, (module, ptx)) = match self {
+            Self::Wmma => ("flash_attention", ("kandinsky_flash_attention", FLASH_PTX)),
             Self::Mma => (
-                format!("flash_mma_{tm}{ty}"),
-                "kandinsky_flash_attention_mma",
-                FLASH_MMA_PTX,
+                "flash_mma",
+                ("kandinsky_flash_attention_mma", FLASH_MMA_PTX),
             ),
-            Self::Wide4 => (
-                format!("flash_wide4_{tm}{ty}"),
-                "kandinsky_flash_attention_wide",
-                FLASH_WIDE_PTX,
-            ),
-            Self::Wide2 => (
-                format!("flash_wide2_{tm}{ty}"),
-                "kandinsky_flash_attention_wide",
-                FLASH_WIDE_PTX,
-            ),
-            Self::Wgmma | Self::WgmmaNoSwizzle | Self::WgmmaPipe | Self::WgmmaPipeNoSwizzle
-                if !cfg!(kandinsky_wgmma) =>
-            {
-                candle_core::bail!(
-                    "flash attention: the wgmma kernels need the kernels built for compute \
-                     capability 9.0 (CUDA_COMPUTE_CAP=90)"
-                )
-            }
-            Self::Wgmma => (
-                format!("flash_wgmma_{tm}{ty}"),
-                "kandinsky_flash_attention_wgmma",
-                FLASH_WGMMA_PTX,
-            ),
-            Self::WgmmaNoSwizzle => (
-                format!("flash_wgmma_ns_{tm}{ty}"),
-                "kandinsky_flash_attention_wgmma",
-                FLASH_WGMMA_PTX,
-            ),
-            Self::WgmmaPipe => (
-                format!("flash_wgmma_pipe_{tm}{ty}"),
-                "kandinsky_flash_attention_wgmma",
-                FLASH_WGMMA_PTX,
-            ),
-            Self::WgmmaPipeNoSwizzle => (
-                format!("flash_wgmma_pipe_ns_{tm}{ty}"),
-                "kandinsky_flash_attention_wgmma",
-                FLASH_WGMMA_PTX,
-            ),
-        })
+            Self::Wide4 => ("flash_wide4", WIDE),
+            Self::Wide2 => ("flash_wide2", WIDE),
+            Self::Wgmma => ("flash_wgmma", WGMMA),
+            Self::WgmmaNoSwizzle => ("flash_wgmma_ns", WGMMA),
+            Self::WgmmaPipe => ("flash_wgmma_pipe", WGMMA),
+            Self::WgmmaPipeNoSwizzle => ("flash_wgmma_pipe_ns", WGMMA),
+        };
+        let tm = if token_major { "tm_" } else { "" };
+        Ok((format!("{prefix}_{tm}{ty}"), module, ptx))
     }
 }
 

@@ -52,6 +52,16 @@ impl InputNorm<'_> {
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.norm.forward_modulated(x, self.modulation, self.silu)?)
     }
+
+    /// That the modulation fits `x` (what [`Self::apply`] checks, for the paths that
+    /// normalise inside a kernel instead).
+    #[cfg(feature = "cuda")]
+    fn check(&self, x: &Tensor) -> Result<()> {
+        if let Some(m) = &self.modulation {
+            m.check(x)?;
+        }
+        Ok(())
+    }
 }
 
 /// Zero padding `(top, bottom, left, right)`.
@@ -212,9 +222,7 @@ impl ShiftedConv {
         residual: Option<&Tensor>,
         max_scratch_bytes: usize,
     ) -> Result<Tensor> {
-        if let Some(m) = &input_norm.modulation {
-            m.check(x)?;
-        }
+        input_norm.check(x)?;
         let (_, _, h, _) = x.dims4()?;
         let stats = crate::cuda::group_norm_stats(x, input_norm.norm.parts().2)?;
         self.in_bands(
@@ -253,9 +261,7 @@ impl ShiftedConv {
         upsample2x: bool,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if let Some(m) = &input_norm.modulation {
-            m.check(x)?;
-        }
+        input_norm.check(x)?;
         Ok(crate::cuda::shifted_conv(
             x,
             &self.taps,

@@ -224,17 +224,8 @@ fn fast_attention(
             Some(base) => (base, true),
             None => (kernel, false),
         };
-        let k = match base {
-            "wmma" => FlashKernel::Wmma,
-            "mma" => FlashKernel::Mma,
-            "wide" => FlashKernel::Wide4,
-            "wide2" => FlashKernel::Wide2,
-            "wgmma" => FlashKernel::Wgmma,
-            "wgmma-ns" => FlashKernel::WgmmaNoSwizzle,
-            "wgmma-pipe" => FlashKernel::WgmmaPipe,
-            "wgmma-pipe-ns" => FlashKernel::WgmmaPipeNoSwizzle,
-            other => anyhow::bail!("no attention kernel {other}"),
-        };
+        let k =
+            FlashKernel::from_name(base).with_context(|| format!("no attention kernel {base}"))?;
         let kv = [(ki, vi), (ks, vs)];
         return Ok(if tm {
             flash_attention_token_major(q, &kv, 0.125, k)?
