@@ -3,13 +3,14 @@
 //! `$CUDA_COMPUTE_CAP` (default 90); see ../shared/cuda/README.md for a toolchain recipe.
 use std::{env, path::PathBuf, process::Command};
 
-const KERNELS: [&str; 7] = [
+const KERNELS: [&str; 8] = [
     "group_norm",
     "flash_attention",
     "flash_attention_mma",
     "flash_attention_wide",
     "flash_attention_wgmma",
     "conv",
+    "conv_gemm",
     "softmax",
 ];
 

@@ -773,6 +773,7 @@ fn flash_op(
 }
 
 const CONV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv.ptx"));
+const CONV_GEMM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_gemm.ptx"));
 
 /// The shifted-GEMM convolution of [`crate::gpu_conv::ShiftedConv`] (`x`, the weight taps
 /// `[k, Cout, k·Cin]` are the op's inputs; bias and residual ride along).
@@ -785,6 +786,8 @@ struct ShiftedConvOp {
     residual: Option<Tensor>,
     /// Normalise the input on read (`conv_shift_norm_*`).
     norm: Option<ConvNorm>,
+    /// What sums the kernel rows (already checked to cover the dtype and channels).
+    gemm: crate::gpu_conv::ConvGemm,
 }
 
 /// The scalar arguments of `conv_shift_norm_*` after the input and geometry.
@@ -1136,6 +1139,56 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                     a.arg(&ns.hfull);
                 }
                 unsafe { a.launch(shift_cfg) }.w()?;
+                // Without a bias or a residual the kernels never read them: x stands in.
+                let stand_in = xs.as_cuda_slice::<$t>()?.slice(xo..);
+                let bias_v = match &bias {
+                    Some((st, l)) => Some(cuda_view::<$t>(st, l, "the bias")?),
+                    None => None,
+                };
+                let res_v = match &residual {
+                    Some((st, l)) => Some(cuda_view::<$t>(st, l, "the residual")?),
+                    None => None,
+                };
+                let (has_bias, has_res) = (i32::from(bias_v.is_some()), i32::from(res_v.is_some()));
+                let mut out = unsafe { dev.alloc::<$t>(b * cout * oh * ow)? };
+                if self.gemm == crate::gpu_conv::ConvGemm::Mma {
+                    // All k rows, the crop, bias and residual in one kernel (conv_gemm.cu):
+                    // 128 × 128 output tiles, 256 threads.
+                    let f = dev.get_or_load_custom_func(
+                        concat!("conv_gemm_", $suf),
+                        "kandinsky_conv_gemm",
+                        CONV_GEMM_PTX,
+                    )?;
+                    let cfg = LaunchConfig {
+                        grid_dim: (n.div_ceil(128) as u32, cout.div_ceil(128) as u32, b as u32),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let wsl = ws.as_cuda_slice::<$t>()?.slice(wo..);
+                    let (kc32, n32) = (kc as i32, n as i32);
+                    let mut a = f.builder();
+                    a.arg(&x3);
+                    a.arg(&wsl);
+                    a.arg(bias_v.as_ref().unwrap_or(&stand_in));
+                    a.arg(res_v.as_ref().unwrap_or(&stand_in));
+                    a.arg(&mut out);
+                    a.arg(&cout32);
+                    a.arg(&kc32);
+                    a.arg(&k32);
+                    a.arg(&n32);
+                    a.arg(&wp32);
+                    a.arg(&oh32);
+                    a.arg(&ow32);
+                    a.arg(&s64);
+                    a.arg(&has_bias);
+                    a.arg(&has_res);
+                    unsafe { a.launch(cfg) }.w()?;
+                    drop(x3);
+                    return Ok((
+                        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                        Shape::from((b, cout, oh, ow)),
+                    ));
+                }
                 let mut acc = unsafe { dev.alloc::<f32>(b * cout * n)? };
                 {
                     let wsl = ws.as_cuda_slice::<$t>()?;
@@ -1181,18 +1234,6 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                     }
                 }
                 drop(x3);
-                let mut out = unsafe { dev.alloc::<$t>(b * cout * oh * ow)? };
-                // Without a bias or a residual the kernel never reads them: x stands in.
-                let stand_in = xs.as_cuda_slice::<$t>()?.slice(xo..);
-                let bias_v = match &bias {
-                    Some((st, l)) => Some(cuda_view::<$t>(st, l, "the bias")?),
-                    None => None,
-                };
-                let res_v = match &residual {
-                    Some((st, l)) => Some(cuda_view::<$t>(st, l, "the residual")?),
-                    None => None,
-                };
-                let (has_bias, has_res) = (i32::from(bias_v.is_some()), i32::from(res_v.is_some()));
                 let f = dev.get_or_load_custom_func(
                     concat!("conv_finish_", $suf),
                     "kandinsky_conv",
@@ -1225,6 +1266,20 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
     }
 }
 
+/// How [`shifted_conv`] runs beyond its weights.
+pub struct ConvOptions<'a> {
+    /// `(top, bottom, left, right)` zero padding.
+    pub pad: [usize; 4],
+    /// Upsample the input 2× (nearest) first, inside the copy kernel.
+    pub upsample2x: bool,
+    /// Added to the output (its shape).
+    pub residual: Option<&'a Tensor>,
+    /// Normalise the input on read (and, for a band of a larger map, that map's statistics).
+    pub input_norm: Option<(crate::gpu_conv::InputNorm<'a>, Option<NormBand>)>,
+    /// What sums the kernel rows (falls back to cuBLAS where the kernel does not cover).
+    pub gemm: crate::gpu_conv::ConvGemm,
+}
+
 /// `conv2d(pad(upsample2x?(n(x))), taps) + bias (+ residual)` for a stride-1 `k`×`k`
 /// kernel, `n` the `input_norm` (applied on read, statistics in f32; with a [`NormBand`], `x`
 /// is a band of a larger map whose statistics are given) or the identity: see
@@ -1235,11 +1290,15 @@ pub fn shifted_conv(
     x: &Tensor,
     taps: &Tensor,
     bias: Option<&Tensor>,
-    pad: [usize; 4],
-    upsample2x: bool,
-    residual: Option<&Tensor>,
-    input_norm: Option<(crate::gpu_conv::InputNorm<'_>, Option<NormBand>)>,
+    options: ConvOptions<'_>,
 ) -> candle_core::Result<Tensor> {
+    let ConvOptions {
+        pad,
+        upsample2x,
+        residual,
+        input_norm,
+        gemm,
+    } = options;
     let x = x.contiguous()?;
     let k = taps.dim(0)?;
     let taps = taps.to_dtype(x.dtype())?.contiguous()?;
@@ -1276,6 +1335,7 @@ pub fn shifted_conv(
             bias,
             residual,
             norm,
+            gemm: gemm.effective(x.dtype(), taps.dim(2)?),
         },
     )
 }

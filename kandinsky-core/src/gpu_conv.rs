@@ -35,6 +35,41 @@ fn norm_on_read() -> bool {
     *ON.get_or_init(|| std::env::var("KANDINSKY_CONV_NORM").as_deref() == Ok("1"))
 }
 
+/// What sums the `k` kernel rows of a shifted convolution on CUDA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvGemm {
+    /// `k` cuBLAS GEMMs accumulating in an f32 buffer, then a crop kernel (bias, residual,
+    /// rounding): the path GPU runs 6–9 measured, and the only one for f32.
+    Cublas,
+    /// One tensor-core kernel (`kernels/conv_gemm.cu`, mma.sync) that accumulates all `k`
+    /// rows in registers and crops, adds and rounds in its epilogue: no f32 accumulator in
+    /// memory. f16/bf16 with `k·Cin` a multiple of 8; anything else takes [`Self::Cublas`].
+    Mma,
+}
+
+impl ConvGemm {
+    /// `KANDINSKY_CONV_GEMM` (`cublas`, the default, or `mma`), read once. Opt-in until a
+    /// GPU run has measured the kernel.
+    pub fn selected() -> Self {
+        static GEMM: std::sync::OnceLock<ConvGemm> = std::sync::OnceLock::new();
+        *GEMM.get_or_init(|| match std::env::var("KANDINSKY_CONV_GEMM").as_deref() {
+            Ok("mma") => ConvGemm::Mma,
+            _ => ConvGemm::Cublas,
+        })
+    }
+
+    /// The path that actually runs for `k·Cin = kc` in `dtype`.
+    pub fn effective(self, dtype: candle_core::DType, kc: usize) -> Self {
+        use candle_core::DType;
+        match self {
+            ConvGemm::Mma if matches!(dtype, DType::F16 | DType::BF16) && kc % 8 == 0 => {
+                ConvGemm::Mma
+            }
+            _ => ConvGemm::Cublas,
+        }
+    }
+}
+
 /// The GroupNorm (+ modulation) (+ SiLU) in front of a convolution: `silu(norm(x)·… + …)` is
 /// its input ([`ShiftedConv::forward_normed`]).
 #[derive(Debug, Clone, Copy)]
@@ -235,17 +270,20 @@ impl ShiftedConv {
                     band,
                     &self.taps,
                     self.bias.as_ref(),
-                    padding,
-                    upsample2x,
-                    None,
-                    Some((
-                        input_norm,
-                        Some(crate::cuda::NormBand {
-                            stats: stats.clone(),
-                            row0,
-                            hfull: h,
-                        }),
-                    )),
+                    crate::cuda::ConvOptions {
+                        pad: padding,
+                        upsample2x,
+                        residual: None,
+                        input_norm: Some((
+                            input_norm,
+                            Some(crate::cuda::NormBand {
+                                stats: stats.clone(),
+                                row0,
+                                hfull: h,
+                            }),
+                        )),
+                        gemm: ConvGemm::selected(),
+                    },
                 )?)
             },
         )
@@ -266,10 +304,13 @@ impl ShiftedConv {
             x,
             &self.taps,
             self.bias.as_ref(),
-            self.padding,
-            upsample2x,
-            residual,
-            Some((input_norm, None)),
+            crate::cuda::ConvOptions {
+                pad: self.padding,
+                upsample2x,
+                residual,
+                input_norm: Some((input_norm, None)),
+                gemm: ConvGemm::selected(),
+            },
         )?)
     }
 
@@ -283,26 +324,59 @@ impl ShiftedConv {
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            return Ok(crate::cuda::shifted_conv(
-                x,
-                &self.taps,
-                self.bias.as_ref(),
-                padding,
-                upsample2x,
-                residual,
-                None,
-            )?);
+            return self.run_cuda(x, upsample2x, residual, padding, ConvGemm::selected());
         }
         self.reference(x, upsample2x, residual, padding)
     }
 
+    /// The CUDA op on the whole map with the rows summed by `gemm` (where it covers the
+    /// dtype and channels), for checks and timings of one path against the other.
+    #[cfg(feature = "cuda")]
+    pub fn forward_gemm(
+        &self,
+        x: &Tensor,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+        gemm: ConvGemm,
+    ) -> Result<Tensor> {
+        self.run_cuda(x, upsample2x, residual, self.padding, gemm)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn run_cuda(
+        &self,
+        x: &Tensor,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+        padding: Padding4,
+        gemm: ConvGemm,
+    ) -> Result<Tensor> {
+        Ok(crate::cuda::shifted_conv(
+            x,
+            &self.taps,
+            self.bias.as_ref(),
+            crate::cuda::ConvOptions {
+                pad: padding,
+                upsample2x,
+                residual,
+                input_norm: None,
+                gemm,
+            },
+        )?)
+    }
+
     /// Bytes of scratch one whole-map call takes: the `k` shifted copies of the padded
-    /// input and the f32 accumulator (as `cuda::shifted_conv` allocates them).
+    /// input and, unless [`ConvGemm::Mma`] sums the rows, the f32 accumulator (as
+    /// `cuda::shifted_conv` allocates them).
     pub fn scratch_bytes(&self, x: &Tensor, upsample2x: bool) -> Result<usize> {
         let (b, c, h, w) = x.dims4()?;
         let (k, cout, _) = self.taps.dims3()?;
         let g = Geometry::new(h, w, k, self.padding, upsample2x)?;
-        Ok(b * (k * c * g.hp * g.wp * x.dtype().size_in_bytes() + cout * g.oh * g.wp * 4))
+        let acc = match ConvGemm::selected().effective(x.dtype(), k * c) {
+            ConvGemm::Mma => 0,
+            ConvGemm::Cublas => cout * g.oh * g.wp * 4,
+        };
+        Ok(b * (k * c * g.hp * g.wp * x.dtype().size_in_bytes() + acc))
     }
 
     /// [`Self::forward`] in horizontal bands of output rows, each band's scratch within

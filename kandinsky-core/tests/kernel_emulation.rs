@@ -5,7 +5,9 @@
 //! and cp.async pipeline on a machine without a GPU; the mma kernel, which GPU runs 5–9
 //! measured on an H200, is in the set as the check of the emulation itself. Then the
 //! normalise-on-read convolution copy (`conv_shift_norm_*`, `KANDINSKY_CONV_NORM=1`) against
-//! the plain copy of a map normalised in double precision (`check_conv.cpp`, ≤ 1 ulp).
+//! the plain copy of a map normalised in double precision (`check_conv.cpp`, ≤ 1 ulp), and
+//! the one-kernel convolution GEMM (`conv_gemm_*`, `KANDINSKY_CONV_GEMM=mma`) against a
+//! convolution in double precision (`check_conv_gemm.cpp`, f16 ≤ 2e-3, bf16 ≤ 1e-2).
 //!
 //! Needs g++ ≥ 12 (C++20, `_Float16`); without it the test says so and passes.
 
@@ -40,8 +42,8 @@ fn attention_kernels_under_host_emulation() -> anyhow::Result<()> {
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     anyhow::ensure!(out.status.success(), "{} failed", script.display());
     // Every case printed a passing line: attention 7 kernels × 2 layouts × 4 shapes, then the
-    // normalise-on-read convolution copy's 5 cases.
+    // normalise-on-read convolution copy's 5 cases and the convolution GEMM's 4.
     let passed = stdout.lines().filter(|l| l.ends_with(" ok")).count();
-    anyhow::ensure!(passed == 56 + 5, "{passed} of 61 cases passed");
+    anyhow::ensure!(passed == 56 + 5 + 4, "{passed} of 65 cases passed");
     Ok(())
 }

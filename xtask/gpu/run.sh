@@ -15,8 +15,9 @@
 #      TOKEN_MAJOR, the UNet with the token-major attention kernel (no head copies);
 #      CONV_NORM, the UNet and MoVQ with the ResNet norms inside the convolutions' copy
 #      kernel (KANDINSKY_CONV_NORM=1), then the UNet and the whole text2img (eager and with
-#      CUDA graphs) with both switches; ALL, the UNet and the text2img with those two and
-#      the pipelined wgmma kernel; BANDED, the timings with the convolution scratch
+#      CUDA graphs) with both switches; CONV_GEMM (before TOKEN_MAJOR), the one-kernel
+#      convolution GEMM (KANDINSKY_CONV_GEMM=mma): its rows, then the UNet and MoVQ with it;
+#      ALL, the UNet and the text2img with every switch that won on its own; BANDED, the timings with the convolution scratch
 #      banded at 64 MiB (peak memory); PLAIN, the UNet with candle's own kernels
 #      (KANDINSKY_PLAIN_KERNELS=1, measured before: run 9; only with PLAIN=1);
 #   3. ncu (NCU=0 skips it): the GPU time of every kernel of one 768 px UNet step and one
@@ -64,6 +65,11 @@ ab WIDE "KANDINSKY_FLASH=wide KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-wide-tm.log
     --timings-only --unet-only --quick
 ab WIDE KANDINSKY_FLASH=wgmma 60 rust-wgmma.log '^(unet|timings)' --timings-only --unet-only --quick
 ab WIDE KANDINSKY_FLASH=wgmma-pipe 60 rust-wgmma-pipe.log '^(unet|timings)' --timings-only --unet-only --quick
+# The one-kernel convolution GEMM (no f32 accumulator in memory): its rows against candle's
+# conv2d and the cuBLAS path, then the UNet and MoVQ with it (speed and peak memory).
+ab CONV_GEMM KANDINSKY_CONV_GEMM=mma 50 rust-conv-gemm-kernels.log '^(conv gemm|GPU_CHECK)' --conv-gemm-only
+ab CONV_GEMM KANDINSKY_CONV_GEMM=mma 70 rust-conv-gemm.log '^(unet step|movq|timings)' \
+    --timings-only --quick --no-text2img
 ab TOKEN_MAJOR KANDINSKY_FLASH_TOKEN_MAJOR=1 60 rust-token-major.log '^(unet|timings)' \
     --timings-only --unet-only --quick
 ab CONV_NORM KANDINSKY_CONV_NORM=1 70 rust-conv-norm.log '^(unet step|movq|timings)' \
@@ -72,9 +78,34 @@ ab CONV_NORM "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-both.
     --timings-only --unet-only --quick
 ab CONV_NORM "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-t2i-both.log '^(text2img|timings)' \
     --text2img-only
-# Every switch at once, with the pipelined wgmma kernel: the best case the run can show for
-# the UNet goal and the whole text2img (meaningful if the kernel rows above passed).
-ALL_ENV="KANDINSKY_FLASH=wgmma-pipe KANDINSKY_FLASH_TOKEN_MAJOR=1 KANDINSKY_CONV_NORM=1"
+# ALL: every switch that won on its own, together — the best case the run can show for the
+# UNet goal and the whole text2img. A switch wins when its 768 px UNet step (eager) beat the
+# default's by 1 %; of the attention kernels, the fastest UNet among those whose kernel rows
+# all passed. Without measurements (parts skipped) ALL_ENV can be given.
+ms_of() {  # the eager 768 px UNet step of a log, in ms ("" when absent)
+    grep -hE '^unet step 768px b2 F16 ' "$OUT/$1" 2>/dev/null |
+        awk '{for (i = 1; i < NF; i++) if ($(i + 1) == "ms,") { print $i; exit }}'
+}
+faster() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && b != "" && a < 0.99 * b) }'; }
+if [ -z "${ALL_ENV:-}" ]; then
+    base=$(ms_of rust.log)
+    ALL_ENV="" best_ms=$base
+    for kf in wide:rust-wide-kernels.log wgmma:rust-wgmma-kernels.log wgmma-pipe:rust-wgmma-pipe-kernels.log; do
+        k=${kf%%:*} klog=${kf#*:}
+        ms=$(ms_of "rust-$k.log")
+        if grep -qE "^attention .* $k: .*PASS" "$OUT/$klog" 2>/dev/null &&
+            ! grep -qE "^attention .* $k: .*FAIL" "$OUT/$klog" && faster "$ms" "$best_ms"; then
+            best_ms=$ms ALL_ENV="KANDINSKY_FLASH=$k"
+        fi
+    done
+    for sw in KANDINSKY_FLASH_TOKEN_MAJOR=1:rust-token-major.log KANDINSKY_CONV_NORM=1:rust-conv-norm.log \
+        KANDINSKY_CONV_GEMM=mma:rust-conv-gemm.log; do
+        faster "$(ms_of "${sw#*:}")" "$base" && ALL_ENV="$ALL_ENV ${sw%%:*}"
+    done
+    ALL_ENV=${ALL_ENV# }
+    echo "== ALL: switches that won on their own (default UNet step ${base:-?} ms): ${ALL_ENV:-none}"
+fi
+if [ -z "$ALL_ENV" ]; then ALL=0; fi
 ab ALL "$ALL_ENV" 60 rust-all.log '^(unet|timings)' --timings-only --unet-only --quick
 ab ALL "$ALL_ENV" 60 rust-t2i-all.log '^(text2img|timings)' --text2img-only
 ab BANDED KANDINSKY_CONV_SCRATCH_MB=64 70 rust-banded.log '^(movq|unet step 768px b2 F16 |timings)' \

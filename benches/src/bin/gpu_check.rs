@@ -5,7 +5,8 @@
 //! Build here with the CUDA recipe (`../shared/cuda/README.md`), run on the GPU machine:
 //! `gpu_check [--quick] [--timings-only [--unet-only]] [--kernels-only]`,
 //! `gpu_check --attention-only [KERNEL,...]` (the attention kernels not yet checked on a GPU,
-//! beside the mma one; or those listed),
+//! beside the mma one; or those listed), `gpu_check --conv-gemm-only` (the one-kernel
+//! convolution GEMM against candle's conv2d in f32, timed against the cuBLAS path),
 //! `gpu_check --text2img-only [--px N] [--steps P,D]` (only the whole flow), or
 //! `gpu_check --profile unet|movq` under `ncu --profile-from-start off` (one 768 px UNet step
 //! or MoVQ decode inside the profiler range, after two warm-up runs). Without a CUDA
@@ -676,6 +677,77 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
 /// The fused attention kernels named in `kernels` (see [`attention_kernels`]) at the UNet's
 /// shapes (latent 96: levels 48/24/12, batch 2, 32 image tokens + the spatial ones), against
 /// candle's ops in f32, timed against the plain path.
+/// The one-kernel convolution GEMM (`KANDINSKY_CONV_GEMM=mma`, `kernels/conv_gemm.cu`) against
+/// candle's conv2d in f32 on the same rounded inputs, timed against the cuBLAS path (k GEMMs
+/// into an f32 accumulator, then the crop), at the UNet's and MoVQ's 768 px shapes.
+#[cfg(feature = "cuda")]
+fn conv_gemm_rows(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
+    use kandinsky_core::gpu_conv::{ConvGemm, ShiftedConv};
+    for (cin, cout, k, s, batch, up, res) in [
+        (384usize, 384usize, 3usize, 96usize, 2usize, false, true),
+        (768, 384, 3, 96, 2, false, false),
+        (768, 768, 3, 48, 2, false, false),
+        (1152, 1152, 3, 24, 2, false, true),
+        (3072, 1536, 3, 12, 2, false, true),
+        (1536, 1536, 3, 24, 2, true, false),
+        (384, 8, 3, 96, 2, false, false),
+        (768, 384, 1, 48, 2, false, false),
+        (512, 512, 3, 96, 1, false, false),
+        (128, 128, 3, 384, 1, true, false),
+        (128, 3, 3, 768, 1, false, false),
+    ] {
+        let w32 =
+            (Tensor::randn(0f32, 1.0, (cout, cin, k, k), dev)? / ((cin * k * k) as f64).sqrt())?;
+        let b32 = Tensor::randn(0f32, 1.0, cout, dev)?;
+        let x32 = Tensor::randn(0f32, 1.0, (batch, cin, s, s), dev)?;
+        let os = if up { 2 * s } else { s };
+        let r32 = Tensor::randn(0f32, 1.0, (batch, cout, os, os), dev)?;
+        for dt in [DType::F16, DType::BF16] {
+            let f = |t: &Tensor| t.to_dtype(dt);
+            let (w, b, x, r) = (f(&w32)?, f(&b32)?, f(&x32)?, f(&r32)?);
+            let p = k / 2;
+            let conv = ShiftedConv::new(&w, Some(&b), [p, p, p, p])?;
+            let res = if res { Some(&r) } else { None };
+            let up32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let xin = if up {
+                up32(&x)?.upsample_nearest2d(os, os)?
+            } else {
+                up32(&x)?
+            };
+            let mut reference = xin
+                .conv2d(&up32(&w)?, p, 1, 1, 1)?
+                .broadcast_add(&up32(&b)?.reshape((1, cout, 1, 1))?)?;
+            if let Some(r) = res {
+                reference = (reference + up32(r)?)?;
+            }
+            let ms_cublas = time(dev, 2, 10, || {
+                conv.forward_gemm(&x, up, res, ConvGemm::Cublas)?;
+                Ok(())
+            })?;
+            let check = || -> Result<(kandinsky_core::testing::Diff, f64)> {
+                let d = diff(&conv.forward_gemm(&x, up, res, ConvGemm::Mma)?, &reference)?;
+                let ms = time(dev, 2, 10, || {
+                    conv.forward_gemm(&x, up, res, ConvGemm::Mma)?;
+                    Ok(())
+                })?;
+                Ok((d, ms))
+            };
+            let flops = 2.0 * (batch * os * os) as f64 * (cout * cin * k * k) as f64;
+            let (value, ok) = kernel_row(check(), tolerance(dt), flops, ms_cublas);
+            rows.push(Row {
+                what: format!(
+                    "conv gemm mma {cin}->{cout} k{k} {s}x{s}{} b{batch}{} {dt:?}: rel err / ms / cublas ms",
+                    if up { " up2x" } else { "" },
+                    if res.is_some() { " +res" } else { "" },
+                ),
+                value,
+                ok: Some(ok),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn attention_rows(dev: &Device, rows: &mut Vec<Row>, kernels: &[&str]) -> Result<()> {
     for (level, heads) in [(48usize, 12usize), (24, 18), (12, 24)] {
         for dt in [DType::F16, DType::BF16] {
@@ -1239,7 +1311,15 @@ fn main() -> Result<()> {
             });
         }
     }
-    if let Some(i) = args.iter().position(|a| a == "--attention-only") {
+    if args.iter().any(|a| a == "--conv-gemm-only") {
+        #[cfg(feature = "cuda")]
+        {
+            let r = conv_gemm_rows(&dev, &mut rows);
+            record("conv gemm", r, &mut rows);
+        }
+        #[cfg(not(feature = "cuda"))]
+        anyhow::bail!("--conv-gemm-only needs the cuda feature");
+    } else if let Some(i) = args.iter().position(|a| a == "--attention-only") {
         // An optional comma-separated list of kernels follows.
         let listed: Vec<&str> = match args.get(i + 1) {
             Some(l) if !l.starts_with("--") => l.split(',').collect(),

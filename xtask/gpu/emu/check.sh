@@ -3,14 +3,15 @@
 # flash_attention_{mma,wide,wgmma}.cu for the host against warp_emu.h (lanes as host threads)
 # and compare them with attention in double precision (check.cpp), then the normalise-on-read
 # convolution copy of conv.cu against the plain copy of a map normalised in double
-# (check_conv.cpp). Needs g++ ≥ 12 (C++20, _Float16). Arguments pick attention kernels (mma,
-# wide4, wide2, wgmma, wgmma-ns, wgmma-pipe, wgmma-pipe-ns) and skip the convolution check;
-# the default is everything.
+# (check_conv.cpp), and the one-kernel convolution GEMM of conv_gemm.cu against a
+# convolution in double (check_conv_gemm.cpp). Needs g++ ≥ 12 (C++20, _Float16). Arguments
+# pick attention kernels (mma, wide4, wide2, wgmma, wgmma-ns, wgmma-pipe, wgmma-pipe-ns) and
+# skip the convolution checks; the default is everything.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 kernels=$here/../../../kandinsky-core/kernels
 bin=${TMPDIR:-/tmp}/kandinsky-warp-emu-$$
-trap 'rm -f "$bin" "$bin-conv"' EXIT
+trap 'rm -f "$bin" "$bin-conv" "$bin-gemm"' EXIT
 build() {
   # shellcheck disable=SC2086 # EMU_CXXFLAGS: several flags (e.g. -fsanitize=address)
   g++ -std=c++20 -O2 -pthread ${EMU_CXXFLAGS:-} -fno-strict-aliasing -DKANDINSKY_HOST_EMU \
@@ -22,5 +23,7 @@ status=0
 if [ $# -eq 0 ]; then
   build "$bin-conv" "$here/check_conv.cpp"
   "$bin-conv" || status=1
+  build "$bin-gemm" "$here/check_conv_gemm.cpp"
+  "$bin-gemm" || status=1
 fi
 exit $status

@@ -182,6 +182,7 @@ inline void check_aligned(const void* p, const char* what) {
 // Run `body` as every thread of every block of `grid` (blocks in turn).
 template <class F>
 void launch(EmuDim3 grid, int threads, F body) {
+  for (unsigned bz = 0; bz < grid.z; ++bz)
   for (unsigned by = 0; by < grid.y; ++by)
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       Block blk(threads);
@@ -189,7 +190,7 @@ void launch(EmuDim3 grid, int threads, F body) {
       for (int tid = 0; tid < threads; ++tid)
         ts.emplace_back([&, tid] {
           threadIdx = {(unsigned)tid, 0, 0};
-          blockIdx = {bx, by, 0};
+          blockIdx = {bx, by, bz};
           blockDim = {(unsigned)threads, 1, 1};
           gridDim = grid;
           t_block = &blk;
