@@ -3,7 +3,7 @@
 //! `$CUDA_COMPUTE_CAP` (default 90); see ../shared/cuda/README.md for a toolchain recipe.
 use std::{env, path::PathBuf, process::Command};
 
-const KERNELS: [&str; 8] = [
+const KERNELS: [&str; 9] = [
     "group_norm",
     "flash_attention",
     "flash_attention_mma",
@@ -11,6 +11,7 @@ const KERNELS: [&str; 8] = [
     "flash_attention_wgmma",
     "conv",
     "conv_gemm",
+    "conv_gemm_wgmma",
     "softmax",
 ];
 
@@ -30,8 +31,9 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels/warp_ops.cuh");
     println!("cargo:rerun-if-changed=kernels/wgmma_ops.cuh");
     println!("cargo:rerun-if-changed=kernels/flash_common.cuh");
+    println!("cargo:rerun-if-changed=kernels/conv_gemm_common.cuh");
     // wgmma exists only in the architecture-specific sm_90a target, which runs on sm_90
-    // cards alone: that kernel is built for it when the target is 9.0 (and traps elsewhere,
+    // cards alone: the `*_wgmma` kernels are built for it when the target is 9.0 (and traps elsewhere,
     // where `kandinsky_wgmma` is unset and the Rust side never launches it).
     if cap == "90" {
         println!("cargo:rustc-cfg=kandinsky_wgmma");
@@ -40,7 +42,7 @@ fn main() {
         let src = format!("kernels/{name}.cu");
         println!("cargo:rerun-if-changed={src}");
         let ptx = out.join(format!("{name}.ptx"));
-        let arch = if name == "flash_attention_wgmma" && cap == "90" {
+        let arch = if name.ends_with("_wgmma") && cap == "90" {
             "sm_90a".to_string()
         } else {
             format!("sm_{cap}")

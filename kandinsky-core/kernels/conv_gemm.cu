@@ -1,64 +1,31 @@
-// The shifted-GEMM convolution's k GEMMs and its crop as one tensor-core kernel
-// (`kandinsky_core::gpu_conv`, opt-in with KANDINSKY_CONV_GEMM=mma until a GPU run has timed
-// it). It reads conv.cu's shifted copies X3 [B, k·C, S] and the weight taps [k, Cout, k·C]:
-//
-//   out[b, co, y, x] = bias[co] (+ res[b, co, y, x])
-//                      + Σ_dy Σ_kk taps[dy, co, kk] · X3[b, kk, dy·Wp + y·Wp + x],   x < OW
-//
-// — the same sums the k cuBLAS GEMMs accumulate, but in registers: no f32 accumulator in
+// The shifted-GEMM convolution's k GEMMs and its crop as one tensor-core kernel, mma.sync
+// (`kandinsky_core::gpu_conv::ConvGemm::Mma`, opt-in with KANDINSKY_CONV_GEMM=mma until a GPU
+// run has timed it); the contract and tiling in conv_gemm_common.cuh. No f32 accumulator in
 // global memory (written k times, read k − 1 times, then cropped by conv_finish) and one
 // launch instead of k + 1. The f32 scratch was 40 % of the convolution's (MoVQ's 768² level:
 // ≈ 300 MB), so this is a memory measure as much as a speed one.
 //
-// Tiles: 128 output channels × 128 positions of the OH·Wp grid per block, 32 of the k·C
-// reduction per stage, 3 cp.async stages (48 KB of shared memory); 8 warps, each 64 × 32
-// (4 × 4 mma.m16n8k16 tiles, f32 accumulation). Positions past a row's OW columns are
-// computed and dropped, as the cuBLAS path crops them. Needs k·C and Wp multiples of 8 (16-byte
-// chunks; Wp is by construction), f16 or bf16.
-#include "common.cuh"
-#include "warp_ops.cuh"
+// 8 warps, each 64 output channels × 32 positions (4 × 4 mma.m16n8k16 tiles, f32
+// accumulation); the weight tile read with ldmatrix, the position tile with ldmatrix.trans.
+// 48 KB of shared memory, 121 registers (sm_90), two blocks per SM.
+#include "conv_gemm_common.cuh"
 
 namespace conv_gemm {
 
-constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3, THREADS = 256;
-
-// Two adjacent output elements, for one 4-byte store.
-template <typename T> struct alignas(4) Pair { T v[2]; };
-
-// Shared-memory tiles, 16-byte chunks XOR-swizzled so that the eight rows one ldmatrix
-// matrix reads fall in distinct banks. A: BM rows of BK elements (4 chunks, rows 64 bytes
-// apart: rows r and r + 2 would share banks); B: BK rows of BN elements (16 chunks, rows
-// 256 bytes apart: all eight would).
-__device__ __forceinline__ int a_at(int r, int c) { return r * BK + ((c ^ ((r >> 1) & 3)) << 3); }
+// The position tile: BK rows of BN elements (256 bytes, 16 chunks), chunk c of row r at
+// c ^ (r & 7) (the eight rows of an ldmatrix matrix would all share banks).
 __device__ __forceinline__ int b_at(int r, int c) { return r * BN + ((c ^ (r & 7)) << 3); }
 
 template <typename T>
-struct Args {
-  const T *x3, *taps, *bias, *res;
-  T* out;
-  int cout, kc, k, n, wp, oh, ow, has_bias, has_res;
-  long long s;
-};
-
-// Stage `st` ← reduction step `it` (kernel row dy = it / nkt, chunk kt = it % nkt of k·C).
-// Each thread copies two 16-byte chunks of A and two of B; chunks outside the weights or the
-// grid are zero-filled (their source is a valid stand-in address).
-template <typename T>
 __device__ __forceinline__ void load_stage(const Args<T>& p, const T* x3b, T* as, T* bs, int it, int nkt, int m0,
                                            int n0) {
-  const int dy = it / nkt, kk0 = (it - dy * nkt) * BK;
-#pragma unroll
-  for (int i = threadIdx.x; i < BM * BK / 8; i += THREADS) {
-    const int r = i >> 2, c = i & 3, co = m0 + r, kk = kk0 + 8 * c;
-    const bool ok = co < p.cout && kk < p.kc;
-    const T* src = ok ? p.taps + ((long long)dy * p.cout + co) * p.kc + kk : p.taps;
-    cp_async16(as + a_at(r, c), src, ok);
-  }
+  const Step st(it, nkt);
+  load_a(p, as, st, m0);
 #pragma unroll
   for (int i = threadIdx.x; i < BK * BN / 8; i += THREADS) {
-    const int r = i >> 4, c = i & 15, kk = kk0 + r, j = n0 + 8 * c;
-    const bool ok = kk < p.kc && j < p.n;
-    const T* src = ok ? x3b + (long long)kk * p.s + (long long)dy * p.wp + j : x3b;
+    const int r = i >> 4, c = i & 15;
+    bool ok;
+    const T* src = b_src(p, x3b, st, r, c, n0, ok);
     cp_async16(bs + b_at(r, c), src, ok);
   }
 }
@@ -123,59 +90,20 @@ __device__ void run(const Args<T>& p) {
   }
   cp_async_wait<0>();
 
-  // Epilogue: C fragment element e of tile (mi, ni) is row g + 8·(e >> 1), column
-  // 2t + (e & 1) (lane 4g + t); keep the columns inside the map, add bias and residual,
-  // round once. Pairs of columns are stored together where OW is even (then both or neither
-  // are inside, and 4-byte aligned).
+  // C fragment element e of tile (mi, ni): row g + 8·(e >> 1), column 2t + (e & 1).
   const int g = lane >> 2, t = lane & 3;
-  const bool pairs = (p.ow & 1) == 0;
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int co = m0 + wm + mi * 16 + g + 8 * h;
-      if (co >= p.cout) continue;
-      const float bv = p.has_bias ? to_f<T>(p.bias[co]) : 0.f;
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) {
-        const int j = n0 + wn + ni * 8 + 2 * t;
-        if (j >= p.n) continue;
-        const int y = j / p.wp, x = j - y * p.wp;
-        if (x >= p.ow) continue;
-        const long long o = ((long long)b * p.cout + co) * p.oh * p.ow + (long long)y * p.ow + x;
-        float v0 = acc[mi][ni][2 * h] + bv, v1 = acc[mi][ni][2 * h + 1] + bv;
-        if (pairs) {
-          if (p.has_res) {
-            v0 += to_f<T>(p.res[o]);
-            v1 += to_f<T>(p.res[o + 1]);
-          }
-          Pair<T> pv;
-          pv.v[0] = from_f<T>(v0);
-          pv.v[1] = from_f<T>(v1);
-          *reinterpret_cast<Pair<T>*>(p.out + o) = pv;
-        } else {
-          if (p.has_res) v0 += to_f<T>(p.res[o]);
-          p.out[o] = from_f<T>(v0);
-          if (x + 1 < p.ow) {
-            if (p.has_res) v1 += to_f<T>(p.res[o + 1]);
-            p.out[o + 1] = from_f<T>(v1);
-          }
-        }
-      }
-    }
+      for (int ni = 0; ni < 4; ++ni)
+        store_pair(p, b, m0 + wm + mi * 16 + g + 8 * h, n0 + wn + ni * 8 + 2 * t, acc[mi][ni][2 * h],
+                   acc[mi][ni][2 * h + 1]);
 }
 
 }  // namespace conv_gemm
 
-// Grid: x = position tiles of the OH·Wp grid, y = output-channel tiles, z = batch; 256
-// threads. Without a bias or a residual the kernel never reads those pointers.
-#define CONV_GEMM_KERNEL(T, SUF)                                                                              \
-  extern "C" __global__ void __launch_bounds__(conv_gemm::THREADS, 2)                                        \
-      conv_gemm_##SUF(const T* x3, const T* taps, const T* bias, const T* res, T* out, int cout, int kc, int k,  \
-                      int n, int wp, int oh, int ow, long long s, int has_bias, int has_res) {              \
-    conv_gemm::run<T>(                                                                                       \
-        conv_gemm::Args<T>{x3, taps, bias, res, out, cout, kc, k, n, wp, oh, ow, has_bias, has_res, s});     \
-  }
-
-CONV_GEMM_KERNEL(__half, f16)
-CONV_GEMM_KERNEL(__nv_bfloat16, bf16)
+#define CONV_GEMM_MMA_BODY(T, P) conv_gemm::run<T>(P);
+CONV_GEMM_ENTRY(conv_gemm_f16, __half, CONV_GEMM_MMA_BODY)
+CONV_GEMM_ENTRY(conv_gemm_bf16, __nv_bfloat16, CONV_GEMM_MMA_BODY)

@@ -496,6 +496,21 @@ fn driver_err(what: &str, e: cudarc::driver::DriverError) -> candle_core::Error 
     candle_core::Error::Msg(format!("{what}: {e:?}"))
 }
 
+/// The number of streaming multiprocessors of `dev`'s GPU.
+pub fn multiprocessors(dev: &candle_core::Device) -> candle_core::Result<usize> {
+    let candle_core::Device::Cuda(d) = dev else {
+        candle_core::bail!("multiprocessors: {dev:?} is not a CUDA device");
+    };
+    let n = d
+        .cuda_stream()
+        .context()
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .map_err(|e| driver_err("multiprocessor count", e))?;
+    Ok(n.max(1) as usize)
+}
+
 /// The default (stream-ordered) memory pool of `dev`'s GPU, with its context bound.
 fn default_pool(
     dev: &candle_core::CudaDevice,
@@ -774,6 +789,7 @@ fn flash_op(
 
 const CONV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv.ptx"));
 const CONV_GEMM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_gemm.ptx"));
+const CONV_GEMM_WGMMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_gemm_wgmma.ptx"));
 
 /// The shifted-GEMM convolution of [`crate::gpu_conv::ShiftedConv`] (`x`, the weight taps
 /// `[k, Cout, k·Cin]` are the op's inputs; bias and residual ride along).
@@ -1151,16 +1167,25 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 };
                 let (has_bias, has_res) = (i32::from(bias_v.is_some()), i32::from(res_v.is_some()));
                 let mut out = unsafe { dev.alloc::<$t>(b * cout * oh * ow)? };
-                if self.gemm == crate::gpu_conv::ConvGemm::Mma {
-                    // All k rows, the crop, bias and residual in one kernel (conv_gemm.cu):
-                    // 128 × 128 output tiles, 256 threads.
-                    let f = dev.get_or_load_custom_func(
-                        concat!("conv_gemm_", $suf),
-                        "kandinsky_conv_gemm",
-                        CONV_GEMM_PTX,
-                    )?;
+                if self.gemm != crate::gpu_conv::ConvGemm::Cublas {
+                    // All k rows, the crop, bias and residual in one kernel (conv_gemm.cu,
+                    // conv_gemm_wgmma.cu): 128 × 128 output tiles, 256 threads.
+                    let f = if self.gemm == crate::gpu_conv::ConvGemm::Wgmma {
+                        dev.get_or_load_custom_func(
+                            concat!("conv_gemm_wgmma_", $suf),
+                            "kandinsky_conv_gemm_wgmma",
+                            CONV_GEMM_WGMMA_PTX,
+                        )?
+                    } else {
+                        dev.get_or_load_custom_func(
+                            concat!("conv_gemm_", $suf),
+                            "kandinsky_conv_gemm",
+                            CONV_GEMM_PTX,
+                        )?
+                    };
+                    let (gx, gy, gz) = crate::gpu_conv::fused_gemm_grid(b, cout, n);
                     let cfg = LaunchConfig {
-                        grid_dim: (n.div_ceil(128) as u32, cout.div_ceil(128) as u32, b as u32),
+                        grid_dim: (gx as u32, gy as u32, gz as u32),
                         block_dim: (256, 1, 1),
                         shared_mem_bytes: 0,
                     };

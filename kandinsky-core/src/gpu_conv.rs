@@ -10,6 +10,11 @@
 //! read across a row end and are cropped by the last kernel, which also adds the bias (and
 //! optionally a residual) and rounds once. No NHWC transpose, `k`× the input in scratch
 //! instead of `k²`×, the nearest-2× upsampling of the decoder's up blocks folded into the copy.
+//!
+//! [`ConvGemm`] picks what sums the `k` rows: the cuBLAS GEMMs (default), or one tensor-core
+//! kernel reading the same shifted copies that keeps the sums in registers and crops, adds
+//! and rounds in its epilogue — no f32 accumulator in memory (40 % of the scratch) and one
+//! launch instead of `k + 1` (`KANDINSKY_CONV_GEMM=mma|wgmma`, opt-in until measured).
 
 use candle_core::Tensor;
 
@@ -45,15 +50,19 @@ pub enum ConvGemm {
     /// rows in registers and crops, adds and rounds in its epilogue: no f32 accumulator in
     /// memory. f16/bf16 with `k·Cin` a multiple of 8; anything else takes [`Self::Cublas`].
     Mma,
+    /// The same on Hopper's warpgroup tensor cores (`kernels/conv_gemm_wgmma.cu`), where the
+    /// kernels were built for sm_90a (`CUDA_COMPUTE_CAP=90`); elsewhere [`Self::Mma`].
+    Wgmma,
 }
 
 impl ConvGemm {
-    /// `KANDINSKY_CONV_GEMM` (`cublas`, the default, or `mma`), read once. Opt-in until a
-    /// GPU run has measured the kernel.
+    /// `KANDINSKY_CONV_GEMM` (`cublas`, the default, `mma` or `wgmma`), read once. Opt-in
+    /// until a GPU run has measured the kernels.
     pub fn selected() -> Self {
         static GEMM: std::sync::OnceLock<ConvGemm> = std::sync::OnceLock::new();
         *GEMM.get_or_init(|| match std::env::var("KANDINSKY_CONV_GEMM").as_deref() {
             Ok("mma") => ConvGemm::Mma,
+            Ok("wgmma") => ConvGemm::Wgmma,
             _ => ConvGemm::Cublas,
         })
     }
@@ -61,13 +70,29 @@ impl ConvGemm {
     /// The path that actually runs for `k·Cin = kc` in `dtype`.
     pub fn effective(self, dtype: candle_core::DType, kc: usize) -> Self {
         use candle_core::DType;
+        let fused = matches!(dtype, DType::F16 | DType::BF16) && kc % 8 == 0;
         match self {
-            ConvGemm::Mma if matches!(dtype, DType::F16 | DType::BF16) && kc % 8 == 0 => {
-                ConvGemm::Mma
-            }
+            ConvGemm::Wgmma if fused && cfg!(kandinsky_wgmma) => ConvGemm::Wgmma,
+            ConvGemm::Mma | ConvGemm::Wgmma if fused => ConvGemm::Mma,
             _ => ConvGemm::Cublas,
         }
     }
+}
+
+/// The grid of the fused convolution GEMMs (`kernels/conv_gemm_common.cuh`): 128-position
+/// tiles of the `n = OH·Wp` grid, 128-channel tiles of `cout`, the batch.
+pub(crate) fn fused_gemm_grid(b: usize, cout: usize, n: usize) -> (usize, usize, usize) {
+    (n.div_ceil(128), cout.div_ceil(128), b)
+}
+
+/// The GPU's multiprocessors (without the `cuda` feature there is no GPU to ask).
+#[cfg(feature = "cuda")]
+fn multiprocessors(device: &candle_core::Device) -> Result<usize> {
+    Ok(crate::cuda::multiprocessors(device)?)
+}
+#[cfg(not(feature = "cuda"))]
+fn multiprocessors(_: &candle_core::Device) -> Result<usize> {
+    Ok(1)
 }
 
 /// The GroupNorm (+ modulation) (+ SiLU) in front of a convolution: `silu(norm(x)·… + …)` is
@@ -282,7 +307,7 @@ impl ShiftedConv {
                                 hfull: h,
                             }),
                         )),
-                        gemm: ConvGemm::selected(),
+                        gemm: self.auto_gemm(band, upsample2x, padding)?,
                     },
                 )?)
             },
@@ -309,7 +334,7 @@ impl ShiftedConv {
                 upsample2x,
                 residual,
                 input_norm: Some((input_norm, None)),
-                gemm: ConvGemm::selected(),
+                gemm: self.auto_gemm(x, upsample2x, self.padding)?,
             },
         )?)
     }
@@ -324,7 +349,8 @@ impl ShiftedConv {
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            return self.run_cuda(x, upsample2x, residual, padding, ConvGemm::selected());
+            let gemm = self.auto_gemm(x, upsample2x, padding)?;
+            return self.run_cuda(x, upsample2x, residual, padding, gemm);
         }
         self.reference(x, upsample2x, residual, padding)
     }
@@ -365,6 +391,26 @@ impl ShiftedConv {
         )?)
     }
 
+    /// What sums the kernel rows of this call on the selected path (`KANDINSKY_CONV_GEMM`):
+    /// a fused kernel where it covers the dtype and channels and its grid gives every
+    /// multiprocessor a block (on the small maps of the UNet's inner levels a few blocks,
+    /// each a long serial reduction, would lose to cuBLAS's kernels), cuBLAS otherwise.
+    fn auto_gemm(&self, x: &Tensor, upsample2x: bool, padding: Padding4) -> Result<ConvGemm> {
+        let (b, c, h, w) = x.dims4()?;
+        let (k, cout, _) = self.taps.dims3()?;
+        let gemm = ConvGemm::selected().effective(x.dtype(), k * c);
+        if gemm == ConvGemm::Cublas || !x.device().is_cuda() {
+            return Ok(gemm);
+        }
+        let g = Geometry::new(h, w, k, padding, upsample2x)?;
+        let (gx, gy, gz) = fused_gemm_grid(b, cout, g.oh * g.wp);
+        Ok(if gx * gy * gz < multiprocessors(x.device())? {
+            ConvGemm::Cublas
+        } else {
+            gemm
+        })
+    }
+
     /// Bytes of scratch one whole-map call takes: the `k` shifted copies of the padded
     /// input and, unless [`ConvGemm::Mma`] sums the rows, the f32 accumulator (as
     /// `cuda::shifted_conv` allocates them).
@@ -372,8 +418,8 @@ impl ShiftedConv {
         let (b, c, h, w) = x.dims4()?;
         let (k, cout, _) = self.taps.dims3()?;
         let g = Geometry::new(h, w, k, self.padding, upsample2x)?;
-        let acc = match ConvGemm::selected().effective(x.dtype(), k * c) {
-            ConvGemm::Mma => 0,
+        let acc = match self.auto_gemm(x, upsample2x, self.padding)? {
+            ConvGemm::Mma | ConvGemm::Wgmma => 0,
             ConvGemm::Cublas => cout * g.oh * g.wp * 4,
         };
         Ok(b * (k * c * g.hp * g.wp * x.dtype().size_in_bytes() + acc))

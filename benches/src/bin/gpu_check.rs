@@ -724,25 +724,30 @@ fn conv_gemm_rows(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 conv.forward_gemm(&x, up, res, ConvGemm::Cublas)?;
                 Ok(())
             })?;
-            let check = || -> Result<(kandinsky_core::testing::Diff, f64)> {
-                let d = diff(&conv.forward_gemm(&x, up, res, ConvGemm::Mma)?, &reference)?;
+            let check = |gemm: ConvGemm| -> Result<(kandinsky_core::testing::Diff, f64)> {
+                let d = diff(&conv.forward_gemm(&x, up, res, gemm)?, &reference)?;
                 let ms = time(dev, 2, 10, || {
-                    conv.forward_gemm(&x, up, res, ConvGemm::Mma)?;
+                    conv.forward_gemm(&x, up, res, gemm)?;
                     Ok(())
                 })?;
                 Ok((d, ms))
             };
             let flops = 2.0 * (batch * os * os) as f64 * (cout * cin * k * k) as f64;
-            let (value, ok) = kernel_row(check(), tolerance(dt), flops, ms_cublas);
-            rows.push(Row {
-                what: format!(
-                    "conv gemm mma {cin}->{cout} k{k} {s}x{s}{} b{batch}{} {dt:?}: rel err / ms / cublas ms",
-                    if up { " up2x" } else { "" },
-                    if res.is_some() { " +res" } else { "" },
-                ),
-                value,
-                ok: Some(ok),
-            });
+            for (gemm, name) in [(ConvGemm::Mma, "mma"), (ConvGemm::Wgmma, "wgmma")] {
+                if gemm.effective(dt, cin * k) != gemm {
+                    continue; // wgmma where the kernels were not built for sm_90a
+                }
+                let (value, ok) = kernel_row(check(gemm), tolerance(dt), flops, ms_cublas);
+                rows.push(Row {
+                    what: format!(
+                        "conv gemm {name} {cin}->{cout} k{k} {s}x{s}{} b{batch}{} {dt:?}: rel err / ms / cublas ms",
+                        if up { " up2x" } else { "" },
+                        if res.is_some() { " +res" } else { "" },
+                    ),
+                    value,
+                    ok: Some(ok),
+                });
+            }
         }
     }
     Ok(())

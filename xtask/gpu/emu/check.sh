@@ -3,7 +3,7 @@
 # flash_attention_{mma,wide,wgmma}.cu for the host against warp_emu.h (lanes as host threads)
 # and compare them with attention in double precision (check.cpp), then the normalise-on-read
 # convolution copy of conv.cu against the plain copy of a map normalised in double
-# (check_conv.cpp), and the one-kernel convolution GEMM of conv_gemm.cu against a
+# (check_conv.cpp), and the one-kernel convolution GEMMs of conv_gemm{,_wgmma}.cu against a
 # convolution in double (check_conv_gemm.cpp). Needs g++ ≥ 12 (C++20, _Float16). Arguments
 # pick attention kernels (mma, wide4, wide2, wgmma, wgmma-ns, wgmma-pipe, wgmma-pipe-ns) and
 # skip the convolution checks; the default is everything.

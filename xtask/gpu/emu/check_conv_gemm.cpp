@@ -1,6 +1,7 @@
-// The one-kernel convolution GEMM (`conv_gemm_*`, conv_gemm.cu, opt-in KANDINSKY_CONV_GEMM=mma)
-// under the host emulation: conv.cu's shifted copies (the measured `conv_shift_*`) of a random
-// map, then the GEMM with its crop, bias and residual, against the convolution computed in
+// The one-kernel convolution GEMMs (`conv_gemm_*`, conv_gemm.cu, KANDINSKY_CONV_GEMM=mma, and
+// `conv_gemm_wgmma_*`, conv_gemm_wgmma.cu, =wgmma; both opt-in) under the host emulation:
+// conv.cu's shifted copies (the measured `conv_shift_*`) of a random map, then the GEMM with
+// its crop, bias and residual, against the convolution computed in
 // double precision from the same rounded inputs. The shapes reach every edge of the tiling:
 // output-channel and position tiles cut short, a reduction that ends inside a 32-wide stage
 // (k·C = 48), an odd output width (the scalar stores), the folded 2× upsampling, 1×1 and
@@ -17,6 +18,7 @@
 
 #include "conv.cu"
 #include "conv_gemm.cu"
+#include "conv_gemm_wgmma.cu"
 #include "emu_types.h"
 
 namespace {
@@ -27,7 +29,7 @@ struct Case {
 };
 
 template <typename T>
-double run(const Case& cs, uint32_t seed) {
+double run(const Case& cs, uint32_t seed, bool wgmma) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
   auto vec = [&](size_t n, float sd) {
@@ -64,12 +66,15 @@ double run(const Case& cs, uint32_t seed) {
   const EmuDim3 grid{(unsigned)((N + conv_gemm::BN - 1) / conv_gemm::BN),
                      (unsigned)((CO + conv_gemm::BM - 1) / conv_gemm::BM), (unsigned)B};
   emu::launch(grid, conv_gemm::THREADS, [&] {
-    if constexpr (F16)
-      conv_gemm_f16(x3.data(), taps.data(), bias.data(), res.data(), out.data(), CO, kc, k, N, Wp, OH, OW, S,
-                    cs.bias, cs.res);
-    else
-      conv_gemm_bf16(x3.data(), taps.data(), bias.data(), res.data(), out.data(), CO, kc, k, N, Wp, OH, OW, S,
-                     cs.bias, cs.res);
+    auto* f = [] {
+      if constexpr (F16) return conv_gemm_f16;
+      else return conv_gemm_bf16;
+    }();
+    if (wgmma) {
+      if constexpr (F16) f = conv_gemm_wgmma_f16;
+      else f = conv_gemm_wgmma_bf16;
+    }
+    f(x3.data(), taps.data(), bias.data(), res.data(), out.data(), CO, kc, k, N, Wp, OH, OW, S, cs.bias, cs.res);
   });
 
   double max_err = 0, max_ref = 0;
@@ -109,14 +114,17 @@ int main() {
   // bits (relative 4.9e-4 per rounding), bf16 8 (3.9e-3); bars 2e-3 and 1e-2 of the largest
   // output. A dropped stage, tap or tile is an error of order one.
   bool ok = true;
-  uint32_t seed = 11;
-  for (const Case& c : cases) {
-    const double e16 = run<__half>(c, seed), ebf = run<__nv_bfloat16>(c, seed);
-    ++seed;
-    const bool pass = e16 <= 2e-3 && ebf <= 1e-2;
-    ok &= pass;
-    printf("conv_gemm        %-36s f16 %.2e  bf16 %.2e  %s\n", c.what, e16, ebf, pass ? "ok" : "FAIL");
-    fflush(stdout);
+  for (const bool wgmma : {false, true}) {
+    uint32_t seed = 11;
+    for (const Case& c : cases) {
+      const double e16 = run<__half>(c, seed, wgmma), ebf = run<__nv_bfloat16>(c, seed, wgmma);
+      ++seed;
+      const bool pass = e16 <= 2e-3 && ebf <= 1e-2;
+      ok &= pass;
+      printf("%-16s %-36s f16 %.2e  bf16 %.2e  %s\n", wgmma ? "conv_gemm_wgmma" : "conv_gemm", c.what, e16, ebf,
+             pass ? "ok" : "FAIL");
+      fflush(stdout);
+    }
   }
   return ok ? 0 : 1;
 }

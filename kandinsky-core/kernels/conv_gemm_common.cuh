@@ -1,0 +1,107 @@
+// What the two one-kernel convolution GEMMs share (conv_gemm.cu with mma.sync,
+// conv_gemm_wgmma.cu with Hopper's wgmma): the contract, the tiling, the weight tile's loader
+// and layout, and the epilogue. The contract (both kernels): conv.cu's shifted copies X3
+// [B, k·C, S] and the weight taps [k, Cout, k·C] give
+//
+//   out[b, co, y, x] = bias[co] (+ res[b, co, y, x])
+//                      + Σ_dy Σ_kk taps[dy, co, kk] · X3[b, kk, dy·Wp + y·Wp + x],   x < OW
+//
+// — the sums the k cuBLAS GEMMs of the default path accumulate in an f32 buffer, here in
+// registers, cropped, biased and rounded in the epilogue. Tiles of 128 output channels × 128
+// positions of the OH·Wp grid per block of 256 threads, 32 of the k·C reduction per stage,
+// 3 cp.async stages. Needs k·C and Wp multiples of 8 (16-byte chunks), f16 or bf16.
+#pragma once
+#include "common.cuh"
+#include "warp_ops.cuh"
+
+namespace conv_gemm {
+
+constexpr int BM = 128, BN = 128, BK = 32, STAGES = 3, THREADS = 256;
+
+// Two adjacent output elements, for one 4-byte store.
+template <typename T> struct alignas(4) Pair { T v[2]; };
+
+template <typename T>
+struct Args {
+  const T *x3, *taps, *bias, *res;
+  T* out;
+  int cout, kc, k, n, wp, oh, ow, has_bias, has_res;
+  long long s;
+};
+
+// The weight tile: BM rows of BK elements (64 bytes, 4 chunks of 16), chunk c of row r at
+// chunk c ^ ((r >> 1) & 3), so that the eight rows one ldmatrix matrix reads (rows r and
+// r + 2 would share banks) fall in distinct banks.
+__device__ __forceinline__ int a_at(int r, int c) { return r * BK + ((c ^ ((r >> 1) & 3)) << 3); }
+
+// Reduction step `it`: kernel row dy = it / nkt and the first of its BK channels·taps.
+struct Step {
+  int dy, kk0;
+  __device__ __forceinline__ Step(int it, int nkt) : dy(it / nkt), kk0((it - (it / nkt) * nkt) * BK) {}
+};
+
+// The weight tile of step `st` with cp.async: two 16-byte chunks per thread, those outside the
+// weights zero-filled (their source a valid stand-in address).
+template <typename T>
+__device__ __forceinline__ void load_a(const Args<T>& p, T* as, Step st, int m0) {
+#pragma unroll
+  for (int i = threadIdx.x; i < BM * BK / 8; i += THREADS) {
+    const int r = i >> 2, c = i & 3, co = m0 + r, kk = st.kk0 + 8 * c;
+    const bool ok = co < p.cout && kk < p.kc;
+    const T* src = ok ? p.taps + ((long long)st.dy * p.cout + co) * p.kc + kk : p.taps;
+    cp_async16(as + a_at(r, c), src, ok);
+  }
+}
+
+// Chunk (r, c) of the position tile of step `st` (row r of BK, 16-byte chunk c of BN
+// positions): its source and whether it exists (zero-filled otherwise).
+template <typename T>
+__device__ __forceinline__ const T* b_src(const Args<T>& p, const T* x3b, Step st, int r, int c, int n0, bool& ok) {
+  const int kk = st.kk0 + r, j = n0 + 8 * c;
+  ok = kk < p.kc && j < p.n;
+  return ok ? x3b + (long long)kk * p.s + (long long)st.dy * p.wp + j : x3b;
+}
+
+// Output row `co`, grid positions j and j + 1 (j even) of batch b: kept where inside the map's
+// OW columns, plus bias and residual, rounded once. Stored as one pair where OW is even (then
+// both or neither are inside, and 4-byte aligned).
+template <typename T>
+__device__ __forceinline__ void store_pair(const Args<T>& p, int b, int co, int j, float v0, float v1) {
+  if (co >= p.cout || j >= p.n) return;
+  const int y = j / p.wp, x = j - y * p.wp;
+  if (x >= p.ow) return;
+  const float bv = p.has_bias ? to_f<T>(p.bias[co]) : 0.f;
+  v0 += bv;
+  v1 += bv;
+  const long long o = ((long long)b * p.cout + co) * p.oh * p.ow + (long long)y * p.ow + x;
+  if ((p.ow & 1) == 0) {
+    if (p.has_res) {
+      v0 += to_f<T>(p.res[o]);
+      v1 += to_f<T>(p.res[o + 1]);
+    }
+    Pair<T> pv;
+    pv.v[0] = from_f<T>(v0);
+    pv.v[1] = from_f<T>(v1);
+    *reinterpret_cast<Pair<T>*>(p.out + o) = pv;
+  } else {
+    if (p.has_res) v0 += to_f<T>(p.res[o]);
+    p.out[o] = from_f<T>(v0);
+    if (x + 1 < p.ow) {
+      if (p.has_res) v1 += to_f<T>(p.res[o + 1]);
+      p.out[o + 1] = from_f<T>(v1);
+    }
+  }
+}
+
+}  // namespace conv_gemm
+
+// Entry point `conv_gemm{SUF}_{f16,bf16}` running BODY(T): grid x = position tiles of the
+// OH·Wp grid, y = output-channel tiles, z = batch; 256 threads. Without a bias or a residual
+// the kernel never reads those pointers.
+#define CONV_GEMM_ENTRY(NAME, T, BODY)                                                                        \
+  extern "C" __global__ void __launch_bounds__(conv_gemm::THREADS, 2)                                        \
+      NAME(const T* x3, const T* taps, const T* bias, const T* res, T* out, int cout, int kc, int k, int n,   \
+           int wp, int oh, int ow, long long s, int has_bias, int has_res) {                                  \
+    const conv_gemm::Args<T> p{x3, taps, bias, res, out, cout, kc, k, n, wp, oh, ow, has_bias, has_res, s};   \
+    BODY(T, p)                                                                                                \
+  }
