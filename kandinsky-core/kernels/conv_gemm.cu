@@ -7,7 +7,8 @@
 //
 // 8 warps, each 64 output channels × 32 positions (4 × 4 mma.m16n8k16 tiles, f32
 // accumulation); the weight tile read with ldmatrix, the position tile with ldmatrix.trans.
-// 48 KB of shared memory, 121 registers (sm_90), two blocks per SM.
+// 48 KB of shared memory, 121 registers (sm_90), two blocks per SM. `conv_gemm1_*` read the
+// one padded copy instead of the shifted ones (conv_gemm_common.cuh).
 #include "conv_gemm_common.cuh"
 
 namespace conv_gemm {
@@ -30,12 +31,17 @@ __device__ __forceinline__ void load_stage(const Args<T>& p, const T* x3b, T* as
   }
 }
 
-template <typename T>
+struct BAt {
+  __device__ __forceinline__ int operator()(int r, int c) const { return b_at(r, c); }
+};
+
+template <typename T, bool ONE>
 __device__ void run(const Args<T>& p) {
   __shared__ __align__(16) T as[STAGES][BM * BK];
-  __shared__ __align__(16) T bs[STAGES][BK * BN];
+  // ONE: two buffers, each filled from registers one step ahead; otherwise the cp.async stages.
+  __shared__ __align__(16) T bs[ONE ? 2 : STAGES][BK * BN];
   const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM, b = blockIdx.z;
-  const T* x3b = p.x3 + (long long)b * p.kc * p.s;
+  const T* x3b = p.x3 + (long long)b * (ONE ? p.c : p.kc) * p.s;  // k copies of C rows, or one
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = (warp & 1) * 64, wn = (warp >> 1) * 32;
   const int nkt = (p.kc + BK - 1) / BK, iters = p.k * nkt;
@@ -48,21 +54,36 @@ __device__ void run(const Args<T>& p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
 
+  BRegs br;
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < iters) load_stage(p, x3b, as[st], bs[st], st, nkt, m0, n0);
+    if (st < iters) {
+      if constexpr (ONE) load_a(p, as[st], Step(st, nkt), m0);
+      else load_stage(p, x3b, as[st], bs[st], st, nkt, m0, n0);
+    }
     cp_async_commit();
+  }
+  if constexpr (ONE) {
+    load_b_regs(p, x3b, Step(0, nkt), n0, br);
+    store_b(br, bs[0], BAt{});
   }
   for (int it = 0; it < iters; ++it) {
     // Step `it` has landed (the newest STAGES − 2 groups may still be in flight); after the
-    // barrier every warp is done with the stage the prefetch below overwrites.
+    // barrier every warp is done with the stage the prefetch below overwrites (ONE: and with
+    // the buffer the registers are stored to at the end of this step).
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     const int pre = it + STAGES - 1;
-    if (pre < iters) load_stage(p, x3b, as[pre % STAGES], bs[pre % STAGES], pre, nkt, m0, n0);
+    if (pre < iters) {
+      if constexpr (ONE) load_a(p, as[pre % STAGES], Step(pre, nkt), m0);
+      else load_stage(p, x3b, as[pre % STAGES], bs[pre % STAGES], pre, nkt, m0, n0);
+    }
     cp_async_commit();
+    if constexpr (ONE) {
+      if (it + 1 < iters) load_b_regs(p, x3b, Step(it + 1, nkt), n0, br);
+    }
     const T* a_s = as[it % STAGES];
-    const T* b_s = bs[it % STAGES];
+    const T* b_s = bs[ONE ? it & 1 : it % STAGES];
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
       uint32_t af[4][4], bf[4][2];
@@ -87,6 +108,9 @@ __device__ void run(const Args<T>& p) {
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) Mma<T>::mma(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
     }
+    if constexpr (ONE) {
+      if (it + 1 < iters) store_b(br, bs[(it + 1) & 1], BAt{});
+    }
   }
   cp_async_wait<0>();
 
@@ -104,6 +128,8 @@ __device__ void run(const Args<T>& p) {
 
 }  // namespace conv_gemm
 
-#define CONV_GEMM_MMA_BODY(T, P) conv_gemm::run<T>(P);
-CONV_GEMM_ENTRY(conv_gemm_f16, __half, CONV_GEMM_MMA_BODY)
-CONV_GEMM_ENTRY(conv_gemm_bf16, __nv_bfloat16, CONV_GEMM_MMA_BODY)
+#define CONV_GEMM_MMA_BODY(T, ONE, P) conv_gemm::run<T, ONE>(P);
+CONV_GEMM_ENTRY(conv_gemm_f16, __half, false, CONV_GEMM_MMA_BODY)
+CONV_GEMM_ENTRY(conv_gemm_bf16, __nv_bfloat16, false, CONV_GEMM_MMA_BODY)
+CONV_GEMM_ENTRY(conv_gemm1_f16, __half, true, CONV_GEMM_MMA_BODY)
+CONV_GEMM_ENTRY(conv_gemm1_bf16, __nv_bfloat16, true, CONV_GEMM_MMA_BODY)

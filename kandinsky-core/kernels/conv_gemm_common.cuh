@@ -10,6 +10,14 @@
 // registers, cropped, biased and rounded in the epilogue. Tiles of 128 output channels × 128
 // positions of the OH·Wp grid per block of 256 threads, 32 of the k·C reduction per stage,
 // 3 cp.async stages. Needs k·C and Wp multiples of 8 (16-byte chunks), f16 or bf16.
+//
+// ONE (the `conv_gemm1*` entry points): the shifted copies are not made. X3 is then the
+// single padded map P [B, C, S] (conv.cu's copy with k = 1, plus 16 elements of slack at the
+// end of the buffer) and row kk = dx·C + c of the reduction is read at P[b, c, dy·Wp + dx + j]:
+// two aligned 16-byte loads per chunk, shifted by dx elements in registers, stored to shared
+// memory one stage ahead (the weights keep their cp.async stages). k ≤ 3. A shift past a
+// channel's map reads the next channel's first elements or the slack, and only ever for
+// positions past OW, which are dropped.
 #pragma once
 #include "common.cuh"
 #include "warp_ops.cuh"
@@ -27,6 +35,12 @@ struct Args {
   T* out;
   int cout, kc, k, n, wp, oh, ow, has_bias, has_res;
   long long s;
+  int c;  // input channels (ONE: row kk of the reduction is tap kk / c, channel kk % c)
+};
+
+// 16 bytes in four words (the kernels' own type: no CUDA vector types in the host build).
+struct alignas(16) U4 {
+  uint32_t w[4];
 };
 
 // The weight tile: BM rows of BK elements (64 bytes, 4 chunks of 16), chunk c of row r at
@@ -62,6 +76,51 @@ __device__ __forceinline__ const T* b_src(const Args<T>& p, const T* x3b, Step s
   return ok ? x3b + (long long)kk * p.s + (long long)st.dy * p.wp + j : x3b;
 }
 
+// ONE: the position tile of a step in registers between its loads and its store to shared
+// memory (two chunks per thread: the loads of step it + 1 are in flight while step it
+// computes).
+struct BRegs {
+  U4 lo[2], hi[2];
+  int dx[2];
+  bool ok[2];
+};
+
+template <typename T>
+__device__ __forceinline__ void load_b_regs(const Args<T>& p, const T* pb, Step st, int n0, BRegs& br) {
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const int i = threadIdx.x + q * THREADS, r = i >> 4, kk = st.kk0 + r, j = n0 + 8 * (i & 15);
+    br.ok[q] = kk < p.kc && j < p.n;
+    if (br.ok[q]) {
+      const int dx = kk / p.c, ch = kk - dx * p.c;
+      // Aligned: S, Wp and j are multiples of 8; the chunk starts dx elements in.
+      const U4* src = reinterpret_cast<const U4*>(pb + (long long)ch * p.s + (long long)st.dy * p.wp + j);
+      br.dx[q] = dx;
+      br.lo[q] = src[0];
+      br.hi[q] = dx ? src[1] : br.lo[q];
+    }
+  }
+}
+
+// Elements [dx, dx + 8) of the 16 in lo, hi (dx ≤ 2), zero where the chunk does not exist,
+// into chunk (i & 15) of row i >> 4 at AT(r, c).
+template <typename T, class At>
+__device__ __forceinline__ void store_b(const BRegs& br, T* bs, At at) {
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const int i = threadIdx.x + q * THREADS;
+    U4 out{{0u, 0u, 0u, 0u}};
+    if (br.ok[q]) {
+      const uint32_t w[5] = {br.lo[q].w[0], br.lo[q].w[1], br.lo[q].w[2], br.lo[q].w[3], br.hi[q].w[0]};
+      const int dx = br.dx[q];
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        out.w[e] = dx == 0 ? w[e] : dx == 1 ? (w[e] >> 16) | (w[e + 1] << 16) : w[e + 1];
+    }
+    *reinterpret_cast<U4*>(bs + at(i >> 4, i & 15)) = out;
+  }
+}
+
 // Output row `co`, grid positions j and j + 1 (j even) of batch b: kept where inside the map's
 // OW columns, plus bias and residual, rounded once. Stored as one pair where OW is even (then
 // both or neither are inside, and 4-byte aligned).
@@ -95,13 +154,13 @@ __device__ __forceinline__ void store_pair(const Args<T>& p, int b, int co, int 
 
 }  // namespace conv_gemm
 
-// Entry point `conv_gemm{SUF}_{f16,bf16}` running BODY(T): grid x = position tiles of the
+// Entry point NAME running BODY(T, ONE, args): grid x = position tiles of the
 // OH·Wp grid, y = output-channel tiles, z = batch; 256 threads. Without a bias or a residual
 // the kernel never reads those pointers.
-#define CONV_GEMM_ENTRY(NAME, T, BODY)                                                                        \
+#define CONV_GEMM_ENTRY(NAME, T, ONE, BODY)                                                                   \
   extern "C" __global__ void __launch_bounds__(conv_gemm::THREADS, 2)                                        \
       NAME(const T* x3, const T* taps, const T* bias, const T* res, T* out, int cout, int kc, int k, int n,   \
-           int wp, int oh, int ow, long long s, int has_bias, int has_res) {                                  \
-    const conv_gemm::Args<T> p{x3, taps, bias, res, out, cout, kc, k, n, wp, oh, ow, has_bias, has_res, s};   \
-    BODY(T, p)                                                                                                \
+           int wp, int oh, int ow, long long s, int has_bias, int has_res, int c) {                           \
+    const conv_gemm::Args<T> p{x3, taps, bias, res, out, cout, kc, k, n, wp, oh, ow, has_bias, has_res, s, c}; \
+    BODY(T, ONE, p)                                                                                           \
   }

@@ -947,6 +947,7 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
         ws: &CudaStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use crate::gpu_conv::ConvGemm;
         use cudarc::cublas::sys as cb;
         use cudarc::driver::{DevicePtr, DevicePtrMut};
         let (b, c, h, w) = xl.shape().dims4()?;
@@ -1071,9 +1072,13 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
             }
             None => None,
         };
-        // conv_shift: one block row per (b, dx, c), 8 positions per thread.
+        // conv_shift: one block row per (b, dx, c), 8 positions per thread; the one-copy
+        // kernels read the padded map alone (dx = 0; 16 elements of slack for their shifted
+        // reads past its end).
+        let copies = if self.gemm.one_copy() { 1 } else { k };
+        let slack = if self.gemm.one_copy() { 16 } else { 0 };
         let shift_cfg = LaunchConfig {
-            grid_dim: ((b * k * c) as u32, s.div_ceil(8 * 256) as u32, 1),
+            grid_dim: ((b * copies * c) as u32, s.div_ceil(8 * 256) as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1088,13 +1093,13 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
             shared_mem_bytes: 0,
         };
         let args_i32 = [c, h, w, up, pt, pl, hp, wp].map(|v| v as i32);
-        let (s64, k32) = (s as i64, k as i32);
+        let (s64, k32, copies32, c32) = (s as i64, k as i32, copies as i32, c as i32);
         let (rows32, cout32, oh32, ow32, wp32) =
             (rows as i32, cout as i32, oh as i32, ow as i32, wp as i32);
         macro_rules! launch {
             ($t:ty, $suf:literal, $cuda_t:expr) => {{
                 let x = xs.as_cuda_slice::<$t>()?.slice(xo..);
-                let mut x3 = unsafe { dev.alloc::<$t>(b * k * c * s)? };
+                let mut x3 = unsafe { dev.alloc::<$t>(b * copies * c * s + slack)? };
                 let name = if norm.is_some() {
                     concat!("conv_shift_norm_", $suf)
                 } else {
@@ -1108,7 +1113,7 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                     a.arg(v);
                 }
                 a.arg(&s64);
-                a.arg(&k32);
+                a.arg(&copies32);
                 // The normalisation's arguments (its statistics: one launch before).
                 let norm_views = match &norm {
                     Some((plan, _, held, (gs, gl), (bs, bl), given)) => Some((
@@ -1167,22 +1172,32 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 };
                 let (has_bias, has_res) = (i32::from(bias_v.is_some()), i32::from(res_v.is_some()));
                 let mut out = unsafe { dev.alloc::<$t>(b * cout * oh * ow)? };
-                if self.gemm != crate::gpu_conv::ConvGemm::Cublas {
+                if self.gemm != ConvGemm::Cublas {
                     // All k rows, the crop, bias and residual in one kernel (conv_gemm.cu,
                     // conv_gemm_wgmma.cu): 128 × 128 output tiles, 256 threads.
-                    let f = if self.gemm == crate::gpu_conv::ConvGemm::Wgmma {
-                        dev.get_or_load_custom_func(
+                    let (name, module, ptx) = match self.gemm {
+                        ConvGemm::Wgmma => (
                             concat!("conv_gemm_wgmma_", $suf),
                             "kandinsky_conv_gemm_wgmma",
                             CONV_GEMM_WGMMA_PTX,
-                        )?
-                    } else {
-                        dev.get_or_load_custom_func(
+                        ),
+                        ConvGemm::WgmmaOneCopy => (
+                            concat!("conv_gemm1_wgmma_", $suf),
+                            "kandinsky_conv_gemm_wgmma",
+                            CONV_GEMM_WGMMA_PTX,
+                        ),
+                        ConvGemm::MmaOneCopy => (
+                            concat!("conv_gemm1_", $suf),
+                            "kandinsky_conv_gemm",
+                            CONV_GEMM_PTX,
+                        ),
+                        _ => (
                             concat!("conv_gemm_", $suf),
                             "kandinsky_conv_gemm",
                             CONV_GEMM_PTX,
-                        )?
+                        ),
                     };
+                    let f = dev.get_or_load_custom_func(name, module, ptx)?;
                     let (gx, gy, gz) = crate::gpu_conv::fused_gemm_grid(b, cout, n);
                     let cfg = LaunchConfig {
                         grid_dim: (gx as u32, gy as u32, gz as u32),
@@ -1207,6 +1222,7 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                     a.arg(&s64);
                     a.arg(&has_bias);
                     a.arg(&has_res);
+                    a.arg(&c32);
                     unsafe { a.launch(cfg) }.w()?;
                     drop(x3);
                     return Ok((
@@ -1360,7 +1376,7 @@ pub fn shifted_conv(
             bias,
             residual,
             norm,
-            gemm: gemm.effective(x.dtype(), taps.dim(2)?),
+            gemm: gemm.effective(x.dtype(), k, x.dim(1)?),
         },
     )
 }

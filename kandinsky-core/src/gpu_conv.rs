@@ -14,7 +14,8 @@
 //! [`ConvGemm`] picks what sums the `k` rows: the cuBLAS GEMMs (default), or one tensor-core
 //! kernel reading the same shifted copies that keeps the sums in registers and crops, adds
 //! and rounds in its epilogue — no f32 accumulator in memory (40 % of the scratch) and one
-//! launch instead of `k + 1` (`KANDINSKY_CONV_GEMM=mma|wgmma`, opt-in until measured).
+//! launch instead of `k + 1` — optionally from one padded copy instead of the `k` shifted
+//! ones (`KANDINSKY_CONV_GEMM=mma|wgmma|mma-1copy|wgmma-1copy`, opt-in until measured).
 
 use candle_core::Tensor;
 
@@ -53,28 +54,54 @@ pub enum ConvGemm {
     /// The same on Hopper's warpgroup tensor cores (`kernels/conv_gemm_wgmma.cu`), where the
     /// kernels were built for sm_90a (`CUDA_COMPUTE_CAP=90`); elsewhere [`Self::Mma`].
     Wgmma,
+    /// [`Self::Mma`] reading one padded copy of the input instead of `k` shifted ones (the
+    /// shift applied in registers as it loads): a third of the copy's writes and scratch.
+    /// Kernels up to 3×3.
+    MmaOneCopy,
+    /// [`Self::Wgmma`] reading one padded copy (as [`Self::MmaOneCopy`]).
+    WgmmaOneCopy,
 }
 
 impl ConvGemm {
-    /// `KANDINSKY_CONV_GEMM` (`cublas`, the default, `mma` or `wgmma`), read once. Opt-in
-    /// until a GPU run has measured the kernels.
+    /// The names `KANDINSKY_CONV_GEMM` takes.
+    pub const NAMED: [(&'static str, ConvGemm); 5] = [
+        ("cublas", ConvGemm::Cublas),
+        ("mma", ConvGemm::Mma),
+        ("wgmma", ConvGemm::Wgmma),
+        ("mma-1copy", ConvGemm::MmaOneCopy),
+        ("wgmma-1copy", ConvGemm::WgmmaOneCopy),
+    ];
+
+    /// `KANDINSKY_CONV_GEMM` (a name of [`Self::NAMED`]; cuBLAS when unset or unknown), read
+    /// once. Opt-in until a GPU run has measured the kernels.
     pub fn selected() -> Self {
         static GEMM: std::sync::OnceLock<ConvGemm> = std::sync::OnceLock::new();
-        *GEMM.get_or_init(|| match std::env::var("KANDINSKY_CONV_GEMM").as_deref() {
-            Ok("mma") => ConvGemm::Mma,
-            Ok("wgmma") => ConvGemm::Wgmma,
-            _ => ConvGemm::Cublas,
+        *GEMM.get_or_init(|| {
+            let name = std::env::var("KANDINSKY_CONV_GEMM").unwrap_or_default();
+            Self::NAMED
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(ConvGemm::Cublas, |&(_, g)| g)
         })
     }
 
-    /// The path that actually runs for `k·Cin = kc` in `dtype`.
-    pub fn effective(self, dtype: candle_core::DType, kc: usize) -> Self {
+    /// Whether the kernel reads one padded copy of the input (not `k` shifted ones).
+    pub fn one_copy(self) -> bool {
+        matches!(self, ConvGemm::MmaOneCopy | ConvGemm::WgmmaOneCopy)
+    }
+
+    /// The path that actually runs for a `k`×`k` kernel over `cin` channels in `dtype`.
+    pub fn effective(self, dtype: candle_core::DType, k: usize, cin: usize) -> Self {
         use candle_core::DType;
-        let fused = matches!(dtype, DType::F16 | DType::BF16) && kc % 8 == 0;
+        let fused = matches!(dtype, DType::F16 | DType::BF16) && (k * cin) % 8 == 0;
+        let wgmma = cfg!(kandinsky_wgmma);
         match self {
-            ConvGemm::Wgmma if fused && cfg!(kandinsky_wgmma) => ConvGemm::Wgmma,
-            ConvGemm::Mma | ConvGemm::Wgmma if fused => ConvGemm::Mma,
-            _ => ConvGemm::Cublas,
+            _ if !fused => ConvGemm::Cublas,
+            ConvGemm::WgmmaOneCopy if k <= 3 && wgmma => self,
+            ConvGemm::MmaOneCopy | ConvGemm::WgmmaOneCopy if k <= 3 => ConvGemm::MmaOneCopy,
+            ConvGemm::Wgmma | ConvGemm::WgmmaOneCopy if wgmma => ConvGemm::Wgmma,
+            ConvGemm::Cublas => ConvGemm::Cublas,
+            _ => ConvGemm::Mma,
         }
     }
 }
@@ -396,33 +423,43 @@ impl ShiftedConv {
     /// multiprocessor a block (on the small maps of the UNet's inner levels a few blocks,
     /// each a long serial reduction, would lose to cuBLAS's kernels), cuBLAS otherwise.
     fn auto_gemm(&self, x: &Tensor, upsample2x: bool, padding: Padding4) -> Result<ConvGemm> {
-        let (b, c, h, w) = x.dims4()?;
-        let (k, cout, _) = self.taps.dims3()?;
-        let gemm = ConvGemm::selected().effective(x.dtype(), k * c);
+        let (_, c, _, _) = x.dims4()?;
+        let k = self.taps.dim(0)?;
+        let gemm = ConvGemm::selected().effective(x.dtype(), k, c);
         if gemm == ConvGemm::Cublas || !x.device().is_cuda() {
             return Ok(gemm);
         }
-        let g = Geometry::new(h, w, k, padding, upsample2x)?;
-        let (gx, gy, gz) = fused_gemm_grid(b, cout, g.oh * g.wp);
-        Ok(if gx * gy * gz < multiprocessors(x.device())? {
-            ConvGemm::Cublas
-        } else {
+        Ok(if self.fused_fills_gpu(x, upsample2x, padding)? {
             gemm
+        } else {
+            ConvGemm::Cublas
         })
     }
 
+    /// Whether the fused kernels' grid for `x` gives every multiprocessor of its GPU a block
+    /// (where they run on the selected path).
+    pub fn fused_fills_gpu(&self, x: &Tensor, upsample2x: bool, padding: Padding4) -> Result<bool> {
+        let (b, _, h, w) = x.dims4()?;
+        let (k, cout, _) = self.taps.dims3()?;
+        let g = Geometry::new(h, w, k, padding, upsample2x)?;
+        let (gx, gy, gz) = fused_gemm_grid(b, cout, g.oh * g.wp);
+        Ok(gx * gy * gz >= multiprocessors(x.device())?)
+    }
+
     /// Bytes of scratch one whole-map call takes: the `k` shifted copies of the padded
-    /// input and, unless [`ConvGemm::Mma`] sums the rows, the f32 accumulator (as
-    /// `cuda::shifted_conv` allocates them).
+    /// input (one for the one-copy kernels) and, where cuBLAS sums the rows, the f32
+    /// accumulator (as `cuda::shifted_conv` allocates them).
     pub fn scratch_bytes(&self, x: &Tensor, upsample2x: bool) -> Result<usize> {
         let (b, c, h, w) = x.dims4()?;
         let (k, cout, _) = self.taps.dims3()?;
         let g = Geometry::new(h, w, k, self.padding, upsample2x)?;
-        let acc = match self.auto_gemm(x, upsample2x, self.padding)? {
-            ConvGemm::Mma | ConvGemm::Wgmma => 0,
+        let gemm = self.auto_gemm(x, upsample2x, self.padding)?;
+        let copies = if gemm.one_copy() { 1 } else { k };
+        let acc = match gemm {
             ConvGemm::Cublas => cout * g.oh * g.wp * 4,
+            _ => 0,
         };
-        Ok(b * (k * c * g.hp * g.wp * x.dtype().size_in_bytes() + acc))
+        Ok(b * (copies * c * g.hp * g.wp * x.dtype().size_in_bytes() + acc))
     }
 
     /// [`Self::forward`] in horizontal bands of output rows, each band's scratch within

@@ -16,8 +16,8 @@
 #      CONV_NORM, the UNet and MoVQ with the ResNet norms inside the convolutions' copy
 #      kernel (KANDINSKY_CONV_NORM=1), then the UNet and the whole text2img (eager and with
 #      CUDA graphs) with both switches; CONV_GEMM (before TOKEN_MAJOR), the one-kernel
-#      convolution GEMMs (KANDINSKY_CONV_GEMM=mma, wgmma): their rows, then the UNet and
-#      MoVQ with each;
+#      convolution GEMMs (KANDINSKY_CONV_GEMM=mma, wgmma, mma-1copy, wgmma-1copy): their
+#      rows, then the UNet and MoVQ with the fastest of them;
 #      ALL, the UNet and the text2img with every switch that won on its own; BANDED, the timings with the convolution scratch
 #      banded at 64 MiB (peak memory); PLAIN, the UNet with candle's own kernels
 #      (KANDINSKY_PLAIN_KERNELS=1, measured before: run 9; only with PLAIN=1);
@@ -68,11 +68,24 @@ ab WIDE KANDINSKY_FLASH=wgmma 60 rust-wgmma.log '^(unet|timings)' --timings-only
 ab WIDE KANDINSKY_FLASH=wgmma-pipe 60 rust-wgmma-pipe.log '^(unet|timings)' --timings-only --unet-only --quick
 # The one-kernel convolution GEMM (no f32 accumulator in memory): its rows against candle's
 # conv2d and the cuBLAS path, then the UNet and MoVQ with it (speed and peak memory).
-ab CONV_GEMM KANDINSKY_CONV_GEMM=mma 60 rust-conv-gemm-kernels.log '^(conv gemm|GPU_CHECK)' --conv-gemm-only
-ab CONV_GEMM KANDINSKY_CONV_GEMM=mma 70 rust-conv-gemm-mma.log '^(unet step|movq|timings)' \
-    --timings-only --quick --no-text2img
-ab CONV_GEMM KANDINSKY_CONV_GEMM=wgmma 70 rust-conv-gemm-wgmma.log '^(unet step|movq|timings)' \
-    --timings-only --quick --no-text2img
+ab CONV_GEMM KANDINSKY_CONV_GEMM=mma 90 rust-conv-gemm-kernels.log '^(conv gemm|GPU_CHECK)' --conv-gemm-only
+# The fused kernel with the least f16 time over the shapes it would run at (not "small"),
+# among those whose rows all passed; the UNet and MoVQ are timed with that one.
+GEMM_BEST=$(awk '
+    /^conv gemm / && / FAIL/ { bad[$3] = 1 }
+    /^conv gemm / && / F16: / && / PASS/ && !/ small / {
+        split($0, a, "cublas ms"); split(a[2], v, "/"); ms[$3] += v[2]; n[$3]++
+    }
+    END {
+        for (k in ms) if (n[k] > most) most = n[k]
+        for (k in ms) if (!(k in bad) && n[k] == most && (best == "" || ms[k] < ms[best])) best = k
+        print best
+    }' "$OUT/rust-conv-gemm-kernels.log" 2>/dev/null)
+echo "== fused convolution GEMM with the least time: ${GEMM_BEST:-none}"
+if [ -n "$GEMM_BEST" ]; then
+    ab CONV_GEMM KANDINSKY_CONV_GEMM=$GEMM_BEST 70 rust-conv-gemm.log '^(unet step|movq|timings)' \
+        --timings-only --quick --no-text2img
+fi
 ab TOKEN_MAJOR KANDINSKY_FLASH_TOKEN_MAJOR=1 60 rust-token-major.log '^(unet|timings)' \
     --timings-only --unet-only --quick
 ab CONV_NORM KANDINSKY_CONV_NORM=1 70 rust-conv-norm.log '^(unet step|movq|timings)' \
@@ -83,8 +96,8 @@ ab CONV_NORM "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-t2i-b
     --text2img-only
 # ALL: every switch that won on its own, together — the best case the run can show for the
 # UNet goal and the whole text2img. A switch wins when its 768 px UNet step (eager) beat the
-# default's by 1 %; of the attention kernels and of the convolution GEMMs, the fastest UNet
-# among those whose kernel rows all passed. Without measurements (parts skipped) ALL_ENV can be given.
+# default's by 1 %; of the attention kernels, the fastest UNet among those whose kernel rows
+# all passed (of the convolution GEMMs, the one the rows ranked first). Without measurements (parts skipped) ALL_ENV can be given.
 ms_of() {  # the eager 768 px UNet step of a log, in ms ("" when absent)
     grep -hE '^unet step 768px b2 F16 ' "$OUT/$1" 2>/dev/null |
         awk '{for (i = 1; i < NF; i++) if ($(i + 1) == "ms,") { print $i; exit }}'
@@ -101,16 +114,8 @@ if [ -z "${ALL_ENV:-}" ]; then
             best_ms=$ms ALL_ENV="KANDINSKY_FLASH=$k"
         fi
     done
-    gemm_env="" best_ms=$base
-    for k in mma wgmma; do
-        ms=$(ms_of "rust-conv-gemm-$k.log")
-        if grep -qE "^conv gemm $k .*PASS" "$OUT/rust-conv-gemm-kernels.log" 2>/dev/null &&
-            ! grep -qE "^conv gemm $k .*FAIL" "$OUT/rust-conv-gemm-kernels.log" && faster "$ms" "$best_ms"; then
-            best_ms=$ms gemm_env="KANDINSKY_CONV_GEMM=$k"
-        fi
-    done
-    ALL_ENV="$ALL_ENV $gemm_env"
-    for sw in KANDINSKY_FLASH_TOKEN_MAJOR=1:rust-token-major.log KANDINSKY_CONV_NORM=1:rust-conv-norm.log; do
+    for sw in KANDINSKY_CONV_GEMM=${GEMM_BEST:-}:rust-conv-gemm.log \
+        KANDINSKY_FLASH_TOKEN_MAJOR=1:rust-token-major.log KANDINSKY_CONV_NORM=1:rust-conv-norm.log; do
         faster "$(ms_of "${sw#*:}")" "$base" && ALL_ENV="$ALL_ENV ${sw%%:*}"
     done
     read -r -a parts <<<"$ALL_ENV"

@@ -733,16 +733,20 @@ fn conv_gemm_rows(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 Ok((d, ms))
             };
             let flops = 2.0 * (batch * os * os) as f64 * (cout * cin * k * k) as f64;
-            for (gemm, name) in [(ConvGemm::Mma, "mma"), (ConvGemm::Wgmma, "wgmma")] {
-                if gemm.effective(dt, cin * k) != gemm {
+            // "small": a grid that leaves multiprocessors idle, where the selected path
+            // keeps cuBLAS (ShiftedConv::fused_fills_gpu); run.sh ranks the kernels without.
+            let small = !conv.fused_fills_gpu(&x, up, [p, p, p, p])?;
+            for (name, gemm) in ConvGemm::NAMED.into_iter().skip(1) {
+                if gemm.effective(dt, k, cin) != gemm {
                     continue; // wgmma where the kernels were not built for sm_90a
                 }
                 let (value, ok) = kernel_row(check(gemm), tolerance(dt), flops, ms_cublas);
                 rows.push(Row {
                     what: format!(
-                        "conv gemm {name} {cin}->{cout} k{k} {s}x{s}{} b{batch}{} {dt:?}: rel err / ms / cublas ms",
+                        "conv gemm {name} {cin}->{cout} k{k} {s}x{s}{} b{batch}{}{} {dt:?}: rel err / ms / cublas ms",
                         if up { " up2x" } else { "" },
                         if res.is_some() { " +res" } else { "" },
+                        if small { " small" } else { "" },
                     ),
                     value,
                     ok: Some(ok),
