@@ -3,7 +3,7 @@
 //! `$CUDA_COMPUTE_CAP` (default 90); see ../shared/cuda/README.md for a toolchain recipe.
 use std::{env, path::PathBuf, process::Command};
 
-const KERNELS: [&str; 9] = [
+const KERNELS: [&str; 10] = [
     "group_norm",
     "flash_attention",
     "flash_attention_mma",
@@ -13,6 +13,7 @@ const KERNELS: [&str; 9] = [
     "conv_gemm",
     "conv_gemm_wgmma",
     "softmax",
+    "transpose",
 ];
 
 fn main() {

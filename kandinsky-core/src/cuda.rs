@@ -912,16 +912,16 @@ fn contiguous_start(l: &Layout, what: &str) -> candle_core::Result<usize> {
         .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))
 }
 
-/// The contiguous CUDA data of a storage (an optional input of [`ShiftedConvOp`]).
+/// The contiguous CUDA data of a storage (an optional input riding along with an op).
 fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
     st: &'a candle_core::Storage,
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<cudarc::driver::CudaView<'a, T>> {
     let candle_core::Storage::Cuda(cs) = st else {
-        candle_core::bail!("shifted convolution: {what} is not on the GPU");
+        candle_core::bail!("{what} is not on the GPU");
     };
-    let o = contiguous_start(l, &format!("shifted convolution: {what}"))?;
+    let o = contiguous_start(l, what)?;
     Ok(cs.as_cuda_slice::<T>()?.slice(o..))
 }
 
@@ -1117,13 +1117,15 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 // The normalisation's arguments (its statistics: one launch before).
                 let norm_views = match &norm {
                     Some((plan, _, held, (gs, gl), (bs, bl), given)) => Some((
-                        cuda_view::<$t>(gs, gl, "the norm weight")?,
-                        cuda_view::<$t>(bs, bl, "the norm bias")?,
+                        cuda_view::<$t>(gs, gl, "shifted convolution: the norm weight")?,
+                        cuda_view::<$t>(bs, bl, "shifted convolution: the norm bias")?,
                         match given {
                             // The whole map's statistics, for a band of its rows.
-                            Some((ps, pl)) => {
-                                NormPartial::Given(cuda_view::<f32>(ps, pl, "the norm statistics")?)
-                            }
+                            Some((ps, pl)) => NormPartial::Given(cuda_view::<f32>(
+                                ps,
+                                pl,
+                                "shifted convolution: the norm statistics",
+                            )?),
                             None => NormPartial::Own(plan.launch::<$t>(&dev, &x, $suf)?),
                         },
                         modulation_views::<$t, _>(
@@ -1163,11 +1165,13 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 // Without a bias or a residual the kernels never read them: x stands in.
                 let stand_in = xs.as_cuda_slice::<$t>()?.slice(xo..);
                 let bias_v = match &bias {
-                    Some((st, l)) => Some(cuda_view::<$t>(st, l, "the bias")?),
+                    Some((st, l)) => Some(cuda_view::<$t>(st, l, "shifted convolution: the bias")?),
                     None => None,
                 };
                 let res_v = match &residual {
-                    Some((st, l)) => Some(cuda_view::<$t>(st, l, "the residual")?),
+                    Some((st, l)) => {
+                        Some(cuda_view::<$t>(st, l, "shifted convolution: the residual")?)
+                    }
                     None => None,
                 };
                 let (has_bias, has_res) = (i32::from(bias_v.is_some()), i32::from(res_v.is_some()));
@@ -1446,6 +1450,87 @@ pub fn softmax_scaled(x: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&SoftmaxOp {
         scale: scale as f32,
     })
+}
+
+const TRANSPOSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/transpose.ptx"));
+
+/// `x` `[B, M, N]` → `[B, N, M]` (+ the addend, riding along).
+struct TransposeOp {
+    addend: Option<Tensor>,
+}
+
+impl candle_core::CustomOp1 for TransposeOp {
+    fn name(&self) -> &'static str {
+        "kandinsky-transpose"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kandinsky-transpose is a CUDA kernel")
+    }
+
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (b, m, n) = xl.shape().dims3()?;
+        let xo = contiguous_start(xl, "transpose kernel: the input")?;
+        if b > 65535 || m.div_ceil(32) > 65535 || m * n > i32::MAX as usize {
+            candle_core::bail!("transpose kernel: [{b}, {m}, {n}] is too large for its grid");
+        }
+        let addend = match &self.addend {
+            Some(a) if a.dims() != [b, n, m] => candle_core::bail!(
+                "transpose kernel: addend {:?}, output [{b}, {n}, {m}]",
+                a.dims()
+            ),
+            Some(a) => Some(a.storage_and_layout()),
+            None => None,
+        };
+        let dev = xs.device().clone();
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(32) as u32, m.div_ceil(32) as u32, b as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (m32, n32, has_y) = (m as i32, n as i32, i32::from(addend.is_some()));
+        macro_rules! launch {
+            ($t:ty, $suf:literal) => {{
+                let x = xs.as_cuda_slice::<$t>()?.slice(xo..);
+                let y = match &addend {
+                    Some((st, l)) => Some(cuda_view::<$t>(st, l, "transpose kernel: the addend")?),
+                    None => None,
+                };
+                let mut out = unsafe { dev.alloc::<$t>(b * m * n)? };
+                let f = dev.get_or_load_custom_func(
+                    concat!("transpose_add_", $suf),
+                    "kandinsky_transpose",
+                    TRANSPOSE_PTX,
+                )?;
+                let mut a = f.builder();
+                a.arg(&x);
+                // Without an addend the kernel never reads it: x stands in.
+                a.arg(y.as_ref().unwrap_or(&x));
+                a.arg(&mut out);
+                a.arg(&m32);
+                a.arg(&n32);
+                a.arg(&has_y);
+                unsafe { a.launch(cfg) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match xs.dtype() {
+            DType::F32 => launch!(f32, "f32"),
+            DType::F16 => launch!(half::f16, "f16"),
+            DType::BF16 => launch!(half::bf16, "bf16"),
+            dt => candle_core::bail!("transpose kernel: unsupported dtype {dt:?}"),
+        };
+        Ok((out, Shape::from((b, n, m))))
+    }
+}
+
+/// `x` `[B, M, N]` → contiguous `[B, N, M]`, plus `addend` `[B, N, M]` where given (in `x`'s
+/// dtype), with 32 × 32 tiles through shared memory (`kernels/transpose.cu`).
+pub fn transpose_add(x: &Tensor, addend: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let addend = addend
+        .map(|a| a.to_dtype(x.dtype())?.contiguous())
+        .transpose()?;
+    x.contiguous()?.apply_op1_no_bwd(&TransposeOp { addend })
 }
 
 /// One cuBLASLt handle (with its workspace) per CUDA stream, made on first use: candle keeps

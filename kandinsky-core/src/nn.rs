@@ -473,8 +473,55 @@ pub fn layer_norm_f32(ln: &LayerNorm, x: &Tensor) -> candle_core::Result<Tensor>
     ln32.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)
 }
 
+/// `KANDINSKY_TILED_TRANSPOSE=1`, read once: [`swap_last2`] runs the tiled CUDA kernel.
+/// Opt-in until a GPU run has measured it.
+#[cfg(feature = "cuda")]
+fn tiled_transpose() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KANDINSKY_TILED_TRANSPOSE").as_deref() == Ok("1"))
+}
+
+/// `x` `[B, M, N]` with its last two dimensions swapped, contiguous `[B, N, M]`, plus
+/// `addend` `[B, N, M]` where given: the attention blocks' way into tokens and back onto
+/// their residual. On CUDA with `KANDINSKY_TILED_TRANSPOSE=1` one tiled kernel
+/// (`kernels/transpose.cu`: reads and writes both along rows); otherwise candle's strided
+/// copy, or its add of a transposed view.
+pub fn swap_last2(x: &Tensor, addend: Option<&Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && tiled_transpose() && use_fused_kernels() {
+        return Ok(crate::cuda::transpose_add(x, addend)?);
+    }
+    let t = x.transpose(1, 2)?;
+    Ok(match addend {
+        Some(a) => (a + t)?,
+        None => t.contiguous()?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn swap_last2_transposes_and_adds() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::arange(0f32, 2.0 * 3.0 * 5.0, &dev)?.reshape((2, 3, 5))?;
+        let a = Tensor::randn(0f32, 1.0, (2, 5, 3), &dev)?;
+        let t = swap_last2(&x, None).map_err(candle_core::Error::wrap)?;
+        let s = swap_last2(&x, Some(&a)).map_err(candle_core::Error::wrap)?;
+        assert!(t.is_contiguous());
+        assert_eq!(t.dims(), [2, 5, 3]);
+        let (xv, tv) = (x.to_vec3::<f32>()?, t.to_vec3::<f32>()?);
+        let (av, sv) = (a.to_vec3::<f32>()?, s.to_vec3::<f32>()?);
+        for b in 0..2 {
+            for m in 0..3 {
+                for n in 0..5 {
+                    assert_eq!(tv[b][n][m], xv[b][m][n]);
+                    assert_eq!(sv[b][n][m], xv[b][m][n] + av[b][n][m]);
+                }
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn linear_new_leaves_a_shared_weight_alone() -> candle_core::Result<()> {
         let dev = candle_core::Device::Cpu;

@@ -8,7 +8,8 @@
 //! the plain copy of a map normalised in double precision (`check_conv.cpp`, ≤ 1 ulp), and
 //! the one-kernel convolution GEMMs (`conv_gemm{,1}_*` and `conv_gemm{,1}_wgmma_*`,
 //! `KANDINSKY_CONV_GEMM=mma|wgmma|mma-1copy|wgmma-1copy`) against a convolution in double precision
-//! (`check_conv_gemm.cpp`, f16 ≤ 2e-3, bf16 ≤ 1e-2).
+//! (`check_conv_gemm.cpp`, f16 ≤ 2e-3, bf16 ≤ 1e-2), and the tiled transpose (+ addend)
+//! against its definition, exactly (`check_transpose.cpp`).
 //!
 //! Needs g++ ≥ 12 (C++20, `_Float16`); without it the test says so and passes.
 
@@ -43,8 +44,9 @@ fn attention_kernels_under_host_emulation() -> anyhow::Result<()> {
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     anyhow::ensure!(out.status.success(), "{} failed", script.display());
     // Every case printed a passing line: attention 7 kernels × 2 layouts × 4 shapes, then the
-    // normalise-on-read convolution copy's 5 cases and the four convolution GEMMs' 4 each.
+    // normalise-on-read convolution copy's 5 cases, the four convolution GEMMs' 4 each and
+    // the tiled transpose's 3.
     let passed = stdout.lines().filter(|l| l.ends_with(" ok")).count();
-    anyhow::ensure!(passed == 56 + 5 + 16, "{passed} of 77 cases passed");
+    anyhow::ensure!(passed == 56 + 5 + 16 + 3, "{passed} of 80 cases passed");
     Ok(())
 }

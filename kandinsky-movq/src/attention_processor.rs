@@ -5,7 +5,7 @@ use candle_core::Tensor;
 use candle_nn::{Module, VarBuilder};
 
 use kandinsky_core::attention::{attention, KvSegment};
-use kandinsky_core::nn::{linear, Activation, Linear};
+use kandinsky_core::nn::{linear, swap_last2, Activation, Linear};
 use kandinsky_core::{Error, Result};
 
 use crate::conv::{Conv2d, Padding};
@@ -210,10 +210,7 @@ impl Attention {
         let normed = self.norm.forward(x, zq, None)?;
         // Contiguous: candle 0.11.1 multiplies a transposed [B, L, C] view by the batch-
         // broadcast Linear weight wrongly (stride-0 batch rhs with a column-major lhs).
-        let tokens = normed
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let tokens = swap_last2(&normed.reshape((b, c, h * w))?, None)?;
         // One head of width C: [B, 1, HW, C].
         let q = self.to_q.forward(&tokens)?.unsqueeze(1)?;
         let k = self.to_k.forward(&tokens)?.unsqueeze(1)?;
@@ -222,6 +219,11 @@ impl Attention {
         let scale = 1.0 / (self.channels as f64).sqrt();
         let out = attention(&q, &[KvSegment { k: &k, v: &v }], None, scale)?;
         let out = self.to_out.forward(&out.squeeze(1)?)?;
+        if x.device().is_cuda() {
+            // One (strided or tiled) transposing add instead of a transpose copy and an add.
+            let sum = swap_last2(&out, Some(&x.reshape((b, c, h * w))?))?;
+            return Ok(sum.reshape((b, c, h, w))?);
+        }
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((out + x)?)
     }

@@ -7,7 +7,7 @@
 use candle_core::Tensor;
 use candle_nn::{Module, VarBuilder};
 use kandinsky_core::attention::{attention, merge_heads, split_heads, KvSegment};
-use kandinsky_core::nn::{group_norm, GroupNorm};
+use kandinsky_core::nn::{group_norm, swap_last2, GroupNorm};
 use kandinsky_core::{Error, Result};
 
 use crate::layers::{linear, needs_f32, Linear};
@@ -70,11 +70,7 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         // GroupNorm over channels on the [B, C, HW] view, then tokens [B, HW, C].
-        let tokens = self
-            .group_norm
-            .forward(&x.reshape((b, c, h * w))?)?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let tokens = swap_last2(&self.group_norm.forward(&x.reshape((b, c, h * w))?)?, None)?;
         let q = split_heads(&self.to_q.forward(&tokens)?, self.heads)?;
         let k_self = split_heads(&self.to_k.forward(&tokens)?, self.heads)?;
         let v_self = split_heads(&self.to_v.forward(&tokens)?, self.heads)?;
@@ -105,8 +101,8 @@ impl Attention {
         let out = merge_heads(&out.to_dtype(x.dtype())?)?.contiguous()?;
         let out = self.to_out.forward(&out)?;
         if x.device().is_cuda() {
-            // One strided add instead of a transpose copy and an add.
-            let sum = (x.reshape((b, c, h * w))? + out.transpose(1, 2)?)?;
+            // One (strided or tiled) transposing add instead of a transpose copy and an add.
+            let sum = swap_last2(&out, Some(&x.reshape((b, c, h * w))?))?;
             return Ok(sum.reshape((b, c, h, w))?);
         }
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;

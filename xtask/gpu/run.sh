@@ -1,29 +1,32 @@
 #!/usr/bin/env bash
 # The prepared GPU run (on the device machine, from the repository root, carry
 # [".gpu", ".whl"]; prepare both here with `bash xtask/gpu/build.sh`). Every part on takes
-# longer than one device call (≈ 10–13 min estimated): parts run in order of priority and
-# each one's timeout is cut to what DEADLINE leaves, so the last ones (ncu, diffusers) are
-# the first to go; VAR=0 skips a part. Every part logs under $OUT:
-#   1. gpu_check: tiny-fixture parity on CUDA, every kernel against candle's plain path,
-#      timings with peak pool memory;
+# longer than one device call: parts run in order of priority and each one's timeout is cut
+# to what DEADLINE leaves, so the last ones (ncu, diffusers) are the first to go; VAR=0
+# skips a part. Every part logs under $OUT:
+#   1. CHECK: gpu_check: tiny-fixture parity on CUDA, every kernel against candle's plain
+#      path, timings with peak pool memory;
 #   2. the opt-in switches, each part skipped with its variable set to 0, in this order:
-#      WIDE, the attention kernel with 32 query rows per warp (checked so far only under the
-#      host emulation, xtask/gpu/emu): its correctness and TFLOP/s beside the mma kernel's
-#      (`gpu_check --attention-only`, own processes: a kernel fault poisons the context),
-#      then the UNet with it (KANDINSKY_FLASH=wide, and token-major); the same rows list the
-#      Hopper wgmma kernels, and the UNet runs with them (KANDINSKY_FLASH=wgmma, wgmma-pipe);
-#      TOKEN_MAJOR, the UNet with the token-major attention kernel (no head copies);
-#      CONV_NORM, the UNet and MoVQ with the ResNet norms inside the convolutions' copy
-#      kernel (KANDINSKY_CONV_NORM=1), then the UNet and the whole text2img (eager and with
-#      CUDA graphs) with both switches; CONV_GEMM (before TOKEN_MAJOR), the one-kernel
-#      convolution GEMMs (KANDINSKY_CONV_GEMM=mma, wgmma, mma-1copy, wgmma-1copy): their
-#      rows, then the UNet and MoVQ with the fastest of them;
-#      ALL, the UNet and the text2img with every switch that won on its own; BANDED, the timings with the convolution scratch
-#      banded at 64 MiB (peak memory); PLAIN, the UNet with candle's own kernels
-#      (KANDINSKY_PLAIN_KERNELS=1, measured before: run 9; only with PLAIN=1);
+#      WIDE, the new attention kernels (32 query rows per warp; Hopper's wgmma; checked so
+#      far only under the host emulation, xtask/gpu/emu): their correctness and TFLOP/s
+#      beside the mma kernel's (`gpu_check --attention-only`, own processes: a kernel fault
+#      poisons the context), then the UNet with the fastest whose rows all passed;
+#      CONV_GEMM, the one-kernel convolution GEMMs (KANDINSKY_CONV_GEMM=mma, wgmma,
+#      mma-1copy, wgmma-1copy): their rows, then the UNet and MoVQ with the fastest;
+#      TRANSPOSE, the UNet with the attention blocks' tiled transposes
+#      (KANDINSKY_TILED_TRANSPOSE=1); TOKEN_MAJOR, the UNet with the token-major attention
+#      kernel (no head copies); CONV_NORM, the UNet and MoVQ with the ResNet norms inside
+#      the convolutions' copy kernel (KANDINSKY_CONV_NORM=1), then the UNet and the whole
+#      text2img (eager and with CUDA graphs) with it and token-major; ALL, the UNet and the
+#      text2img with every switch that won on its own (or ALL_ENV); BANDED, the timings with
+#      the convolution scratch banded at 64 MiB (peak memory); PLAIN, the UNet with candle's
+#      own kernels (KANDINSKY_PLAIN_KERNELS=1, measured before: run 9; only with PLAIN=1);
 #   3. ncu (NCU=0 skips it): the GPU time of every kernel of one 768 px UNet step and one
 #      MoVQ decode, with the switches in NCU_ENV set;
 #   4. with DIFFUSERS=1, diffusers/PyTorch on the same card (fp16), from the carried wheels.
+# Two calls fit a session's device time: `NCU=0 BANDED=0 DEADLINE=560 bash xtask/gpu/run.sh`,
+# then `CHECK=0 WIDE=0 CONV_GEMM=0 TRANSPOSE=0 TOKEN_MAJOR=0 CONV_NORM=0 ALL_ENV="…"
+# DIFFUSERS=1 DEADLINE=300 bash xtask/gpu/run.sh` with the first call's "== ALL" switches.
 set -uo pipefail
 # Every part's timeout is cut to what is left of DEADLINE seconds (the device call's limit
 # less a margin), so the archive at the end is always written.
@@ -39,9 +42,11 @@ mkdir -p $BIN
 gunzip -c .gpu/gpu_check.gz >$BIN/gpu_check && chmod +x $BIN/gpu_check
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 export KANDINSKY_FIXTURES=$PWD/fixtures
-echo "== 1. kandinsky-rs gpu_check"
-timeout $(t 200) $BIN/gpu_check --quick >"$OUT/rust.log" 2>&1; echo "exit $?"
-grep -E '^(device|no CUDA|GPU_CHECK)' "$OUT/rust.log"
+if [ "${CHECK:-1}" = 1 ]; then
+    echo "== 1. kandinsky-rs gpu_check"
+    timeout $(t 200) $BIN/gpu_check --quick >"$OUT/rust.log" 2>&1; echo "exit $?"
+    grep -E '^(device|no CUDA|GPU_CHECK)' "$OUT/rust.log"
+fi
 # ab SKIP_VAR "ENV=VALUE ..." LIMIT LOG PATTERN ARGS...: gpu_check again with the switches set,
 # unless $SKIP_VAR is 0; the log under $OUT, the lines matching PATTERN printed.
 ab() {
@@ -61,11 +66,24 @@ ab WIDE KANDINSKY_FLASH=wgmma-pipe 30 rust-wgmma-pipe-kernels.log '^(attention|G
     --attention-only wgmma-pipe,wgmma-pipe-tm
 ab WIDE KANDINSKY_FLASH=wgmma-ns 30 rust-wgmma-ns-kernels.log '^(attention|GPU_CHECK)' \
     --attention-only wgmma-ns,wgmma-pipe-ns
-ab WIDE KANDINSKY_FLASH=wide 60 rust-wide.log '^(unet|timings)' --timings-only --unet-only --quick
-ab WIDE "KANDINSKY_FLASH=wide KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-wide-tm.log '^(unet|timings)' \
-    --timings-only --unet-only --quick
-ab WIDE KANDINSKY_FLASH=wgmma 60 rust-wgmma.log '^(unet|timings)' --timings-only --unet-only --quick
-ab WIDE KANDINSKY_FLASH=wgmma-pipe 60 rust-wgmma-pipe.log '^(unet|timings)' --timings-only --unet-only --quick
+# The attention kernel with the least f16 time over the UNet's three levels, among those whose
+# rows all passed (head-major rows; token-major is its own switch); the UNet is timed with it
+# unless the measured mma kernel stays the fastest.
+ATTN_BEST=$(cat "$OUT"/rust-w*-kernels.log 2>/dev/null | awk '
+    /^attention / { k = $5; sub(/:$/, "", k) }
+    /^attention / && / FAIL/ { bad[k] = 1 }
+    /^attention / && / F16 / && / PASS/ && k !~ /-tm$/ && !seen[k, $2]++ {
+        split($0, a, "plain ms"); split(a[2], v, "/"); ms[k] += v[2]; n[k]++
+    }
+    END {
+        for (k in ms) if (n[k] > most) most = n[k]
+        for (k in ms) if (!(k in bad) && n[k] == most && (best == "" || ms[k] < ms[best])) best = k
+        print best
+    }')
+echo "== attention kernel with the least time: ${ATTN_BEST:-none}"
+if [ -n "$ATTN_BEST" ] && [ "$ATTN_BEST" != mma ]; then
+    ab WIDE KANDINSKY_FLASH=$ATTN_BEST 60 rust-attn.log '^(unet|timings)' --timings-only --unet-only --quick
+fi
 # The one-kernel convolution GEMM (no f32 accumulator in memory): its rows against candle's
 # conv2d and the cuBLAS path, then the UNet and MoVQ with it (speed and peak memory).
 ab CONV_GEMM KANDINSKY_CONV_GEMM=mma 90 rust-conv-gemm-kernels.log '^(conv gemm|GPU_CHECK)' --conv-gemm-only
@@ -86,6 +104,9 @@ if [ -n "$GEMM_BEST" ]; then
     ab CONV_GEMM KANDINSKY_CONV_GEMM=$GEMM_BEST 70 rust-conv-gemm.log '^(unet step|movq|timings)' \
         --timings-only --quick --no-text2img
 fi
+# The tiled transpose in the attention blocks (its rows against candle's are in part 1).
+ab TRANSPOSE KANDINSKY_TILED_TRANSPOSE=1 60 rust-transpose.log '^(unet|timings)' \
+    --timings-only --unet-only --quick
 ab TOKEN_MAJOR KANDINSKY_FLASH_TOKEN_MAJOR=1 60 rust-token-major.log '^(unet|timings)' \
     --timings-only --unet-only --quick
 ab CONV_NORM KANDINSKY_CONV_NORM=1 70 rust-conv-norm.log '^(unet step|movq|timings)' \
@@ -96,8 +117,9 @@ ab CONV_NORM "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-t2i-b
     --text2img-only
 # ALL: every switch that won on its own, together — the best case the run can show for the
 # UNet goal and the whole text2img. A switch wins when its 768 px UNet step (eager) beat the
-# default's by 1 %; of the attention kernels, the fastest UNet among those whose kernel rows
-# all passed (of the convolution GEMMs, the one the rows ranked first). Without measurements (parts skipped) ALL_ENV can be given.
+# default's by 1 % (the attention kernel and the convolution GEMM being the ones their rows
+# ranked first). ALL_ENV can be given instead (e.g. from an earlier call's "== ALL" line, in
+# a second call with the parts before it skipped: CHECK=0 WIDE=0 CONV_GEMM=0 ...).
 ms_of() {  # the eager 768 px UNet step of a log, in ms ("" when absent)
     grep -hE '^unet step 768px b2 F16 ' "$OUT/$1" 2>/dev/null |
         awk '{for (i = 1; i < NF; i++) if ($(i + 1) == "ms,") { print $i; exit }}'
@@ -105,17 +127,10 @@ ms_of() {  # the eager 768 px UNet step of a log, in ms ("" when absent)
 faster() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && b != "" && a < 0.99 * b) }'; }
 if [ -z "${ALL_ENV:-}" ]; then
     base=$(ms_of rust.log)
-    ALL_ENV="" best_ms=$base
-    for kf in wide:rust-wide-kernels.log wgmma:rust-wgmma-kernels.log wgmma-pipe:rust-wgmma-pipe-kernels.log; do
-        k=${kf%%:*} klog=${kf#*:}
-        ms=$(ms_of "rust-$k.log")
-        if grep -qE "^attention .* $k: .*PASS" "$OUT/$klog" 2>/dev/null &&
-            ! grep -qE "^attention .* $k: .*FAIL" "$OUT/$klog" && faster "$ms" "$best_ms"; then
-            best_ms=$ms ALL_ENV="KANDINSKY_FLASH=$k"
-        fi
-    done
-    for sw in KANDINSKY_CONV_GEMM=${GEMM_BEST:-}:rust-conv-gemm.log \
-        KANDINSKY_FLASH_TOKEN_MAJOR=1:rust-token-major.log KANDINSKY_CONV_NORM=1:rust-conv-norm.log; do
+    ALL_ENV=""
+    for sw in KANDINSKY_FLASH=${ATTN_BEST:-}:rust-attn.log KANDINSKY_CONV_GEMM=${GEMM_BEST:-}:rust-conv-gemm.log \
+        KANDINSKY_FLASH_TOKEN_MAJOR=1:rust-token-major.log KANDINSKY_CONV_NORM=1:rust-conv-norm.log \
+        KANDINSKY_TILED_TRANSPOSE=1:rust-transpose.log; do
         faster "$(ms_of "${sw#*:}")" "$base" && ALL_ENV="$ALL_ENV ${sw%%:*}"
     done
     read -r -a parts <<<"$ALL_ENV"

@@ -671,12 +671,57 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             });
         }
     }
+    // The tiled transpose (`KANDINSKY_TILED_TRANSPOSE=1`) against candle's strided copy and
+    // add, which it must match exactly: the UNet's attention blocks at the 48² level
+    // (tokens, then the residual) and MoVQ's at 96².
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        use kandinsky_core::cuda::transpose_add;
+        for (b, m, n, add) in [
+            (2usize, 768usize, 2304usize, false),
+            (2, 2304, 768, true),
+            (1, 9216, 512, true),
+        ] {
+            for dt in [DType::F16, DType::BF16] {
+                let x = Tensor::randn(0f32, 1.0, (b, m, n), dev)?.to_dtype(dt)?;
+                let a = Tensor::randn(0f32, 1.0, (b, n, m), dev)?.to_dtype(dt)?;
+                let addend = if add { Some(&a) } else { None };
+                let candle = || -> Result<Tensor> {
+                    let t = x.transpose(1, 2)?;
+                    Ok(match addend {
+                        Some(a) => (a + t)?,
+                        None => t.contiguous()?,
+                    })
+                };
+                let got = transpose_add(&x, addend)?;
+                let mismatches = got
+                    .to_dtype(DType::F32)?
+                    .ne(&candle()?.to_dtype(DType::F32)?)?
+                    .to_dtype(DType::F32)?
+                    .sum_all()?
+                    .to_scalar::<f32>()?;
+                let ms = time(dev, 2, 10, || {
+                    transpose_add(&x, addend)?;
+                    Ok(())
+                })?;
+                let ms_candle = time(dev, 2, 10, || {
+                    candle()?;
+                    Ok(())
+                })?;
+                rows.push(Row {
+                    what: format!(
+                        "transpose [{b}, {m}, {n}]{} {dt:?}: mismatches / ms / candle ms",
+                        if add { " + addend" } else { "" }
+                    ),
+                    value: format!("{mismatches} / {ms:.4} / {ms_candle:.4}"),
+                    ok: Some(mismatches == 0.0),
+                });
+            }
+        }
+    }
     attention_rows(dev, rows, attention_kernels(dev))
 }
 
-/// The fused attention kernels named in `kernels` (see [`attention_kernels`]) at the UNet's
-/// shapes (latent 96: levels 48/24/12, batch 2, 32 image tokens + the spatial ones), against
-/// candle's ops in f32, timed against the plain path.
 /// The one-kernel convolution GEMM (`KANDINSKY_CONV_GEMM=mma`, `kernels/conv_gemm.cu`) against
 /// candle's conv2d in f32 on the same rounded inputs, timed against the cuBLAS path (k GEMMs
 /// into an f32 accumulator, then the crop), at the UNet's and MoVQ's 768 px shapes.
@@ -757,6 +802,9 @@ fn conv_gemm_rows(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The fused attention kernels named in `kernels` (see [`attention_kernels`]) at the UNet's
+/// shapes (latent 96: levels 48/24/12, batch 2, 32 image tokens + the spatial ones), against
+/// candle's ops in f32, timed against the plain path.
 fn attention_rows(dev: &Device, rows: &mut Vec<Row>, kernels: &[&str]) -> Result<()> {
     for (level, heads) in [(48usize, 12usize), (24, 18), (12, 24)] {
         for dt in [DType::F16, DType::BF16] {
