@@ -716,6 +716,29 @@ mod tests {
     }
 
     #[test]
+    fn fused_gemms_fall_back_where_they_do_not_cover() {
+        use ConvGemm::*;
+        let wgmma = cfg!(kandinsky_wgmma);
+        for (name, g) in ConvGemm::NAMED {
+            // f32, and k·Cin not a multiple of 8 (conv_in: 3·4 channels), stay on cuBLAS.
+            assert_eq!(g.effective(DType::F32, 3, 384), Cublas, "{name}");
+            assert_eq!(g.effective(DType::F16, 3, 4), Cublas, "{name}");
+            // Covered shapes keep the kernel asked for (wgmma where it was built).
+            let want = match g {
+                Wgmma if !wgmma => Mma,
+                WgmmaOneCopy if !wgmma => MmaOneCopy,
+                g => g,
+            };
+            assert_eq!(g.effective(DType::BF16, 3, 384), want, "{name}");
+            assert_eq!(g.effective(DType::F16, 1, 8), want, "{name}");
+        }
+        // The one-copy kernels shift by at most two columns: larger kernels read k copies.
+        assert_eq!(MmaOneCopy.effective(DType::F16, 5, 8), Mma);
+        let want = if wgmma { Wgmma } else { Mma };
+        assert_eq!(WgmmaOneCopy.effective(DType::F16, 5, 8), want);
+    }
+
+    #[test]
     fn non_square_kernels_are_refused() {
         let wt = Tensor::zeros((2, 2, 3, 1), DType::F32, &Device::Cpu).unwrap();
         let e = ShiftedConv::new(&wt, None, [1, 1, 0, 0]).unwrap_err();
