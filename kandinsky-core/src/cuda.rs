@@ -1175,7 +1175,6 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                     None => None,
                 };
                 let (has_bias, has_res) = (i32::from(bias_v.is_some()), i32::from(res_v.is_some()));
-                let mut out = unsafe { dev.alloc::<$t>(b * cout * oh * ow)? };
                 if self.gemm != ConvGemm::Cublas {
                     // All k rows, the crop, bias and residual in one kernel (conv_gemm.cu,
                     // conv_gemm_wgmma.cu): 128 × 128 output tiles, 256 threads.
@@ -1210,6 +1209,7 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                     };
                     let wsl = ws.as_cuda_slice::<$t>()?.slice(wo..);
                     let (kc32, n32) = (kc as i32, n as i32);
+                    let mut out = unsafe { dev.alloc::<$t>(b * cout * oh * ow)? };
                     let mut a = f.builder();
                     a.arg(&x3);
                     a.arg(&wsl);
@@ -1279,6 +1279,9 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                     }
                 }
                 drop(x3);
+                // Allocated once the copies are freed: the peak is theirs plus the
+                // accumulator, never all three.
+                let mut out = unsafe { dev.alloc::<$t>(b * cout * oh * ow)? };
                 let f = dev.get_or_load_custom_func(
                     concat!("conv_finish_", $suf),
                     "kandinsky_conv",
