@@ -289,6 +289,77 @@ fn candle_attention_f32(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     Ok(probs.matmul(&up(v)?.contiguous()?)?)
 }
 
+/// One convolution of the checks: random f32 weights, bias, input and residual, and in a
+/// given dtype the [`kandinsky_core::gpu_conv::ShiftedConv`] and the f32 reference (candle's
+/// conv2d on the same rounded inputs).
+struct ConvCase {
+    w: Tensor,
+    b: Tensor,
+    x: Tensor,
+    r: Tensor,
+    k: usize,
+    up: bool,
+    /// The output's side.
+    os: usize,
+}
+
+impl ConvCase {
+    fn new(
+        dev: &Device,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        s: usize,
+        batch: usize,
+        up: bool,
+    ) -> Result<Self> {
+        let os = if up { 2 * s } else { s };
+        Ok(Self {
+            w: (Tensor::randn(0f32, 1.0, (cout, cin, k, k), dev)? / ((cin * k * k) as f64).sqrt())?,
+            b: Tensor::randn(0f32, 1.0, cout, dev)?,
+            x: Tensor::randn(0f32, 1.0, (batch, cin, s, s), dev)?,
+            r: Tensor::randn(0f32, 1.0, (batch, cout, os, os), dev)?,
+            k,
+            up,
+            os,
+        })
+    }
+
+    /// (weight, bias, input, residual) rounded to `dt`, the convolution, and the reference
+    /// (with the residual where `res`).
+    fn at(
+        &self,
+        dt: DType,
+        res: bool,
+    ) -> Result<(
+        Tensor,
+        Tensor,
+        Tensor,
+        Tensor,
+        kandinsky_core::gpu_conv::ShiftedConv,
+        Tensor,
+    )> {
+        let f = |t: &Tensor| t.to_dtype(dt);
+        let (w, b, x, r) = (f(&self.w)?, f(&self.b)?, f(&self.x)?, f(&self.r)?);
+        let p = self.k / 2;
+        let conv = kandinsky_core::gpu_conv::ShiftedConv::new(&w, Some(&b), [p, p, p, p])?;
+        let up32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let xin = if self.up {
+            up32(&x)?.upsample_nearest2d(self.os, self.os)?
+        } else {
+            up32(&x)?
+        };
+        let cout = self.b.dim(0)?;
+        let mut reference = xin
+            .conv2d(&up32(&w)?, p, 1, 1, 1)?
+            .broadcast_add(&up32(&b)?.reshape((1, cout, 1, 1))?)?;
+        if res {
+            reference = (reference + up32(&r)?)?;
+        }
+        Ok((w, b, x, r, conv, reference))
+    }
+}
+
 fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
     use kandinsky_core::nn::{GroupNorm, NormModulation};
     // GroupNorm (+ modulation) + SiLU against candle ops at UNet/MoVQ shapes (batch 2): plain,
@@ -407,34 +478,11 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
         (128, 128, 3, 384, 1, true, false),
         (128, 3, 3, 768, 1, false, false),
     ] {
-        let w32 =
-            (Tensor::randn(0f32, 1.0, (cout, cin, k, k), dev)? / ((cin * k * k) as f64).sqrt())?;
-        let b32 = Tensor::randn(0f32, 1.0, cout, dev)?;
-        let x32 = Tensor::randn(0f32, 1.0, (batch, cin, s, s), dev)?;
-        let os = if up { 2 * s } else { s };
-        let r32 = Tensor::randn(0f32, 1.0, (batch, cout, os, os), dev)?;
+        let case = ConvCase::new(dev, cin, cout, k, s, batch, up)?;
+        let (os, p) = (case.os, k / 2);
         for dt in [DType::F32, DType::F16, DType::BF16] {
-            let (w, b, x, r) = (
-                w32.to_dtype(dt)?,
-                b32.to_dtype(dt)?,
-                x32.to_dtype(dt)?,
-                r32.to_dtype(dt)?,
-            );
-            let p = k / 2;
-            let conv = kandinsky_core::gpu_conv::ShiftedConv::new(&w, Some(&b), [p, p, p, p])?;
+            let (w, b, x, r, conv, reference) = case.at(dt, res)?;
             let res = if res { Some(&r) } else { None };
-            let up32 = |t: &Tensor| t.to_dtype(DType::F32);
-            let xin = if up {
-                up32(&x)?.upsample_nearest2d(os, os)?
-            } else {
-                up32(&x)?
-            };
-            let mut reference = xin
-                .conv2d(&up32(&w)?, p, 1, 1, 1)?
-                .broadcast_add(&up32(&b)?.reshape((1, cout, 1, 1))?)?;
-            if let Some(r) = res {
-                reference = (reference + up32(r)?)?;
-            }
             // Whole map, or (MoVQ's large maps) bands of at most 64 MiB of scratch.
             let run = |banded: bool| {
                 if banded {
@@ -727,7 +775,7 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
 /// into an f32 accumulator, then the crop), at the UNet's and MoVQ's 768 px shapes.
 #[cfg(feature = "cuda")]
 fn conv_gemm_rows(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
-    use kandinsky_core::gpu_conv::{ConvGemm, ShiftedConv};
+    use kandinsky_core::gpu_conv::ConvGemm;
     for (cin, cout, k, s, batch, up, res) in [
         (384usize, 384usize, 3usize, 96usize, 2usize, false, true),
         (768, 384, 3, 96, 2, false, false),
@@ -741,30 +789,11 @@ fn conv_gemm_rows(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
         (128, 128, 3, 384, 1, true, false),
         (128, 3, 3, 768, 1, false, false),
     ] {
-        let w32 =
-            (Tensor::randn(0f32, 1.0, (cout, cin, k, k), dev)? / ((cin * k * k) as f64).sqrt())?;
-        let b32 = Tensor::randn(0f32, 1.0, cout, dev)?;
-        let x32 = Tensor::randn(0f32, 1.0, (batch, cin, s, s), dev)?;
-        let os = if up { 2 * s } else { s };
-        let r32 = Tensor::randn(0f32, 1.0, (batch, cout, os, os), dev)?;
+        let case = ConvCase::new(dev, cin, cout, k, s, batch, up)?;
+        let (os, p) = (case.os, k / 2);
         for dt in [DType::F16, DType::BF16] {
-            let f = |t: &Tensor| t.to_dtype(dt);
-            let (w, b, x, r) = (f(&w32)?, f(&b32)?, f(&x32)?, f(&r32)?);
-            let p = k / 2;
-            let conv = ShiftedConv::new(&w, Some(&b), [p, p, p, p])?;
+            let (_, _, x, r, conv, reference) = case.at(dt, res)?;
             let res = if res { Some(&r) } else { None };
-            let up32 = |t: &Tensor| t.to_dtype(DType::F32);
-            let xin = if up {
-                up32(&x)?.upsample_nearest2d(os, os)?
-            } else {
-                up32(&x)?
-            };
-            let mut reference = xin
-                .conv2d(&up32(&w)?, p, 1, 1, 1)?
-                .broadcast_add(&up32(&b)?.reshape((1, cout, 1, 1))?)?;
-            if let Some(r) = res {
-                reference = (reference + up32(r)?)?;
-            }
             let ms_cublas = time(dev, 2, 10, || {
                 conv.forward_gemm(&x, up, res, ConvGemm::Cublas)?;
                 Ok(())
