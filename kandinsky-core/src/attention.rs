@@ -57,10 +57,13 @@ fn flash_kernel() -> crate::cuda::FlashKernel {
     use crate::cuda::FlashKernel;
     static KERNEL: std::sync::OnceLock<FlashKernel> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
-        std::env::var("KANDINSKY_FLASH")
-            .ok()
-            .and_then(|name| FlashKernel::from_name(&name))
-            .unwrap_or(FlashKernel::Mma)
+        let Ok(name) = std::env::var("KANDINSKY_FLASH") else {
+            return FlashKernel::Mma;
+        };
+        FlashKernel::from_name(&name).unwrap_or_else(|| {
+            tracing::warn!("KANDINSKY_FLASH={name}: no such attention kernel, using mma");
+            FlashKernel::Mma
+        })
     })
 }
 

@@ -72,16 +72,22 @@ impl ConvGemm {
         ("wgmma-1copy", ConvGemm::WgmmaOneCopy),
     ];
 
-    /// `KANDINSKY_CONV_GEMM` (a name of [`Self::NAMED`]; cuBLAS when unset or unknown), read
-    /// once. Opt-in until a GPU run has measured the kernels.
+    /// `KANDINSKY_CONV_GEMM` (a name of [`Self::NAMED`]; cuBLAS when unset, or unknown with
+    /// a warning), read once. Opt-in until a GPU run has measured the kernels.
     pub fn selected() -> Self {
         static GEMM: std::sync::OnceLock<ConvGemm> = std::sync::OnceLock::new();
         *GEMM.get_or_init(|| {
-            let name = std::env::var("KANDINSKY_CONV_GEMM").unwrap_or_default();
+            let Ok(name) = std::env::var("KANDINSKY_CONV_GEMM") else {
+                return ConvGemm::Cublas;
+            };
             Self::NAMED
                 .iter()
                 .find(|(n, _)| *n == name)
-                .map_or(ConvGemm::Cublas, |&(_, g)| g)
+                .map(|&(_, g)| g)
+                .unwrap_or_else(|| {
+                    tracing::warn!("KANDINSKY_CONV_GEMM={name}: no such kernel, using cublas");
+                    ConvGemm::Cublas
+                })
         })
     }
 
