@@ -16,11 +16,12 @@
 #      TRANSPOSE, the UNet with the attention blocks' tiled transposes
 #      (KANDINSKY_TILED_TRANSPOSE=1); TOKEN_MAJOR, the UNet with the token-major attention
 #      kernel (no head copies); CONV_NORM, the UNet and MoVQ with the ResNet norms inside
-#      the convolutions' copy kernel (KANDINSKY_CONV_NORM=1), then the UNet and the whole
-#      text2img (eager and with CUDA graphs) with it and token-major; ALL, the UNet and the
+#      the convolutions' copy kernel (KANDINSKY_CONV_NORM=1); BOTH (only with BOTH=1), the
+#      UNet and the whole text2img with it and token-major; ALL, the UNet and the
 #      text2img with every switch that won on its own (or ALL_ENV); BANDED, the timings with
-#      the convolution scratch banded at 64 MiB (peak memory); PLAIN, the UNet with candle's
-#      own kernels (KANDINSKY_PLAIN_KERNELS=1, measured before: run 9; only with PLAIN=1);
+#      those switches and the convolution scratch banded at 64 MiB (peak memory); PLAIN,
+#      the UNet with candle's own kernels (KANDINSKY_PLAIN_KERNELS=1, measured before: run
+#      9; only with PLAIN=1);
 #   3. ncu (NCU=0 skips it): the GPU time of every kernel of one 768 px UNet step and one
 #      MoVQ decode, with the switches in NCU_ENV set;
 #   4. with DIFFUSERS=1, diffusers/PyTorch on the same card (fp16), from the carried wheels.
@@ -111,9 +112,11 @@ ab TOKEN_MAJOR KANDINSKY_FLASH_TOKEN_MAJOR=1 60 rust-token-major.log '^(unet|tim
     --timings-only --unet-only --quick
 ab CONV_NORM KANDINSKY_CONV_NORM=1 70 rust-conv-norm.log '^(unet step|movq|timings)' \
     --timings-only --quick --no-text2img
-ab CONV_NORM "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-both.log '^(unet|timings)' \
+# Session 7's pairing of the two (ALL below combines whatever won): only with BOTH=1.
+BOTH=${BOTH:-0}
+ab BOTH "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-both.log '^(unet|timings)' \
     --timings-only --unet-only --quick
-ab CONV_NORM "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-t2i-both.log '^(text2img|timings)' \
+ab BOTH "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-t2i-both.log '^(text2img|timings)' \
     --text2img-only
 # ALL: every switch that won on its own, together — the best case the run can show for the
 # UNet goal and the whole text2img. A switch wins when its 768 px UNet step (eager) beat the
@@ -140,7 +143,8 @@ fi
 if [ -z "$ALL_ENV" ]; then ALL=0; fi
 ab ALL "$ALL_ENV" 60 rust-all.log '^(unet|timings)' --timings-only --unet-only --quick
 ab ALL "$ALL_ENV" 60 rust-t2i-all.log '^(text2img|timings)' --text2img-only
-ab BANDED KANDINSKY_CONV_SCRATCH_MB=64 70 rust-banded.log '^(movq|unet step 768px b2 F16 |timings)' \
+# With ALL's switches: the memory of the configuration that would become the default.
+ab BANDED "KANDINSKY_CONV_SCRATCH_MB=64 $ALL_ENV" 70 rust-banded.log '^(movq|unet step 768px b2 F16 |timings)' \
     --timings-only --quick --no-text2img
 ab PLAIN KANDINSKY_PLAIN_KERNELS=1 70 rust-plain.log '^(unet|timings)' --timings-only --unet-only --quick
 if [ "${NCU:-1}" = 1 ]; then
@@ -165,7 +169,7 @@ if [ "${DIFFUSERS:-0}" = 1 ]; then
         --prior --text --attn 96 --json "$OUT/diffusers-fp16.jsonl" 2>&1 | grep -v Warning | tee "$OUT/diffusers.log"
 fi
 echo "== rust table"
-grep -A300 '^check' "$OUT/rust.log" | grep -v '^groupnorm'
+grep -A300 '^check' "$OUT/rust.log" 2>/dev/null | grep -v '^groupnorm'
 # One line per switch and workload, so the switches that win are read off at once: the
 # 768 px UNet step (eager and replayed), MoVQ at 768 px, the whole text2img, and the new
 # attention kernels at the 48×48 level.
