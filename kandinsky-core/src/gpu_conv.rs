@@ -425,9 +425,8 @@ impl ShiftedConv {
     }
 
     /// What sums the kernel rows of this call on the selected path (`KANDINSKY_CONV_GEMM`):
-    /// a fused kernel where it covers the dtype and channels and its grid gives every
-    /// multiprocessor a block (on the small maps of the UNet's inner levels a few blocks,
-    /// each a long serial reduction, would lose to cuBLAS's kernels), cuBLAS otherwise.
+    /// a fused kernel where it covers the dtype and channels and suits the shape
+    /// ([`Self::fused_suits`]), cuBLAS otherwise.
     fn auto_gemm(&self, x: &Tensor, upsample2x: bool, padding: Padding4) -> Result<ConvGemm> {
         let (_, c, _, _) = x.dims4()?;
         let k = self.taps.dim(0)?;
@@ -435,18 +434,24 @@ impl ShiftedConv {
         if gemm == ConvGemm::Cublas || !x.device().is_cuda() {
             return Ok(gemm);
         }
-        Ok(if self.fused_fills_gpu(x, upsample2x, padding)? {
+        Ok(if self.fused_suits(x, upsample2x, padding)? {
             gemm
         } else {
             ConvGemm::Cublas
         })
     }
 
-    /// Whether the fused kernels' grid for `x` gives every multiprocessor of its GPU a block
-    /// (where they run on the selected path).
-    pub fn fused_fills_gpu(&self, x: &Tensor, upsample2x: bool, padding: Padding4) -> Result<bool> {
+    /// Whether the fused kernels suit this call (and run on the selected path): at least
+    /// one 128-channel tile of outputs (the output convolutions' 3 or 8 channels would
+    /// leave most of every tile's products unused), and a grid that gives every
+    /// multiprocessor of the GPU a block (on the small maps of the UNet's inner levels a
+    /// few blocks, each a long serial reduction, would lose to cuBLAS's split kernels).
+    pub fn fused_suits(&self, x: &Tensor, upsample2x: bool, padding: Padding4) -> Result<bool> {
         let (b, _, h, w) = x.dims4()?;
         let (k, cout, _) = self.taps.dims3()?;
+        if cout < 128 {
+            return Ok(false);
+        }
         let g = Geometry::new(h, w, k, padding, upsample2x)?;
         let (gx, gy, gz) = fused_gemm_grid(b, cout, g.oh * g.wp);
         Ok(gx * gy * gz >= multiprocessors(x.device())?)

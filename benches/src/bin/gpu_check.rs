@@ -807,9 +807,10 @@ fn conv_gemm_rows(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 Ok((d, ms))
             };
             let flops = 2.0 * (batch * os * os) as f64 * (cout * cin * k * k) as f64;
-            // "small": a grid that leaves multiprocessors idle, where the selected path
-            // keeps cuBLAS (ShiftedConv::fused_fills_gpu); run.sh ranks the kernels without.
-            let small = !conv.fused_fills_gpu(&x, up, [p, p, p, p])?;
+            // "small": a grid that leaves multiprocessors idle or tiles mostly empty, where
+            // the selected path keeps cuBLAS (ShiftedConv::fused_suits); run.sh ranks the
+            // kernels without these rows.
+            let small = !conv.fused_suits(&x, up, [p, p, p, p])?;
             for (name, gemm) in ConvGemm::NAMED.into_iter().skip(1) {
                 if gemm.effective(dt, k, cin) != gemm {
                     continue; // wgmma where the kernels were not built for sm_90a
