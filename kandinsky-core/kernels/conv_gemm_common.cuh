@@ -117,7 +117,7 @@ __device__ __forceinline__ void store_b(const BRegs& br, T* bs, At at) {
       for (int e = 0; e < 4; ++e)
         out.w[e] = dx == 0 ? w[e] : dx == 1 ? (w[e] >> 16) | (w[e + 1] << 16) : w[e + 1];
     }
-    *reinterpret_cast<U4*>(bs + at(i >> 4, i & 15)) = out;
+    st_shared16(reinterpret_cast<U4*>(bs + at(i >> 4, i & 15)), out);
   }
 }
 

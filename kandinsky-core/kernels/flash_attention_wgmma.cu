@@ -14,7 +14,9 @@
 //     1024 B, a k16 step 32 B further; V: N-major, SBO 1024 B (8 keys), a step 2048 B.
 //   SW = false, no swizzle: element (r, c) at (r/8)·512 + (c/8)·64 + (r%8)·8 + c%8, so
 //     LBO = 128 B and SBO = 1024 B for K (K = head dim), LBO = 1024 B and SBO = 128 B for V
-//     (K = keys); a row's chunks are 128 bytes apart (an 8-way bank conflict per write).
+//     (K = keys); a row's chunks are 128 bytes apart, so the loader's lanes take eight rows
+//     of one chunk (load_rows_async's COLUMNS_FIRST) instead of one row's eight chunks,
+//     which would be an 8-way bank conflict per write.
 // Shared memory 32 KB; Q is staged once through the second K/V pair and read with ldmatrix.
 //
 // The kernel the mma.sync kernels could not be: at the UNet's 48×48 level they reach
@@ -42,6 +44,7 @@ template <bool SW> __device__ __forceinline__ int at(int r, int c) {
   else return (r >> 3) * 512 + (c >> 3) * 64 + (r & 7) * 8 + (c & 7);
 }
 template <bool SW> struct Layout {
+  static constexpr bool COLUMNS_FIRST = !SW;  // unswizzled, a row's chunks are 128 bytes apart
   __device__ __forceinline__ static int at(int r, int c) { return wg::at<SW>(r, c); }
 };
 

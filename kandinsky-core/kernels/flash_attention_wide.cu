@@ -24,6 +24,7 @@ constexpr int RW = 32;   // query rows per warp
 // Rows of 64 padded to 72 halves (144 bytes): the eight row addresses of an ldmatrix phase
 // fall in distinct banks.
 struct Padded {
+  static constexpr bool COLUMNS_FIRST = false;
   __device__ __forceinline__ static int at(int r, int c) { return r * LDS + c; }
 };
 

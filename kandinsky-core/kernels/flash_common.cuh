@@ -52,12 +52,17 @@ struct Head {
 
 // Rows [r0, r0 + ROWS) of the two-segment matrix (a: la rows, then b: lb rows, `rs` elements
 // apart) into a tile whose element (r, c) sits at Layout::at(r, c), with cp.async; rows past
-// the end are zero. Thread i copies 16-byte chunk i % 8 of row i / 8.
+// the end are zero. Thread i copies 16-byte chunk i % 8 of row i / 8, or, where
+// Layout::COLUMNS_FIRST (a layout keeping a row's chunks 128 bytes apart, which would put the
+// eight lanes the hardware serves together in one bank group), chunk (i / 8) % 8 of row
+// i % 8 + 8·(i / 64): eight rows of one chunk, contiguous in such a layout, and still whole
+// 64-byte pieces of rows per warp on the global side.
 template <int THREADS, int ROWS, class Layout, typename T>
 __device__ __forceinline__ void load_rows_async(T* tile, const T* a, int la, const T* b, int lb, int r0, int rs) {
 #pragma unroll
   for (int i = threadIdx.x; i < ROWS * 8; i += THREADS) {
-    const int r = i >> 3, c = (i & 7) * 8;
+    const int r = Layout::COLUMNS_FIRST ? (i & 7) + ((i >> 6) << 3) : i >> 3;
+    const int c = (Layout::COLUMNS_FIRST ? (i >> 3) & 7 : i & 7) * 8;
     const int row = r0 + r;
     const bool in_a = row < la, valid = row < la + lb;
     // A valid address even when nothing is read (src-size 0 still takes an address).

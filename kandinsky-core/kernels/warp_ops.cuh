@@ -25,6 +25,13 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// A 16-byte store to shared memory (its own name so that the host emulation can count its
+// bank conflicts).
+template <class V> __device__ __forceinline__ void st_shared16(V* p, const V& v) {
+  static_assert(sizeof(V) == 16, "st_shared16 stores 16 bytes");
+  *p = v;
+}
+
 // Four 8×8 matrices of 16-bit values: lane 8·j + r gives the address of row r of matrix j
 // (16 contiguous bytes); lane 4·r + w receives word w of row r of matrix j in register j.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {

@@ -9,7 +9,11 @@
 //! the one-kernel convolution GEMMs (`conv_gemm{,1}_*` and `conv_gemm{,1}_wgmma_*`,
 //! `KANDINSKY_CONV_GEMM=mma|wgmma|mma-1copy|wgmma-1copy`) against a convolution in double precision
 //! (`check_conv_gemm.cpp`, f16 ≤ 2e-3, bf16 ≤ 1e-2), and the tiled transpose (+ addend)
-//! against its definition, exactly (`check_transpose.cpp`).
+//! against its definition, exactly (`check_transpose.cpp`). Beside the values, every
+//! shared-memory access through cp.async, ldmatrix and `st_shared16` is counted per source
+//! line: the attention kernels and the convolution GEMMs must be free of bank conflicts and
+//! divergent accesses, and read the fewest 32-byte sectors where the shapes allow it (one
+//! verdict line each, `warp_emu.h`'s `traffic_report`).
 //!
 //! Needs g++ ≥ 12 (C++20, `_Float16`); without it the test says so and passes.
 
@@ -43,10 +47,13 @@ fn attention_kernels_under_host_emulation() -> anyhow::Result<()> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     anyhow::ensure!(out.status.success(), "{} failed", script.display());
-    // Every case printed a passing line: attention 7 kernels × 2 layouts × 4 shapes, then the
-    // normalise-on-read convolution copy's 5 cases, the four convolution GEMMs' 4 each and
-    // the tiled transpose's 3.
+    // Every case printed a passing line: attention 7 kernels × 2 layouts × 4 shapes and its
+    // traffic verdict, then the normalise-on-read convolution copy's 5 cases, the four
+    // convolution GEMMs' 5 each and their traffic verdict, and the tiled transpose's 3.
     let passed = stdout.lines().filter(|l| l.ends_with(" ok")).count();
-    anyhow::ensure!(passed == 56 + 5 + 16 + 3, "{passed} of 80 cases passed");
+    anyhow::ensure!(
+        passed == 56 + 1 + 5 + 20 + 1 + 3,
+        "{passed} of 86 cases passed"
+    );
     Ok(())
 }

@@ -21,7 +21,7 @@ namespace {
 
 // 16-byte aligned storage (cp.async and ldmatrix need it).
 template <typename T> struct Buf {
-  explicit Buf(size_t n) : n(n), p(static_cast<T*>(aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64 + 64))) {}
+  explicit Buf(size_t n) : n(n), p(static_cast<T*>(aligned_alloc(256, ((n * sizeof(T) + 255) / 256) * 256 + 256))) {}
   ~Buf() { free(p); }
   size_t n;
   T* p;
@@ -87,6 +87,7 @@ double run(const Kernel& kernel, bool tm, const Case& c, uint32_t seed) {
   if constexpr (std::is_same<T, __half>::value) fns = kernel.f16;
   else fns = kernel.bf16;
   const EmuDim3 grid{(unsigned)((c.lq + kernel.rows - 1) / kernel.rows), (unsigned)(c.b * c.h), 1};
+  emu::traffic_label(std::string(kernel.name) + (tm ? " token-major" : " head-major"));
   emu::launch(grid, kernel.threads, [&] {
     if (tm) fns.tm(q.p, k1.p, v1.p, c.l1, k2.p, v2.p, c.l2, o.p, c.lq, scale, c.h);
     else fns.hm(q.p, k1.p, v1.p, c.l1, k2.p, v2.p, c.l2, o.p, c.lq, scale);
@@ -161,5 +162,6 @@ int main(int argc, char** argv) {
                pass ? "ok" : "FAIL");
         fflush(stdout);
       }
+  ok &= emu::traffic_report("the attention kernels");
   return ok ? 0 : 1;
 }

@@ -7,8 +7,12 @@
 // latest moment the hardware may land them), and a wgmma runs at the wgmma.wait_group that
 // covers it, so a read the pipeline does not wait for sees stale data.
 //
-// Not emulated: timing, bank conflicts, the tensor cores' internal rounding (products are
-// summed in f32 here). What the emulation proves is which values meet which.
+// Not emulated: timing and the tensor cores' internal rounding (products are summed in f32
+// here). What the emulation proves is which values meet which. Beside the values, every
+// shared-memory access through cp.async, ldmatrix and st_shared16 is recorded per call site
+// and warp instruction, so the shared-memory wavefronts (bank conflicts) and the global
+// sectors (coalescing) of each site can be counted: `emu::traffic_report` (a model of the
+// hardware's rules, see there; it says nothing about latency).
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -16,11 +20,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <source_location>
+#include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #define __device__
@@ -137,12 +146,26 @@ struct WarpGroup {
   const void* b[128];
 };
 
+// One 16-byte access of one thread to shared memory (and, for cp.async, from global memory),
+// with the kernel source line that made it.
+enum Kind : int { kCpAsync, kLdmatrix, kStShared };
+struct Access {
+  const char* file;
+  unsigned line;
+  Kind kind;
+  uintptr_t smem, gmem;  // gmem 0: no global read (not a cp.async, or zero-filled)
+};
+
 struct Block {
   explicit Block(int threads)
-      : bar(threads), warps(new Warp[(threads + 31) / 32]), groups(new WarpGroup[(threads + 127) / 128]) {}
+      : bar(threads),
+        warps(new Warp[(threads + 31) / 32]),
+        groups(new WarpGroup[(threads + 127) / 128]),
+        access(threads) {}
   Barrier bar;
   std::unique_ptr<Warp[]> warps;
   std::unique_ptr<WarpGroup[]> groups;
+  std::vector<std::vector<Access>> access;  // per thread, in program order
 };
 
 // One issued wgmma, run when a wgmma.wait_group covers it (the accumulator reads as stale
@@ -162,6 +185,7 @@ struct Copy {
 };
 
 inline thread_local Block* t_block;
+inline thread_local std::vector<Access>* t_access;
 inline thread_local int t_lane;
 inline thread_local int t_warp;
 inline thread_local std::vector<Copy> t_copies;
@@ -179,6 +203,124 @@ inline void check_aligned(const void* p, const char* what) {
   }
 }
 
+// What one access site (kernel label, source line, kind) cost over all its warp instructions.
+struct SiteStats {
+  uint64_t requests = 0;       // warp instructions
+  uint64_t phases = 0;         // groups of 8 lanes the hardware serves together (128 bytes)
+  uint64_t wavefronts = 0;     // shared-memory passes those took: == phases when conflict-free
+  uint64_t sectors = 0;        // distinct 32-byte global sectors the cp.async sources touched
+  uint64_t ideal_sectors = 0;  // the fewest that many 16-byte reads could touch
+  uint64_t divergent = 0;      // instructions not every lane of the warp made at that point
+};
+using SiteKey = std::tuple<std::string, std::string, unsigned, int>;  // label, file, line, kind
+struct Traffic {
+  std::mutex mu;
+  std::string label = "-";
+  std::map<std::string, bool> aligned;  // per label: whether its sectors must be ideal
+  std::map<SiteKey, SiteStats> sites;
+};
+inline Traffic& traffic() {
+  static Traffic t;
+  return t;
+}
+// Name the kernel the following launches run (the sites are counted per label). `aligned`:
+// the shapes put every row the kernel reads on a 32-byte boundary, so its reads must touch
+// the fewest sectors; edge-case shapes (odd channel counts) cannot, and are only reported.
+inline void traffic_label(const std::string& label, bool aligned = true) {
+  std::lock_guard<std::mutex> lock(traffic().mu);
+  traffic().label = label;
+  traffic().aligned[label] = aligned;
+}
+
+inline void record(Kind kind, const void* smem, const void* gmem, const std::source_location& loc) {
+  t_access->push_back({loc.file_name(), (unsigned)loc.line(), kind, reinterpret_cast<uintptr_t>(smem),
+                       reinterpret_cast<uintptr_t>(gmem)});
+}
+
+// The hardware's rules as modelled here: a warp's 16-byte shared-memory accesses (LDS/STS.128,
+// cp.async's writes, each 8×8 matrix of ldmatrix) are served 8 lanes at a time; the 8 lanes'
+// addresses fall in the 32 banks as 8 groups of four (address bits 4–6), and distinct 16-byte
+// addresses in one group take one pass each (the same address is one pass). A cp.async read
+// touches the 32-byte sectors of its 16 bytes; ideally a warp's 32 reads touch 16.
+inline void count_traffic(Block& blk, int threads) {
+  Traffic& tr = traffic();
+  std::lock_guard<std::mutex> lock(tr.mu);
+  for (int w0 = 0; w0 + 32 <= threads; w0 += 32) {
+    const std::vector<Access>& first = blk.access[w0];
+    size_t n = first.size();
+    for (int l = 1; l < 32; ++l) n = std::min(n, blk.access[w0 + l].size());
+    for (size_t i = 0; i < first.size(); ++i) {
+      const Access& a0 = first[i];
+      SiteStats& st = tr.sites[{tr.label, a0.file, a0.line, (int)a0.kind}];
+      bool same = i < n;
+      for (int l = 1; l < 32 && same; ++l) {
+        const Access& a = blk.access[w0 + l][i];
+        same = a.line == a0.line && a.kind == a0.kind && strcmp(a.file, a0.file) == 0;
+      }
+      if (!same) {
+        ++st.divergent;
+        continue;
+      }
+      ++st.requests;
+      for (int ph = 0; ph < 4; ++ph) {
+        uintptr_t seen[8];
+        int count[8] = {0}, nseen = 0, worst = 1;
+        for (int l = 8 * ph; l < 8 * ph + 8; ++l) {
+          const uintptr_t addr = blk.access[w0 + l][i].smem >> 4;
+          bool dup = false;
+          for (int j = 0; j < nseen; ++j) dup |= seen[j] == addr;
+          if (dup) continue;
+          seen[nseen++] = addr;
+          worst = std::max(worst, ++count[addr & 7]);
+        }
+        ++st.phases;
+        st.wavefronts += worst;
+      }
+      if (a0.kind == kCpAsync) {
+        std::vector<uintptr_t> sec;
+        int reads = 0;
+        for (int l = 0; l < 32; ++l) {
+          const uintptr_t g = blk.access[w0 + l][i].gmem;
+          if (!g) continue;
+          ++reads;
+          sec.push_back(g >> 5);
+          sec.push_back((g + 15) >> 5);
+        }
+        std::sort(sec.begin(), sec.end());
+        st.sectors += std::unique(sec.begin(), sec.end()) - sec.begin();
+        st.ideal_sectors += (reads + 1) / 2;
+      }
+    }
+  }
+}
+
+// Print every site (wavefronts per phase: 1.00 is conflict-free; sectors against the ideal)
+// and return whether every site is conflict-free and never divergent, and every site of an
+// aligned label also reads the fewest sectors. Flagged rows end in "<-".
+inline bool traffic_report(const char* what) {
+  Traffic& tr = traffic();
+  std::lock_guard<std::mutex> lock(tr.mu);
+  static const char* kinds[] = {"cp.async", "ldmatrix", "st.shared"};
+  bool clean = true;
+  printf("%-22s %-28s %-9s %9s %10s %13s %9s\n", "traffic: kernel", "site", "kind", "requests", "wavefronts",
+         "sectors/ideal", "divergent");
+  for (const auto& [key, st] : tr.sites) {
+    const auto& [label, file, line, kind] = key;
+    const char* base = strrchr(file.c_str(), '/');
+    const std::string site = std::string(base ? base + 1 : file.c_str()) + ":" + std::to_string(line);
+    const double wf = st.phases ? (double)st.wavefronts / st.phases : 0.0;
+    const double sec = st.ideal_sectors ? (double)st.sectors / st.ideal_sectors : 1.0;
+    const bool bad = st.wavefronts != st.phases || st.divergent ||
+                     (tr.aligned[label] && st.sectors != st.ideal_sectors);
+    clean &= !bad;
+    printf("%-22s %-28s %-9s %9llu %10.2f %13.2f %9llu%s\n", label.c_str(), site.c_str(), kinds[kind],
+           (unsigned long long)st.requests, wf, sec, (unsigned long long)st.divergent, bad ? "  <-" : "");
+  }
+  printf("traffic of %s: %zu sites, bank conflicts, divergence, sectors of aligned shapes  %s\n", what,
+         tr.sites.size(), clean && !tr.sites.empty() ? "ok" : "FAIL");
+  return clean && !tr.sites.empty();
+}
+
 // Run `body` as every thread of every block of `grid` (blocks in turn).
 template <class F>
 void launch(EmuDim3 grid, int threads, F body) {
@@ -194,6 +336,7 @@ void launch(EmuDim3 grid, int threads, F body) {
           blockDim = {(unsigned)threads, 1, 1};
           gridDim = grid;
           t_block = &blk;
+          t_access = &blk.access[tid];
           t_lane = tid & 31;
           t_warp = tid >> 5;
           t_copies.clear();
@@ -213,6 +356,7 @@ void launch(EmuDim3 grid, int threads, F body) {
           }
         });
       for (auto& t : ts) t.join();
+      count_traffic(blk, threads);
     }
 }
 
@@ -229,9 +373,11 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
   return r;
 }
 
-inline void cp_async16(void* dst, const void* src, bool valid) {
+inline void cp_async16(void* dst, const void* src, bool valid,
+                       const std::source_location loc = std::source_location::current()) {
   emu::check_aligned(dst, "cp.async destination");
   emu::check_aligned(src, "cp.async source");
+  emu::record(emu::kCpAsync, dst, valid ? src : nullptr, loc);
   emu::t_copies.push_back({dst, src, valid, emu::t_group});
 }
 inline void cp_async_commit() { ++emu::t_group; }
@@ -259,8 +405,9 @@ inline uint16_t u16_at(const void* row, int i) {
   memcpy(&v, static_cast<const char*>(row) + 2 * i, 2);
   return v;
 }
-inline void ldmatrix(uint32_t* r, const void* p, bool trans) {
+inline void ldmatrix(uint32_t* r, const void* p, bool trans, const std::source_location& loc) {
   check_aligned(p, "ldmatrix row");
+  record(kLdmatrix, p, nullptr, loc);
   Warp& w = warp();
   w.p[t_lane] = p;
   w.bar.wait("ldmatrix");
@@ -311,8 +458,21 @@ inline float f16_bits(uint16_t v) { return __half2float(__half{v}); }
 inline float bf16_bits(uint16_t v) { return __bfloat162float(__nv_bfloat16{v}); }
 }  // namespace emu
 
-inline void ldmatrix_x4(uint32_t* r, const void* p) { emu::ldmatrix(r, p, false); }
-inline void ldmatrix_x4_trans(uint32_t* r, const void* p) { emu::ldmatrix(r, p, true); }
+inline void ldmatrix_x4(uint32_t* r, const void* p, const std::source_location loc = std::source_location::current()) {
+  emu::ldmatrix(r, p, false, loc);
+}
+inline void ldmatrix_x4_trans(uint32_t* r, const void* p,
+                              const std::source_location loc = std::source_location::current()) {
+  emu::ldmatrix(r, p, true, loc);
+}
+// A 16-byte store to shared memory.
+template <class V>
+void st_shared16(V* p, const V& v, const std::source_location loc = std::source_location::current()) {
+  static_assert(sizeof(V) == 16, "st_shared16 stores 16 bytes");
+  emu::check_aligned(p, "st.shared.v4");
+  emu::record(emu::kStShared, p, nullptr, loc);
+  *p = v;
+}
 inline void mma_f16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) { emu::mma(c, a, b0, b1, emu::f16_bits); }
 inline void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   emu::mma(c, a, b0, b1, emu::bf16_bits);
