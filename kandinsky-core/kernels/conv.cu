@@ -3,10 +3,12 @@
 // zero-padded input, accumulated in f32 (no im2col matrix).
 //
 // `conv_shift_*` writes X3 [B, k·C, S]: for each dx in [0, k) a copy of the padded input
-// (optionally nearest-upsampled 2×), flattened with row stride Wp and shifted left by dx
-// elements, so that row block dy of the GEMM reads X3[b, dx·C + c, dy·Wp + j] =
-// padded[b, c, (dy·Wp + dx + j)]. Wp and S are multiples of 8 (16-byte aligned views for
-// cuBLAS's tensor-core kernels). Positions past the padded map are zero.
+// (optionally nearest-upsampled 2×), flattened with row stride Wp, each row shifted left by
+// dx columns: X3[b, dx·C + c, y·Wp + x] = padded[b, c, y, x + dx], so that row block dy of
+// the GEMM reads padded[b, c, y + dy, x + dx] at dy·Wp + (y·Wp + x). Wp and S are multiples
+// of 8 (16-byte aligned views for cuBLAS's tensor-core kernels); Wp needs to cover only the
+// output's columns (the shift is already in the copy), and columns past the padded map are
+// zero. The one-copy GEMMs (k = 1 copy here) shift by themselves and get Wp ≥ the padded width.
 //
 // `conv_shift_norm_*` is `conv_shift_*` reading the map through a GroupNorm (+ modulation)
 // (+ SiLU): the statistics come from `group_norm_stats_*` (group_norm.cu), each block merges
@@ -71,12 +73,11 @@ __device__ void conv_shift(const T *__restrict__ x, T *__restrict__ x3, int C, i
   if (i0 >= S) return;
   const T *xc = x + ((long long)b * C + c) * H * W;
   const int hu = H << up, wu = W << up;
-  const int p = i0 + dx;
-  int r = p / Wp, col = p - r * Wp;
+  int r = i0 / Wp, col = i0 - r * Wp;
   Vec8<T> out;
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
-    const int yy = r - pt, xx = col - pl;
+    const int yy = r - pt, xx = col + dx - pl;
     if (r < Hp && yy >= 0 && yy < hu && xx >= 0 && xx < wu) {
       const int sy = yy >> up, sx = xx >> up;
       if (NORM) {

@@ -964,8 +964,15 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
         let wo = contiguous_start(wl, "shifted convolution: the weight")?;
         let [pt, _, pl, _] = self.pad;
         let up = usize::from(self.upsample2x);
-        let g = crate::gpu_conv::Geometry::new(h, w, k, self.pad, self.upsample2x)
-            .map_err(candle_core::Error::wrap)?;
+        let g = crate::gpu_conv::Geometry::new(
+            h,
+            w,
+            k,
+            self.pad,
+            self.upsample2x,
+            self.gemm.one_copy(),
+        )
+        .map_err(candle_core::Error::wrap)?;
         let (hp, wp, oh, ow) = (g.hp, g.wp, g.oh, g.ow);
         let (n, s) = (oh * wp, hp * wp);
         // The kernels index one channel's map, the output rows and the GEMM sizes in 32 bits.

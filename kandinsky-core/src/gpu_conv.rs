@@ -41,6 +41,13 @@ fn norm_on_read() -> bool {
     *ON.get_or_init(|| std::env::var("KANDINSKY_CONV_NORM").as_deref() == Ok("1"))
 }
 
+/// `KANDINSKY_CONV_PADDED_ROWS=1`, read once: the `k` shifted copies keep rows of the padded
+/// width, as GPU runs 6–9 measured them ([`Geometry`]), to time the narrow rows against.
+fn padded_rows() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KANDINSKY_CONV_PADDED_ROWS").as_deref() == Ok("1"))
+}
+
 /// What sums the `k` kernel rows of a shifted convolution on CUDA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvGemm {
@@ -161,9 +168,17 @@ impl InputNorm<'_> {
 pub type Padding4 = [usize; 4];
 
 /// The padded map of one shifted convolution, as the CUDA op allocates it and the reference
-/// computes it: the (upsampled) map `hu` rows high, padded to `hp × wfull`, stored with the row
-/// stride `wp` (rounded up to 8 elements, so that every GEMM view starts 16-byte aligned),
-/// and the output `oh × ow`.
+/// computes it: the (upsampled) map `hu` rows high, padded to `hp × wfull`, its copies stored
+/// with the row stride `wp`, and the output `oh × ow`.
+///
+/// `wp` is a multiple of 8 elements (every GEMM view starts 16-byte aligned) and is also the
+/// row stride of the GEMM's output grid `oh × wp`, whose columns past `ow` are computed and
+/// dropped. Where each of the `k` copies is already shifted by its column offset (cuBLAS and
+/// the `k`-copy fused kernels), a row needs only the output's `ow` columns: `wp` is `ow`
+/// rounded up, and at the UNet's 96/48/24-wide levels the GEMMs compute 8/14/25 % fewer
+/// columns than with the padded width. The one-copy kernels shift inside the GEMM and read
+/// `dx` columns further, so there a row holds the whole padded width `wfull`, rounded up
+/// (as every copy did before, and does with `KANDINSKY_CONV_PADDED_ROWS=1`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Geometry {
     pub hu: usize,
@@ -175,13 +190,15 @@ pub(crate) struct Geometry {
 }
 
 impl Geometry {
-    /// For an `h × w` input, a `k × k` kernel, `padding`, optionally upsampled 2× first.
+    /// For an `h × w` input, a `k × k` kernel, `padding`, optionally upsampled 2× first, laid
+    /// out as one padded copy (`one_copy`) or `k` shifted ones.
     pub(crate) fn new(
         h: usize,
         w: usize,
         k: usize,
         padding: Padding4,
         upsample2x: bool,
+        one_copy: bool,
     ) -> Result<Self> {
         let [pt, pb, pl, pr] = padding;
         let up = usize::from(upsample2x);
@@ -193,13 +210,14 @@ impl Geometry {
                  the {k}x{k} kernel"
             )));
         }
+        let ow = wfull + 1 - k;
         Ok(Self {
             hu,
             hp,
             wfull,
-            wp: wfull.div_ceil(8) * 8,
+            wp: if one_copy || padded_rows() { wfull } else { ow }.div_ceil(8) * 8,
             oh: hp + 1 - k,
-            ow: wfull + 1 - k,
+            ow,
         })
     }
 }
@@ -447,12 +465,13 @@ impl ShiftedConv {
     /// multiprocessor of the GPU a block (on the small maps of the UNet's inner levels a
     /// few blocks, each a long serial reduction, would lose to cuBLAS's split kernels).
     pub fn fused_suits(&self, x: &Tensor, upsample2x: bool, padding: Padding4) -> Result<bool> {
-        let (b, _, h, w) = x.dims4()?;
+        let (b, c, h, w) = x.dims4()?;
         let (k, cout, _) = self.taps.dims3()?;
         if cout < 128 {
             return Ok(false);
         }
-        let g = Geometry::new(h, w, k, padding, upsample2x)?;
+        let one_copy = ConvGemm::selected().effective(x.dtype(), k, c).one_copy();
+        let g = Geometry::new(h, w, k, padding, upsample2x, one_copy)?;
         let (gx, gy, gz) = fused_gemm_grid(b, cout, g.oh * g.wp);
         Ok(gx * gy * gz >= multiprocessors(x.device())?)
     }
@@ -463,8 +482,8 @@ impl ShiftedConv {
     pub fn scratch_bytes(&self, x: &Tensor, upsample2x: bool) -> Result<usize> {
         let (b, c, h, w) = x.dims4()?;
         let (k, cout, _) = self.taps.dims3()?;
-        let g = Geometry::new(h, w, k, self.padding, upsample2x)?;
         let gemm = self.auto_gemm(x, upsample2x, self.padding)?;
+        let g = Geometry::new(h, w, k, self.padding, upsample2x, gemm.one_copy())?;
         let copies = if gemm.one_copy() { 1 } else { k };
         let acc = match gemm {
             ConvGemm::Cublas => cout * g.oh * g.wp * 4,
@@ -507,7 +526,9 @@ impl ShiftedConv {
         let (b, c, h, w) = x.dims4()?;
         let (k, cout, _) = self.taps.dims3()?;
         let [pt, _, pl, pr] = self.padding;
-        let Geometry { hu, wp, oh, .. } = Geometry::new(h, w, k, self.padding, upsample2x)?;
+        let one_copy = self.auto_gemm(x, upsample2x, self.padding)?.one_copy();
+        let Geometry { hu, wp, oh, .. } =
+            Geometry::new(h, w, k, self.padding, upsample2x, one_copy)?;
         let per_row = b * wp * (k * c * x.dtype().size_in_bytes() + cout * 4);
         let rows = (max_scratch_bytes / per_row.max(1))
             .saturating_sub(k - 1)
@@ -582,16 +603,18 @@ impl ShiftedConv {
             oh,
             ow,
             ..
-        } = Geometry::new(h, w, k, padding, upsample2x)?;
+        } = Geometry::new(h, w, k, padding, upsample2x, false)?;
         let s = hp * wp;
         let n = oh * wp;
-        let flat = x
-            .pad_with_zeros(2, pt, pb)?
-            .pad_with_zeros(3, pl, pr + wp - wfull)?
-            .reshape((b, c, s))?;
-        // Copy dx: the flattened map shifted left by dx, zeros past its end.
+        // Zero columns on the right so that every copy's `wp` columns lie inside.
+        let padded = x.pad_with_zeros(2, pt, pb)?.pad_with_zeros(
+            3,
+            pl,
+            pr + (wp + k - 1).saturating_sub(wfull),
+        )?;
+        // Copy dx: column x of each row is column x + dx of the padded map, flattened.
         let copies = (0..k)
-            .map(|dx| flat.narrow(2, dx, s - dx)?.pad_with_zeros(2, 0, dx))
+            .map(|dx| padded.narrow(3, dx, wp)?.reshape((b, c, s)))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let x3 = Tensor::cat(&copies, 1)?;
         let taps = self.taps.to_dtype(x.dtype())?;

@@ -19,14 +19,16 @@
 #      the convolutions' copy kernel (KANDINSKY_CONV_NORM=1); BOTH (only with BOTH=1), the
 #      UNet and the whole text2img with it and token-major; ALL, the UNet and the
 #      text2img with every switch that won on its own (or ALL_ENV); BANDED, the timings with
-#      those switches and the convolution scratch banded at 64 MiB (peak memory); PLAIN,
+#      those switches and the convolution scratch banded at 64 MiB (peak memory);
+#      PADDED_ROWS, the UNet and MoVQ with the convolution copies' rows at the padded width
+#      (KANDINSKY_CONV_PADDED_ROWS=1, the layout of runs 6–9, against the narrow default); PLAIN,
 #      the UNet with candle's own kernels (KANDINSKY_PLAIN_KERNELS=1, measured before: run
 #      9; only with PLAIN=1);
 #   3. ncu (NCU=0 skips it): the GPU time of every kernel of one 768 px UNet step and one
 #      MoVQ decode, with the switches in NCU_ENV set;
 #   4. with DIFFUSERS=1, diffusers/PyTorch on the same card (fp16), from the carried wheels.
 # Two calls fit a session's device time: `NCU=0 BANDED=0 DEADLINE=560 bash xtask/gpu/run.sh`,
-# then `CHECK=0 WIDE=0 CONV_GEMM=0 TRANSPOSE=0 TOKEN_MAJOR=0 CONV_NORM=0 ALL_ENV="…"
+# then `CHECK=0 WIDE=0 CONV_GEMM=0 TRANSPOSE=0 TOKEN_MAJOR=0 CONV_NORM=0 PADDED_ROWS=0 ALL_ENV="…"
 # DIFFUSERS=1 DEADLINE=300 bash xtask/gpu/run.sh` with the first call's "== ALL" switches.
 set -uo pipefail
 # Every part's timeout is cut to what is left of DEADLINE seconds (the device call's limit
@@ -145,6 +147,10 @@ ab ALL "$ALL_ENV" 60 rust-all.log '^(unet|timings)' --timings-only --unet-only -
 ab ALL "$ALL_ENV" 60 rust-t2i-all.log '^(text2img|timings)' --text2img-only
 # With ALL's switches: the memory of the configuration that would become the default.
 ab BANDED "KANDINSKY_CONV_SCRATCH_MB=64 $ALL_ENV" 70 rust-banded.log '^(movq|unet step 768px b2 F16 |timings)' \
+    --timings-only --quick --no-text2img
+# The convolution copies' rows at the padded width, as runs 6–9 had them (the default now
+# keeps only the output's columns): what the narrow rows gained.
+ab PADDED_ROWS KANDINSKY_CONV_PADDED_ROWS=1 70 rust-padded-rows.log '^(unet step|movq|timings)' \
     --timings-only --quick --no-text2img
 ab PLAIN KANDINSKY_PLAIN_KERNELS=1 70 rust-plain.log '^(unet|timings)' --timings-only --unet-only --quick
 if [ "${NCU:-1}" = 1 ]; then

@@ -66,10 +66,11 @@ double run(const Case& cs, uint32_t seed) {
     else group_norm_stats_bf16(full.data(), partial.data(), ge, chunk, splits, vec8);
   });
 
-  // Geometry: stride-1, zero padding k/2, the (upsampled) map inside a padded map whose rows
-  // are rounded up to 8 with one spare row (as gpu_conv::Geometry leaves room for the shifts).
+  // Geometry: stride-1, zero padding k/2, the (upsampled) map inside a padded map, each copy's
+  // rows the output's width rounded up to 8 (as gpu_conv::Geometry lays out k shifted
+  // copies), plus one spare row.
   const int pad = k / 2, hu = H << cs.up, wu = W << cs.up;
-  const int Hp = hu + 2 * pad + 1, Wp = (wu + 2 * pad + 7) / 8 * 8;
+  const int Hp = hu + 2 * pad + 1, Wp = (wu + 7) / 8 * 8;
   const long long S = (long long)Hp * Wp;
   const unsigned gy = (unsigned)((S + 8 * 32 - 1) / (8 * 32));
   std::vector<T> x3((size_t)B * k * C * S), x3_ref(x3.size());
