@@ -7,9 +7,11 @@
 //                      + Σ_dy Σ_kk taps[dy, co, kk] · X3[b, kk, dy·Wp + y·Wp + x],   x < OW
 //
 // — the sums the k cuBLAS GEMMs of the default path accumulate in an f32 buffer, here in
-// registers, cropped, biased and rounded in the epilogue. Tiles of 128 output channels × 128
-// positions of the OH·Wp grid per block of 256 threads, 32 of the k·C reduction per stage,
-// 3 cp.async stages. Needs k·C and Wp multiples of 8 (16-byte chunks), f16 or bf16.
+// registers, cropped, biased and rounded in the epilogue. The GEMM's n columns are the
+// output's positions (n = OH·OW) where OW is a multiple of 8, the OH × Wp grid otherwise
+// (grid_at). Tiles of 128 output channels × 128 columns per block of 256 threads, 32 of the
+// k·C reduction per stage, 3 cp.async stages. Needs k·C and Wp multiples of 8 (16-byte
+// chunks), f16 or bf16.
 //
 // ONE (the `conv_gemm1*` entry points): the shifted copies are not made. X3 is then the
 // single padded map P [B, C, S] (conv.cu's copy with k = 1, plus 16 elements of slack at the
@@ -48,6 +50,21 @@ struct alignas(16) U4 {
 // r + 2 would share banks) fall in distinct banks.
 __device__ __forceinline__ int a_at(int r, int c) { return r * BK + ((c ^ ((r >> 1) & 3)) << 3); }
 
+// Column j of the GEMM (positions; 8-aligned chunks) → its index in the OH × Wp grid the
+// copies are laid out in. Where OW is a multiple of 8 the columns are the output's positions
+// alone (n = OH·OW, a chunk never crosses a row), so no product is spent on the grid's
+// columns past OW — which the one-copy kernels' rows, holding the padded width, would have
+// (8 / 14 % of the grid at 96 / 48 wide); otherwise the columns are the grid (n = OH·Wp),
+// cropped in the epilogue. gpu_conv::Geometry::fused_columns is the host's side.
+template <typename T>
+__device__ __forceinline__ bool dense(const Args<T>& p) { return (p.ow & 7) == 0; }
+template <typename T>
+__device__ __forceinline__ int grid_at(const Args<T>& p, int j) {
+  if (!dense(p)) return j;
+  const int y = j / p.ow;
+  return y * p.wp + (j - y * p.ow);
+}
+
 // Reduction step `it`: kernel row dy = it / nkt and the first of its BK channels·taps.
 struct Step {
   int dy, kk0;
@@ -73,7 +90,7 @@ template <typename T>
 __device__ __forceinline__ const T* b_src(const Args<T>& p, const T* x3b, Step st, int r, int c, int n0, bool& ok) {
   const int kk = st.kk0 + r, j = n0 + 8 * c;
   ok = kk < p.kc && j < p.n;
-  return ok ? x3b + (long long)kk * p.s + (long long)st.dy * p.wp + j : x3b;
+  return ok ? x3b + (long long)kk * p.s + (long long)st.dy * p.wp + grid_at(p, j) : x3b;
 }
 
 // ONE: the position tile of a step in registers between its loads and its store to shared
@@ -94,7 +111,7 @@ __device__ __forceinline__ void load_b_regs(const Args<T>& p, const T* pb, Step 
     if (br.ok[q]) {
       const int dx = kk / p.c, ch = kk - dx * p.c;
       // Aligned: S, Wp and j are multiples of 8; the chunk starts dx elements in.
-      const U4* src = reinterpret_cast<const U4*>(pb + (long long)ch * p.s + (long long)st.dy * p.wp + j);
+      const U4* src = reinterpret_cast<const U4*>(pb + (long long)ch * p.s + (long long)st.dy * p.wp + grid_at(p, j));
       br.dx[q] = dx;
       br.lo[q] = src[0];
       br.hi[q] = dx ? src[1] : br.lo[q];
@@ -121,13 +138,14 @@ __device__ __forceinline__ void store_b(const BRegs& br, T* bs, At at) {
   }
 }
 
-// Output row `co`, grid positions j and j + 1 (j even) of batch b: kept where inside the map's
+// Output row `co`, GEMM columns j and j + 1 (j even) of batch b: kept where inside the map's
 // OW columns, plus bias and residual, rounded once. Stored as one pair where OW is even (then
 // both or neither are inside, and 4-byte aligned).
 template <typename T>
 __device__ __forceinline__ void store_pair(const Args<T>& p, int b, int co, int j, float v0, float v1) {
   if (co >= p.cout || j >= p.n) return;
-  const int y = j / p.wp, x = j - y * p.wp;
+  const int stride = dense(p) ? p.ow : p.wp;
+  const int y = j / stride, x = j - y * stride;
   if (x >= p.ow) return;
   const float bv = p.has_bias ? to_f<T>(p.bias[co]) : 0.f;
   v0 += bv;

@@ -1208,6 +1208,8 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                         ),
                     };
                     let f = dev.get_or_load_custom_func(name, module, ptx)?;
+                    // The GEMM's columns: the output's positions, or the grid (cropped).
+                    let n = g.fused_columns();
                     let (gx, gy, gz) = crate::gpu_conv::fused_gemm_grid(b, cout, n);
                     let cfg = LaunchConfig {
                         grid_dim: (gx as u32, gy as u32, gz as u32),

@@ -119,8 +119,9 @@ impl ConvGemm {
     }
 }
 
-/// The grid of the fused convolution GEMMs (`kernels/conv_gemm_common.cuh`): 128-position
-/// tiles of the `n = OH·Wp` grid, 128-channel tiles of `cout`, the batch.
+/// The grid of the fused convolution GEMMs (`kernels/conv_gemm_common.cuh`): 128-column
+/// tiles of the `n` GEMM columns ([`Geometry::fused_columns`]), 128-channel tiles of `cout`,
+/// the batch.
 pub(crate) fn fused_gemm_grid(b: usize, cout: usize, n: usize) -> (usize, usize, usize) {
     (n.div_ceil(128), cout.div_ceil(128), b)
 }
@@ -219,6 +220,19 @@ impl Geometry {
             oh: hp + 1 - k,
             ow,
         })
+    }
+}
+
+impl Geometry {
+    /// The columns of the fused kernels' GEMM (`kernels/conv_gemm_common.cuh`, `grid_at`):
+    /// the output's positions where its width is a multiple of 8 (a 16-byte chunk never
+    /// crosses a row), else the whole `oh × wp` grid, cropped in their epilogue.
+    pub(crate) fn fused_columns(&self) -> usize {
+        if self.ow % 8 == 0 {
+            self.oh * self.ow
+        } else {
+            self.oh * self.wp
+        }
     }
 }
 
@@ -472,7 +486,7 @@ impl ShiftedConv {
         }
         let one_copy = ConvGemm::selected().effective(x.dtype(), k, c).one_copy();
         let g = Geometry::new(h, w, k, padding, upsample2x, one_copy)?;
-        let (gx, gy, gz) = fused_gemm_grid(b, cout, g.oh * g.wp);
+        let (gx, gy, gz) = fused_gemm_grid(b, cout, g.fused_columns());
         Ok(gx * gy * gz >= multiprocessors(x.device())?)
     }
 
