@@ -1099,6 +1099,10 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
             block_dim: (tx as u32, ty as u32, 1),
             shared_mem_bytes: 0,
         };
+        // A 1×1 convolution without padding, upsampling or norm over rows already a multiple
+        // of 8 wide (the UNet's shortcuts): its copy would equal the input, so the GEMM reads
+        // the input in place.
+        let direct = g.reads_input_in_place(k, self.pad, w) && norm.is_none() && b * c * s > 0;
         let args_i32 = [c, h, w, up, pt, pl, hp, wp].map(|v| v as i32);
         let (s64, k32, copies32, c32) = (s as i64, k as i32, copies as i32, c as i32);
         let (rows32, cout32, oh32, ow32, wp32) =
@@ -1106,69 +1110,78 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
         macro_rules! launch {
             ($t:ty, $suf:literal, $cuda_t:expr) => {{
                 let x = xs.as_cuda_slice::<$t>()?.slice(xo..);
-                let mut x3 = unsafe { dev.alloc::<$t>(b * copies * c * s + slack)? };
-                let name = if norm.is_some() {
-                    concat!("conv_shift_norm_", $suf)
+                let x3_own = if direct {
+                    None
                 } else {
-                    concat!("conv_shift_", $suf)
-                };
-                let f = dev.get_or_load_custom_func(name, "kandinsky_conv", CONV_PTX)?;
-                let mut a = f.builder();
-                a.arg(&x);
-                a.arg(&mut x3);
-                for v in &args_i32 {
-                    a.arg(v);
-                }
-                a.arg(&s64);
-                a.arg(&copies32);
-                // The normalisation's arguments (its statistics: one launch before).
-                let norm_views = match &norm {
-                    Some((plan, _, held, (gs, gl), (bs, bl), given)) => Some((
-                        cuda_view::<$t>(gs, gl, "shifted convolution: the norm weight")?,
-                        cuda_view::<$t>(bs, bl, "shifted convolution: the norm bias")?,
-                        match given {
-                            // The whole map's statistics, for a band of its rows.
-                            Some((ps, pl)) => NormPartial::Given(cuda_view::<f32>(
-                                ps,
-                                pl,
-                                "shifted convolution: the norm statistics",
-                            )?),
-                            None => NormPartial::Own(plan.launch::<$t>(&dev, &x, $suf)?),
-                        },
-                        modulation_views::<$t, _>(
-                            held,
-                            &x,
-                            "shifted convolution: the norm modulation",
-                        )?,
-                    )),
-                    None => None,
-                };
-                if let (Some((gamma, beta, partial, (mscale, mshift))), Some((_, ns, ..))) =
-                    (&norm_views, &norm)
-                {
-                    a.arg(gamma);
-                    a.arg(beta);
-                    match partial {
-                        NormPartial::Given(p) => a.arg(p),
-                        NormPartial::Own(p) => a.arg(p),
+                    let mut x3 = unsafe { dev.alloc::<$t>(b * copies * c * s + slack)? };
+                    let name = if norm.is_some() {
+                        concat!("conv_shift_norm_", $suf)
+                    } else {
+                        concat!("conv_shift_", $suf)
                     };
-                    a.arg(&ns.splits);
-                    a.arg(&ns.cpg);
-                    a.arg(&ns.eps);
-                    a.arg(&ns.silu);
-                    a.arg(mscale);
-                    a.arg(mshift);
-                    a.arg(&ns.margs.kind);
-                    a.arg(&ns.margs.ssb);
-                    a.arg(&ns.margs.ssc);
-                    a.arg(&ns.margs.tsb);
-                    a.arg(&ns.margs.tsc);
-                    a.arg(&ns.margs.mh);
-                    a.arg(&ns.margs.mw);
-                    a.arg(&ns.row0);
-                    a.arg(&ns.hfull);
-                }
-                unsafe { a.launch(shift_cfg) }.w()?;
+                    let f = dev.get_or_load_custom_func(name, "kandinsky_conv", CONV_PTX)?;
+                    let mut a = f.builder();
+                    a.arg(&x);
+                    a.arg(&mut x3);
+                    for v in &args_i32 {
+                        a.arg(v);
+                    }
+                    a.arg(&s64);
+                    a.arg(&copies32);
+                    // The normalisation's arguments (its statistics: one launch before).
+                    let norm_views = match &norm {
+                        Some((plan, _, held, (gs, gl), (bs, bl), given)) => Some((
+                            cuda_view::<$t>(gs, gl, "shifted convolution: the norm weight")?,
+                            cuda_view::<$t>(bs, bl, "shifted convolution: the norm bias")?,
+                            match given {
+                                // The whole map's statistics, for a band of its rows.
+                                Some((ps, pl)) => NormPartial::Given(cuda_view::<f32>(
+                                    ps,
+                                    pl,
+                                    "shifted convolution: the norm statistics",
+                                )?),
+                                None => NormPartial::Own(plan.launch::<$t>(&dev, &x, $suf)?),
+                            },
+                            modulation_views::<$t, _>(
+                                held,
+                                &x,
+                                "shifted convolution: the norm modulation",
+                            )?,
+                        )),
+                        None => None,
+                    };
+                    if let (Some((gamma, beta, partial, (mscale, mshift))), Some((_, ns, ..))) =
+                        (&norm_views, &norm)
+                    {
+                        a.arg(gamma);
+                        a.arg(beta);
+                        match partial {
+                            NormPartial::Given(p) => a.arg(p),
+                            NormPartial::Own(p) => a.arg(p),
+                        };
+                        a.arg(&ns.splits);
+                        a.arg(&ns.cpg);
+                        a.arg(&ns.eps);
+                        a.arg(&ns.silu);
+                        a.arg(mscale);
+                        a.arg(mshift);
+                        a.arg(&ns.margs.kind);
+                        a.arg(&ns.margs.ssb);
+                        a.arg(&ns.margs.ssc);
+                        a.arg(&ns.margs.tsb);
+                        a.arg(&ns.margs.tsc);
+                        a.arg(&ns.margs.mh);
+                        a.arg(&ns.margs.mw);
+                        a.arg(&ns.row0);
+                        a.arg(&ns.hfull);
+                    }
+                    unsafe { a.launch(shift_cfg) }.w()?;
+                    Some(x3)
+                };
+                let x3 = match &x3_own {
+                    Some(own) => own.slice(..),
+                    None => x.slice(..),
+                };
                 // Without a bias or a residual the kernels never read them: x stands in.
                 let stand_in = xs.as_cuda_slice::<$t>()?.slice(xo..);
                 let bias_v = match &bias {
@@ -1237,7 +1250,7 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                     a.arg(&has_res);
                     a.arg(&c32);
                     unsafe { a.launch(cfg) }.w()?;
-                    drop(x3);
+                    drop(x3_own);
                     return Ok((
                         CudaStorage::wrap_cuda_slice(out, dev.clone()),
                         Shape::from((b, cout, oh, ow)),
@@ -1287,7 +1300,7 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                         })?;
                     }
                 }
-                drop(x3);
+                drop(x3_own);
                 // Allocated once the copies are freed: the peak is theirs plus the
                 // accumulator, never all three.
                 let mut out = unsafe { dev.alloc::<$t>(b * cout * oh * ow)? };

@@ -224,6 +224,14 @@ impl Geometry {
 }
 
 impl Geometry {
+    /// Whether the copy of a `k`×`k` convolution's input (without a norm read on the way)
+    /// would equal the input itself, so the GEMM reads the input in place: a 1×1 kernel
+    /// without padding or upsampling over rows already a multiple of 8 wide (the UNet's
+    /// shortcuts).
+    pub(crate) fn reads_input_in_place(&self, k: usize, padding: Padding4, w: usize) -> bool {
+        k == 1 && padding == [0; 4] && self.wfull == w && self.wp == w
+    }
+
     /// The columns of the fused kernels' GEMM (`kernels/conv_gemm_common.cuh`, `grid_at`):
     /// the output's positions where its width is a multiple of 8 (a 16-byte chunk never
     /// crosses a row), else the whole `oh × wp` grid, cropped in their epilogue.
@@ -498,7 +506,13 @@ impl ShiftedConv {
         let (k, cout, _) = self.taps.dims3()?;
         let gemm = self.auto_gemm(x, upsample2x, self.padding)?;
         let g = Geometry::new(h, w, k, self.padding, upsample2x, gemm.one_copy())?;
-        let copies = if gemm.one_copy() { 1 } else { k };
+        let copies = if g.reads_input_in_place(k, self.padding, w) {
+            0
+        } else if gemm.one_copy() {
+            1
+        } else {
+            k
+        };
         let acc = match gemm {
             ConvGemm::Cublas => cout * g.oh * g.wp * 4,
             _ => 0,
@@ -784,6 +798,30 @@ mod tests {
         assert_eq!(MmaOneCopy.effective(DType::F16, 5, 8), Mma);
         let want = if wgmma { Wgmma } else { Mma };
         assert_eq!(WgmmaOneCopy.effective(DType::F16, 5, 8), want);
+    }
+
+    /// Only a copy that would equal the input is skipped: 1×1, unpadded, not upsampled, rows
+    /// a multiple of 8 (then the copy's `[C, H·W]` rows are the input's).
+    #[test]
+    fn input_read_in_place_only_where_the_copy_equals_it() -> anyhow::Result<()> {
+        let in_place = |h, w, k, pad, up| -> anyhow::Result<bool> {
+            let g = Geometry::new(h, w, k, pad, up, false)?;
+            Ok(g.reads_input_in_place(k, pad, w))
+        };
+        assert!(in_place(96, 96, 1, [0; 4], false)?);
+        assert!(in_place(5, 16, 1, [0; 4], false)?);
+        assert!(
+            !in_place(12, 12, 1, [0; 4], false)?,
+            "rows of 12 are stored 16 apart"
+        );
+        assert!(!in_place(8, 8, 1, [0; 4], true)?, "upsampled");
+        assert!(!in_place(8, 8, 1, [1; 4], false)?, "padded");
+        assert!(
+            !in_place(8, 8, 1, [0, 0, 0, 8], false)?,
+            "padded on the right only"
+        );
+        assert!(!in_place(8, 8, 3, [1; 4], false)?, "3x3");
+        Ok(())
     }
 
     #[test]
