@@ -427,8 +427,18 @@ impl PackedLinear {
         let row_blocks = m.div_ceil(MC);
         let groups = panels.div_ceil(NC_PANELS);
         let bias = self.bias.as_deref();
+        // Consecutive tasks (which rayon hands to one thread in ranges) share the operand
+        // that would otherwise stream from memory once per task: with more outputs than
+        // input rows (CLIP's and the prior's 154–162 tokens against 1280–5120 features)
+        // the weight panels, so a group's row blocks follow each other and the weights
+        // are read from memory once, not once per row block; otherwise the rows of `x`.
+        let weight_major = n > m;
         (0..row_blocks * groups).into_par_iter().for_each(|task| {
-            let (rb, g) = (task / groups, task % groups);
+            let (rb, g) = if weight_major {
+                (task % row_blocks, task / row_blocks)
+            } else {
+                (task / groups, task % groups)
+            };
             let (r0, rows) = (rb * MC, MC.min(m - rb * MC));
             let (p0, np) = (g * NC_PANELS, NC_PANELS.min(panels - g * NC_PANELS));
             let p = ptr;
@@ -498,6 +508,8 @@ mod tests {
             (154, 300, 80, true),
             (250, 513, 144, true),
             (2, 1280, 1280, false),
+            // More outputs than rows over two row blocks: the weight-major task order.
+            (154, 256, 336, true),
         ] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
