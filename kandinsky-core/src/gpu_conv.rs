@@ -48,6 +48,14 @@ fn padded_rows() -> bool {
     *ON.get_or_init(|| std::env::var("KANDINSKY_CONV_PADDED_ROWS").as_deref() == Ok("1"))
 }
 
+/// `KANDINSKY_CONV_SUBPIXEL=1`, read once: a 3×3 convolution of a nearest-2×-upsampled map
+/// runs as four 2×2 convolutions of the map itself ([`ShiftedConv::forward_subpixel`]).
+/// Opt-in until a GPU run has measured it.
+fn subpixel() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KANDINSKY_CONV_SUBPIXEL").as_deref() == Ok("1"))
+}
+
 /// What sums the `k` kernel rows of a shifted convolution on CUDA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvGemm {
@@ -251,6 +259,8 @@ pub struct ShiftedConv {
     taps: Tensor,
     bias: Option<Tensor>,
     padding: Padding4,
+    /// The four 2×2 phase convolutions of [`Self::forward_subpixel`], made at first use.
+    phases: std::sync::OnceLock<Vec<ShiftedConv>>,
 }
 
 impl ShiftedConv {
@@ -285,7 +295,106 @@ impl ShiftedConv {
             taps: taps.reshape((k, cout, k * cin))?,
             bias: bias.cloned(),
             padding,
+            phases: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Whether [`Self::forward_subpixel`] applies: a 3×3 kernel padded by one on every side
+    /// (the upsampling convolutions of the UNet's and MoVQ's decoders).
+    pub fn subpixel_covers(&self) -> bool {
+        self.taps.dim(0).ok() == Some(3) && self.padding == [1; 4]
+    }
+
+    /// `conv(pad(nearest_2x(x)))` (+ bias, + `residual`) as four 2×2 convolutions of `x`.
+    /// Output pixel (2i + py, 2j + px) reads upsampled rows 2i + py − 1 ..= 2i + py + 1,
+    /// which are rows i − 1, i, i of `x` for py = 0 and i, i, i + 1 for py = 1 (columns
+    /// alike): per output phase (py, px) the 3×3 taps fold into 2×2 ones (summed where two
+    /// read the same pixel of `x`) over `x` padded by one on the phase's side. 16 instead of
+    /// 36 products per output and input channel, and no copies of the upsampled map; the
+    /// folded weights are summed in f32 and rounded once to the storage type (the only
+    /// difference to the direct convolution: at most one rounding of a weight). The four
+    /// outputs are interleaved by two stacking copies. Needs [`Self::subpixel_covers`].
+    pub fn forward_subpixel(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        if !self.subpixel_covers() {
+            return Err(Error::invalid(format!(
+                "sub-pixel convolution: needs a 3x3 kernel padded by 1, got {}x{} padded by {:?}",
+                self.taps.dim(0)?,
+                self.taps.dim(0)?,
+                self.padding
+            )));
+        }
+        let (b, _, h, w) = x.dims4()?;
+        let cout = self.out_channels();
+        let phases = self.phases()?;
+        let phase = |i: usize| -> Result<Tensor> { phases[i].forward(x, false, None) };
+        // Output rows of phase py: its two column phases interleaved along the width.
+        let rows = |py: usize| -> Result<Tensor> {
+            Ok(
+                Tensor::stack(&[phase(2 * py)?, phase(2 * py + 1)?], 4)?.reshape((
+                    b,
+                    cout,
+                    h,
+                    2 * w,
+                ))?,
+            )
+        };
+        let y = Tensor::stack(&[rows(0)?, rows(1)?], 3)?.reshape((b, cout, 2 * h, 2 * w))?;
+        Ok(match residual {
+            Some(r) => (y + r)?,
+            None => y,
+        })
+    }
+
+    /// The phase convolutions of [`Self::forward_subpixel`], phase (py, px) at 2·py + px:
+    /// 2×2 taps `[2, Cout, 2·Cin]`, padding `[1 − py, py, 1 − px, px]`.
+    fn phases(&self) -> Result<&[ShiftedConv]> {
+        if let Some(p) = self.phases.get() {
+            return Ok(p);
+        }
+        let (_, cout, kc) = self.taps.dims3()?;
+        let c = kc / 3;
+        let taps = self
+            .taps
+            .to_dtype(candle_core::DType::F32)?
+            .reshape((3, cout, 3, c))?;
+        // The 3×3 taps that tap e of phase p reads: (0, 0) the first alone, (0, 1) the
+        // second and third, (1, 0) the first and second, (1, 1) the third.
+        let fold = |p: usize, e: usize| match (p, e) {
+            (0, 0) => (0, 1),
+            (0, _) => (1, 2),
+            (_, 0) => (0, 2),
+            _ => (2, 1),
+        };
+        let mut out = Vec::with_capacity(4);
+        for py in 0..2 {
+            for px in 0..2 {
+                let mut rows = Vec::with_capacity(2);
+                for ey in 0..2 {
+                    let (y0, ny) = fold(py, ey);
+                    let row = taps.narrow(0, y0, ny)?.sum_keepdim(0)?;
+                    let mut cols = Vec::with_capacity(2);
+                    for ex in 0..2 {
+                        let (x0, nx) = fold(px, ex);
+                        cols.push(row.narrow(2, x0, nx)?.sum_keepdim(2)?);
+                    }
+                    rows.push(Tensor::cat(&cols, 2)?);
+                }
+                out.push(ShiftedConv {
+                    taps: Tensor::cat(&rows, 0)?
+                        .reshape((2, cout, 2 * c))?
+                        .to_dtype(self.taps.dtype())?,
+                    bias: self.bias.clone(),
+                    padding: [1 - py, py, 1 - px, px],
+                    phases: std::sync::OnceLock::new(),
+                });
+            }
+        }
+        // A concurrent first call may have set them already: either set is the same.
+        let _ = self.phases.set(out);
+        self.phases
+            .get()
+            .map(Vec::as_slice)
+            .ok_or_else(|| Error::invalid("sub-pixel convolution: phases not made"))
     }
 
     /// Output channels.
@@ -298,14 +407,18 @@ impl ShiftedConv {
     /// as the output), for `x` `[B, Cin, H, W]`: the CUDA kernels on a CUDA device (with the
     /// `cuda` feature), [`Self::forward_reference`] elsewhere. With
     /// `KANDINSKY_CONV_SCRATCH_MB=N` (read once) a convolution whose scratch would exceed N MiB
-    /// runs in bands of output rows ([`Self::forward_banded`]); off by default until a GPU
-    /// run has measured it.
+    /// runs in bands of output rows ([`Self::forward_banded`]), and with
+    /// `KANDINSKY_CONV_SUBPIXEL=1` an upsampling 3×3 one as [`Self::forward_subpixel`]; both
+    /// off by default until a GPU run has measured them.
     pub fn forward(
         &self,
         x: &Tensor,
         upsample2x: bool,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
+        if upsample2x && subpixel() && self.subpixel_covers() {
+            return self.forward_subpixel(x, residual);
+        }
         match self.band_limit(x, upsample2x)? {
             Some(limit) => self.forward_banded(x, upsample2x, residual, limit),
             None => self.run(x, upsample2x, residual, self.padding),
@@ -332,8 +445,14 @@ impl ShiftedConv {
         upsample2x: bool,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
+        // An upsampling convolution run as phases (KANDINSKY_CONV_SUBPIXEL=1) reads the small
+        // map four times: normalising it once first costs less than what the phases save.
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && norm_on_read() && crate::nn::use_fused_kernels() {
+        if x.device().is_cuda()
+            && norm_on_read()
+            && crate::nn::use_fused_kernels()
+            && !(upsample2x && subpixel() && self.subpixel_covers())
+        {
             return match self.band_limit(x, upsample2x)? {
                 Some(limit) => {
                     self.forward_norm_on_read_banded(x, input_norm, upsample2x, residual, limit)
@@ -798,6 +917,54 @@ mod tests {
         assert_eq!(MmaOneCopy.effective(DType::F16, 5, 8), Mma);
         let want = if wgmma { Wgmma } else { Mma };
         assert_eq!(WgmmaOneCopy.effective(DType::F16, 5, 8), want);
+    }
+
+    /// The four 2×2 phase convolutions equal the 3×3 convolution of the nearest-2×-upsampled
+    /// map: odd channel counts, a non-square map, a 1×1 map (every phase's padding reaches
+    /// past it), bias and residual, batch 2. f32: the folded weights are exact to f32
+    /// rounding, so 1e-5 of the largest output.
+    #[test]
+    fn subpixel_phases_equal_the_upsampled_convolution() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        for (b, cin, cout, h, w, res) in [
+            (2usize, 5usize, 7usize, 4usize, 6usize, true),
+            (1, 3, 4, 1, 1, false),
+            (1, 8, 16, 5, 3, false),
+        ] {
+            let weight = Tensor::randn(0f32, 1.0, (cout, cin, 3, 3), &dev)?;
+            let bias = Tensor::randn(0f32, 1.0, cout, &dev)?;
+            let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev)?;
+            let r = Tensor::randn(0f32, 1.0, (b, cout, 2 * h, 2 * w), &dev)?;
+            let mut want = x
+                .upsample_nearest2d(2 * h, 2 * w)?
+                .conv2d(&weight, 1, 1, 1, 1)?
+                .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
+            if res {
+                want = (want + &r)?;
+            }
+            let conv = ShiftedConv::new(&weight, Some(&bias), [1; 4])?;
+            assert!(conv.subpixel_covers());
+            let got = conv.forward_subpixel(&x, res.then_some(&r))?;
+            assert_eq!(got.dims(), want.dims());
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                err <= 1e-5 * scale,
+                "{b}x{cin}->{cout} {h}x{w}: {err} of {scale}"
+            );
+        }
+        // Not an upsampling convolution: refused with the reason.
+        let one = ShiftedConv::new(
+            &Tensor::zeros((2, 2, 1, 1), DType::F32, &dev)?,
+            None,
+            [0; 4],
+        )?;
+        assert!(!one.subpixel_covers());
+        let e = one
+            .forward_subpixel(&Tensor::zeros((1, 2, 2, 2), DType::F32, &dev)?, None)
+            .unwrap_err();
+        assert!(e.to_string().contains("3x3"), "{e}");
+        Ok(())
     }
 
     /// Only a copy that would equal the input is skipped: 1×1, unpadded, not upsampled, rows

@@ -483,18 +483,17 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
         for dt in [DType::F32, DType::F16, DType::BF16] {
             let (w, b, x, r, conv, reference) = case.at(dt, res)?;
             let res = if res { Some(&r) } else { None };
-            // Whole map, or (MoVQ's large maps) bands of at most 64 MiB of scratch.
-            let run = |banded: bool| {
-                if banded {
-                    conv.forward_banded(&x, up, res, 64 << 20)
-                } else {
-                    conv.forward(&x, up, res)
-                }
+            // Whole map, (MoVQ's large maps) bands of at most 64 MiB of scratch, or (the
+            // upsampling ones) the four 2×2 phase convolutions (KANDINSKY_CONV_SUBPIXEL=1).
+            let run = |mode: &str| match mode {
+                "banded" => conv.forward_banded(&x, up, res, 64 << 20),
+                "subpixel" => conv.forward_subpixel(&x, res),
+                _ => conv.forward(&x, up, res),
             };
-            let check = |banded: bool| -> Result<(kandinsky_core::testing::Diff, f64)> {
-                let d = diff(&run(banded)?, &reference)?;
+            let check = |mode: &str| -> Result<(kandinsky_core::testing::Diff, f64)> {
+                let d = diff(&run(mode)?, &reference)?;
                 let ms = time(dev, 2, 10, || {
-                    run(banded)?;
+                    run(mode)?;
                     Ok(())
                 })?;
                 Ok((d, ms))
@@ -515,17 +514,21 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             })?;
             let tol = tolerance(dt);
             let flops = 2.0 * (batch * os * os) as f64 * (cout * cin * k * k) as f64;
-            for banded in [false, true] {
-                if banded && batch != 1 {
+            for mode in ["whole", "banded", "subpixel"] {
+                if (mode == "banded" && batch != 1) || (mode == "subpixel" && !(up && k == 3)) {
                     continue;
                 }
-                let (value, ok) = kernel_row(check(banded), tol, flops, ms_candle);
+                let (value, ok) = kernel_row(check(mode), tol, flops, ms_candle);
                 rows.push(Row {
                     what: format!(
                         "conv {cin}->{cout} k{k} {s}x{s}{} b{batch}{}{} {dt:?}: rel err / ms / candle ms",
                         if up { " up2x" } else { "" },
                         if res.is_some() { " +res" } else { "" },
-                        if banded { " banded 64MiB" } else { "" }
+                        match mode {
+                            "banded" => " banded 64MiB",
+                            "subpixel" => " subpixel",
+                            _ => "",
+                        }
                     ),
                     value,
                     ok: Some(ok),
