@@ -15,3 +15,5 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
 
 template <typename T> struct alignas(16) Vec8 { T v[8]; };
+// Four elements in one access (8 bytes for 2-byte types, 16 for f32).
+template <typename T> struct alignas(4 * sizeof(T)) Vec4 { T v[4]; };

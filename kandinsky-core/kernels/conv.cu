@@ -107,6 +107,10 @@ __device__ void conv_shift(const T *__restrict__ x, T *__restrict__ x3, int C, i
 
 // Block (tx, ty): ty output rows (b, co, y) of OW columns, each thread 4 consecutive columns
 // (one aligned float4 of the accumulator: rows start at multiples of Wp, a multiple of 8).
+// The four results are stored (and the residual read) as one 4-element access where the
+// four are inside the row and the addresses aligned (OW a multiple of 4, a residual view
+// starting on a 4-element boundary): a quarter of the store instructions, and whole 32-byte
+// sectors per warp instead of 8-byte pieces of them. Same sums, same rounding either way.
 template <typename T>
 __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__ bias,
                             const T *__restrict__ res, T *__restrict__ out, int rows, int Cout,
@@ -117,9 +121,25 @@ __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__
   const float bv = has_bias ? to_f<T>(bias[co]) : 0.f;
   const float *a = acc + (long long)row * Wp;
   const long long o = (long long)row * OW;
+  constexpr unsigned long long kVec = sizeof(Vec4<T>) - 1;
+  const bool vec = (reinterpret_cast<unsigned long long>(out + o) & kVec) == 0 &&
+                   (!has_res || (reinterpret_cast<unsigned long long>(res + o) & kVec) == 0) &&
+                   (OW & 3) == 0;
   for (int x = 4 * threadIdx.x; x < OW; x += 4 * blockDim.x) {
     const float4 v = *reinterpret_cast<const float4 *>(a + x);
     const float vs[4] = {v.x, v.y, v.z, v.w};
+    if (vec) {  // x + 3 < OW: OW and x are multiples of 4
+      Vec4<T> rv, ov;
+      if (has_res) rv = *reinterpret_cast<const Vec4<T> *>(res + o + x);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float r = vs[e] + bv;
+        if (has_res) r += to_f<T>(rv.v[e]);
+        ov.v[e] = from_f<T>(r);
+      }
+      *reinterpret_cast<Vec4<T> *>(out + o + x) = ov;
+      continue;
+    }
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       if (x + e < OW) {

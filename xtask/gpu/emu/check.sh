@@ -2,8 +2,8 @@
 # Check CUDA kernels' index arithmetic on the CPU: compile kandinsky-core/kernels'
 # flash_attention_{mma,wide,wgmma}.cu for the host against warp_emu.h (lanes as host threads)
 # and compare them with attention in double precision (check.cpp), then the normalise-on-read
-# convolution copy of conv.cu against the plain copy of a map normalised in double
-# (check_conv.cpp), the one-kernel convolution GEMMs of conv_gemm{,_wgmma}.cu against a
+# convolution copy of conv.cu against the plain copy of a map normalised in double and the
+# crop kernel against its definition (check_conv.cpp), the one-kernel convolution GEMMs of conv_gemm{,_wgmma}.cu against a
 # convolution in double (check_conv_gemm.cpp), and the tiled transpose of transpose.cu
 # against its definition (check_transpose.cpp). Needs g++ ≥ 12 (C++20, _Float16). Arguments
 # pick attention kernels (mma, wide4, wide2, wgmma, wgmma-ns, wgmma-pipe, wgmma-pipe-ns) and

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <random>
 #include <type_traits>
@@ -132,6 +133,38 @@ double run(const Case& cs, uint32_t seed) {
   return max_err / max_ref;
 }
 
+// conv_finish (the cuBLAS path's crop, bias, residual and rounding) against its definition,
+// exactly: the 4-element path (OW a multiple of 4, an aligned residual) and the scalar one
+// (an odd width; a residual view one element off). Returns the wrong elements.
+template <typename T>
+long finish(int B, int C, int OH, int OW, int Wp, int res_offset, bool bias_on, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int rows = B * C * OH;
+  DeviceVec<float> acc((size_t)rows * Wp);
+  for (auto& v : acc) v = nd(rng);
+  DeviceVec<T> bias(C), res((size_t)rows * OW + res_offset), out((size_t)rows * OW, from_float<T>(NAN));
+  for (auto& v : bias) v = from_float<T>(nd(rng));
+  for (auto& v : res) v = from_float<T>(nd(rng));
+  const T* r = res.data() + res_offset;
+  // The launcher's block: 4 columns per thread, as many rows as fit in 256 threads.
+  const unsigned tx = std::min(8, std::max(1, (OW + 3) / 4 / 32 + ((OW + 3) / 4 % 32 != 0))) * 32, ty = 256 / tx;
+  emu::launch({(unsigned)((rows + ty - 1) / ty), 1, 1}, EmuDim3{tx, ty, 1}, [&] {
+    if constexpr (std::is_same<T, __half>::value)
+      conv_finish_f16(acc.data(), bias.data(), r, out.data(), rows, C, OH, OW, Wp, bias_on, 1);
+    else conv_finish_bf16(acc.data(), bias.data(), r, out.data(), rows, C, OH, OW, Wp, bias_on, 1);
+  });
+  long wrong = 0;
+  for (int row = 0; row < rows; ++row)
+    for (int x = 0; x < OW; ++x) {
+      float v = acc[(size_t)row * Wp + x] + (bias_on ? to_float(bias[row / OH % C]) : 0.f);
+      v += to_float(r[(size_t)row * OW + x]);
+      const T want = from_float<T>(v);
+      wrong += memcmp(&want, &out[(size_t)row * OW + x], sizeof(T)) != 0;
+    }
+  return wrong;
+}
+
 }  // namespace
 
 int main() {
@@ -152,6 +185,24 @@ int main() {
     const bool pass = e16 <= 5e-4 && ebf <= 4e-3;
     ok &= pass;
     printf("conv_shift_norm  %-32s f16 %.2e  bf16 %.2e  %s\n", c.what, e16, ebf, pass ? "ok" : "FAIL");
+    fflush(stdout);
+  }
+  struct FinishCase {
+    const char* what;
+    int b, c, oh, ow, wp, res_offset, bias;
+  };
+  const FinishCase finishes[] = {
+      {"12 of 16 columns, 4-wide", 2, 3, 5, 12, 16, 0, 1},
+      {"odd width 10 of 16, scalar", 1, 2, 4, 10, 16, 0, 1},
+      {"residual one element off, scalar", 1, 2, 3, 8, 8, 1, 0},
+  };
+  for (const FinishCase& f : finishes) {
+    const long w16 = finish<__half>(f.b, f.c, f.oh, f.ow, f.wp, f.res_offset, f.bias, seed),
+               wbf = finish<__nv_bfloat16>(f.b, f.c, f.oh, f.ow, f.wp, f.res_offset, f.bias, seed);
+    ++seed;
+    const bool pass = w16 == 0 && wbf == 0;
+    ok &= pass;
+    printf("conv_finish      %-32s f16 %ld wrong  bf16 %ld wrong  %s\n", f.what, w16, wbf, pass ? "ok" : "FAIL");
     fflush(stdout);
   }
   return ok ? 0 : 1;

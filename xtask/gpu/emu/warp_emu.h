@@ -321,9 +321,11 @@ inline bool traffic_report(const char* what) {
   return clean && !tr.sites.empty();
 }
 
-// Run `body` as every thread of every block of `grid` (blocks in turn).
+// Run `body` as every thread of every block of `grid` (blocks in turn), blocks of `block`
+// threads (x fastest, as CUDA numbers them into warps).
 template <class F>
-void launch(EmuDim3 grid, int threads, F body) {
+void launch(EmuDim3 grid, EmuDim3 block, F body) {
+  const int threads = (int)(block.x * block.y * block.z);
   for (unsigned bz = 0; bz < grid.z; ++bz)
   for (unsigned by = 0; by < grid.y; ++by)
     for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -331,9 +333,9 @@ void launch(EmuDim3 grid, int threads, F body) {
       std::vector<std::thread> ts;
       for (int tid = 0; tid < threads; ++tid)
         ts.emplace_back([&, tid] {
-          threadIdx = {(unsigned)tid, 0, 0};
+          threadIdx = {tid % block.x, tid / block.x % block.y, tid / (block.x * block.y)};
           blockIdx = {bx, by, bz};
-          blockDim = {(unsigned)threads, 1, 1};
+          blockDim = block;
           gridDim = grid;
           t_block = &blk;
           t_access = &blk.access[tid];
@@ -358,6 +360,11 @@ void launch(EmuDim3 grid, int threads, F body) {
       for (auto& t : ts) t.join();
       count_traffic(blk, threads);
     }
+}
+
+template <class F>
+void launch(EmuDim3 grid, int threads, F body) {
+  launch(grid, EmuDim3{(unsigned)threads, 1, 1}, body);
 }
 
 }  // namespace emu
