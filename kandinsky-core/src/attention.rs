@@ -71,8 +71,7 @@ fn flash_kernel() -> crate::cuda::FlashKernel {
 /// `[B, L, H, D]` layout (no split/merge copies). Opt-in until a GPU run has measured it.
 #[cfg(feature = "cuda")]
 fn flash_token_major() -> bool {
-    static TM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *TM.get_or_init(|| std::env::var("KANDINSKY_FLASH_TOKEN_MAJOR").as_deref() == Ok("1"))
+    env_switch!("KANDINSKY_FLASH_TOKEN_MAJOR")
 }
 
 /// Choose the path for these shapes (masked or not: every path takes the additive mask).

@@ -37,23 +37,20 @@ fn scratch_limit() -> Option<usize> {
 /// inside the convolution's copy kernel on CUDA. Opt-in until a GPU run has measured it.
 #[cfg(feature = "cuda")]
 fn norm_on_read() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KANDINSKY_CONV_NORM").as_deref() == Ok("1"))
+    env_switch!("KANDINSKY_CONV_NORM")
 }
 
 /// `KANDINSKY_CONV_PADDED_ROWS=1`, read once: the `k` shifted copies keep rows of the padded
 /// width, as GPU runs 6–9 measured them ([`Geometry`]), to time the narrow rows against.
 fn padded_rows() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KANDINSKY_CONV_PADDED_ROWS").as_deref() == Ok("1"))
+    env_switch!("KANDINSKY_CONV_PADDED_ROWS")
 }
 
 /// `KANDINSKY_CONV_SUBPIXEL=1`, read once: a 3×3 convolution of a nearest-2×-upsampled map
 /// runs as four 2×2 convolutions of the map itself ([`ShiftedConv::forward_subpixel`]).
 /// Opt-in until a GPU run has measured it.
 fn subpixel() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KANDINSKY_CONV_SUBPIXEL").as_deref() == Ok("1"))
+    env_switch!("KANDINSKY_CONV_SUBPIXEL")
 }
 
 /// What sums the `k` kernel rows of a shifted convolution on CUDA.

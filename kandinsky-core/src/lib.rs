@@ -12,6 +12,15 @@
 //! - [`device`]: dtype / device choice; [`error`]: the typed errors.
 #![warn(missing_docs)]
 
+/// Whether the environment variable `$name` is `1`, read once per call site: the on/off
+/// runtime switches (README's table). Expands to a `bool` expression.
+macro_rules! env_switch {
+    ($name:literal) => {{
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var($name).as_deref() == Ok("1"))
+    }};
+}
+
 pub mod attention;
 mod cpu_act;
 mod cpu_attention;

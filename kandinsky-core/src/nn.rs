@@ -477,8 +477,7 @@ pub fn layer_norm_f32(ln: &LayerNorm, x: &Tensor) -> candle_core::Result<Tensor>
 /// Opt-in until a GPU run has measured it.
 #[cfg(feature = "cuda")]
 fn tiled_transpose() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("KANDINSKY_TILED_TRANSPOSE").as_deref() == Ok("1"))
+    env_switch!("KANDINSKY_TILED_TRANSPOSE")
 }
 
 /// `x` `[B, M, N]` with its last two dimensions swapped, contiguous `[B, N, M]`, plus

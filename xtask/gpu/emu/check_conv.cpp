@@ -148,7 +148,8 @@ long finish(int B, int C, int OH, int OW, int Wp, int res_offset, bool bias_on, 
   for (auto& v : res) v = from_float<T>(nd(rng));
   const T* r = res.data() + res_offset;
   // The launcher's block: 4 columns per thread, as many rows as fit in 256 threads.
-  const unsigned tx = std::min(8, std::max(1, (OW + 3) / 4 / 32 + ((OW + 3) / 4 % 32 != 0))) * 32, ty = 256 / tx;
+  const int quads = (OW + 3) / 4;
+  const unsigned tx = std::clamp((quads + 31) / 32, 1, 8) * 32, ty = 256 / tx;
   emu::launch({(unsigned)((rows + ty - 1) / ty), 1, 1}, EmuDim3{tx, ty, 1}, [&] {
     if constexpr (std::is_same<T, __half>::value)
       conv_finish_f16(acc.data(), bias.data(), r, out.data(), rows, C, OH, OW, Wp, bias_on, 1);
