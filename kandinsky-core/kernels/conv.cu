@@ -16,7 +16,8 @@
 // input in every ResNet block — is never written and read back.
 //
 // `conv_finish_*` crops the accumulator [B, Cout, OH·Wp] (f32) to [B, Cout, OH, OW], adds the
-// bias and an optional same-shape residual, and rounds once to the output type.
+// bias and an optional same-shape residual, and rounds once to the output type; optionally it
+// also leaves the output's GroupNorm statistics for the norm that reads it next.
 #include "common.cuh"
 #include "welford.cuh"
 
@@ -105,6 +106,20 @@ __device__ void conv_shift(const T *__restrict__ x, T *__restrict__ x3, int C, i
   *reinterpret_cast<Vec8<T> *>(x3 + (long long)row * S + i0) = out;
 }
 
+// The GroupNorm statistics of conv_finish's output, for the norm that reads it next (the
+// launcher's `group_norm_stats_*` pass over the map is then skipped): `per_group` > 0 blocks
+// per group (b·G + g), the launcher making the block's rows divide a group's cpg·OH rows, so
+// that each block lies in one group. Every block writes (count, mean, M2) of the values it
+// stored (rounded) to its slot of `partial`; the group's last block to finish (an atomic
+// count in `done`, zeroed by the launcher) merges the group's slots in slot order — the same
+// sums whichever block comes last — into `stats[b·G + g]`, as `group_norm_stats_*` with one
+// split would leave them.
+struct FinishStats {
+  float *stats, *partial;
+  unsigned *done;
+  int per_group;
+};
+
 // Block (tx, ty): ty output rows (b, co, y) of OW columns, each thread 4 consecutive columns
 // (one aligned float4 of the accumulator: rows start at multiples of Wp, a multiple of 8).
 // The four results are stored (and the residual read) as one 4-element access where the
@@ -114,40 +129,74 @@ __device__ void conv_shift(const T *__restrict__ x, T *__restrict__ x3, int C, i
 template <typename T>
 __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__ bias,
                             const T *__restrict__ res, T *__restrict__ out, int rows, int Cout,
-                            int OH, int OW, int Wp, int has_bias, int has_res) {
+                            int OH, int OW, int Wp, int has_bias, int has_res, FinishStats st) {
   const int row = blockIdx.x * blockDim.y + threadIdx.y;  // (b·Cout + co)·OH + y
-  if (row >= rows) return;
-  const int co = (row / OH) % Cout;
-  const float bv = has_bias ? to_f<T>(bias[co]) : 0.f;
-  const float *a = acc + (long long)row * Wp;
-  const long long o = (long long)row * OW;
-  constexpr unsigned long long kVec = sizeof(Vec4<T>) - 1;
-  const bool vec = (reinterpret_cast<unsigned long long>(out + o) & kVec) == 0 &&
-                   (!has_res || (reinterpret_cast<unsigned long long>(res + o) & kVec) == 0) &&
-                   (OW & 3) == 0;
-  for (int x = 4 * threadIdx.x; x < OW; x += 4 * blockDim.x) {
-    const float4 v = *reinterpret_cast<const float4 *>(a + x);
-    const float vs[4] = {v.x, v.y, v.z, v.w};
-    if (vec) {  // x + 3 < OW: OW and x are multiples of 4
-      Vec4<T> rv, ov;
-      if (has_res) rv = *reinterpret_cast<const Vec4<T> *>(res + o + x);
+  Welford w{0.f, 0.f, 0.f};
+  // Not an early return: with statistics every thread of the block takes part in the merge.
+  if (row < rows) {
+    const int co = (row / OH) % Cout;
+    const float bv = has_bias ? to_f<T>(bias[co]) : 0.f;
+    const float *a = acc + (long long)row * Wp;
+    const long long o = (long long)row * OW;
+    constexpr unsigned long long kVec = sizeof(Vec4<T>) - 1;
+    const bool vec = (reinterpret_cast<unsigned long long>(out + o) & kVec) == 0 &&
+                     (!has_res || (reinterpret_cast<unsigned long long>(res + o) & kVec) == 0) &&
+                     (OW & 3) == 0;
+    for (int x = 4 * threadIdx.x; x < OW; x += 4 * blockDim.x) {
+      const float4 v = *reinterpret_cast<const float4 *>(a + x);
+      const float vs[4] = {v.x, v.y, v.z, v.w};
+      if (vec) {  // x + 3 < OW: OW and x are multiples of 4
+        Vec4<T> rv, ov;
+        if (has_res) rv = *reinterpret_cast<const Vec4<T> *>(res + o + x);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float r = vs[e] + bv;
+          if (has_res) r += to_f<T>(rv.v[e]);
+          ov.v[e] = from_f<T>(r);
+          if (st.per_group) welford_add(w, to_f<T>(ov.v[e]));
+        }
+        *reinterpret_cast<Vec4<T> *>(out + o + x) = ov;
+        continue;
+      }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float r = vs[e] + bv;
-        if (has_res) r += to_f<T>(rv.v[e]);
-        ov.v[e] = from_f<T>(r);
-      }
-      *reinterpret_cast<Vec4<T> *>(out + o + x) = ov;
-      continue;
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      if (x + e < OW) {
-        float r = vs[e] + bv;
-        if (has_res) r += to_f<T>(res[o + x + e]);
-        out[o + x + e] = from_f<T>(r);
+        if (x + e < OW) {
+          float r = vs[e] + bv;
+          if (has_res) r += to_f<T>(res[o + x + e]);
+          const T y = from_f<T>(r);
+          out[o + x + e] = y;
+          if (st.per_group) welford_add(w, to_f<T>(y));
+        }
       }
     }
+  }
+  if (!st.per_group) return;  // uniform: a kernel argument
+  w = block_merge(w);
+  const int tid = threadIdx.x + blockDim.x * threadIdx.y, nthreads = blockDim.x * blockDim.y;
+  const int group = blockIdx.x / st.per_group;
+  __shared__ int s_last;
+  if (tid == 0) {
+    float *p = st.partial + 3ll * blockIdx.x;
+    p[0] = w.n;
+    p[1] = w.mean;
+    p[2] = w.m2;
+    // The slot is visible to every block before the count says so.
+    __threadfence();
+    s_last = atomicAdd(st.done + group, 1u) == (unsigned)st.per_group - 1;
+  }
+  __syncthreads();
+  if (!s_last) return;  // uniform: read from shared memory
+  __threadfence();
+  Welford m{0.f, 0.f, 0.f};
+  const float *q = st.partial + 3ll * group * st.per_group;
+  // Around L1 (__ldcg): the other blocks' slots were written on other multiprocessors.
+  for (int i = tid; i < st.per_group; i += nthreads)
+    m = merge(m, Welford{__ldcg(q + 3 * i), __ldcg(q + 3 * i + 1), __ldcg(q + 3 * i + 2)});
+  m = block_merge(m);
+  if (tid == 0) {
+    st.stats[3 * group] = m.n;
+    st.stats[3 * group + 1] = m.mean;
+    st.stats[3 * group + 2] = m.m2;
   }
 }
 
@@ -167,10 +216,12 @@ __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__
                         NormIn<T>{gamma, beta, mscale, mshift, partial, splits, cpg, silu,   \
                                   mkind, mh, mw, row0, hfull, eps, ssb, ssc, tsb, tsc});     \
   }                                                                                          \
-  extern "C" __global__ void conv_finish_##SUF(const float *acc, const T *bias, const T *res, \
-                                                T *out, int rows, int Cout, int OH, int OW,   \
-                                                int Wp, int has_bias, int has_res) {          \
-    conv_finish<T>(acc, bias, res, out, rows, Cout, OH, OW, Wp, has_bias, has_res);          \
+  extern "C" __global__ void conv_finish_##SUF(                                              \
+      const float *acc, const T *bias, const T *res, T *out, int rows, int Cout, int OH,     \
+      int OW, int Wp, int has_bias, int has_res, float *stats, float *partial,               \
+      unsigned *done, int per_group) {                                                       \
+    conv_finish<T>(acc, bias, res, out, rows, Cout, OH, OW, Wp, has_bias, has_res,           \
+                   FinishStats{stats, partial, done, per_group});                            \
   }
 
 CONV_KERNELS(float, f32)

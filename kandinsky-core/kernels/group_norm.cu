@@ -11,7 +11,9 @@
 //
 // Two launches over a grid of (batch·groups)·splits blocks, so even batch 2 × 32 groups fills
 // the GPU: `group_norm_stats_*` writes a partial (count, mean, M2) per block (Welford), and
-// `group_norm_apply_*` merges its group's partials (Chan et al.) and normalises its chunk.
+// `group_norm_apply_*` merges its group's `psplits` partials (Chan et al.) and normalises its
+// chunk. The partials may also come from the kernel that wrote x (conv.cu's crop kernel:
+// one per group, psplits = 1), and then the first launch is skipped.
 // candle's composite GroupNorm makes about a dozen passes; this makes two reads and a write.
 #include "common.cuh"
 #include "welford.cuh"
@@ -23,33 +25,6 @@
 
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
-}
-
-__device__ __forceinline__ Welford warp_merge(Welford w) {
-  for (int o = 16; o > 0; o >>= 1) {
-    Welford other{__shfl_xor_sync(0xffffffff, w.n, o), __shfl_xor_sync(0xffffffff, w.mean, o),
-                  __shfl_xor_sync(0xffffffff, w.m2, o)};
-    w = merge(w, other);
-  }
-  return w;
-}
-
-// blockDim.x: a multiple of 32, at most 1024.
-__device__ Welford block_merge(Welford w) {
-  __shared__ float sn[32], sm[32], s2[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  w = warp_merge(w);
-  if (lane == 0) { sn[warp] = w.n; sm[warp] = w.mean; s2[warp] = w.m2; }
-  __syncthreads();
-  if (warp == 0) {
-    Welford r = lane < nwarps ? Welford{sn[lane], sm[lane], s2[lane]} : Welford{0.f, 0.f, 0.f};
-    r = warp_merge(r);
-    if (lane == 0) { sn[0] = r.n; sm[0] = r.mean; s2[0] = r.m2; }
-  }
-  __syncthreads();
-  Welford r{sn[0], sm[0], s2[0]};
-  __syncthreads();
-  return r;
 }
 
 // Block (gs, split): elements [split·chunk, (split+1)·chunk) of group gs (= b·G + g).
@@ -80,8 +55,8 @@ __device__ void stats(const T* __restrict__ x, float* __restrict__ partial, long
 
 template <typename T>
 __device__ void apply(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
-                      const float* __restrict__ partial, T* __restrict__ y, long long group_elems,
-                      long long chunk, int splits, int groups, int cpg, long long hw, float eps, int silu,
+                      const float* __restrict__ partial, int psplits, T* __restrict__ y,
+                      long long group_elems, long long chunk, int splits, int groups, int cpg, long long hw, float eps, int silu,
                       const T* __restrict__ mscale, const T* __restrict__ mshift, int mkind,
                       long long scale_sb, long long scale_sc, long long shift_sb, long long shift_sc,
                       int mh, int mw, int width, int vec8) {
@@ -89,8 +64,8 @@ __device__ void apply(const T* __restrict__ x, const T* __restrict__ gamma, cons
   __shared__ float s_mean, s_rstd;
   if (threadIdx.x == 0) {
     Welford w{0.f, 0.f, 0.f};
-    for (int s = 0; s < splits; ++s) {
-      const float* p = partial + 3 * (gs * splits + s);
+    for (int s = 0; s < psplits; ++s) {
+      const float* p = partial + 3 * (gs * psplits + s);
       w = merge(w, Welford{p[0], p[1], p[2]});
     }
     s_mean = w.mean;
@@ -166,12 +141,12 @@ __device__ void apply(const T* __restrict__ x, const T* __restrict__ gamma, cons
     stats<T>(x, partial, ge, chunk, splits, vec8);                                                \
   }                                                                                               \
   extern "C" __global__ void group_norm_apply_##SUF(                                              \
-      const T* x, const T* gamma, const T* beta, const float* partial, T* y, long long ge,         \
-      long long chunk, int splits, int groups, int cpg, long long hw, float eps, int silu,          \
-      const T* mscale, const T* mshift, int mkind, long long ssb, long long ssc, long long tsb,     \
-      long long tsc, int mh, int mw, int width, int vec8) {                                         \
-    apply<T>(x, gamma, beta, partial, y, ge, chunk, splits, groups, cpg, hw, eps, silu, mscale,     \
-             mshift, mkind, ssb, ssc, tsb, tsc, mh, mw, width, vec8);                               \
+      const T* x, const T* gamma, const T* beta, const float* partial, int psplits, T* y,         \
+      long long ge, long long chunk, int splits, int groups, int cpg, long long hw, float eps,     \
+      int silu, const T* mscale, const T* mshift, int mkind, long long ssb, long long ssc,        \
+      long long tsb, long long tsc, int mh, int mw, int width, int vec8) {                        \
+    apply<T>(x, gamma, beta, partial, psplits, y, ge, chunk, splits, groups, cpg, hw, eps, silu,  \
+             mscale, mshift, mkind, ssb, ssc, tsb, tsc, mh, mw, width, vec8);                     \
   }
 
 GN_KERNELS(float, f32)

@@ -1,5 +1,6 @@
 // Welford's running (count, mean, M2) and Chan et al.'s merge of two of them: the GroupNorm
-// statistics of group_norm.cu, merged again by the normalising prologue of conv.cu.
+// statistics of group_norm.cu, merged again by the normalising prologue of conv.cu and
+// produced by conv.cu's crop kernel for the norm that reads its output.
 #pragma once
 
 struct Welford { float n, mean, m2; };
@@ -17,4 +18,33 @@ __device__ __forceinline__ Welford merge(Welford a, Welford b) {
   float d = b.mean - a.mean;
   float f = b.n / n;
   return {n, a.mean + d * f, a.m2 + b.m2 + d * d * a.n * f};
+}
+
+__device__ __forceinline__ Welford warp_merge(Welford w) {
+  for (int o = 16; o > 0; o >>= 1) {
+    Welford other{__shfl_xor_sync(0xffffffff, w.n, o), __shfl_xor_sync(0xffffffff, w.mean, o),
+                  __shfl_xor_sync(0xffffffff, w.m2, o)};
+    w = merge(w, other);
+  }
+  return w;
+}
+
+// Every thread of the block gets the merge of all threads' values. The block (1-, 2- or
+// 3-D) has a multiple of 32 threads, at most 1024; every thread must call it.
+__device__ Welford block_merge(Welford w) {
+  __shared__ float sn[32], sm[32], s2[32];
+  const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const int lane = tid & 31, warp = tid >> 5, nwarps = (blockDim.x * blockDim.y * blockDim.z) >> 5;
+  w = warp_merge(w);
+  if (lane == 0) { sn[warp] = w.n; sm[warp] = w.mean; s2[warp] = w.m2; }
+  __syncthreads();
+  if (warp == 0) {
+    Welford r = lane < nwarps ? Welford{sn[lane], sm[lane], s2[lane]} : Welford{0.f, 0.f, 0.f};
+    r = warp_merge(r);
+    if (lane == 0) { sn[0] = r.n; sm[0] = r.mean; s2[0] = r.m2; }
+  }
+  __syncthreads();
+  Welford r{sn[0], sm[0], s2[0]};
+  __syncthreads();
+  return r;
 }

@@ -145,6 +145,9 @@ struct GroupNormOp {
     eps: f32,
     silu: bool,
     modulation: Option<KernelModulation>,
+    /// The input's statistics, left by the kernel that wrote it (the statistics pass is
+    /// skipped).
+    stats: Option<GroupNormStats>,
 }
 
 /// A [`NormModulation`] as the kernel takes it: its kind (1 scale-shift, 2 spatial, as in
@@ -385,6 +388,14 @@ impl CustomOp3 for GroupNormOp {
         let (b, c) = (dims[0], dims[1]);
         let hw: usize = dims[2..].iter().product();
         let plan = StatsPlan::new(b, c, hw, self.groups, "group-norm kernel")?;
+        if let Some(st) = &self.stats {
+            st.check(b, c, hw, self.groups)?;
+        }
+        let given = self
+            .stats
+            .as_ref()
+            .map(|st| st.partial.storage_and_layout());
+        let psplits = self.stats.as_ref().map_or(plan.splits, |st| st.splits) as i32;
         let dev = xs.device().clone();
         let cfg = plan.launch_config();
         let modulation = self.modulation.as_ref().and_then(KernelModulation::hold);
@@ -409,7 +420,14 @@ impl CustomOp3 for GroupNormOp {
                 let bias = bs.as_cuda_slice::<$t>()?.slice(bo..);
                 let (mscale, mshift) =
                     modulation_views::<$t, _>(&modulation, &x, "group-norm modulation")?;
-                let partial = plan.launch::<$t>(&dev, &x, $suf)?;
+                let partial = match &given {
+                    Some((ps, pl)) => NormPartial::Given(cuda_view::<f32>(
+                        ps,
+                        pl,
+                        "group-norm kernel: the statistics",
+                    )?),
+                    None => NormPartial::Own(plan.launch::<$t>(&dev, &x, $suf)?),
+                };
                 let out = unsafe { dev.alloc::<$t>(b * c * hw)? };
                 let apply = dev.get_or_load_custom_func(
                     concat!("group_norm_apply_", $suf),
@@ -420,7 +438,11 @@ impl CustomOp3 for GroupNormOp {
                 a.arg(&x);
                 a.arg(&w);
                 a.arg(&bias);
-                a.arg(&partial);
+                match &partial {
+                    NormPartial::Given(p) => a.arg(p),
+                    NormPartial::Own(p) => a.arg(p),
+                };
+                a.arg(&psplits);
                 a.arg(&out);
                 a.arg(&ge);
                 a.arg(&ch);
@@ -456,18 +478,18 @@ impl CustomOp3 for GroupNormOp {
 }
 
 /// Fused GroupNorm, then the optional `modulation`, then SiLU when `silu`, on a CUDA tensor
-/// `[B, C, ...]` in one pass over the output; `weight`/`bias` `[C]`. Statistics and the
-/// modulation arithmetic in f32, one rounding to the input's dtype at the end. The caller
-/// has checked the modulation's shapes ([`NormModulation`]'s `check`).
+/// `[B, C, ...]` in one pass over the output. Statistics and the modulation arithmetic in f32,
+/// one rounding to the input's dtype at the end; `stats`: the statistics of `x` where the
+/// kernel that wrote it left them. The caller has checked the modulation's shapes
+/// ([`NormModulation`]'s `check`).
 pub fn group_norm(
     x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    groups: usize,
-    eps: f64,
+    norm: &crate::nn::GroupNorm,
     modulation: Option<NormModulation<'_>>,
     silu: bool,
+    stats: Option<&GroupNormStats>,
 ) -> candle_core::Result<Tensor> {
+    let (weight, bias, groups, eps) = norm.parts();
     let x = x.contiguous()?;
     let w = weight.to_dtype(x.dtype())?.contiguous()?;
     let b = bias.to_dtype(x.dtype())?.contiguous()?;
@@ -482,6 +504,7 @@ pub fn group_norm(
             eps: eps as f32,
             silu,
             modulation,
+            stats: stats.cloned(),
         },
     )
 }
@@ -804,6 +827,34 @@ struct ShiftedConvOp {
     norm: Option<ConvNorm>,
     /// What sums the kernel rows (already checked to cover the dtype and channels).
     gemm: crate::gpu_conv::ConvGemm,
+    /// With `Some(groups)` (cuBLAS path only) the crop kernel also leaves the output's
+    /// GroupNorm statistics in that many groups, in `stats_out`: the buffer of
+    /// [`finish_stats_layout`], taken out after the call (a custom op returns one tensor).
+    stats_groups: Option<usize>,
+    stats_out: std::sync::Mutex<Option<CudaStorage>>,
+}
+
+/// The crop kernel's block, `(tx, ty)`: 4 columns per thread, as many output rows per block
+/// as fit in 256 threads (the 12×12 maps would leave most of a one-row block idle). With
+/// statistics the rows per block are halved until they divide a group's `group_rows`, so that
+/// each block lies in one group (`ty` is a power of two: 1 always divides).
+fn finish_block(ow: usize, group_rows: Option<usize>) -> (usize, usize) {
+    let tx = ow.div_ceil(4).div_ceil(32).clamp(1, 8) * 32;
+    let mut ty = 256 / tx;
+    if let Some(r) = group_rows {
+        while r % ty != 0 {
+            ty /= 2;
+        }
+    }
+    (tx, ty)
+}
+
+/// The f32 buffer of the crop kernel's statistics for `bg` = batch·groups groups and
+/// `blocks` crop blocks: the merged `(count, mean, M2)` per group first (`[bg, 3]`, what
+/// the norm reads), then the per-group counts of finished blocks (`bg` u32, zeroed with the
+/// buffer), then one slot per block. Returns `(count offset, slot offset, length)`.
+fn finish_stats_layout(bg: usize, blocks: usize) -> (usize, usize, usize) {
+    (3 * bg, 4 * bg, 4 * bg + 3 * blocks)
 }
 
 /// The scalar arguments of `conv_shift_norm_*` after the input and geometry.
@@ -849,12 +900,38 @@ pub struct NormBand {
 }
 
 /// GroupNorm statistics of a map: (count, mean, M2) per block of `group_norm_stats_*`
-/// (`splits` blocks per group), as the normalising kernels merge them.
+/// (`splits` per group), or one per group as the convolution's crop kernel leaves them for
+/// its output ([`shifted_conv_with_stats`]), as the normalising kernels merge them.
 #[derive(Debug, Clone)]
 pub struct GroupNormStats {
+    /// `[B·groups·splits, 3]` f32.
     partial: Tensor,
+    /// `(B, C, H·W)` of the map.
     dims: (usize, usize, usize),
     groups: usize,
+    /// Partials per group.
+    splits: usize,
+}
+
+impl GroupNormStats {
+    /// That these are statistics of a `[b, c, hw]` map in `groups` groups (the caller's
+    /// promise that they are of that very map is not checkable).
+    fn check(&self, b: usize, c: usize, hw: usize, groups: usize) -> candle_core::Result<()> {
+        if self.dims != (b, c, hw)
+            || self.groups != groups
+            || self.partial.dims() != [b * groups * self.splits, 3]
+        {
+            candle_core::bail!(
+                "GroupNorm statistics of a {:?} map in {} groups ({:?} partials) given for a \
+                 {:?} map in {groups} groups",
+                self.dims,
+                self.groups,
+                self.partial.dims(),
+                (b, c, hw)
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `group_norm_stats_*` over a contiguous `[B, C, H, W]` map, as a tensor.
@@ -898,10 +975,12 @@ impl candle_core::CustomOp1 for GroupNormStatsOp {
 pub fn group_norm_stats(x: &Tensor, groups: usize) -> candle_core::Result<GroupNormStats> {
     let x = x.contiguous()?;
     let (b, c, h, w) = x.dims4()?;
+    let splits = StatsPlan::new(b, c, h * w, groups, "group-norm statistics")?.splits;
     Ok(GroupNormStats {
         partial: x.apply_op1_no_bwd(&GroupNormStatsOp { groups })?,
         dims: (b, c, h * w),
         groups,
+        splits,
     })
 }
 
@@ -1011,42 +1090,22 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                         nm.beta.dims()
                     );
                 }
-                let plan = match &nm.band {
-                    None => {
-                        StatsPlan::new(b, c, h * w, nm.groups, "shifted convolution: the norm")?
-                    }
+                // The statistics' plan when this call computes them; given ones (of the whole
+                // map, for a band of its rows) bring their own partial count.
+                let plan = StatsPlan::new(b, c, h * w, nm.groups, "shifted convolution: the norm")?;
+                let splits = match &nm.band {
+                    None => plan.splits,
                     Some(band) => {
-                        let st = &band.stats;
-                        if st.groups != nm.groups
-                            || (st.dims.0, st.dims.1) != (b, c)
-                            || st.dims.2 != band.hfull * w
-                            || band.row0 + h > band.hfull
-                        {
+                        if band.row0 + h > band.hfull {
                             candle_core::bail!(
-                                "shifted convolution: rows {}..{} of a {}-row map do not fit \
-                                 the norm statistics of {:?} in {} groups",
+                                "shifted convolution: rows {}..{} of a {}-row map",
                                 band.row0,
                                 band.row0 + h,
-                                band.hfull,
-                                st.dims,
-                                st.groups
+                                band.hfull
                             );
                         }
-                        let plan = StatsPlan::new(
-                            b,
-                            c,
-                            st.dims.2,
-                            nm.groups,
-                            "shifted convolution: the norm",
-                        )?;
-                        if st.partial.dims() != [plan.blocks, 3] {
-                            candle_core::bail!(
-                                "shifted convolution: norm statistics {:?}, expected [{}, 3]",
-                                st.partial.dims(),
-                                plan.blocks
-                            );
-                        }
-                        plan
+                        band.stats.check(b, c, band.hfull * w, nm.groups)?;
+                        band.stats.splits
                     }
                 };
                 let held = nm.modulation.as_ref().and_then(KernelModulation::hold);
@@ -1056,7 +1115,7 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 };
                 let (row0, hfull) = nm.band.as_ref().map_or((0, h), |bd| (bd.row0, bd.hfull));
                 let scalars = NormScalars {
-                    splits: plan.splits as i32,
+                    splits: splits as i32,
                     cpg: plan.cpg as i32,
                     eps: nm.eps,
                     silu: i32::from(nm.silu),
@@ -1089,11 +1148,18 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // conv_finish: 4 columns per thread, as many output rows per block as fit in 256
-        // threads (the 12×12 maps would leave most of a one-row block idle).
         let rows = b * cout * oh;
-        let tx = ow.div_ceil(4).div_ceil(32).clamp(1, 8) * 32;
-        let ty = 256 / tx;
+        // The output's statistics: in `groups` groups of whole channels (cuBLAS path).
+        let stats_groups = match self.stats_groups {
+            Some(g) if g > 0 && cout % g == 0 && self.gemm == ConvGemm::Cublas => Some(g),
+            Some(g) => candle_core::bail!(
+                "shifted convolution: statistics in {g} groups of {cout} channels on {:?}",
+                self.gemm
+            ),
+            None => None,
+        };
+        let (tx, ty) = finish_block(ow, stats_groups.map(|g| cout / g * oh));
+        let per_group = stats_groups.map_or(0, |g| cout / g * oh / ty);
         let finish_cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(ty) as u32, 1, 1),
             block_dim: (tx as u32, ty as u32, 1),
@@ -1309,6 +1375,16 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                     "kandinsky_conv",
                     CONV_PTX,
                 )?;
+                // The statistics' buffer (zeroed: the per-group counts start at 0).
+                let stats = match stats_groups {
+                    Some(g) => {
+                        let blocks = rows.div_ceil(ty);
+                        let (_, _, len) = finish_stats_layout(b * g, blocks);
+                        Some((dev.alloc_zeros::<f32>(len)?, b * g))
+                    }
+                    None => None,
+                };
+                let per_group32 = per_group as i32;
                 let mut a = f.builder();
                 a.arg(&acc);
                 a.arg(bias_v.as_ref().unwrap_or(&stand_in));
@@ -1321,7 +1397,35 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 a.arg(&wp32);
                 a.arg(&has_bias);
                 a.arg(&has_res);
+                let views = stats.as_ref().map(|(buf, bg)| {
+                    let (counts, slots, _) = finish_stats_layout(*bg, 0);
+                    // The counts are u32 in the f32 buffer: the kernel takes an address.
+                    (
+                        buf.slice(..counts),
+                        buf.slice(counts..slots),
+                        buf.slice(slots..),
+                    )
+                });
+                match &views {
+                    Some((merged, counts, slots)) => {
+                        a.arg(merged);
+                        a.arg(slots);
+                        a.arg(counts);
+                    }
+                    // Never read with per_group = 0: the accumulator stands in.
+                    None => {
+                        a.arg(&acc);
+                        a.arg(&acc);
+                        a.arg(&acc);
+                    }
+                }
+                a.arg(&per_group32);
                 unsafe { a.launch(finish_cfg) }.w()?;
+                if let Some((buf, _)) = stats {
+                    *self.stats_out.lock().map_err(|_| {
+                        candle_core::Error::Msg("shifted convolution: statistics lock".into())
+                    })? = Some(CudaStorage::wrap_cuda_slice(buf, dev.clone()));
+                }
                 drop(acc);
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
@@ -1362,6 +1466,20 @@ pub fn shifted_conv(
     bias: Option<&Tensor>,
     options: ConvOptions<'_>,
 ) -> candle_core::Result<Tensor> {
+    Ok(shifted_conv_with_stats(x, taps, bias, options, None)?.0)
+}
+
+/// [`shifted_conv`], with `stats_groups` also the GroupNorm statistics of its output in that
+/// many groups, left by the crop kernel for the norm that reads the output next (which then
+/// skips its statistics pass): where the cuBLAS path sums the rows and the groups divide the
+/// output channels, else `None`.
+pub fn shifted_conv_with_stats(
+    x: &Tensor,
+    taps: &Tensor,
+    bias: Option<&Tensor>,
+    options: ConvOptions<'_>,
+    stats_groups: Option<usize>,
+) -> candle_core::Result<(Tensor, Option<GroupNormStats>)> {
     let ConvOptions {
         pad,
         upsample2x,
@@ -1396,18 +1514,47 @@ pub fn shifted_conv(
         }
         None => None,
     };
-    x.apply_op2_no_bwd(
-        &taps,
-        &ShiftedConvOp {
-            k,
-            pad,
-            upsample2x,
-            bias,
-            residual,
-            norm,
-            gemm: gemm.effective(x.dtype(), k, x.dim(1)?),
-        },
-    )
+    let gemm = gemm.effective(x.dtype(), k, x.dim(1)?);
+    let cout = taps.dim(1)?;
+    let stats_groups = stats_groups
+        .filter(|&g| g > 0 && cout % g == 0 && gemm == crate::gpu_conv::ConvGemm::Cublas);
+    let op = ShiftedConvOp {
+        k,
+        pad,
+        upsample2x,
+        bias,
+        residual,
+        norm,
+        gemm,
+        stats_groups,
+        stats_out: std::sync::Mutex::new(None),
+    };
+    let y = x.apply_op2_no_bwd(&taps, &op)?;
+    let buf = op
+        .stats_out
+        .into_inner()
+        .map_err(|_| candle_core::Error::Msg("shifted convolution: statistics lock".into()))?;
+    let stats = match (stats_groups, buf) {
+        (Some(groups), Some(buf)) => {
+            let (b, _, oh, ow) = y.dims4()?;
+            let len = buf.as_cuda_slice::<f32>()?.len();
+            let buf = Tensor::from_storage(
+                candle_core::Storage::Cuda(buf),
+                len,
+                candle_core::op::BackpropOp::none(),
+                false,
+            );
+            // The merged statistics lead the buffer (finish_stats_layout).
+            Some(GroupNormStats {
+                partial: buf.narrow(0, 0, 3 * b * groups)?.reshape((b * groups, 3))?,
+                dims: (b, cout, oh * ow),
+                groups,
+                splits: 1,
+            })
+        }
+        _ => None,
+    };
+    Ok((y, stats))
 }
 
 const SOFTMAX_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));

@@ -53,6 +53,14 @@ fn subpixel() -> bool {
     env_switch!("KANDINSKY_CONV_SUBPIXEL")
 }
 
+/// `KANDINSKY_CONV_STATS=1`, read once: [`ShiftedConv::forward_normed_stats`] has the crop
+/// kernel leave its output's GroupNorm statistics for the norm that reads it next. Opt-in
+/// until a GPU run has measured it.
+#[cfg(feature = "cuda")]
+fn output_stats() -> bool {
+    env_switch!("KANDINSKY_CONV_STATS")
+}
+
 /// What sums the `k` kernel rows of a shifted convolution on CUDA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvGemm {
@@ -141,6 +149,26 @@ fn multiprocessors(_: &candle_core::Device) -> Result<usize> {
     Ok(1)
 }
 
+/// The GroupNorm statistics of a map, as the kernel that wrote it left them (a CUDA
+/// convolution's crop kernel, [`ShiftedConv::forward_normed_stats`]): the norm that reads
+/// the map next ([`InputNorm::stats`]) skips its own pass over it. Only made on CUDA.
+#[derive(Debug, Clone)]
+pub struct MapStats(MapStatsInner);
+
+#[cfg(feature = "cuda")]
+type MapStatsInner = crate::cuda::GroupNormStats;
+/// Without CUDA there are none to make.
+#[cfg(not(feature = "cuda"))]
+type MapStatsInner = std::convert::Infallible;
+
+impl MapStats {
+    /// The statistics in the CUDA kernels' form.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda(&self) -> &crate::cuda::GroupNormStats {
+        &self.0
+    }
+}
+
 /// The GroupNorm (+ modulation) (+ SiLU) in front of a convolution: `silu(norm(x)·… + …)` is
 /// its input ([`ShiftedConv::forward_normed`]).
 #[derive(Debug, Clone, Copy)]
@@ -151,12 +179,17 @@ pub struct InputNorm<'a> {
     pub modulation: Option<NormModulation<'a>>,
     /// SiLU last.
     pub silu: bool,
+    /// The statistics of exactly the map this norm reads, where the kernel that wrote it left
+    /// them ([`MapStats`]); checked against its shape and groups, not its values.
+    pub stats: Option<&'a MapStats>,
 }
 
 impl InputNorm<'_> {
     /// The normalised map, materialised.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.norm.forward_modulated(x, self.modulation, self.silu)?)
+        Ok(self
+            .norm
+            .forward_with_stats(x, self.modulation, self.silu, self.stats)?)
     }
 
     /// That the modulation fits `x` (what [`Self::apply`] checks, for the paths that
@@ -432,9 +465,9 @@ impl ShiftedConv {
     }
 
     /// [`Self::forward`] of `input_norm` applied to `x`. With `KANDINSKY_CONV_NORM=1` on
-    /// CUDA the copy kernel normalises on read (the statistics one pass before; in bands,
-    /// the whole map's), so the normalised map is never written; otherwise the norm is
-    /// applied first.
+    /// CUDA the copy kernel normalises on read (the statistics one pass before, or those of
+    /// [`InputNorm::stats`]; in bands, the whole map's), so the normalised map is never
+    /// written; otherwise the norm is applied first.
     pub fn forward_normed(
         &self,
         x: &Tensor,
@@ -442,26 +475,62 @@ impl ShiftedConv {
         upsample2x: bool,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        // An upsampling convolution run as phases (KANDINSKY_CONV_SUBPIXEL=1) reads the small
-        // map four times: normalising it once first costs less than what the phases save.
+        Ok(self
+            .forward_normed_stats(x, input_norm, upsample2x, residual, None)?
+            .0)
+    }
+
+    /// [`Self::forward_normed`], and with `stats_groups` also the GroupNorm statistics of the
+    /// output in that many groups, for the norm that reads it next ([`InputNorm::stats`]):
+    /// left by the crop kernel where `KANDINSKY_CONV_STATS=1` (read once) and the call runs on
+    /// CUDA over the whole map with cuBLAS summing the rows; `None` elsewhere.
+    pub fn forward_normed_stats(
+        &self,
+        x: &Tensor,
+        input_norm: InputNorm<'_>,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+        stats_groups: Option<usize>,
+    ) -> Result<(Tensor, Option<MapStats>)> {
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda()
-            && norm_on_read()
-            && crate::nn::use_fused_kernels()
-            && !(upsample2x && subpixel() && self.subpixel_covers())
-        {
-            return match self.band_limit(x, upsample2x)? {
-                Some(limit) => {
-                    self.forward_norm_on_read_banded(x, input_norm, upsample2x, residual, limit)
+        if x.device().is_cuda() && crate::nn::use_fused_kernels() {
+            let stats_groups = stats_groups.filter(|_| output_stats());
+            // An upsampling convolution run as phases (KANDINSKY_CONV_SUBPIXEL=1) reads the
+            // small map four times: normalising it once first costs less than what the phases
+            // save.
+            let phased = upsample2x && subpixel() && self.subpixel_covers();
+            if norm_on_read() && !phased {
+                return match self.band_limit(x, upsample2x)? {
+                    Some(limit) => Ok((
+                        self.forward_norm_on_read_banded(
+                            x, input_norm, upsample2x, residual, limit,
+                        )?,
+                        None,
+                    )),
+                    None => {
+                        self.norm_on_read_stats(x, input_norm, upsample2x, residual, stats_groups)
+                    }
+                };
+            }
+            if stats_groups.is_some() && !phased {
+                let h = input_norm.apply(x)?;
+                if self.band_limit(&h, upsample2x)?.is_none() {
+                    return self.cuda_stats(&h, None, upsample2x, residual, stats_groups);
                 }
-                None => self.forward_norm_on_read(x, input_norm, upsample2x, residual),
-            };
+                return Ok((self.forward(&h, upsample2x, residual)?, None));
+            }
         }
-        self.forward(&input_norm.apply(x)?, upsample2x, residual)
+        #[cfg(not(feature = "cuda"))]
+        let _ = stats_groups;
+        Ok((
+            self.forward(&input_norm.apply(x)?, upsample2x, residual)?,
+            None,
+        ))
     }
 
     /// [`Self::forward_norm_on_read`] in bands of output rows ([`Self::forward_banded`]),
-    /// each band normalised with the whole map's statistics (computed once). CUDA only.
+    /// each band normalised with the whole map's statistics (computed once, or those of
+    /// [`InputNorm::stats`]). CUDA only.
     #[cfg(feature = "cuda")]
     pub fn forward_norm_on_read_banded(
         &self,
@@ -473,7 +542,10 @@ impl ShiftedConv {
     ) -> Result<Tensor> {
         input_norm.check(x)?;
         let (_, _, h, _) = x.dims4()?;
-        let stats = crate::cuda::group_norm_stats(x, input_norm.norm.parts().2)?;
+        let stats = match input_norm.stats {
+            Some(st) => st.cuda().clone(),
+            None => crate::cuda::group_norm_stats(x, input_norm.norm.parts().2)?,
+        };
         self.in_bands(
             x,
             upsample2x,
@@ -513,8 +585,65 @@ impl ShiftedConv {
         upsample2x: bool,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
+        Ok(self
+            .norm_on_read_stats(x, input_norm, upsample2x, residual, None)?
+            .0)
+    }
+
+    /// The CUDA op over the whole map (on the selected path) that also leaves the output's
+    /// GroupNorm statistics in `groups` groups whatever `KANDINSKY_CONV_STATS` says (`None`
+    /// where a fused GEMM runs), for checks against the statistics pass. CUDA only.
+    #[cfg(feature = "cuda")]
+    pub fn forward_leaving_stats(
+        &self,
+        x: &Tensor,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+        groups: usize,
+    ) -> Result<(Tensor, Option<MapStats>)> {
+        self.cuda_stats(x, None, upsample2x, residual, Some(groups))
+    }
+
+    /// [`Self::forward_norm_on_read`] that also returns the output's statistics in
+    /// `stats_groups` groups where the cuBLAS path runs.
+    #[cfg(feature = "cuda")]
+    fn norm_on_read_stats(
+        &self,
+        x: &Tensor,
+        input_norm: InputNorm<'_>,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+        stats_groups: Option<usize>,
+    ) -> Result<(Tensor, Option<MapStats>)> {
         input_norm.check(x)?;
-        Ok(crate::cuda::shifted_conv(
+        let (_, _, h, _) = x.dims4()?;
+        // Given statistics are the whole map's: a band of all its rows.
+        let band = input_norm.stats.map(|st| crate::cuda::NormBand {
+            stats: st.cuda().clone(),
+            row0: 0,
+            hfull: h,
+        });
+        self.cuda_stats(
+            x,
+            Some((input_norm, band)),
+            upsample2x,
+            residual,
+            stats_groups,
+        )
+    }
+
+    /// The CUDA op over the whole map on the selected path, with the output's statistics where
+    /// asked for and the cuBLAS path runs.
+    #[cfg(feature = "cuda")]
+    fn cuda_stats(
+        &self,
+        x: &Tensor,
+        input_norm: Option<(InputNorm<'_>, Option<crate::cuda::NormBand>)>,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+        stats_groups: Option<usize>,
+    ) -> Result<(Tensor, Option<MapStats>)> {
+        let (y, stats) = crate::cuda::shifted_conv_with_stats(
             x,
             &self.taps,
             self.bias.as_ref(),
@@ -522,10 +651,12 @@ impl ShiftedConv {
                 pad: self.padding,
                 upsample2x,
                 residual,
-                input_norm: Some((input_norm, None)),
+                input_norm,
                 gemm: self.auto_gemm(x, upsample2x, self.padding)?,
             },
-        )?)
+            stats_groups,
+        )?;
+        Ok((y, stats.map(MapStats)))
     }
 
     /// One whole-map convolution with explicit padding: the CUDA op, or the reference.

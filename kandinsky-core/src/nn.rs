@@ -207,6 +207,11 @@ impl GroupNorm {
         self.weight.dims1().unwrap_or(0)
     }
 
+    /// Number of groups.
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
     /// Normalise `x` of shape `[B, C, ...]`: the fused CUDA kernel on a GPU, the fused CPU
     /// loop (`cpu_norm`) on the CPU, else (`KANDINSKY_PLAIN_KERNELS`) the plain path.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -228,6 +233,20 @@ impl GroupNorm {
         modulation: Option<NormModulation<'_>>,
         silu: bool,
     ) -> candle_core::Result<Tensor> {
+        self.forward_with_stats(x, modulation, silu, None)
+    }
+
+    /// [`Self::forward_modulated`] with the statistics of `x` where the kernel that wrote it
+    /// left them (CUDA; the kernel's statistics pass is skipped, elsewhere they are unused).
+    pub fn forward_with_stats(
+        &self,
+        x: &Tensor,
+        modulation: Option<NormModulation<'_>>,
+        silu: bool,
+        stats: Option<&crate::gpu_conv::MapStats>,
+    ) -> candle_core::Result<Tensor> {
+        #[cfg(not(feature = "cuda"))]
+        let _ = stats;
         if let Some(m) = modulation {
             m.check(x)?;
         }
@@ -240,12 +259,10 @@ impl GroupNorm {
         if x.device().is_cuda() && x.rank() >= 3 && use_fused_kernels() {
             return crate::cuda::group_norm(
                 x,
-                &self.weight,
-                &self.bias,
-                self.groups,
-                self.eps,
+                self,
                 modulation,
                 silu,
+                stats.map(crate::gpu_conv::MapStats::cuda),
             );
         }
         let y = self.forward_plain(x)?;

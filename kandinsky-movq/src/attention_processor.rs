@@ -9,7 +9,8 @@ use kandinsky_core::nn::{linear, swap_last2, Activation, Linear};
 use kandinsky_core::{Error, Result};
 
 use crate::conv::{Conv2d, Padding};
-use crate::normalization::{GroupNorm, Modulation};
+use crate::normalization::{ConvStats, GroupNorm, Modulation};
+use kandinsky_core::gpu_conv::MapStats;
 
 /// `SpatialNorm(f_channels, zq_channels)`: `GroupNorm32(f)·conv_y(zq') + conv_b(zq')` with
 /// `zq'` the latent resized (nearest) to the size of `f`. Keys `norm_layer`, `conv_y`, `conv_b`.
@@ -69,14 +70,15 @@ impl SpatialNorm {
         zq: &Tensor,
         act: Option<Activation>,
         residual: Option<&Tensor>,
-    ) -> Result<Tensor> {
+        stats: ConvStats<'_>,
+    ) -> Result<(Tensor, Option<MapStats>)> {
         let (scale, shift) = self.maps(&f, zq)?;
         let modulation = Some(Modulation {
             scale: &scale,
             shift: &shift,
         });
         self.norm_layer
-            .forward_into_conv(conv, f, modulation, act, residual)
+            .forward_into_conv(conv, f, modulation, act, residual, stats)
     }
 
     /// The modulation maps `(conv_y(zq'), conv_b(zq'))` for a map `f`.
@@ -120,7 +122,8 @@ impl Norm {
 
     /// `conv(act(norm(x))) [+ residual]`, the norm applied on read by the CUDA convolution
     /// (`KANDINSKY_CONV_NORM=1`); `zq` is required by the spatial variant. Takes `x` so that
-    /// elsewhere it can be freed before the convolution.
+    /// elsewhere it can be freed before the convolution. `stats`: the GroupNorm statistics in
+    /// and out ([`GroupNorm::forward_into_conv`]).
     pub fn forward_into_conv(
         &self,
         conv: &Conv2d,
@@ -128,10 +131,21 @@ impl Norm {
         zq: Option<&Tensor>,
         act: Option<Activation>,
         residual: Option<&Tensor>,
-    ) -> Result<Tensor> {
+        stats: ConvStats<'_>,
+    ) -> Result<(Tensor, Option<MapStats>)> {
         match self {
-            Norm::Group(n) => n.forward_into_conv(conv, x, None, act, residual),
-            Norm::Spatial(n) => n.forward_into_conv(conv, x, Self::latent(zq)?, act, residual),
+            Norm::Group(n) => n.forward_into_conv(conv, x, None, act, residual, stats),
+            Norm::Spatial(n) => {
+                n.forward_into_conv(conv, x, Self::latent(zq)?, act, residual, stats)
+            }
+        }
+    }
+
+    /// Number of groups of the GroupNorm.
+    pub fn groups(&self) -> usize {
+        match self {
+            Norm::Group(n) => n.groups(),
+            Norm::Spatial(n) => n.norm_layer.groups(),
         }
     }
 

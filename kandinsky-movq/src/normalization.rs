@@ -11,6 +11,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use kandinsky_core::gpu_conv::MapStats;
 use kandinsky_core::nn::{Activation, NormModulation};
 use kandinsky_core::{Error, Result};
 
@@ -214,6 +215,11 @@ impl GroupNorm {
     /// with `KANDINSKY_CONV_NORM=1` the normalised map is never written); otherwise
     /// [`Self::forward`], then the convolution. Takes `x` so that the normalised map's input
     /// is freed before the convolution where the caller holds no other reference.
+    ///
+    /// `stats`: on CUDA, the statistics of `x` where the kernel that wrote it left them, and
+    /// the groups in which the convolution's crop kernel leaves those of its output
+    /// (returned; with `KANDINSKY_CONV_STATS=1`, see
+    /// [`ShiftedConv::forward_normed_stats`](kandinsky_core::gpu_conv::ShiftedConv::forward_normed_stats)).
     pub fn forward_into_conv(
         &self,
         conv: &crate::conv::Conv2d,
@@ -221,7 +227,8 @@ impl GroupNorm {
         modulation: Option<Modulation<'_>>,
         act: Option<Activation>,
         residual: Option<&Tensor>,
-    ) -> Result<Tensor> {
+        stats: ConvStats<'_>,
+    ) -> Result<(Tensor, Option<MapStats>)> {
         if let (Some(shifted), None | Some(Activation::Silu)) = (conv.shifted(), act) {
             Self::upscale(&x, modulation)?;
             let gn = self.core()?;
@@ -232,16 +239,42 @@ impl GroupNorm {
                     shift: m.shift,
                 }),
                 silu: act.is_some(),
+                stats: stats.input,
             };
-            return shifted.forward_normed(&x, input_norm, false, residual);
+            return shifted.forward_normed_stats(
+                &x,
+                input_norm,
+                false,
+                residual,
+                stats.output_groups,
+            );
         }
         let h = self.forward(&x, modulation, act)?;
         drop(x);
-        match residual {
-            Some(r) => conv.forward_add(h, r),
-            None => conv.forward(&h),
-        }
+        Ok((
+            match residual {
+                Some(r) => conv.forward_add(h, r)?,
+                None => conv.forward(&h)?,
+            },
+            None,
+        ))
     }
+
+    /// Number of groups.
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+}
+
+/// The GroupNorm statistics around a normalised convolution on CUDA
+/// ([`GroupNorm::forward_into_conv`]): those of its input where the kernel that wrote it left
+/// them, and the groups to leave its output's in for the norm that reads it next.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConvStats<'a> {
+    /// The input's statistics.
+    pub input: Option<&'a MapStats>,
+    /// Leave the output's statistics in this many groups.
+    pub output_groups: Option<usize>,
 }
 
 impl GroupNorm {

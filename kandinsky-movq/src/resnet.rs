@@ -9,6 +9,7 @@ use kandinsky_core::Result;
 
 use crate::attention_processor::{Norm, NormKind};
 use crate::conv::{Conv2d, Padding};
+use crate::normalization::ConvStats;
 
 /// `norm1 → act → conv1 → norm2 → act → conv2`, plus the (1×1 `conv_shortcut` when the
 /// channel count changes) input. Keys `norm1`, `conv1`, `norm2`, `conv2`, `[conv_shortcut]`.
@@ -74,9 +75,19 @@ impl ResnetBlock2D {
         // (one kernel on CUDA).
         // Reassigned, not shadowed: each full-size intermediate is freed as soon as the next
         // exists.
-        let mut h =
-            self.norm1
-                .forward_into_conv(&self.conv1, x.clone(), zq, Some(self.act), None)?;
+        // On CUDA conv1 may also leave norm2's statistics of its output
+        // (KANDINSKY_CONV_STATS=1), sparing norm2 its pass over it.
+        let (mut h, h_stats) = self.norm1.forward_into_conv(
+            &self.conv1,
+            x.clone(),
+            zq,
+            Some(self.act),
+            None,
+            ConvStats {
+                input: None,
+                output_groups: Some(self.norm2.groups()),
+            },
+        )?;
         if self.conv2.shifted().is_none() {
             // Elsewhere the shortcut is computed after norm2 has freed the conv1 output:
             // computed before, it was one more full-size map at the peak (+32 MiB for a
@@ -91,12 +102,19 @@ impl ResnetBlock2D {
             Some(c) => Some(c.forward(x)?),
             None => None,
         };
-        self.norm2.forward_into_conv(
-            &self.conv2,
-            h,
-            zq,
-            Some(self.act),
-            Some(shortcut.as_ref().unwrap_or(x)),
-        )
+        Ok(self
+            .norm2
+            .forward_into_conv(
+                &self.conv2,
+                h,
+                zq,
+                Some(self.act),
+                Some(shortcut.as_ref().unwrap_or(x)),
+                ConvStats {
+                    input: h_stats.as_ref(),
+                    output_groups: None,
+                },
+            )?
+            .0)
     }
 }

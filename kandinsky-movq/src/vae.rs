@@ -8,7 +8,7 @@ use kandinsky_core::Result;
 
 use crate::attention_processor::{Norm, NormKind};
 use crate::conv::{Conv2d, Padding};
-use crate::normalization::GroupNorm;
+use crate::normalization::{ConvStats, GroupNorm};
 use crate::unet_2d_blocks::{
     BlockParams, DownBlockType, DownEncoderBlock2D, UNetMidBlock2D, UpBlockType, UpDecoderBlock2D,
 };
@@ -205,8 +205,17 @@ impl Decoder {
         }
         // `conv_act` is always SiLU. `h` is handed over, so it is freed as soon as its norm
         // exists (or, on CUDA, the norm is applied on read by the convolution).
-        self.conv_norm_out
-            .forward_into_conv(&self.conv_out, h, zq, Some(Activation::Silu), None)
+        Ok(self
+            .conv_norm_out
+            .forward_into_conv(
+                &self.conv_out,
+                h,
+                zq,
+                Some(Activation::Silu),
+                None,
+                ConvStats::default(),
+            )?
+            .0)
     }
 }
 

@@ -8,7 +8,7 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 use kandinsky_core::cpu_conv::PackedConv3x3;
-use kandinsky_core::gpu_conv::{InputNorm, ShiftedConv};
+use kandinsky_core::gpu_conv::{InputNorm, MapStats, ShiftedConv};
 use kandinsky_core::nn::{use_fused_kernels, Conv2dConfig};
 
 /// True when `x` needs the f32 detour (bf16 on the CPU).
@@ -96,13 +96,29 @@ impl Conv2d {
         upsample2x: bool,
         residual: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
+        Ok(self
+            .forward_normed_stats(x, input_norm, upsample2x, residual, None)?
+            .0)
+    }
+
+    /// [`Self::forward_normed`], with `stats_groups` also the output's GroupNorm statistics in
+    /// that many groups where the CUDA path leaves them
+    /// ([`ShiftedConv::forward_normed_stats`]), for the norm that reads the output next.
+    pub fn forward_normed_stats(
+        &self,
+        x: &Tensor,
+        input_norm: InputNorm<'_>,
+        upsample2x: bool,
+        residual: Option<&Tensor>,
+        stats_groups: Option<usize>,
+    ) -> candle_core::Result<(Tensor, Option<MapStats>)> {
         if let ConvKind::Shifted(s) = &self.0 {
             return s
-                .forward_normed(x, input_norm, upsample2x, residual)
+                .forward_normed_stats(x, input_norm, upsample2x, residual, stats_groups)
                 .map_err(candle_core::Error::wrap);
         }
         let h = input_norm.apply(x).map_err(candle_core::Error::wrap)?;
-        self.forward_fused(&h, upsample2x, residual)
+        Ok((self.forward_fused(&h, upsample2x, residual)?, None))
     }
 
     /// `conv(up(x)) + residual`, where `up` is the nearest-2× upsampling when `upsample2x`:

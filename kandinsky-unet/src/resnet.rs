@@ -110,24 +110,31 @@ impl ResnetBlock2D {
         let residual = self.resample.apply(x)?;
         // GroupNorm + SiLU in one pass (on CUDA, optionally inside the convolution's copy
         // kernel); the 2× upsampling of the main branch rides in the convolution (folded on
-        // CUDA).
-        let h = match (act, self.resample) {
-            (Activation::Silu, Resample::Up | Resample::None) => self.conv1.forward_normed(
+        // CUDA). On CUDA conv1 may also leave norm2's statistics of its output
+        // (KANDINSKY_CONV_STATS=1), sparing norm2 its pass over it.
+        let (h, h_stats) = match (act, self.resample) {
+            (Activation::Silu, Resample::Up | Resample::None) => self.conv1.forward_normed_stats(
                 x,
                 InputNorm {
                     norm: &self.norm1,
                     modulation: None,
                     silu: true,
+                    stats: None,
                 },
                 self.resample == Resample::Up,
                 None,
+                Some(self.norm2.groups()),
             )?,
-            (Activation::Silu, _) => self
-                .conv1
-                .forward(&self.resample.apply(&self.norm1.forward_silu(x)?)?)?,
-            _ => self
-                .conv1
-                .forward(&self.resample.apply(&act.apply(&self.norm1.forward(x)?)?)?)?,
+            (Activation::Silu, _) => (
+                self.conv1
+                    .forward(&self.resample.apply(&self.norm1.forward_silu(x)?)?)?,
+                None,
+            ),
+            _ => (
+                self.conv1
+                    .forward(&self.resample.apply(&act.apply(&self.norm1.forward(x)?)?)?)?,
+                None,
+            ),
         };
 
         let temb = if self.settings.skip_time_act {
@@ -160,12 +167,18 @@ impl ResnetBlock2D {
                     norm: &self.norm2,
                     modulation,
                     silu: true,
+                    stats: h_stats.as_ref(),
                 },
                 false,
                 Some(&residual),
             )?,
             _ => {
-                let h = act.apply(&self.norm2.forward_modulated(&h, modulation, false)?)?;
+                let h = act.apply(&self.norm2.forward_with_stats(
+                    &h,
+                    modulation,
+                    false,
+                    h_stats.as_ref(),
+                )?)?;
                 self.conv2.forward_fused(&h, false, Some(&residual))?
             }
         };

@@ -18,7 +18,9 @@
 #      kernel (no head copies); CONV_NORM, the UNet and MoVQ with the ResNet norms inside
 #      the convolutions' copy kernel (KANDINSKY_CONV_NORM=1); SUBPIXEL, the UNet and MoVQ
 #      with the upsampling convolutions as four 2×2 phase convolutions
-#      (KANDINSKY_CONV_SUBPIXEL=1); BOTH (only with BOTH=1), the
+#      (KANDINSKY_CONV_SUBPIXEL=1); STATS, the UNet and MoVQ with the ResNets' conv1 leaving
+#      norm2's GroupNorm statistics in its crop kernel (KANDINSKY_CONV_STATS=1); BOTH (only
+#      with BOTH=1), the
 #      UNet and the whole text2img with it and token-major; ALL, the UNet and the
 #      text2img with every switch that won on its own (or ALL_ENV); BANDED, the timings with
 #      those switches and the convolution scratch banded at 64 MiB (peak memory);
@@ -30,7 +32,7 @@
 #      MoVQ decode, with the switches in NCU_ENV set;
 #   4. with DIFFUSERS=1, diffusers/PyTorch on the same card (fp16), from the carried wheels.
 # Two calls fit a session's device time: `NCU=0 BANDED=0 DEADLINE=560 bash xtask/gpu/run.sh`,
-# then `CHECK=0 WIDE=0 CONV_GEMM=0 TRANSPOSE=0 TOKEN_MAJOR=0 CONV_NORM=0 SUBPIXEL=0 PADDED_ROWS=0 ALL_ENV="…"
+# then `CHECK=0 WIDE=0 CONV_GEMM=0 TRANSPOSE=0 TOKEN_MAJOR=0 CONV_NORM=0 SUBPIXEL=0 STATS=0 PADDED_ROWS=0 ALL_ENV="…"
 # DIFFUSERS=1 DEADLINE=300 bash xtask/gpu/run.sh` with the first call's "== ALL" switches.
 set -uo pipefail
 # Every part's timeout is cut to what is left of DEADLINE seconds (the device call's limit
@@ -120,6 +122,10 @@ ab CONV_NORM KANDINSKY_CONV_NORM=1 70 rust-conv-norm.log '^(unet step|movq|timin
 # rows against candle's are in part 1).
 ab SUBPIXEL KANDINSKY_CONV_SUBPIXEL=1 70 rust-subpixel.log '^(unet step|movq|timings)' \
     --timings-only --quick --no-text2img
+# The crop kernel of each ResNet's conv1 leaving norm2's statistics (their rows against
+# candle's are in part 1).
+ab STATS KANDINSKY_CONV_STATS=1 70 rust-stats.log '^(unet step|movq|timings)' \
+    --timings-only --quick --no-text2img
 # Session 7's pairing of the two (ALL below combines whatever won): only with BOTH=1.
 BOTH=${BOTH:-0}
 ab BOTH "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-both.log '^(unet|timings)' \
@@ -141,7 +147,8 @@ if [ -z "${ALL_ENV:-}" ]; then
     ALL_ENV=""
     for sw in KANDINSKY_FLASH=${ATTN_BEST:-}:rust-attn.log KANDINSKY_CONV_GEMM=${GEMM_BEST:-}:rust-conv-gemm.log \
         KANDINSKY_FLASH_TOKEN_MAJOR=1:rust-token-major.log KANDINSKY_CONV_NORM=1:rust-conv-norm.log \
-        KANDINSKY_TILED_TRANSPOSE=1:rust-transpose.log KANDINSKY_CONV_SUBPIXEL=1:rust-subpixel.log; do
+        KANDINSKY_TILED_TRANSPOSE=1:rust-transpose.log KANDINSKY_CONV_SUBPIXEL=1:rust-subpixel.log \
+        KANDINSKY_CONV_STATS=1:rust-stats.log; do
         faster "$(ms_of "${sw#*:}")" "$base" && ALL_ENV="$ALL_ENV ${sw%%:*}"
     done
     read -r -a parts <<<"$ALL_ENV"

@@ -591,6 +591,7 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                 norm: &gn,
                 modulation,
                 silu: true,
+                stats: None,
             };
             // candle's ops in f32 on the same rounded inputs.
             let gn32 = GroupNorm::from_parts(f(&gw32)?, f(&gb32)?, 32, 1e-5)?;
@@ -651,6 +652,81 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                     ok: Some(ok),
                 });
             }
+        }
+    }
+    // The convolution's crop kernel leaving its output's GroupNorm statistics
+    // (KANDINSKY_CONV_STATS=1): the norm reading them (GroupNorm + SiLU materialised, and
+    // normalised on read by the next convolution) against candle's ops in f32 on the same
+    // output, at the UNet's ResNet conv1 shapes (768 px) and a MoVQ upsampling one; timed
+    // (convolution + norm) against the convolution and the norm's own statistics pass.
+    #[cfg(feature = "cuda")]
+    for (c, s, batch, up) in [
+        (384usize, 96usize, 2usize, false),
+        (768, 48, 2, false),
+        (1536, 24, 2, true),
+        (1536, 12, 2, false),
+        (128, 384, 1, true),
+    ] {
+        use kandinsky_core::gpu_conv::{InputNorm, ShiftedConv};
+        let w32 = (Tensor::randn(0f32, 1.0, (c, c, 3, 3), dev)? / ((c * 9) as f64).sqrt())?;
+        let b32 = (Tensor::randn(0f32, 1.0, c, dev)? + 1.0)?;
+        let x32 = Tensor::randn(0f32, 1.0, (batch, c, s, s), dev)?;
+        let gw32 = (Tensor::randn(0f32, 0.2, c, dev)? + 1.0)?;
+        let gb32 = Tensor::randn(0f32, 0.2, c, dev)?;
+        let os = if up { 2 * s } else { s };
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let r = |t: &Tensor| t.to_dtype(dt);
+            let f = |t: &Tensor| t.to_dtype(dt)?.to_dtype(DType::F32);
+            let x = r(&x32)?;
+            let conv = ShiftedConv::new(&r(&w32)?, Some(&r(&b32)?), [1, 1, 1, 1])?;
+            let conv2 = ShiftedConv::new(&r(&w32)?, None, [1, 1, 1, 1])?;
+            let gn = GroupNorm::from_parts(r(&gw32)?, r(&gb32)?, 32, 1e-5)?;
+            let gn32 = GroupNorm::from_parts(f(&gw32)?, f(&gb32)?, 32, 1e-5)?;
+            let what = format!(
+                "conv stats {c} {s}x{s}{} b{batch} {dt:?}: rel err (norm, on read) / ms / ms with a stats pass",
+                if up { " up2x" } else { "" }
+            );
+            let checked = (|| -> Result<Option<(f32, f32, f64, f64)>> {
+                let (y, stats) = conv.forward_leaving_stats(&x, up, None, 32)?;
+                let Some(stats) = stats else {
+                    return Ok(None);
+                };
+                // candle's ops in f32 on the convolution's (rounded) output.
+                let normed32 = gn32.forward_plain(&y.to_dtype(DType::F32)?)?.silu()?;
+                let input_norm = InputNorm {
+                    norm: &gn,
+                    modulation: None,
+                    silu: true,
+                    stats: Some(&stats),
+                };
+                let d_norm = diff(&input_norm.apply(&y)?, &normed32)?.rel;
+                let on_read = conv2.forward_norm_on_read(&y, input_norm, false, None)?;
+                let reference = normed32.conv2d(&f(&w32)?, 1, 1, 1, 1)?;
+                let d_read = diff(&on_read, &reference)?.rel;
+                let ms = time(dev, 2, 10, || {
+                    let (y, st) = conv.forward_leaving_stats(&x, up, None, 32)?;
+                    gn.forward_with_stats(&y, None, true, st.as_ref())?;
+                    Ok(())
+                })?;
+                let ms_pass = time(dev, 2, 10, || {
+                    gn.forward_silu(&conv.forward(&x, up, None)?)?;
+                    Ok(())
+                })?;
+                Ok(Some((d_norm, d_read, ms, ms_pass)))
+            })();
+            let (value, ok) = match checked {
+                Ok(Some((dn, dr, ms, ms_pass))) => (
+                    format!("{dn:.1e}, {dr:.1e} / {ms:.3} / {ms_pass:.3}"),
+                    dn <= tolerance(dt) && dr <= tolerance(dt),
+                ),
+                Ok(None) => (format!("no statistics ({os}x{os} output)"), false),
+                Err(e) => (format!("error: {e}"), false),
+            };
+            rows.push(Row {
+                what,
+                value,
+                ok: Some(ok),
+            });
         }
     }
     // Linear layers with the bias in the cuBLASLt epilogue (the UNet's attention projections

@@ -135,35 +135,99 @@ double run(const Case& cs, uint32_t seed) {
 
 // conv_finish (the cuBLAS path's crop, bias, residual and rounding) against its definition,
 // exactly: the 4-element path (OW a multiple of 4, an aligned residual) and the scalar one
-// (an odd width; a residual view one element off). Returns the wrong elements.
+// (an odd width; a residual view one element off). With `groups` > 0 it also leaves the
+// output's GroupNorm statistics (blocks of rows as the launcher picks them: dividing a
+// group's rows, several blocks per group): those against the output's mean and variance in
+// double, then group_norm_apply reading them (one partial per group, its own work split in
+// two) against a GroupNorm in double. Returns the wrong elements; `stat_err` the larger
+// relative error of the two stages.
+struct FinishResult {
+  long wrong;
+  double stat_err;
+};
+
 template <typename T>
-long finish(int B, int C, int OH, int OW, int Wp, int res_offset, bool bias_on, uint32_t seed) {
+FinishResult finish(int B, int C, int OH, int OW, int Wp, int res_offset, bool bias_on, int groups, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
   const int rows = B * C * OH;
   DeviceVec<float> acc((size_t)rows * Wp);
-  for (auto& v : acc) v = nd(rng);
+  // An offset mean, so that a variance taken as E[x²] − mean² would lose digits.
+  for (auto& v : acc) v = 3.f + nd(rng);
   DeviceVec<T> bias(C), res((size_t)rows * OW + res_offset), out((size_t)rows * OW, from_float<T>(NAN));
   for (auto& v : bias) v = from_float<T>(nd(rng));
   for (auto& v : res) v = from_float<T>(nd(rng));
   const T* r = res.data() + res_offset;
-  // The launcher's block: 4 columns per thread, as many rows as fit in 256 threads.
-  const int quads = (OW + 3) / 4;
-  const unsigned tx = std::clamp((quads + 31) / 32, 1, 8) * 32, ty = 256 / tx;
-  emu::launch({(unsigned)((rows + ty - 1) / ty), 1, 1}, EmuDim3{tx, ty, 1}, [&] {
+  // The launcher's block: 4 columns per thread, as many rows as fit in 256 threads, with
+  // statistics halved until they divide a group's rows.
+  const int quads = (OW + 3) / 4, cpg = groups ? C / groups : 0;
+  const unsigned tx = std::clamp((quads + 31) / 32, 1, 8) * 32;
+  unsigned ty = 256 / tx;
+  while (groups && (cpg * OH) % ty) ty /= 2;
+  const int per_group = groups ? cpg * OH / (int)ty : 0, blocks = (rows + ty - 1) / ty;
+  DeviceVec<float> stats(3 * (size_t)B * std::max(groups, 1), NAN), partial(3 * (size_t)blocks, NAN);
+  DeviceVec<unsigned> done((size_t)B * std::max(groups, 1), 0u);
+  emu::launch({(unsigned)blocks, 1, 1}, EmuDim3{tx, ty, 1}, [&] {
     if constexpr (std::is_same<T, __half>::value)
-      conv_finish_f16(acc.data(), bias.data(), r, out.data(), rows, C, OH, OW, Wp, bias_on, 1);
-    else conv_finish_bf16(acc.data(), bias.data(), r, out.data(), rows, C, OH, OW, Wp, bias_on, 1);
+      conv_finish_f16(acc.data(), bias.data(), r, out.data(), rows, C, OH, OW, Wp, bias_on, 1, stats.data(),
+                      partial.data(), done.data(), per_group);
+    else
+      conv_finish_bf16(acc.data(), bias.data(), r, out.data(), rows, C, OH, OW, Wp, bias_on, 1, stats.data(),
+                       partial.data(), done.data(), per_group);
   });
-  long wrong = 0;
+  FinishResult res_{0, 0.0};
   for (int row = 0; row < rows; ++row)
     for (int x = 0; x < OW; ++x) {
       float v = acc[(size_t)row * Wp + x] + (bias_on ? to_float(bias[row / OH % C]) : 0.f);
       v += to_float(r[(size_t)row * OW + x]);
       const T want = from_float<T>(v);
-      wrong += memcmp(&want, &out[(size_t)row * OW + x], sizeof(T)) != 0;
+      res_.wrong += memcmp(&want, &out[(size_t)row * OW + x], sizeof(T)) != 0;
     }
-  return wrong;
+  if (!groups) return res_;
+  // The statistics: count exact, mean and M2 against the stored values in double.
+  const long long hw = (long long)OH * OW, ge = (long long)cpg * hw;
+  std::vector<double> mean(B * groups), var(B * groups);
+  for (int gs = 0; gs < B * groups; ++gs) {
+    double s1 = 0;
+    for (long long i = 0; i < ge; ++i) s1 += to_float(out[gs * ge + i]);
+    const double m = s1 / ge;
+    double s2 = 0;
+    for (long long i = 0; i < ge; ++i) s2 += (to_float(out[gs * ge + i]) - m) * (to_float(out[gs * ge + i]) - m);
+    mean[gs] = m;
+    var[gs] = s2 / ge;
+    if (stats[3 * gs] != (float)ge) res_.stat_err = INFINITY;
+    res_.stat_err = std::max(res_.stat_err, std::fabs(stats[3 * gs + 1] - m) / std::sqrt(var[gs]));
+    res_.stat_err = std::max(res_.stat_err, std::fabs(stats[3 * gs + 2] / ge - var[gs]) / var[gs]);
+  }
+  // The norm reading them: GroupNorm + SiLU, two work splits per group, one partial.
+  DeviceVec<T> gamma(C), beta(C), y(out.size());
+  for (auto& v : gamma) v = from_float<T>(1.f + 0.3f * nd(rng));
+  for (auto& v : beta) v = from_float<T>(0.3f * nd(rng));
+  const float eps = 1e-5f;
+  const int splits = 2, vec8 = hw % 8 == 0;
+  const long long chunk = vec8 ? ((ge + splits - 1) / splits + 7) / 8 * 8 : (ge + splits - 1) / splits;
+  emu::launch({(unsigned)(B * groups * splits), 1, 1}, 64, [&] {
+    if constexpr (std::is_same<T, __half>::value)
+      group_norm_apply_f16(out.data(), gamma.data(), beta.data(), stats.data(), 1, y.data(), ge, chunk, splits,
+                           groups, cpg, hw, eps, 1, gamma.data(), gamma.data(), 0, 0, 0, 0, 0, 1, 1, OW, vec8);
+    else
+      group_norm_apply_bf16(out.data(), gamma.data(), beta.data(), stats.data(), 1, y.data(), ge, chunk, splits,
+                            groups, cpg, hw, eps, 1, gamma.data(), gamma.data(), 0, 0, 0, 0, 0, 1, 1, OW, vec8);
+  });
+  double max_err = 0, max_ref = 0;
+  for (int gs = 0; gs < B * groups; ++gs)
+    for (long long i = 0; i < ge; ++i) {
+      const int c = (int)((gs % groups) * cpg + i / hw);
+      double v = (to_float(out[gs * ge + i]) - mean[gs]) / std::sqrt(var[gs] + eps) * to_float(gamma[c]) +
+                 to_float(beta[c]);
+      v = v / (1 + std::exp(-v));
+      const double got = to_float(y[gs * ge + i]);
+      if (std::isnan(got)) return {res_.wrong, INFINITY};
+      max_err = std::max(max_err, std::fabs(got - v));
+      max_ref = std::max(max_ref, std::fabs(v));
+    }
+  res_.stat_err = std::max(res_.stat_err, max_err / max_ref);
+  return res_;
 }
 
 }  // namespace
@@ -190,20 +254,28 @@ int main() {
   }
   struct FinishCase {
     const char* what;
-    int b, c, oh, ow, wp, res_offset, bias;
+    int b, c, oh, ow, wp, res_offset, bias, groups;
   };
+  // Statistics: rows of 12 (5 blocks of one row per group), 4-row blocks (3 per group), and
+  // 136 columns (64-thread rows, 4-row blocks, 6 per group); plus the crop alone.
   const FinishCase finishes[] = {
-      {"12 of 16 columns, 4-wide", 2, 3, 5, 12, 16, 0, 1},
-      {"odd width 10 of 16, scalar", 1, 2, 4, 10, 16, 0, 1},
-      {"residual one element off, scalar", 1, 2, 3, 8, 8, 1, 0},
+      {"12 of 16 columns, 4-wide, stats", 2, 3, 5, 12, 16, 0, 1, 3},
+      {"odd width 10 of 16, scalar", 1, 2, 4, 10, 16, 0, 1, 0},
+      {"residual one element off, scalar", 1, 2, 3, 8, 8, 1, 0, 0},
+      {"2 channels per group, stats", 2, 8, 6, 12, 16, 0, 1, 4},
+      {"136 wide, 4-row blocks, stats", 1, 4, 12, 136, 136, 0, 1, 2},
   };
+  // The statistics are f32 Welford merges of the stored values: 1e-5 of the spread; the norm
+  // reading them rounds once (f16 5e-4, bf16 4e-3, as above).
   for (const FinishCase& f : finishes) {
-    const long w16 = finish<__half>(f.b, f.c, f.oh, f.ow, f.wp, f.res_offset, f.bias, seed),
-               wbf = finish<__nv_bfloat16>(f.b, f.c, f.oh, f.ow, f.wp, f.res_offset, f.bias, seed);
+    const FinishResult r16 = finish<__half>(f.b, f.c, f.oh, f.ow, f.wp, f.res_offset, f.bias, f.groups, seed),
+                       rbf = finish<__nv_bfloat16>(f.b, f.c, f.oh, f.ow, f.wp, f.res_offset, f.bias, f.groups, seed);
     ++seed;
-    const bool pass = w16 == 0 && wbf == 0;
+    const bool pass = r16.wrong == 0 && rbf.wrong == 0 && r16.stat_err <= 5e-4 && rbf.stat_err <= 4e-3;
     ok &= pass;
-    printf("conv_finish      %-32s f16 %ld wrong  bf16 %ld wrong  %s\n", f.what, w16, wbf, pass ? "ok" : "FAIL");
+    printf("conv_finish      %-32s f16 %ld wrong  bf16 %ld wrong", f.what, r16.wrong, rbf.wrong);
+    if (f.groups) printf("  stats+norm f16 %.2e  bf16 %.2e", r16.stat_err, rbf.stat_err);
+    printf("  %s\n", pass ? "ok" : "FAIL");
     fflush(stdout);
   }
   return ok ? 0 : 1;

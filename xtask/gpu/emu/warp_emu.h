@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <map>
@@ -100,6 +101,11 @@ struct alignas(16) float4 {
 inline float __expf(float v) { return expf(v); }
 inline float rsqrtf(float v) { return 1.f / sqrtf(v); }
 inline float __frcp_rn(float v) { return 1.f / v; }
+// Global-memory ordering: blocks run one after another here, so a fence has nothing to order
+// and a load around L1 is a load; the count is atomic (a block's threads run concurrently).
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline float __ldcg(const float* p) { return *p; }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
 
 namespace emu {
