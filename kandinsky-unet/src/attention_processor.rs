@@ -7,6 +7,7 @@
 use candle_core::Tensor;
 use candle_nn::{Module, VarBuilder};
 use kandinsky_core::attention::{attention, merge_heads, split_heads, KvSegment};
+use kandinsky_core::gpu_conv::MapStats;
 use kandinsky_core::nn::{group_norm, swap_last2, GroupNorm};
 use kandinsky_core::{Error, Result};
 
@@ -68,9 +69,23 @@ impl Attention {
     /// `x` `[B, C, H, W]`, `encoder_hidden_states` `[B, L, E]` → `[B, C, H, W]` (residual
     /// included).
     pub fn forward(&self, x: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        self.forward_stats(x, None, encoder_hidden_states)
+    }
+
+    /// [`Self::forward`] with the GroupNorm statistics of `x` where the kernel that wrote it
+    /// left them (its norm then skips its statistics pass).
+    pub fn forward_stats(
+        &self,
+        x: &Tensor,
+        x_stats: Option<&MapStats>,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         // GroupNorm over channels on the [B, C, HW] view, then tokens [B, HW, C].
-        let tokens = swap_last2(&self.group_norm.forward(&x.reshape((b, c, h * w))?)?, None)?;
+        let normed =
+            self.group_norm
+                .forward_with_stats(&x.reshape((b, c, h * w))?, None, false, x_stats)?;
+        let tokens = swap_last2(&normed, None)?;
         let q = split_heads(&self.to_q.forward(&tokens)?, self.heads)?;
         let k_self = split_heads(&self.to_k.forward(&tokens)?, self.heads)?;
         let v_self = split_heads(&self.to_v.forward(&tokens)?, self.heads)?;

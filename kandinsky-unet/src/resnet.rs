@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 use candle_nn::{Module, VarBuilder};
-use kandinsky_core::gpu_conv::InputNorm;
+use kandinsky_core::gpu_conv::{InputNorm, MapStats};
 use kandinsky_core::nn::{group_norm, Activation, Conv2dConfig, GroupNorm, NormModulation};
 use kandinsky_core::Result;
 
@@ -106,6 +106,20 @@ impl ResnetBlock2D {
 
     /// `x` `[B, C_in, H, W]`, `temb` `[B, temb_channels]` → `[B, C_out, H', W']`.
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_stats(x, None, temb, false)?.0)
+    }
+
+    /// [`Self::forward`] with the GroupNorm statistics of `x` where the kernel that wrote it
+    /// left them (norm1 then skips its statistics pass), and with `out_stats` also those of
+    /// the output in the UNet's groups, for the norm that reads it next, where the CUDA path
+    /// leaves them (`KANDINSKY_CONV_STATS=1`). Inside, conv1 leaves norm2's the same way.
+    pub fn forward_stats(
+        &self,
+        x: &Tensor,
+        x_stats: Option<&MapStats>,
+        temb: &Tensor,
+        out_stats: bool,
+    ) -> Result<(Tensor, Option<MapStats>)> {
         let act = self.settings.act;
         let residual = self.resample.apply(x)?;
         // GroupNorm + SiLU in one pass (on CUDA, optionally inside the convolution's copy
@@ -119,15 +133,18 @@ impl ResnetBlock2D {
                     norm: &self.norm1,
                     modulation: None,
                     silu: true,
-                    stats: None,
+                    stats: x_stats,
                 },
                 self.resample == Resample::Up,
                 None,
                 Some(self.norm2.groups()),
             )?,
             (Activation::Silu, _) => (
-                self.conv1
-                    .forward(&self.resample.apply(&self.norm1.forward_silu(x)?)?)?,
+                self.conv1.forward(
+                    &self
+                        .resample
+                        .apply(&self.norm1.forward_with_stats(x, None, true, x_stats)?)?,
+                )?,
                 None,
             ),
             _ => (
@@ -159,9 +176,11 @@ impl ResnetBlock2D {
             Some(conv) => conv.forward(&residual)?,
             None => residual,
         };
-        // The residual add rides in conv2 (one kernel on CUDA).
-        let out = match act {
-            Activation::Silu => self.conv2.forward_normed(
+        // The residual add rides in conv2 (one kernel on CUDA), and with it the output's
+        // statistics where asked for (not when the output is scaled afterwards).
+        let scaled = self.settings.output_scale_factor != 1.0;
+        let (out, out_stats) = match act {
+            Activation::Silu => self.conv2.forward_normed_stats(
                 &h,
                 InputNorm {
                     norm: &self.norm2,
@@ -171,6 +190,7 @@ impl ResnetBlock2D {
                 },
                 false,
                 Some(&residual),
+                (out_stats && !scaled).then_some(self.settings.groups),
             )?,
             _ => {
                 let h = act.apply(&self.norm2.forward_with_stats(
@@ -179,13 +199,13 @@ impl ResnetBlock2D {
                     false,
                     h_stats.as_ref(),
                 )?)?;
-                self.conv2.forward_fused(&h, false, Some(&residual))?
+                (self.conv2.forward_fused(&h, false, Some(&residual))?, None)
             }
         };
-        Ok(if self.settings.output_scale_factor == 1.0 {
-            out
+        Ok(if scaled {
+            ((out / self.settings.output_scale_factor)?, None)
         } else {
-            (out / self.settings.output_scale_factor)?
+            (out, out_stats)
         })
     }
 }

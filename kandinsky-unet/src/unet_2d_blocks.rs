@@ -153,13 +153,17 @@ impl ResnetDownsampleBlock2D {
 
     /// Run the block, pushing its skips.
     pub fn forward(&self, x: &Tensor, temb: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
-        let mut h = x.clone();
-        for resnet in &self.resnets {
-            h = resnet.forward(&h, temb)?;
+        // Each ResNet leaves the next one's norm1 statistics where the CUDA path can; the
+        // block's output goes to a block of its own (no statistics across blocks).
+        let (mut h, mut stats) = (x.clone(), None);
+        let n = self.resnets.len();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            let read_by_a_norm = i + 1 < n || self.downsampler.is_some();
+            (h, stats) = resnet.forward_stats(&h, stats.as_ref(), temb, read_by_a_norm)?;
             skips.push(h.clone());
         }
         if let Some(down) = &self.downsampler {
-            h = down.forward(&h, temb)?;
+            h = down.forward_stats(&h, stats.as_ref(), temb, false)?.0;
             skips.push(h.clone());
         }
         Ok(h)
@@ -202,8 +206,9 @@ impl SimpleCrossAttnDownBlock2D {
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
-            h = resnet.forward(&h, temb)?;
-            h = attn.forward(&h, encoder_hidden_states)?;
+            // The ResNet leaves its attention's norm statistics where the CUDA path can.
+            let (r, stats) = resnet.forward_stats(&h, None, temb, true)?;
+            h = attn.forward_stats(&r, stats.as_ref(), encoder_hidden_states)?;
             skips.push(h.clone());
         }
         if let Some(down) = &self.downsampler {
@@ -281,10 +286,13 @@ impl UNetMidBlock2DSimpleCrossAttn {
         temb: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
-        let mut h = self.resnets[0].forward(x, temb)?;
-        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            h = attn.forward(&h, encoder_hidden_states)?;
-            h = resnet.forward(&h, temb)?;
+        // Each ResNet followed by an attention leaves its norm statistics where the CUDA
+        // path can.
+        let (mut h, mut stats) = self.resnets[0].forward_stats(x, None, temb, true)?;
+        let layers = self.attentions.len();
+        for (i, (attn, resnet)) in self.attentions.iter().zip(&self.resnets[1..]).enumerate() {
+            h = attn.forward_stats(&h, stats.as_ref(), encoder_hidden_states)?;
+            (h, stats) = resnet.forward_stats(&h, None, temb, i + 1 < layers)?;
         }
         Ok(h)
     }
@@ -311,12 +319,16 @@ impl ResnetUpsampleBlock2D {
 
     /// Run the block, popping its skips.
     pub fn forward(&self, x: &Tensor, skips: &mut Vec<Tensor>, temb: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for resnet in &self.resnets {
-            h = resnet.forward(&pop_cat(&h, skips)?, temb)?;
+        // Each ResNet reads a concatenation; only the last one's output goes straight into a
+        // norm (the upsampler's), so only it leaves the statistics.
+        let (mut h, mut stats) = (x.clone(), None);
+        let n = self.resnets.len();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            let read_by_a_norm = i + 1 == n && self.upsampler.is_some();
+            (h, stats) = resnet.forward_stats(&pop_cat(&h, skips)?, None, temb, read_by_a_norm)?;
         }
         if let Some(up) = &self.upsampler {
-            h = up.forward(&h, temb)?;
+            h = up.forward_stats(&h, stats.as_ref(), temb, false)?.0;
         }
         Ok(h)
     }
@@ -358,8 +370,9 @@ impl SimpleCrossAttnUpBlock2D {
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
-            h = resnet.forward(&pop_cat(&h, skips)?, temb)?;
-            h = attn.forward(&h, encoder_hidden_states)?;
+            // The ResNet leaves its attention's norm statistics where the CUDA path can.
+            let (r, stats) = resnet.forward_stats(&pop_cat(&h, skips)?, None, temb, true)?;
+            h = attn.forward_stats(&r, stats.as_ref(), encoder_hidden_states)?;
         }
         if let Some(up) = &self.upsampler {
             h = up.forward(&h, temb)?;
