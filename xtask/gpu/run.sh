@@ -135,13 +135,27 @@ ab BOTH "KANDINSKY_CONV_NORM=1 KANDINSKY_FLASH_TOKEN_MAJOR=1" 60 rust-t2i-both.l
 # ALL: every switch that won on its own, together — the best case the run can show for the
 # UNet goal and the whole text2img. A switch wins when its 768 px UNet step (eager) beat the
 # default's by 1 % (the attention kernel and the convolution GEMM being the ones their rows
-# ranked first). ALL_ENV can be given instead (e.g. from an earlier call's "== ALL" line, in
+# ranked first) and its output's fingerprint agrees with the default's. ALL_ENV can be given instead (e.g. from an earlier call's "== ALL" line, in
 # a second call with the parts before it skipped: CHECK=0 WIDE=0 CONV_GEMM=0 ...).
 ms_of() {  # the eager 768 px UNet step of a log, in ms ("" when absent)
     grep -hE '^unet step 768px b2 F16 ' "$OUT/$1" 2>/dev/null |
         awk '{for (i = 1; i < NF; i++) if ($(i + 1) == "ms,") { print $i; exit }}'
 }
 faster() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && b != "" && a < 0.99 * b) }'; }
+# The 768 px UNet output's fingerprint (16 values; same seeded weights and inputs in every
+# process) of a log, and its largest difference to the default's, relative to the largest
+# value: about 1e-3 where only the rounding differs, O(1) for a path computing something else.
+fp_of() { grep -hE '^unet output 768px b2 F16 fingerprint' "$OUT/$1" 2>/dev/null | awk '{ print $NF }' | head -1; }
+fp_diff() {
+    awk -v a="$1" -v b="$2" 'BEGIN {
+        if (a == "" || b == "") { print "none"; exit }
+        n = split(a, x, ","); split(b, y, ",")
+        for (i = 1; i <= n; i++) { d = x[i] - y[i]; if (d < 0) d = -d; if (d > e) e = d
+                                   m = y[i] < 0 ? -y[i] : y[i]; if (m > r) r = m }
+        printf "%.1e\n", (r > 0 ? e / r : e) }'
+}
+# A switch's output agrees with the default's (2e-2: f16 rounding through one step).
+same_output() { awk -v d="$(fp_diff "$1" "$2")" 'BEGIN { exit !(d != "none" && d + 0 <= 2e-2) }'; }
 if [ -z "${ALL_ENV:-}" ]; then
     base=$(ms_of rust.log)
     ALL_ENV=""
@@ -149,7 +163,11 @@ if [ -z "${ALL_ENV:-}" ]; then
         KANDINSKY_FLASH_TOKEN_MAJOR=1:rust-token-major.log KANDINSKY_CONV_NORM=1:rust-conv-norm.log \
         KANDINSKY_TILED_TRANSPOSE=1:rust-transpose.log KANDINSKY_CONV_SUBPIXEL=1:rust-subpixel.log \
         KANDINSKY_CONV_STATS=1:rust-stats.log; do
-        faster "$(ms_of "${sw#*:}")" "$base" && ALL_ENV="$ALL_ENV ${sw%%:*}"
+        log=${sw#*:}
+        [ -f "$OUT/$log" ] || continue
+        echo "== ${sw%%:*}: UNet step $(ms_of "$log") ms, output vs default $(fp_diff "$(fp_of "$log")" "$(fp_of rust.log)")"
+        faster "$(ms_of "$log")" "$base" && same_output "$(fp_of "$log")" "$(fp_of rust.log)" &&
+            ALL_ENV="$ALL_ENV ${sw%%:*}"
     done
     read -r -a parts <<<"$ALL_ENV"
     ALL_ENV="${parts[*]}"  # single spaces
@@ -157,6 +175,7 @@ if [ -z "${ALL_ENV:-}" ]; then
 fi
 if [ -z "$ALL_ENV" ]; then ALL=0; fi
 ab ALL "$ALL_ENV" 60 rust-all.log '^(unet|timings)' --timings-only --unet-only --quick
+[ "${ALL:-1}" = 1 ] && echo "== ALL: output vs default $(fp_diff "$(fp_of rust-all.log)" "$(fp_of rust.log)")"
 ab ALL "$ALL_ENV" 60 rust-t2i-all.log '^(text2img|timings)' --text2img-only
 # With ALL's switches: the memory of the configuration that would become the default.
 ab BANDED "KANDINSKY_CONV_SCRATCH_MB=64 $ALL_ENV" 70 rust-banded.log '^(movq|unet step 768px b2 F16 |timings)' \
@@ -194,7 +213,7 @@ grep -A300 '^check' "$OUT/rust.log" 2>/dev/null | grep -v '^groupnorm'
 # attention kernels at the 48×48 level.
 echo "== switches: log / row / value"
 for f in "$OUT"/rust*.log; do
-    grep -hE '^(unet step 768px b2 F16|movq decode 768px|text2img 768px|attention 48x48 h12 F16)' "$f" 2>/dev/null |
+    grep -hE '^(unet step 768px b2 F16|unet output 768px|movq decode 768px|text2img 768px|attention 48x48 h12 F16)' "$f" 2>/dev/null |
         sed "s|^|$(basename "$f" .log): |" | cut -c1-150
 done
 # Files that come back from the device are limited in number: one archive of every log.

@@ -998,11 +998,29 @@ fn unet_graph_step(
     Ok((ms, f64::from(d.rel)))
 }
 
+/// Sixteen values of `t` at fixed spread-out positions, to 4 significant digits: enough to
+/// tell a path whose rounding differs (≈ 1e-3 of the largest after a UNet step in f16) from
+/// one that computes something else (run.sh compares a switch's against the default's).
+fn fingerprint(t: &Tensor) -> Result<String> {
+    let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let n = v.len();
+    Ok((0..16)
+        .map(|i| format!("{:.3e}", v[(i * n / 16 + 7 * i + 3) % n.max(1)]))
+        .collect::<Vec<_>>()
+        .join(","))
+}
+
 fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
     let iters = if quick { 3 } else { 10 };
     let unet_cfg: kandinsky_unet::UNet2DConditionConfig = cfg("kandinsky-2-2-decoder__unet.json")?;
     for dt in [DType::F16, DType::BF16] {
         let base = used_mib(dev);
+        // The same weights and inputs in every process, whatever ran before (parity and
+        // kernel checks draw from the same generator): a switch's output can then be held
+        // against the default's across processes (the fingerprint row, run.sh).
+        if dev.is_cuda() {
+            dev.set_seed(0x6b61_6e64)?;
+        }
         let unet =
             kandinsky_unet::UNet2DConditionModel::new(random_var_builder(dt, dev), &unet_cfg)?;
         let sizes: &[usize] = if dt == DType::F16 {
@@ -1021,8 +1039,16 @@ fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
                 Ok(())
             })?;
             reset_peak(dev);
-            unet.predict(&x, &[500.0, 500.0], &cond)?;
+            let out = unet.predict(&x, &[500.0, 500.0], &cond)?;
             let (peak, used) = (peak_mib(dev), used_mib(dev) - base);
+            if dt == DType::F16 && s == 96 {
+                rows.push(Row {
+                    what: "unet output 768px b2 F16 fingerprint".into(),
+                    value: fingerprint(&out)?,
+                    ok: None,
+                });
+            }
+            drop(out);
             #[cfg(feature = "cuda")]
             if dt == DType::F16 && s == 96 {
                 let (what, value, ok) = match unet_graph_step(dev, &unet, &x, &cond, iters) {
