@@ -808,7 +808,11 @@ impl ShiftedConv {
         let rows = (max_scratch_bytes / per_row.max(1))
             .saturating_sub(k - 1)
             .max(1);
-        let mut bands = Vec::with_capacity(oh.div_ceil(rows));
+        // Each band is copied into the output as soon as it exists: one band's result is
+        // held at a time, not all of them until a concatenation (an output's worth less at
+        // the peak).
+        let ow = Geometry::new(h, w, k, self.padding, upsample2x, one_copy)?.ow;
+        let mut out: Option<Tensor> = None;
         let mut r0 = 0;
         while r0 < oh {
             let r1 = (r0 + rows).min(oh);
@@ -838,10 +842,17 @@ impl ShiftedConv {
             if let Some(r) = residual {
                 y = (y + r.narrow(2, r0, r1 - r0)?)?;
             }
-            bands.push(y);
+            if r0 == 0 && r1 == oh {
+                return Ok(y.contiguous()?);
+            }
+            let dst = match &out {
+                Some(o) => o,
+                None => out.insert(Tensor::zeros((b, cout, oh, ow), y.dtype(), y.device())?),
+            };
+            dst.slice_set(&y.contiguous()?, 2, r0)?;
             r0 = r1;
         }
-        Ok(Tensor::cat(&bands, 2)?)
+        out.ok_or_else(|| Error::invalid("shifted convolution: an empty output"))
     }
 
     /// The same decomposition in candle ops (any device): the shifted, flattened copies,
