@@ -75,7 +75,7 @@ impl GraphReplay {
     /// network's weights, all on one device. On a CUDA device the graph captured for (`tag`,
     /// the inputs' shapes and dtypes) is replayed after `inputs` are copied into its input
     /// buffers; a new key first frees the previous graph and captures `forward` on copies of
-    /// `inputs` ([`crate::cuda::capture_graph`]: `forward` must upload the same host data at
+    /// `inputs` (`cuda::capture_graph`: `forward` must upload the same host data at
     /// every call and never read back). Returns a copy of the output, which the next replay
     /// overwrites. A capture that fails is reported (`tracing` warning) and that key runs
     /// eagerly from then on.

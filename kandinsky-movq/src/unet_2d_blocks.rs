@@ -167,7 +167,7 @@ impl UpDecoderBlock2D {
     }
 }
 
-/// `UNetMidBlock2D` with one layer: resnet, [attention], resnet. Keys `resnets.{0,1}`,
+/// `UNetMidBlock2D` with one layer: resnet, attention, resnet. Keys `resnets.{0,1}`,
 /// `attentions.0`.
 #[derive(Debug, Clone)]
 pub struct UNetMidBlock2D {

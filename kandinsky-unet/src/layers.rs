@@ -86,24 +86,11 @@ pub fn conv2d(
 
 impl Conv2d {
     /// `conv(up(n(x))) + residual` with `n` the GroupNorm (+ modulation) (+ SiLU) of
-    /// `input_norm`: on the CUDA path with `KANDINSKY_CONV_NORM=1` the convolution's copy
-    /// kernel normalises on read ([`ShiftedConv::forward_normed`]); elsewhere the norm, then
-    /// [`Self::forward_fused`].
-    pub fn forward_normed(
-        &self,
-        x: &Tensor,
-        input_norm: InputNorm<'_>,
-        upsample2x: bool,
-        residual: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        Ok(self
-            .forward_normed_stats(x, input_norm, upsample2x, residual, None)?
-            .0)
-    }
-
-    /// [`Self::forward_normed`], with `stats_groups` also the output's GroupNorm statistics in
-    /// that many groups where the CUDA path leaves them
-    /// ([`ShiftedConv::forward_normed_stats`]), for the norm that reads the output next.
+    /// `input_norm`, and with `stats_groups` also the output's GroupNorm statistics in that
+    /// many groups where the CUDA path leaves them, for the norm that reads the output next:
+    /// on the CUDA path [`ShiftedConv::forward_normed_stats`] (with `KANDINSKY_CONV_NORM=1`
+    /// the copy kernel normalises on read); elsewhere the norm, then [`Self::forward_fused`],
+    /// and no statistics.
     pub fn forward_normed_stats(
         &self,
         x: &Tensor,
