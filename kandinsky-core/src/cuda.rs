@@ -420,14 +420,15 @@ impl CustomOp3 for GroupNormOp {
                 let bias = bs.as_cuda_slice::<$t>()?.slice(bo..);
                 let (mscale, mshift) =
                     modulation_views::<$t, _>(&modulation, &x, "group-norm modulation")?;
-                let partial = match &given {
-                    Some((ps, pl)) => NormPartial::Given(cuda_view::<f32>(
-                        ps,
-                        pl,
-                        "group-norm kernel: the statistics",
-                    )?),
-                    None => NormPartial::Own(plan.launch::<$t>(&dev, &x, $suf)?),
-                };
+                let partial = NormPartial::new(
+                    &given,
+                    &plan,
+                    &dev,
+                    &x,
+                    $suf,
+                    "group-norm kernel: the statistics",
+                )?;
+                let partial = partial.view();
                 let out = unsafe { dev.alloc::<$t>(b * c * hw)? };
                 let apply = dev.get_or_load_custom_func(
                     concat!("group_norm_apply_", $suf),
@@ -438,10 +439,7 @@ impl CustomOp3 for GroupNormOp {
                 a.arg(&x);
                 a.arg(&w);
                 a.arg(&bias);
-                match &partial {
-                    NormPartial::Given(p) => a.arg(p),
-                    NormPartial::Own(p) => a.arg(p),
-                };
+                a.arg(&partial);
                 a.arg(&psplits);
                 a.arg(&out);
                 a.arg(&ge);
@@ -874,6 +872,35 @@ enum NormPartial<'a> {
     Given(cudarc::driver::CudaView<'a, f32>),
 }
 
+impl<'a> NormPartial<'a> {
+    /// The `given` statistics (a held storage and its layout), or `plan`'s pass over `x`.
+    fn new<T, G>(
+        given: &'a Option<(G, &Layout)>,
+        plan: &StatsPlan,
+        dev: &candle_core::CudaDevice,
+        x: &cudarc::driver::CudaView<'_, T>,
+        suffix: &str,
+        what: &str,
+    ) -> candle_core::Result<Self>
+    where
+        T: candle_core::cuda_backend::CudaDType,
+        G: std::ops::Deref<Target = candle_core::Storage>,
+    {
+        Ok(match given {
+            Some((st, l)) => Self::Given(cuda_view::<f32>(st, l, what)?),
+            None => Self::Own(plan.launch::<T>(dev, x, suffix)?),
+        })
+    }
+
+    /// The statistics as a kernel argument.
+    fn view(&self) -> cudarc::driver::CudaView<'_, f32> {
+        match self {
+            Self::Own(p) => p.slice(..),
+            Self::Given(p) => p.slice(..),
+        }
+    }
+}
+
 /// The GroupNorm (+ modulation) (+ SiLU) a [`ShiftedConvOp`] applies to its input on read;
 /// `gamma`/`beta` `[Cin]` contiguous in the input's dtype.
 struct ConvNorm {
@@ -1199,15 +1226,15 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                         Some((plan, _, held, (gs, gl), (bs, bl), given)) => Some((
                             cuda_view::<$t>(gs, gl, "shifted convolution: the norm weight")?,
                             cuda_view::<$t>(bs, bl, "shifted convolution: the norm bias")?,
-                            match given {
-                                // The whole map's statistics, for a band of its rows.
-                                Some((ps, pl)) => NormPartial::Given(cuda_view::<f32>(
-                                    ps,
-                                    pl,
-                                    "shifted convolution: the norm statistics",
-                                )?),
-                                None => NormPartial::Own(plan.launch::<$t>(&dev, &x, $suf)?),
-                            },
+                            // Given: the whole map's statistics (for a band of its rows).
+                            NormPartial::new(
+                                given,
+                                plan,
+                                &dev,
+                                &x,
+                                $suf,
+                                "shifted convolution: the norm statistics",
+                            )?,
                             modulation_views::<$t, _>(
                                 held,
                                 &x,
@@ -1216,15 +1243,16 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                         )),
                         None => None,
                     };
-                    if let (Some((gamma, beta, partial, (mscale, mshift))), Some((_, ns, ..))) =
-                        (&norm_views, &norm)
+                    let partial = norm_views.as_ref().map(|(_, _, p, _)| p.view());
+                    if let (
+                        Some((gamma, beta, _, (mscale, mshift))),
+                        Some(partial),
+                        Some((_, ns, ..)),
+                    ) = (&norm_views, &partial, &norm)
                     {
                         a.arg(gamma);
                         a.arg(beta);
-                        match partial {
-                            NormPartial::Given(p) => a.arg(p),
-                            NormPartial::Own(p) => a.arg(p),
-                        };
+                        a.arg(partial);
                         a.arg(&ns.splits);
                         a.arg(&ns.cpg);
                         a.arg(&ns.eps);
