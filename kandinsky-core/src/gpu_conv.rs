@@ -802,7 +802,7 @@ impl ShiftedConv {
         let (k, cout, _) = self.taps.dims3()?;
         let [pt, _, pl, pr] = self.padding;
         let one_copy = self.auto_gemm(x, upsample2x, self.padding)?.one_copy();
-        let Geometry { hu, wp, oh, .. } =
+        let Geometry { hu, wp, oh, ow, .. } =
             Geometry::new(h, w, k, self.padding, upsample2x, one_copy)?;
         let per_row = b * wp * (k * c * x.dtype().size_in_bytes() + cout * 4);
         let rows = (max_scratch_bytes / per_row.max(1))
@@ -811,7 +811,6 @@ impl ShiftedConv {
         // Each band is copied into the output as soon as it exists: one band's result is
         // held at a time, not all of them until a concatenation (an output's worth less at
         // the peak).
-        let ow = Geometry::new(h, w, k, self.padding, upsample2x, one_copy)?.ow;
         let mut out: Option<Tensor> = None;
         let mut r0 = 0;
         while r0 < oh {
