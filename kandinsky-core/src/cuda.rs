@@ -832,21 +832,6 @@ struct ShiftedConvOp {
     stats_out: std::sync::Mutex<Option<CudaStorage>>,
 }
 
-/// The crop kernel's block, `(tx, ty)`: 4 columns per thread, as many output rows per block
-/// as fit in 256 threads (the 12×12 maps would leave most of a one-row block idle). With
-/// statistics the rows per block are halved until they divide a group's `group_rows`, so that
-/// each block lies in one group (`ty` is a power of two: 1 always divides).
-fn finish_block(ow: usize, group_rows: Option<usize>) -> (usize, usize) {
-    let tx = ow.div_ceil(4).div_ceil(32).clamp(1, 8) * 32;
-    let mut ty = 256 / tx;
-    if let Some(r) = group_rows {
-        while r % ty != 0 {
-            ty /= 2;
-        }
-    }
-    (tx, ty)
-}
-
 /// The f32 buffer of the crop kernel's statistics for `bg` = batch·groups groups and
 /// `blocks` crop blocks: the merged `(count, mean, M2)` per group first (`[bg, 3]`, what
 /// the norm reads), then the per-group counts of finished blocks (`bg` u32, zeroed with the
@@ -1185,7 +1170,7 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
             ),
             None => None,
         };
-        let (tx, ty) = finish_block(ow, stats_groups.map(|g| cout / g * oh));
+        let (tx, ty) = crate::gpu_conv::finish_block(ow, stats_groups.map(|g| cout / g * oh));
         let per_group = stats_groups.map_or(0, |g| cout / g * oh / ty);
         let finish_cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(ty) as u32, 1, 1),

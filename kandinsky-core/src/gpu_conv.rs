@@ -282,6 +282,23 @@ impl Geometry {
     }
 }
 
+/// The crop kernel's block (`conv_finish`), `(tx, ty)`: 4 columns per thread, as many output
+/// rows per block as fit in 256 threads (the 12×12 maps would leave most of a one-row block
+/// idle). Where the kernel leaves GroupNorm statistics, the rows per block are halved until
+/// they divide a group's `group_rows` (`cpg·OH`), so that each block lies in one group (`ty`
+/// is a power of two: 1 always divides). Pure, so tested without the `cuda` feature.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn finish_block(ow: usize, group_rows: Option<usize>) -> (usize, usize) {
+    let tx = ow.div_ceil(4).div_ceil(32).clamp(1, 8) * 32;
+    let mut ty = 256 / tx;
+    if let Some(r) = group_rows {
+        while r % ty != 0 {
+            ty /= 2;
+        }
+    }
+    (tx, ty)
+}
+
 /// A stride-1, dilation-1, ungrouped `k`×`k` convolution kept in the layout the CUDA kernel
 /// reads (weight taps `[k, Cout, k·Cin]`, arranged once at load).
 #[derive(Debug, Clone)]
@@ -1127,6 +1144,31 @@ mod tests {
         );
         assert!(!in_place(8, 8, 3, [1; 4], false)?, "3x3");
         Ok(())
+    }
+
+    /// The crop kernel's blocks with statistics: whole warps, at most 256 threads, and each
+    /// block inside one group (its rows divide the group's), for every output width up to
+    /// 1024 and the group sizes of the UNet (12–96 channels per group) and MoVQ (4–16) at
+    /// their map heights, odd ones included; without statistics the block is as before.
+    #[test]
+    fn crop_blocks_lie_in_one_group() {
+        for ow in 1..=1024usize {
+            let (tx, ty) = finish_block(ow, None);
+            assert!(
+                tx % 32 == 0 && tx * ty <= 256 && tx * ty >= 128,
+                "{ow}: {tx}x{ty}"
+            );
+            for cpg in [1usize, 4, 8, 12, 16, 24, 36, 48, 96] {
+                for oh in [1usize, 5, 7, 12, 15, 24, 48, 96, 128, 256, 768] {
+                    let (sx, sy) = finish_block(ow, Some(cpg * oh));
+                    assert_eq!(sx, tx);
+                    assert!(
+                        sy >= 1 && sy <= ty && (cpg * oh) % sy == 0,
+                        "{ow} {cpg} {oh}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
