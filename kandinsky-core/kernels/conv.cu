@@ -106,30 +106,19 @@ __device__ void conv_shift(const T *__restrict__ x, T *__restrict__ x3, int C, i
   *reinterpret_cast<Vec8<T> *>(x3 + (long long)row * S + i0) = out;
 }
 
-// The GroupNorm statistics of conv_finish's output, for the norm that reads it next (the
-// launcher's `group_norm_stats_*` pass over the map is then skipped): `per_group` > 0 blocks
-// per group (b·G + g), the launcher making the block's rows divide a group's cpg·OH rows, so
-// that each block lies in one group. Every block writes (count, mean, M2) of the values it
-// stored (rounded) to its slot of `partial`; the group's last block to finish (an atomic
-// count in `done`, zeroed by the launcher) merges the group's slots in slot order — the same
-// sums whichever block comes last — into `stats[b·G + g]`, as `group_norm_stats_*` with one
-// split would leave them.
-struct FinishStats {
-  float *stats, *partial;
-  unsigned *done;
-  int per_group;
-};
-
 // Block (tx, ty): ty output rows (b, co, y) of OW columns, each thread 4 consecutive columns
 // (one aligned float4 of the accumulator: rows start at multiples of Wp, a multiple of 8).
 // The four results are stored (and the residual read) as one 4-element access where the
 // four are inside the row and the addresses aligned (OW a multiple of 4, a residual view
 // starting on a 4-element boundary): a quarter of the store instructions, and whole 32-byte
 // sectors per warp instead of 8-byte pieces of them. Same sums, same rounding either way.
+// With `st.per_group` > 0 it also leaves the output's GroupNorm statistics (welford.cuh's
+// StatsOut; the launcher makes ty divide a group's cpg·OH rows, so each block lies in one
+// group).
 template <typename T>
 __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__ bias,
                             const T *__restrict__ res, T *__restrict__ out, int rows, int Cout,
-                            int OH, int OW, int Wp, int has_bias, int has_res, FinishStats st) {
+                            int OH, int OW, int Wp, int has_bias, int has_res, StatsOut st) {
   const int row = blockIdx.x * blockDim.y + threadIdx.y;  // (b·Cout + co)·OH + y
   Welford w{0.f, 0.f, 0.f};
   // Not an early return: with statistics every thread of the block takes part in the merge.
@@ -170,34 +159,7 @@ __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__
       }
     }
   }
-  if (!st.per_group) return;  // uniform: a kernel argument
-  w = block_merge(w);
-  const int tid = threadIdx.x + blockDim.x * threadIdx.y, nthreads = blockDim.x * blockDim.y;
-  const int group = blockIdx.x / st.per_group;
-  __shared__ int s_last;
-  if (tid == 0) {
-    float *p = st.partial + 3ll * blockIdx.x;
-    p[0] = w.n;
-    p[1] = w.mean;
-    p[2] = w.m2;
-    // The slot is visible to every block before the count says so.
-    __threadfence();
-    s_last = atomicAdd(st.done + group, 1u) == (unsigned)st.per_group - 1;
-  }
-  __syncthreads();
-  if (!s_last) return;  // uniform: read from shared memory
-  __threadfence();
-  Welford m{0.f, 0.f, 0.f};
-  const float *q = st.partial + 3ll * group * st.per_group;
-  // Around L1 (__ldcg): the other blocks' slots were written on other multiprocessors.
-  for (int i = tid; i < st.per_group; i += nthreads)
-    m = merge(m, Welford{__ldcg(q + 3 * i), __ldcg(q + 3 * i + 1), __ldcg(q + 3 * i + 2)});
-  m = block_merge(m);
-  if (tid == 0) {
-    st.stats[3 * group] = m.n;
-    st.stats[3 * group + 1] = m.mean;
-    st.stats[3 * group + 2] = m.m2;
-  }
+  if (st.per_group) leave_stats(w, st);  // uniform: a kernel argument
 }
 
 #define CONV_KERNELS(T, SUF)                                                                 \
@@ -221,7 +183,7 @@ __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__
       int OW, int Wp, int has_bias, int has_res, float *stats, float *partial,               \
       unsigned *done, int per_group) {                                                       \
     conv_finish<T>(acc, bias, res, out, rows, Cout, OH, OW, Wp, has_bias, has_res,           \
-                   FinishStats{stats, partial, done, per_group});                            \
+                   StatsOut{stats, partial, done, per_group});                            \
   }
 
 CONV_KERNELS(float, f32)

@@ -135,6 +135,49 @@ __device__ void apply(const T* __restrict__ x, const T* __restrict__ gamma, cons
   }
 }
 
+// The channel concatenation out [B, C1 + C2, hw] of a [B, C1, hw] and b [B, C2, hw] (the
+// UNet's skip connections), over the grid and chunks of group_norm_stats' plan for the
+// output's `groups` groups, so that each block copies part of one group; with
+// `st.per_group` (= splits) > 0 it also leaves the output's statistics (welford.cuh's
+// StatsOut) for the ResNet norm that reads the concatenation next. A group may straddle the
+// two inputs: each 8-element chunk lies in one channel (hw a multiple of 8 on the 8-wide
+// path), so in one input.
+template <typename T>
+__device__ void cat_channels(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out,
+                             int c1, int c2, long long hw, long long group_elems, long long chunk,
+                             int splits, int cpg, int groups, int vec8, StatsOut st) {
+  const int gs = blockIdx.x / splits, split = blockIdx.x % splits;
+  const int bi = gs / groups, g = gs % groups;
+  // 32-bit indices inside a group (below 2^31 elements, checked by the launcher).
+  const int lo = (int)((long long)split * chunk), hi = (int)min((long long)lo + chunk, group_elems);
+  const int hw32 = (int)hw;
+  T* og = out + (long long)gs * group_elems;
+  // Input channel c of the concatenation: a's channel c, or b's channel c − C1.
+  auto src = [&](int c) -> const T* {
+    return c < c1 ? a + ((long long)bi * c1 + c) * hw : b + ((long long)bi * c2 + (c - c1)) * hw;
+  };
+  Welford w{0.f, 0.f, 0.f};
+  if (vec8 && aligned16(a) && aligned16(b) && aligned16(og)) {
+    for (int i = lo + 8 * threadIdx.x; i < hi; i += 8 * blockDim.x) {
+      const int cl = i / hw32;
+      const Vec8<T> v = *reinterpret_cast<const Vec8<T>*>(src(g * cpg + cl) + (i - cl * hw32));
+      *reinterpret_cast<Vec8<T>*>(og + i) = v;
+      if (st.per_group) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) welford_add(w, to_f(v.v[e]));
+      }
+    }
+  } else {
+    for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+      const int cl = i / hw32;
+      const T v = src(g * cpg + cl)[i - cl * hw32];
+      og[i] = v;
+      if (st.per_group) welford_add(w, to_f(v));
+    }
+  }
+  if (st.per_group) leave_stats(w, st);  // uniform: a kernel argument
+}
+
 #define GN_KERNELS(T, SUF)                                                                        \
   extern "C" __global__ void group_norm_stats_##SUF(const T* x, float* partial, long long ge,     \
                                                     long long chunk, int splits, int vec8) {      \
@@ -147,6 +190,13 @@ __device__ void apply(const T* __restrict__ x, const T* __restrict__ gamma, cons
       long long tsb, long long tsc, int mh, int mw, int width, int vec8) {                        \
     apply<T>(x, gamma, beta, partial, psplits, y, ge, chunk, splits, groups, cpg, hw, eps, silu,  \
              mscale, mshift, mkind, ssb, ssc, tsb, tsc, mh, mw, width, vec8);                     \
+  }                                                                                               \
+  extern "C" __global__ void cat_channels_##SUF(                                                  \
+      const T* a, const T* b, T* out, int c1, int c2, long long hw, long long ge, long long chunk, \
+      int splits, int cpg, int groups, int vec8, float* stats, float* partial, unsigned* done,    \
+      int per_group) {                                                                            \
+    cat_channels<T>(a, b, out, c1, c2, hw, ge, chunk, splits, cpg, groups, vec8,                   \
+                    StatsOut{stats, partial, done, per_group});                                   \
   }
 
 GN_KERNELS(float, f32)

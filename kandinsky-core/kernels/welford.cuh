@@ -48,3 +48,49 @@ __device__ Welford block_merge(Welford w) {
   __syncthreads();
   return r;
 }
+
+// Where a kernel leaves the GroupNorm statistics of the map it wrote, for the norm that reads
+// it next (the norm's statistics pass is then skipped): `per_group` > 0 blocks per group
+// (b·G + g, block `blockIdx.x` in group `blockIdx.x / per_group`), each block inside one
+// group. Every block writes (count, mean, M2) of the values it stored (rounded, as the norm
+// reads them) to its slot of `partial`; the group's last block to finish (an atomic count in
+// `done`, zeroed by the launcher) merges the group's slots in slot order — the same sums
+// whichever block comes last — into `stats[b·G + g]`, one partial per group.
+struct StatsOut {
+  float *stats, *partial;
+  unsigned *done;
+  int per_group;
+};
+
+// Every thread of the block calls it (uniformly: per_group > 0) with the Welford of the
+// values it stored.
+__device__ void leave_stats(Welford w, StatsOut st) {
+  w = block_merge(w);
+  const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const int nthreads = blockDim.x * blockDim.y * blockDim.z;
+  const int group = blockIdx.x / st.per_group;
+  __shared__ int s_last;
+  if (tid == 0) {
+    float *p = st.partial + 3ll * blockIdx.x;
+    p[0] = w.n;
+    p[1] = w.mean;
+    p[2] = w.m2;
+    // The slot is visible to every block before the count says so.
+    __threadfence();
+    s_last = atomicAdd(st.done + group, 1u) == (unsigned)st.per_group - 1;
+  }
+  __syncthreads();
+  if (!s_last) return;  // uniform: read from shared memory
+  __threadfence();
+  Welford m{0.f, 0.f, 0.f};
+  const float *q = st.partial + 3ll * group * st.per_group;
+  // Around L1 (__ldcg): the other blocks' slots were written on other multiprocessors.
+  for (int i = tid; i < st.per_group; i += nthreads)
+    m = merge(m, Welford{__ldcg(q + 3 * i), __ldcg(q + 3 * i + 1), __ldcg(q + 3 * i + 2)});
+  m = block_merge(m);
+  if (tid == 0) {
+    st.stats[3 * group] = m.n;
+    st.stats[3 * group + 1] = m.mean;
+    st.stats[3 * group + 2] = m.m2;
+  }
+}

@@ -832,8 +832,31 @@ struct ShiftedConvOp {
     stats_out: std::sync::Mutex<Option<CudaStorage>>,
 }
 
-/// The f32 buffer of the crop kernel's statistics for `bg` = batch·groups groups and
-/// `blocks` crop blocks: the merged `(count, mean, M2)` per group first (`[bg, 3]`, what
+/// The statistics a kernel left in its buffer ([`finish_stats_layout`]) for a `[b, c, hw]`
+/// map in `groups` groups: the merged partials leading the buffer, one per group.
+fn left_stats(
+    buf: CudaStorage,
+    dims: (usize, usize, usize),
+    groups: usize,
+) -> candle_core::Result<GroupNormStats> {
+    let len = buf.as_cuda_slice::<f32>()?.len();
+    let buf = Tensor::from_storage(
+        candle_core::Storage::Cuda(buf),
+        len,
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    let bg = dims.0 * groups;
+    Ok(GroupNormStats {
+        partial: buf.narrow(0, 0, 3 * bg)?.reshape((bg, 3))?,
+        dims,
+        groups,
+        splits: 1,
+    })
+}
+
+/// The f32 buffer of the statistics a kernel leaves (the crop, the concatenation) for `bg` =
+/// batch·groups groups and `blocks` blocks: the merged `(count, mean, M2)` per group first (`[bg, 3]`, what
 /// the norm reads), then the per-group counts of finished blocks (`bg` u32, zeroed with the
 /// buffer), then one slot per block. Returns `(count offset, slot offset, length)`.
 fn finish_stats_layout(bg: usize, blocks: usize) -> (usize, usize, usize) {
@@ -1550,20 +1573,172 @@ pub fn shifted_conv_with_stats(
     let stats = match (stats_groups, buf) {
         (Some(groups), Some(buf)) => {
             let (b, _, oh, ow) = y.dims4()?;
-            let len = buf.as_cuda_slice::<f32>()?.len();
-            let buf = Tensor::from_storage(
-                candle_core::Storage::Cuda(buf),
-                len,
-                candle_core::op::BackpropOp::none(),
-                false,
+            Some(left_stats(buf, (b, cout, oh * ow), groups)?)
+        }
+        _ => None,
+    };
+    Ok((y, stats))
+}
+
+/// `cat_channels_*`: the channel concatenation of two contiguous `[B, C1|C2, H, W]` maps of one
+/// dtype, with `Some(groups)` leaving its GroupNorm statistics in `stats_out` (taken out after
+/// the call, as [`ShiftedConvOp`]'s).
+struct CatChannelsOp {
+    groups: Option<usize>,
+    stats_out: std::sync::Mutex<Option<CudaStorage>>,
+}
+
+impl candle_core::CustomOp2 for CatChannelsOp {
+    fn name(&self) -> &'static str {
+        "kandinsky-cat-channels"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kandinsky-cat-channels is a CUDA kernel; the CPU uses Tensor::cat")
+    }
+
+    fn cuda_fwd(
+        &self,
+        as_: &CudaStorage,
+        al: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let ao = contiguous_start(al, "channel concatenation: the first map")?;
+        let bo = contiguous_start(bl, "channel concatenation: the second map")?;
+        let (b, c1, h, w) = al.shape().dims4()?;
+        let (b2, c2, h2, w2) = bl.shape().dims4()?;
+        if (b2, h2, w2) != (b, h, w) || as_.dtype() != bs.dtype() {
+            candle_core::bail!(
+                "channel concatenation of {:?} {:?} and {:?} {:?}",
+                al.shape().dims(),
+                as_.dtype(),
+                bl.shape().dims(),
+                bs.dtype()
             );
-            // The merged statistics lead the buffer (finish_stats_layout).
-            Some(GroupNormStats {
-                partial: buf.narrow(0, 0, 3 * b * groups)?.reshape((b * groups, 3))?,
-                dims: (b, cout, oh * ow),
-                groups,
-                splits: 1,
-            })
+        }
+        let (c, hw) = (c1 + c2, h * w);
+        let groups = self.groups.unwrap_or(1);
+        let plan = StatsPlan::new(b, c, hw, groups, "channel concatenation")?;
+        let dev = as_.device().clone();
+        let per_group = if self.groups.is_some() {
+            plan.splits
+        } else {
+            0
+        };
+        let (c1_32, c2_32, hw64, ge, ch, sp, cp, gr, pg) = (
+            c1 as i32,
+            c2 as i32,
+            hw as i64,
+            plan.group_elems as i64,
+            plan.chunk as i64,
+            plan.splits as i32,
+            plan.cpg as i32,
+            groups as i32,
+            per_group as i32,
+        );
+        macro_rules! launch {
+            ($t:ty, $suf:literal) => {{
+                let a = as_.as_cuda_slice::<$t>()?.slice(ao..);
+                let bv = bs.as_cuda_slice::<$t>()?.slice(bo..);
+                let mut out = unsafe { dev.alloc::<$t>(b * c * hw)? };
+                // The statistics' buffer (zeroed: the per-group counts start at 0).
+                let stats = match self.groups {
+                    Some(g) => {
+                        let (_, _, len) = finish_stats_layout(b * g, plan.blocks);
+                        Some((dev.alloc_zeros::<f32>(len)?, b * g))
+                    }
+                    None => None,
+                };
+                let f = dev.get_or_load_custom_func(
+                    concat!("cat_channels_", $suf),
+                    "kandinsky_group_norm",
+                    GROUP_NORM_PTX,
+                )?;
+                let mut l = f.builder();
+                l.arg(&a);
+                l.arg(&bv);
+                l.arg(&mut out);
+                l.arg(&c1_32);
+                l.arg(&c2_32);
+                l.arg(&hw64);
+                l.arg(&ge);
+                l.arg(&ch);
+                l.arg(&sp);
+                l.arg(&cp);
+                l.arg(&gr);
+                l.arg(&plan.vec8);
+                let views = stats.as_ref().map(|(buf, bg)| {
+                    let (counts, slots, _) = finish_stats_layout(*bg, 0);
+                    // The counts are u32 in the f32 buffer: the kernel takes an address.
+                    (
+                        buf.slice(..counts),
+                        buf.slice(counts..slots),
+                        buf.slice(slots..),
+                    )
+                });
+                match &views {
+                    Some((merged, counts, slots)) => {
+                        l.arg(merged);
+                        l.arg(slots);
+                        l.arg(counts);
+                    }
+                    // Never touched with per_group = 0: the first map stands in.
+                    None => {
+                        l.arg(&a);
+                        l.arg(&a);
+                        l.arg(&a);
+                    }
+                }
+                l.arg(&pg);
+                unsafe { l.launch(plan.launch_config()) }.w()?;
+                if let Some((buf, _)) = stats {
+                    *self.stats_out.lock().map_err(|_| {
+                        candle_core::Error::Msg("channel concatenation: statistics lock".into())
+                    })? = Some(CudaStorage::wrap_cuda_slice(buf, dev.clone()));
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match as_.dtype() {
+            DType::F32 => launch!(f32, "f32"),
+            DType::F16 => launch!(half::f16, "f16"),
+            DType::BF16 => launch!(half::bf16, "bf16"),
+            dt => candle_core::bail!("channel concatenation: unsupported dtype {dt:?}"),
+        };
+        Ok((out, Shape::from((b, c, h, w))))
+    }
+}
+
+/// `[a, b]` along the channels of two CUDA `[B, C1|C2, H, W]` maps in one kernel, and with
+/// `stats_groups` (dividing `C1 + C2`) the GroupNorm statistics of the result in that many
+/// groups, left for the norm that reads it next.
+pub fn cat_channels_with_stats(
+    a: &Tensor,
+    b: &Tensor,
+    stats_groups: Option<usize>,
+) -> candle_core::Result<(Tensor, Option<GroupNormStats>)> {
+    let a = a.contiguous()?;
+    let b = b.to_dtype(a.dtype())?.contiguous()?;
+    let op = CatChannelsOp {
+        groups: stats_groups,
+        stats_out: std::sync::Mutex::new(None),
+    };
+    let y = a.apply_op2_no_bwd(&b, &op)?;
+    let buf = op
+        .stats_out
+        .into_inner()
+        .map_err(|_| candle_core::Error::Msg("channel concatenation: statistics lock".into()))?;
+    let stats = match (stats_groups, buf) {
+        (Some(groups), Some(buf)) => {
+            let (bb, c, h, w) = y.dims4()?;
+            Some(left_stats(buf, (bb, c, h * w), groups)?)
         }
         _ => None,
     };

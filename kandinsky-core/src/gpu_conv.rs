@@ -161,12 +161,48 @@ type MapStatsInner = crate::cuda::GroupNormStats;
 #[cfg(not(feature = "cuda"))]
 type MapStatsInner = std::convert::Infallible;
 
+#[cfg(feature = "cuda")]
+impl From<crate::cuda::GroupNormStats> for MapStats {
+    fn from(stats: crate::cuda::GroupNormStats) -> Self {
+        Self(stats)
+    }
+}
+
 impl MapStats {
     /// The statistics in the CUDA kernels' form.
     #[cfg(feature = "cuda")]
     pub(crate) fn cuda(&self) -> &crate::cuda::GroupNormStats {
         &self.0
     }
+}
+
+/// `[a, b]` along the channels of two `[B, C1|C2, H, W]` maps (the UNet's skip
+/// connections), and with `stats_groups` the GroupNorm statistics of the result in that many
+/// groups for the norm that reads it next: one copy kernel that leaves them where
+/// `KANDINSKY_CONV_STATS=1` (read once) on CUDA (the groups dividing `C1 + C2`); elsewhere
+/// candle's concatenation and no statistics.
+pub fn cat_channels(
+    a: &Tensor,
+    b: &Tensor,
+    stats_groups: Option<usize>,
+) -> Result<(Tensor, Option<MapStats>)> {
+    #[cfg(feature = "cuda")]
+    if let Some(g) = stats_groups {
+        let c = a.dim(1)? + b.dim(1)?;
+        if a.device().is_cuda()
+            && output_stats()
+            && crate::nn::use_fused_kernels()
+            && a.rank() == 4
+            && g > 0
+            && c % g == 0
+        {
+            let (y, stats) = crate::cuda::cat_channels_with_stats(a, b, Some(g))?;
+            return Ok((y, stats.map(MapStats)));
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = stats_groups;
+    Ok((Tensor::cat(&[a, b], 1)?, None))
 }
 
 /// The GroupNorm (+ modulation) (+ SiLU) in front of a convolution: `silu(norm(x)·… + …)` is

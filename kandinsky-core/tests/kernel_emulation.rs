@@ -7,8 +7,8 @@
 //! normalise-on-read convolution copy (`conv_shift_norm_*`, `KANDINSKY_CONV_NORM=1`) against
 //! the plain copy of a map normalised in double precision (`check_conv.cpp`, ≤ 1 ulp; there
 //! too the cuBLAS path's crop kernel `conv_finish_*` against its definition, exactly, and the
-//! GroupNorm statistics it can leave against double precision, read by `group_norm_apply_*`),
-//! and
+//! GroupNorm statistics it can leave against double precision, read by `group_norm_apply_*`;
+//! the skip concatenation `cat_channels_*` exactly, with its statistics), and
 //! the one-kernel convolution GEMMs (`conv_gemm{,1}_*` and `conv_gemm{,1}_wgmma_*`,
 //! `KANDINSKY_CONV_GEMM=mma|wgmma|mma-1copy|wgmma-1copy`) against a convolution in double precision
 //! (`check_conv_gemm.cpp`, f16 ≤ 2e-3, bf16 ≤ 1e-2), and the tiled transpose (+ addend)
@@ -52,12 +52,12 @@ fn attention_kernels_under_host_emulation() -> anyhow::Result<()> {
     anyhow::ensure!(out.status.success(), "{} failed", script.display());
     // Every case printed a passing line: attention 7 kernels × 2 layouts × 4 shapes and its
     // traffic verdict, then the normalise-on-read convolution copy's 5 cases and the crop
-    // kernel's 5 (3 of them with the statistics), the four convolution GEMMs' 5 each and their
-    // traffic verdict, and the tiled transpose's 3.
+    // kernel's 5 (3 of them with the statistics), the skip concatenation's 3, the four
+    // convolution GEMMs' 5 each and their traffic verdict, and the tiled transpose's 3.
     let passed = stdout.lines().filter(|l| l.ends_with(" ok")).count();
     anyhow::ensure!(
-        passed == 56 + 1 + 5 + 5 + 20 + 1 + 3,
-        "{passed} of 91 cases passed"
+        passed == 56 + 1 + 5 + 5 + 3 + 20 + 1 + 3,
+        "{passed} of 94 cases passed"
     );
     Ok(())
 }

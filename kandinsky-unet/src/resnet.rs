@@ -104,6 +104,11 @@ impl ResnetBlock2D {
         })
     }
 
+    /// The groups of the norm that reads the block's input (norm1).
+    pub fn norm_groups(&self) -> usize {
+        self.norm1.groups()
+    }
+
     /// `x` `[B, C_in, H, W]`, `temb` `[B, temb_channels]` → `[B, C_out, H', W']`.
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         Ok(self.forward_stats(x, None, temb, false)?.0)

@@ -5,6 +5,7 @@
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
+use kandinsky_core::gpu_conv::{cat_channels, MapStats};
 use kandinsky_core::{Error, Result};
 
 use crate::attention_processor::Attention;
@@ -125,11 +126,17 @@ fn resampler(
     )?))
 }
 
-fn pop_cat(h: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
+fn pop_cat(
+    h: &Tensor,
+    skips: &mut Vec<Tensor>,
+    resnet: &ResnetBlock2D,
+) -> Result<(Tensor, Option<MapStats>)> {
     let skip = skips
         .pop()
         .ok_or_else(|| Error::invalid("UNet up path ran out of skip connections"))?;
-    Ok(Tensor::cat(&[h, &skip], 1)?)
+    // On CUDA the concatenation may leave the statistics of the ResNet's norm1, which reads
+    // it next (KANDINSKY_CONV_STATS=1).
+    cat_channels(h, &skip, Some(resnet.norm_groups()))
 }
 
 /// `ResnetDownsampleBlock2D`: ResNets, then a downsampling ResNet. Every ResNet output and
@@ -325,7 +332,8 @@ impl ResnetUpsampleBlock2D {
         let n = self.resnets.len();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let read_by_a_norm = i + 1 == n && self.upsampler.is_some();
-            (h, stats) = resnet.forward_stats(&pop_cat(&h, skips)?, None, temb, read_by_a_norm)?;
+            let (cat, cat_stats) = pop_cat(&h, skips, resnet)?;
+            (h, stats) = resnet.forward_stats(&cat, cat_stats.as_ref(), temb, read_by_a_norm)?;
         }
         if let Some(up) = &self.upsampler {
             h = up.forward_stats(&h, stats.as_ref(), temb, false)?.0;
@@ -371,7 +379,8 @@ impl SimpleCrossAttnUpBlock2D {
         let mut h = x.clone();
         for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
             // The ResNet leaves its attention's norm statistics where the CUDA path can.
-            let (r, stats) = resnet.forward_stats(&pop_cat(&h, skips)?, None, temb, true)?;
+            let (cat, cat_stats) = pop_cat(&h, skips, resnet)?;
+            let (r, stats) = resnet.forward_stats(&cat, cat_stats.as_ref(), temb, true)?;
             h = attn.forward_stats(&r, stats.as_ref(), encoder_hidden_states)?;
         }
         if let Some(up) = &self.upsampler {

@@ -729,6 +729,67 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             });
         }
     }
+    // The UNet's skip concatenation in one kernel leaving the ResNet norm1's statistics
+    // (KANDINSKY_CONV_STATS=1): the copy against candle's `cat` (exactly), the norm reading
+    // the statistics against candle's ops in f32; at the 96² level (384 + 384 channels) and
+    // the 12² one (1536 + 1152: groups of 84 channels straddle the two maps), timed against
+    // candle's `cat` plus the norm's own statistics pass.
+    #[cfg(feature = "cuda")]
+    for (c1, c2, s) in [(384usize, 384usize, 96usize), (1536, 1152, 12)] {
+        use kandinsky_core::gpu_conv::MapStats;
+        let a32 = (Tensor::randn(0f32, 1.0, (2, c1, s, s), dev)? + 0.5)?;
+        let b32 = Tensor::randn(0f32, 2.0, (2, c2, s, s), dev)?;
+        let c = c1 + c2;
+        let gw32 = (Tensor::randn(0f32, 0.2, c, dev)? + 1.0)?;
+        let gb32 = Tensor::randn(0f32, 0.2, c, dev)?;
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let r = |t: &Tensor| t.to_dtype(dt);
+            let (a, b) = (r(&a32)?, r(&b32)?);
+            let gn = GroupNorm::from_parts(r(&gw32)?, r(&gb32)?, 32, 1e-5)?;
+            let gn32 = GroupNorm::from_parts(
+                r(&gw32)?.to_dtype(DType::F32)?,
+                r(&gb32)?.to_dtype(DType::F32)?,
+                32,
+                1e-5,
+            )?;
+            let checked = (|| -> Result<Option<(f32, f32, f64, f64)>> {
+                let (y, stats) = kandinsky_core::cuda::cat_channels_with_stats(&a, &b, Some(32))?;
+                let Some(stats) = stats.map(MapStats::from) else {
+                    return Ok(None);
+                };
+                let want = Tensor::cat(&[&a, &b], 1)?;
+                let d_copy = diff(&y.to_dtype(DType::F32)?, &want.to_dtype(DType::F32)?)?.max_abs;
+                let given = gn.forward_with_stats(&y, None, true, Some(&stats))?;
+                let reference = gn32.forward_plain(&want.to_dtype(DType::F32)?)?.silu()?;
+                let d_norm = diff(&given, &reference)?.rel;
+                let ms = time(dev, 2, 10, || {
+                    let (y, st) = kandinsky_core::cuda::cat_channels_with_stats(&a, &b, Some(32))?;
+                    gn.forward_with_stats(&y, None, true, st.map(MapStats::from).as_ref())?;
+                    Ok(())
+                })?;
+                let ms_pass = time(dev, 2, 10, || {
+                    gn.forward_silu(&Tensor::cat(&[&a, &b], 1)?)?;
+                    Ok(())
+                })?;
+                Ok(Some((d_copy, d_norm, ms, ms_pass)))
+            })();
+            let (value, ok) = match checked {
+                Ok(Some((dc, dn, ms, ms_pass))) => (
+                    format!("{dc:.0e}, {dn:.1e} / {ms:.3} / {ms_pass:.3}"),
+                    dc == 0.0 && dn <= tolerance(dt),
+                ),
+                Ok(None) => ("no statistics".into(), false),
+                Err(e) => (format!("error: {e}"), false),
+            };
+            rows.push(Row {
+                what: format!(
+                    "cat stats {c1}+{c2} {s}x{s} b2 {dt:?}: copy max diff, norm rel err / ms / ms cat + stats pass"
+                ),
+                value,
+                ok: Some(ok),
+            });
+        }
+    }
     // Linear layers with the bias in the cuBLASLt epilogue (the UNet's attention projections
     // at the 48×48 level, its image-token projections, the prior's width), against candle's
     // ops in f32.
