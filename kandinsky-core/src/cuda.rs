@@ -855,10 +855,25 @@ fn left_stats(
     })
 }
 
+/// A [`finish_stats_layout`] buffer with only its counts zeroed (the slots and the merged
+/// statistics are written before they are read).
+fn stats_buffer(
+    dev: &candle_core::CudaDevice,
+    bg: usize,
+    blocks: usize,
+) -> candle_core::Result<cudarc::driver::CudaSlice<f32>> {
+    let (counts, slots, len) = finish_stats_layout(bg, blocks);
+    let mut buf = unsafe { dev.alloc::<f32>(len)? };
+    dev.cuda_stream()
+        .memset_zeros(&mut buf.slice_mut(counts..slots))
+        .w()?;
+    Ok(buf)
+}
+
 /// The f32 buffer of the statistics a kernel leaves (the crop, the concatenation) for `bg` =
 /// batch·groups groups and `blocks` blocks: the merged `(count, mean, M2)` per group first (`[bg, 3]`, what
-/// the norm reads), then the per-group counts of finished blocks (`bg` u32, zeroed with the
-/// buffer), then one slot per block. Returns `(count offset, slot offset, length)`.
+/// the norm reads), then the per-group counts of finished blocks (`bg` u32, zeroed before
+/// the launch), then one slot per block. Returns `(count offset, slot offset, length)`.
 fn finish_stats_layout(bg: usize, blocks: usize) -> (usize, usize, usize) {
     (3 * bg, 4 * bg, 4 * bg + 3 * blocks)
 }
@@ -1411,13 +1426,9 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                     "kandinsky_conv",
                     CONV_PTX,
                 )?;
-                // The statistics' buffer (zeroed: the per-group counts start at 0).
+                // The statistics' buffer (the per-group counts start at 0).
                 let stats = match stats_groups {
-                    Some(g) => {
-                        let blocks = rows.div_ceil(ty);
-                        let (_, _, len) = finish_stats_layout(b * g, blocks);
-                        Some((dev.alloc_zeros::<f32>(len)?, b * g))
-                    }
+                    Some(g) => Some((stats_buffer(&dev, b * g, rows.div_ceil(ty))?, b * g)),
                     None => None,
                 };
                 let per_group32 = per_group as i32;
@@ -1648,12 +1659,9 @@ impl candle_core::CustomOp2 for CatChannelsOp {
                 let a = as_.as_cuda_slice::<$t>()?.slice(ao..);
                 let bv = bs.as_cuda_slice::<$t>()?.slice(bo..);
                 let mut out = unsafe { dev.alloc::<$t>(b * c * hw)? };
-                // The statistics' buffer (zeroed: the per-group counts start at 0).
+                // The statistics' buffer (the per-group counts start at 0).
                 let stats = match self.groups {
-                    Some(g) => {
-                        let (_, _, len) = finish_stats_layout(b * g, plan.blocks);
-                        Some((dev.alloc_zeros::<f32>(len)?, b * g))
-                    }
+                    Some(g) => Some((stats_buffer(&dev, b * g, plan.blocks)?, b * g)),
                     None => None,
                 };
                 let f = dev.get_or_load_custom_func(
