@@ -871,9 +871,10 @@ fn stats_buffer(
 }
 
 /// The f32 buffer of the statistics a kernel leaves (the crop, the concatenation) for `bg` =
-/// batch·groups groups and `blocks` blocks: the merged `(count, mean, M2)` per group first (`[bg, 3]`, what
-/// the norm reads), then the per-group counts of finished blocks (`bg` u32, zeroed before
-/// the launch), then one slot per block. Returns `(count offset, slot offset, length)`.
+/// batch·groups groups and `blocks` blocks: the merged `(count, mean, M2)` per group first
+/// (`[bg, 3]`, what the norm reads), then the per-group counts of finished blocks (`bg` u32,
+/// zeroed before the launch), then one slot per block. Returns `(count offset, slot offset,
+/// length)`.
 fn finish_stats_layout(bg: usize, blocks: usize) -> (usize, usize, usize) {
     (3 * bg, 4 * bg, 4 * bg + 3 * blocks)
 }
