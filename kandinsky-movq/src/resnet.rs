@@ -10,6 +10,7 @@ use kandinsky_core::Result;
 use crate::attention_processor::{Norm, NormKind};
 use crate::conv::{Conv2d, Padding};
 use crate::normalization::ConvStats;
+use kandinsky_core::gpu_conv::MapStats;
 
 /// `norm1 → act → conv1 → norm2 → act → conv2`, plus the (1×1 `conv_shortcut` when the
 /// channel count changes) input. Keys `norm1`, `conv1`, `norm2`, `conv2`, `[conv_shortcut]`.
@@ -70,6 +71,25 @@ impl ResnetBlock2D {
 
     /// Forward `x` `[B, C, H, W]`; `zq` is the latent for spatial norms.
     pub fn forward(&self, x: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
+        Ok(self.forward_stats(x, zq, None, None)?.0)
+    }
+
+    /// The groups of the norm that reads the block's input (norm1).
+    pub fn norm_groups(&self) -> usize {
+        self.norm1.groups()
+    }
+
+    /// [`Self::forward`] with the GroupNorm statistics of `x` where the kernel that wrote it
+    /// left them (norm1 skips its pass), and with `out_groups` also those of the output in
+    /// that many groups for the norm that reads it next, where the CUDA path leaves them
+    /// (`KANDINSKY_CONV_STATS=1`).
+    pub fn forward_stats(
+        &self,
+        x: &Tensor,
+        zq: Option<&Tensor>,
+        x_stats: Option<&MapStats>,
+        out_groups: Option<usize>,
+    ) -> Result<(Tensor, Option<MapStats>)> {
         // Each norm goes into its convolution (on CUDA optionally applied on read).
         // output_scale_factor is 1 in every VQ-VAE block; the residual add rides in conv2
         // (one kernel on CUDA).
@@ -84,7 +104,7 @@ impl ResnetBlock2D {
             Some(self.act),
             None,
             ConvStats {
-                input: None,
+                input: x_stats,
                 output_groups: Some(self.norm2.groups()),
             },
         )?;
@@ -93,28 +113,26 @@ impl ResnetBlock2D {
             // computed before, it was one more full-size map at the peak (+32 MiB for a
             // 256 px decode, measured).
             h = self.norm2.forward(&h, zq, Some(self.act))?;
-            return match &self.conv_shortcut {
-                Some(c) => self.conv2.forward_add(h, &c.forward(x)?),
-                None => self.conv2.forward_add(h, x),
+            let out = match &self.conv_shortcut {
+                Some(c) => self.conv2.forward_add(h, &c.forward(x)?)?,
+                None => self.conv2.forward_add(h, x)?,
             };
+            return Ok((out, None));
         }
         let shortcut = match &self.conv_shortcut {
             Some(c) => Some(c.forward(x)?),
             None => None,
         };
-        Ok(self
-            .norm2
-            .forward_into_conv(
-                &self.conv2,
-                h,
-                zq,
-                Some(self.act),
-                Some(shortcut.as_ref().unwrap_or(x)),
-                ConvStats {
-                    input: h_stats.as_ref(),
-                    output_groups: None,
-                },
-            )?
-            .0)
+        self.norm2.forward_into_conv(
+            &self.conv2,
+            h,
+            zq,
+            Some(self.act),
+            Some(shortcut.as_ref().unwrap_or(x)),
+            ConvStats {
+                input: h_stats.as_ref(),
+                output_groups: out_groups,
+            },
+        )
     }
 }

@@ -87,9 +87,16 @@ impl ResnetStack {
     }
 
     fn forward(&self, x: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = x.clone();
+        // Without attentions each ResNet leaves the next one's norm1 statistics where the
+        // CUDA path can.
+        let (mut h, mut stats) = (x.clone(), None);
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, zq)?;
+            let next = self
+                .resnets
+                .get(i + 1)
+                .filter(|_| self.attentions.is_empty());
+            let out_groups = next.map(ResnetBlock2D::norm_groups);
+            (h, stats) = resnet.forward_stats(&h, zq, stats.as_ref(), out_groups)?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, zq)?;
             }
