@@ -12,8 +12,8 @@
 // Two launches over a grid of (batch·groups)·splits blocks, so even batch 2 × 32 groups fills
 // the GPU: `group_norm_stats_*` writes a partial (count, mean, M2) per block (Welford), and
 // `group_norm_apply_*` merges its group's `psplits` partials (Chan et al.) and normalises its
-// chunk. The partials may also come from the kernel that wrote x (conv.cu's crop kernel:
-// one per group, psplits = 1), and then the first launch is skipped.
+// chunk. The partials may also come from the kernel that wrote x (conv.cu's crop kernel or
+// `cat_channels_*` below: one per group, psplits = 1), and then the first launch is skipped.
 // candle's composite GroupNorm makes about a dozen passes; this makes two reads and a write.
 #include "common.cuh"
 #include "welford.cuh"
@@ -56,7 +56,8 @@ __device__ void stats(const T* __restrict__ x, float* __restrict__ partial, long
 template <typename T>
 __device__ void apply(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
                       const float* __restrict__ partial, int psplits, T* __restrict__ y,
-                      long long group_elems, long long chunk, int splits, int groups, int cpg, long long hw, float eps, int silu,
+                      long long group_elems, long long chunk, int splits, int groups, int cpg,
+                      long long hw, float eps, int silu,
                       const T* __restrict__ mscale, const T* __restrict__ mshift, int mkind,
                       long long scale_sb, long long scale_sc, long long shift_sb, long long shift_sc,
                       int mh, int mw, int width, int vec8) {
