@@ -31,6 +31,8 @@
 #   3. ncu (NCU=0 skips it): the GPU time of every kernel of one 768 px UNet step and one
 #      MoVQ decode, with the switches in NCU_ENV set;
 #   4. with DIFFUSERS=1, diffusers/PyTorch on the same card (fp16), from the carried wheels.
+# A switch joins ALL only if its 768 px UNet output's fingerprint agrees with the default's
+# (part 1's, or a short BASE run where part 1 was skipped or cut short).
 # Two calls fit a session's device time: `NCU=0 BANDED=0 DEADLINE=560 bash xtask/gpu/run.sh`,
 # then `CHECK=0 WIDE=0 CONV_GEMM=0 TRANSPOSE=0 TOKEN_MAJOR=0 CONV_NORM=0 SUBPIXEL=0 STATS=0 PADDED_ROWS=0 ALL_ENV="…"
 # DIFFUSERS=1 DEADLINE=300 bash xtask/gpu/run.sh` with the first call's "== ALL" switches.
@@ -53,6 +55,16 @@ if [ "${CHECK:-1}" = 1 ]; then
     echo "== 1. kandinsky-rs gpu_check"
     timeout $(t 200) $BIN/gpu_check --quick >"$OUT/rust.log" 2>&1; echo "exit $?"
     grep -E '^(device|no CUDA|GPU_CHECK)' "$OUT/rust.log"
+fi
+# The default's 768 px UNet step and output fingerprint, which every switch is held against:
+# from part 1's log, or, where part 1 was skipped (a second call) or cut short before its
+# timings, from a short run of its own (BASE=0 skips it).
+BASE_LOG=rust.log
+if ! grep -qE '^unet output 768px b2 F16 fingerprint' "$OUT/rust.log" 2>/dev/null && [ "${BASE:-1}" = 1 ]; then
+    echo "== default UNet step (the base the switches are held against)"
+    timeout "$(t 60)" $BIN/gpu_check --timings-only --unet-only --quick >"$OUT/rust-base.log" 2>&1
+    grep -E '^unet (step|output) 768px b2 F16' "$OUT/rust-base.log"
+    BASE_LOG=rust-base.log
 fi
 # ab SKIP_VAR "ENV=VALUE ..." LIMIT LOG PATTERN ARGS...: gpu_check again with the switches set,
 # unless $SKIP_VAR is 0; the log under $OUT, the lines matching PATTERN printed.
@@ -157,7 +169,7 @@ fp_diff() {
 # A switch's output agrees with the default's (2e-2: f16 rounding through one step).
 same_output() { awk -v d="$(fp_diff "$1" "$2")" 'BEGIN { exit !(d != "none" && d + 0 <= 2e-2) }'; }
 if [ -z "${ALL_ENV:-}" ]; then
-    base=$(ms_of rust.log)
+    base=$(ms_of "$BASE_LOG")
     ALL_ENV=""
     for sw in KANDINSKY_FLASH=${ATTN_BEST:-}:rust-attn.log KANDINSKY_CONV_GEMM=${GEMM_BEST:-}:rust-conv-gemm.log \
         KANDINSKY_FLASH_TOKEN_MAJOR=1:rust-token-major.log KANDINSKY_CONV_NORM=1:rust-conv-norm.log \
@@ -165,8 +177,8 @@ if [ -z "${ALL_ENV:-}" ]; then
         KANDINSKY_CONV_STATS=1:rust-stats.log; do
         log=${sw#*:}
         [ -f "$OUT/$log" ] || continue
-        echo "== ${sw%%:*}: UNet step $(ms_of "$log") ms, output vs default $(fp_diff "$(fp_of "$log")" "$(fp_of rust.log)")"
-        faster "$(ms_of "$log")" "$base" && same_output "$(fp_of "$log")" "$(fp_of rust.log)" &&
+        echo "== ${sw%%:*}: UNet step $(ms_of "$log") ms, output vs default $(fp_diff "$(fp_of "$log")" "$(fp_of "$BASE_LOG")")"
+        faster "$(ms_of "$log")" "$base" && same_output "$(fp_of "$log")" "$(fp_of "$BASE_LOG")" &&
             ALL_ENV="$ALL_ENV ${sw%%:*}"
     done
     read -r -a parts <<<"$ALL_ENV"
@@ -175,7 +187,7 @@ if [ -z "${ALL_ENV:-}" ]; then
 fi
 if [ -z "$ALL_ENV" ]; then ALL=0; fi
 ab ALL "$ALL_ENV" 60 rust-all.log '^(unet|timings)' --timings-only --unet-only --quick
-[ "${ALL:-1}" = 1 ] && echo "== ALL: output vs default $(fp_diff "$(fp_of rust-all.log)" "$(fp_of rust.log)")"
+[ "${ALL:-1}" = 1 ] && echo "== ALL: output vs default $(fp_diff "$(fp_of rust-all.log)" "$(fp_of "$BASE_LOG")")"
 ab ALL "$ALL_ENV" 60 rust-t2i-all.log '^(text2img|timings)' --text2img-only
 # With ALL's switches: the memory of the configuration that would become the default.
 ab BANDED "KANDINSKY_CONV_SCRATCH_MB=64 $ALL_ENV" 70 rust-banded.log '^(movq|unet step 768px b2 F16 |timings)' \
