@@ -826,8 +826,8 @@ struct ShiftedConvOp {
     /// What sums the kernel rows (already checked to cover the dtype and channels).
     gemm: crate::gpu_conv::ConvGemm,
     /// With `Some(groups)` (cuBLAS path only) the crop kernel also leaves the output's
-    /// GroupNorm statistics in that many groups, in `stats_out`: the buffer of
-    /// [`finish_stats_layout`], taken out after the call (a custom op returns one tensor).
+    /// GroupNorm statistics in that many groups, in `stats_out` ([`StatsOut::stash`]), taken
+    /// out after the call (a custom op returns one tensor).
     stats_groups: Option<usize>,
     stats_out: std::sync::Mutex<Option<CudaStorage>>,
 }
@@ -855,19 +855,66 @@ fn left_stats(
     })
 }
 
-/// A [`finish_stats_layout`] buffer with only its counts zeroed (the slots and the merged
-/// statistics are written before they are read).
-fn stats_buffer(
-    dev: &candle_core::CudaDevice,
+/// The buffer of the statistics a kernel leaves for the norm that reads its output (the crop,
+/// the concatenation; `StatsOut` in welford.cuh), while the kernel fills it.
+struct StatsOut {
+    buf: cudarc::driver::CudaSlice<f32>,
+    /// batch·groups.
     bg: usize,
-    blocks: usize,
-) -> candle_core::Result<cudarc::driver::CudaSlice<f32>> {
-    let (counts, slots, len) = finish_stats_layout(bg, blocks);
-    let mut buf = unsafe { dev.alloc::<f32>(len)? };
-    dev.cuda_stream()
-        .memset_zeros(&mut buf.slice_mut(counts..slots))
-        .w()?;
-    Ok(buf)
+}
+
+impl StatsOut {
+    /// A [`finish_stats_layout`] buffer for `bg` groups and `blocks` blocks with only its
+    /// counts zeroed (the slots and the merged statistics are written before they are read).
+    fn new(dev: &candle_core::CudaDevice, bg: usize, blocks: usize) -> candle_core::Result<Self> {
+        let (counts, slots, len) = finish_stats_layout(bg, blocks);
+        let mut buf = unsafe { dev.alloc::<f32>(len)? };
+        dev.cuda_stream()
+            .memset_zeros(&mut buf.slice_mut(counts..slots))
+            .w()?;
+        Ok(Self { buf, bg })
+    }
+
+    /// The kernel's `stats`, `partial` and `done` arguments. The counts are u32 in the f32
+    /// buffer: the kernel takes an address.
+    fn args(&self) -> [cudarc::driver::CudaView<'_, f32>; 3] {
+        let (counts, slots, _) = finish_stats_layout(self.bg, 0);
+        [
+            self.buf.slice(..counts),
+            self.buf.slice(slots..),
+            self.buf.slice(counts..slots),
+        ]
+    }
+
+    /// Hand the filled buffer to the op's `slot`, taken out after the call
+    /// ([`take_left_stats`]).
+    fn stash(
+        self,
+        slot: &std::sync::Mutex<Option<CudaStorage>>,
+        dev: &candle_core::CudaDevice,
+    ) -> candle_core::Result<()> {
+        *slot
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("statistics buffer lock".into()))? =
+            Some(CudaStorage::wrap_cuda_slice(self.buf, dev.clone()));
+        Ok(())
+    }
+}
+
+/// The statistics an op left in `slot` ([`StatsOut::stash`]) for its `[b, c, hw]` output in
+/// `groups` groups, where it was asked for them.
+fn take_left_stats(
+    slot: std::sync::Mutex<Option<CudaStorage>>,
+    groups: Option<usize>,
+    dims: (usize, usize, usize),
+) -> candle_core::Result<Option<GroupNormStats>> {
+    let buf = slot
+        .into_inner()
+        .map_err(|_| candle_core::Error::Msg("statistics buffer lock".into()))?;
+    match (groups, buf) {
+        (Some(groups), Some(buf)) => Ok(Some(left_stats(buf, dims, groups)?)),
+        _ => Ok(None),
+    }
 }
 
 /// The f32 buffer of the statistics a kernel leaves (the crop, the concatenation) for `bg` =
@@ -1427,11 +1474,9 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                     "kandinsky_conv",
                     CONV_PTX,
                 )?;
-                // The statistics' buffer (the per-group counts start at 0).
-                let stats = match stats_groups {
-                    Some(g) => Some((stats_buffer(&dev, b * g, rows.div_ceil(ty))?, b * g)),
-                    None => None,
-                };
+                let stats = stats_groups
+                    .map(|g| StatsOut::new(&dev, b * g, rows.div_ceil(ty)))
+                    .transpose()?;
                 let per_group32 = per_group as i32;
                 let mut a = f.builder();
                 a.arg(&acc);
@@ -1445,34 +1490,20 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 a.arg(&wp32);
                 a.arg(&has_bias);
                 a.arg(&has_res);
-                let views = stats.as_ref().map(|(buf, bg)| {
-                    let (counts, slots, _) = finish_stats_layout(*bg, 0);
-                    // The counts are u32 in the f32 buffer: the kernel takes an address.
-                    (
-                        buf.slice(..counts),
-                        buf.slice(counts..slots),
-                        buf.slice(slots..),
-                    )
-                });
-                match &views {
-                    Some((merged, counts, slots)) => {
-                        a.arg(merged);
-                        a.arg(slots);
-                        a.arg(counts);
-                    }
+                let stats_args = stats.as_ref().map(StatsOut::args);
+                match &stats_args {
+                    Some(args) => args.iter().for_each(|v| {
+                        a.arg(v);
+                    }),
                     // Never read with per_group = 0: the accumulator stands in.
-                    None => {
+                    None => (0..3).for_each(|_| {
                         a.arg(&acc);
-                        a.arg(&acc);
-                        a.arg(&acc);
-                    }
+                    }),
                 }
                 a.arg(&per_group32);
                 unsafe { a.launch(finish_cfg) }.w()?;
-                if let Some((buf, _)) = stats {
-                    *self.stats_out.lock().map_err(|_| {
-                        candle_core::Error::Msg("shifted convolution: statistics lock".into())
-                    })? = Some(CudaStorage::wrap_cuda_slice(buf, dev.clone()));
+                if let Some(st) = stats {
+                    st.stash(&self.stats_out, &dev)?;
                 }
                 drop(acc);
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
@@ -1578,17 +1609,8 @@ pub fn shifted_conv_with_stats(
         stats_out: std::sync::Mutex::new(None),
     };
     let y = x.apply_op2_no_bwd(&taps, &op)?;
-    let buf = op
-        .stats_out
-        .into_inner()
-        .map_err(|_| candle_core::Error::Msg("shifted convolution: statistics lock".into()))?;
-    let stats = match (stats_groups, buf) {
-        (Some(groups), Some(buf)) => {
-            let (b, _, oh, ow) = y.dims4()?;
-            Some(left_stats(buf, (b, cout, oh * ow), groups)?)
-        }
-        _ => None,
-    };
+    let (b, _, oh, ow) = y.dims4()?;
+    let stats = take_left_stats(op.stats_out, stats_groups, (b, cout, oh * ow))?;
     Ok((y, stats))
 }
 
@@ -1660,11 +1682,10 @@ impl candle_core::CustomOp2 for CatChannelsOp {
                 let a = as_.as_cuda_slice::<$t>()?.slice(ao..);
                 let bv = bs.as_cuda_slice::<$t>()?.slice(bo..);
                 let mut out = unsafe { dev.alloc::<$t>(b * c * hw)? };
-                // The statistics' buffer (the per-group counts start at 0).
-                let stats = match self.groups {
-                    Some(g) => Some((stats_buffer(&dev, b * g, plan.blocks)?, b * g)),
-                    None => None,
-                };
+                let stats = self
+                    .groups
+                    .map(|g| StatsOut::new(&dev, b * g, plan.blocks))
+                    .transpose()?;
                 let f = dev.get_or_load_custom_func(
                     concat!("cat_channels_", $suf),
                     "kandinsky_group_norm",
@@ -1683,34 +1704,20 @@ impl candle_core::CustomOp2 for CatChannelsOp {
                 l.arg(&cp);
                 l.arg(&gr);
                 l.arg(&plan.vec8);
-                let views = stats.as_ref().map(|(buf, bg)| {
-                    let (counts, slots, _) = finish_stats_layout(*bg, 0);
-                    // The counts are u32 in the f32 buffer: the kernel takes an address.
-                    (
-                        buf.slice(..counts),
-                        buf.slice(counts..slots),
-                        buf.slice(slots..),
-                    )
-                });
-                match &views {
-                    Some((merged, counts, slots)) => {
-                        l.arg(merged);
-                        l.arg(slots);
-                        l.arg(counts);
-                    }
+                let stats_args = stats.as_ref().map(StatsOut::args);
+                match &stats_args {
+                    Some(args) => args.iter().for_each(|v| {
+                        l.arg(v);
+                    }),
                     // Never touched with per_group = 0: the first map stands in.
-                    None => {
+                    None => (0..3).for_each(|_| {
                         l.arg(&a);
-                        l.arg(&a);
-                        l.arg(&a);
-                    }
+                    }),
                 }
                 l.arg(&pg);
                 unsafe { l.launch(plan.launch_config()) }.w()?;
-                if let Some((buf, _)) = stats {
-                    *self.stats_out.lock().map_err(|_| {
-                        candle_core::Error::Msg("channel concatenation: statistics lock".into())
-                    })? = Some(CudaStorage::wrap_cuda_slice(buf, dev.clone()));
+                if let Some(st) = stats {
+                    st.stash(&self.stats_out, &dev)?;
                 }
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
@@ -1740,17 +1747,8 @@ pub fn cat_channels_with_stats(
         stats_out: std::sync::Mutex::new(None),
     };
     let y = a.apply_op2_no_bwd(&b, &op)?;
-    let buf = op
-        .stats_out
-        .into_inner()
-        .map_err(|_| candle_core::Error::Msg("channel concatenation: statistics lock".into()))?;
-    let stats = match (stats_groups, buf) {
-        (Some(groups), Some(buf)) => {
-            let (bb, c, h, w) = y.dims4()?;
-            Some(left_stats(buf, (bb, c, h * w), groups)?)
-        }
-        _ => None,
-    };
+    let (bb, c, h, w) = y.dims4()?;
+    let stats = take_left_stats(op.stats_out, stats_groups, (bb, c, h * w))?;
     Ok((y, stats))
 }
 
