@@ -832,29 +832,6 @@ struct ShiftedConvOp {
     stats_out: std::sync::Mutex<Option<CudaStorage>>,
 }
 
-/// The statistics a kernel left in its buffer ([`finish_stats_layout`]) for a `[b, c, hw]`
-/// map in `groups` groups: the merged partials leading the buffer, one per group.
-fn left_stats(
-    buf: CudaStorage,
-    dims: (usize, usize, usize),
-    groups: usize,
-) -> candle_core::Result<GroupNormStats> {
-    let len = buf.as_cuda_slice::<f32>()?.len();
-    let buf = Tensor::from_storage(
-        candle_core::Storage::Cuda(buf),
-        len,
-        candle_core::op::BackpropOp::none(),
-        false,
-    );
-    let bg = dims.0 * groups;
-    Ok(GroupNormStats {
-        partial: buf.narrow(0, 0, 3 * bg)?.reshape((bg, 3))?,
-        dims,
-        groups,
-        splits: 1,
-    })
-}
-
 /// The buffer of the statistics a kernel leaves for the norm that reads its output (the crop,
 /// the concatenation; `StatsOut` in welford.cuh), while the kernel fills it.
 struct StatsOut {
@@ -864,10 +841,18 @@ struct StatsOut {
 }
 
 impl StatsOut {
-    /// A [`finish_stats_layout`] buffer for `bg` groups and `blocks` blocks with only its
-    /// counts zeroed (the slots and the merged statistics are written before they are read).
+    /// The f32 buffer for `bg` = batch·groups groups and `blocks` blocks: the merged
+    /// `(count, mean, M2)` per group first (`[bg, 3]`, what the norm reads), then the
+    /// per-group counts of finished blocks (`bg` u32, zeroed before the launch), then one slot
+    /// per block. Returns `(count offset, slot offset, length)`.
+    fn layout(bg: usize, blocks: usize) -> (usize, usize, usize) {
+        (3 * bg, 4 * bg, 4 * bg + 3 * blocks)
+    }
+
+    /// A [`Self::layout`] buffer for `bg` groups and `blocks` blocks with only its counts
+    /// zeroed (the slots and the merged statistics are written before they are read).
     fn new(dev: &candle_core::CudaDevice, bg: usize, blocks: usize) -> candle_core::Result<Self> {
-        let (counts, slots, len) = finish_stats_layout(bg, blocks);
+        let (counts, slots, len) = Self::layout(bg, blocks);
         let mut buf = unsafe { dev.alloc::<f32>(len)? };
         dev.cuda_stream()
             .memset_zeros(&mut buf.slice_mut(counts..slots))
@@ -878,7 +863,7 @@ impl StatsOut {
     /// The kernel's `stats`, `partial` and `done` arguments. The counts are u32 in the f32
     /// buffer: the kernel takes an address.
     fn args(&self) -> [cudarc::driver::CudaView<'_, f32>; 3] {
-        let (counts, slots, _) = finish_stats_layout(self.bg, 0);
+        let (counts, slots, _) = Self::layout(self.bg, 0);
         [
             self.buf.slice(..counts),
             self.buf.slice(slots..),
@@ -902,7 +887,8 @@ impl StatsOut {
 }
 
 /// The statistics an op left in `slot` ([`StatsOut::stash`]) for its `[b, c, hw]` output in
-/// `groups` groups, where it was asked for them.
+/// `groups` groups, where it was asked for them: the merged partials leading the buffer, one
+/// per group.
 fn take_left_stats(
     slot: std::sync::Mutex<Option<CudaStorage>>,
     groups: Option<usize>,
@@ -911,19 +897,23 @@ fn take_left_stats(
     let buf = slot
         .into_inner()
         .map_err(|_| candle_core::Error::Msg("statistics buffer lock".into()))?;
-    match (groups, buf) {
-        (Some(groups), Some(buf)) => Ok(Some(left_stats(buf, dims, groups)?)),
-        _ => Ok(None),
-    }
-}
-
-/// The f32 buffer of the statistics a kernel leaves (the crop, the concatenation) for `bg` =
-/// batch·groups groups and `blocks` blocks: the merged `(count, mean, M2)` per group first
-/// (`[bg, 3]`, what the norm reads), then the per-group counts of finished blocks (`bg` u32,
-/// zeroed before the launch), then one slot per block. Returns `(count offset, slot offset,
-/// length)`.
-fn finish_stats_layout(bg: usize, blocks: usize) -> (usize, usize, usize) {
-    (3 * bg, 4 * bg, 4 * bg + 3 * blocks)
+    let (Some(groups), Some(buf)) = (groups, buf) else {
+        return Ok(None);
+    };
+    let len = buf.as_cuda_slice::<f32>()?.len();
+    let buf = Tensor::from_storage(
+        candle_core::Storage::Cuda(buf),
+        len,
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    let bg = dims.0 * groups;
+    Ok(Some(GroupNormStats {
+        partial: buf.narrow(0, 0, 3 * bg)?.reshape((bg, 3))?,
+        dims,
+        groups,
+        splits: 1,
+    }))
 }
 
 /// The scalar arguments of `conv_shift_norm_*` after the input and geometry.
@@ -1492,13 +1482,17 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 a.arg(&has_res);
                 let stats_args = stats.as_ref().map(StatsOut::args);
                 match &stats_args {
-                    Some(args) => args.iter().for_each(|v| {
-                        a.arg(v);
-                    }),
+                    Some(args) => {
+                        for v in args {
+                            a.arg(v);
+                        }
+                    }
                     // Never read with per_group = 0: the accumulator stands in.
-                    None => (0..3).for_each(|_| {
-                        a.arg(&acc);
-                    }),
+                    None => {
+                        for _ in 0..3 {
+                            a.arg(&acc);
+                        }
+                    }
                 }
                 a.arg(&per_group32);
                 unsafe { a.launch(finish_cfg) }.w()?;
@@ -1706,13 +1700,17 @@ impl candle_core::CustomOp2 for CatChannelsOp {
                 l.arg(&plan.vec8);
                 let stats_args = stats.as_ref().map(StatsOut::args);
                 match &stats_args {
-                    Some(args) => args.iter().for_each(|v| {
-                        l.arg(v);
-                    }),
+                    Some(args) => {
+                        for v in args {
+                            l.arg(v);
+                        }
+                    }
                     // Never touched with per_group = 0: the first map stands in.
-                    None => (0..3).for_each(|_| {
-                        l.arg(&a);
-                    }),
+                    None => {
+                        for _ in 0..3 {
+                            l.arg(&a);
+                        }
+                    }
                 }
                 l.arg(&pg);
                 unsafe { l.launch(plan.launch_config()) }.w()?;

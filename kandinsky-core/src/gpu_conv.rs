@@ -150,7 +150,8 @@ fn multiprocessors(_: &candle_core::Device) -> Result<usize> {
 }
 
 /// The GroupNorm statistics of a map, as the kernel that wrote it left them (a CUDA
-/// convolution's crop kernel, [`ShiftedConv::forward_normed_stats`]): the norm that reads
+/// convolution's crop kernel, [`ShiftedConv::forward_normed_stats`]; the concatenation,
+/// [`cat_channels`]): the norm that reads
 /// the map next ([`InputNorm::stats`]) skips its own pass over it. Only made on CUDA.
 #[derive(Debug, Clone)]
 pub struct MapStats(MapStatsInner);

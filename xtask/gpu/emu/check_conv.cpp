@@ -300,6 +300,17 @@ int main() {
     printf("conv_shift_norm  %-32s f16 %.2e  bf16 %.2e  %s\n", c.what, e16, ebf, pass ? "ok" : "FAIL");
     fflush(stdout);
   }
+  // One line per case: both types' wrong elements and, where `stats` names them, the
+  // statistics' error against its bars.
+  auto report = [&](const char* kernel, const char* what, const FinishResult& r16, const FinishResult& rbf,
+                    const char* stats, double bar16, double barbf) {
+    const bool pass = r16.wrong == 0 && rbf.wrong == 0 && r16.stat_err <= bar16 && rbf.stat_err <= barbf;
+    ok &= pass;
+    printf("%-16s %-32s f16 %ld wrong  bf16 %ld wrong", kernel, what, r16.wrong, rbf.wrong);
+    if (stats) printf("  %s f16 %.2e  bf16 %.2e", stats, r16.stat_err, rbf.stat_err);
+    printf("  %s\n", pass ? "ok" : "FAIL");
+    fflush(stdout);
+  };
   struct FinishCase {
     const char* what;
     int b, c, oh, ow, wp, res_offset, bias, groups;
@@ -319,12 +330,7 @@ int main() {
     const FinishResult r16 = finish<__half>(f.b, f.c, f.oh, f.ow, f.wp, f.res_offset, f.bias, f.groups, seed),
                        rbf = finish<__nv_bfloat16>(f.b, f.c, f.oh, f.ow, f.wp, f.res_offset, f.bias, f.groups, seed);
     ++seed;
-    const bool pass = r16.wrong == 0 && rbf.wrong == 0 && r16.stat_err <= 5e-4 && rbf.stat_err <= 4e-3;
-    ok &= pass;
-    printf("conv_finish      %-32s f16 %ld wrong  bf16 %ld wrong", f.what, r16.wrong, rbf.wrong);
-    if (f.groups) printf("  stats+norm f16 %.2e  bf16 %.2e", r16.stat_err, rbf.stat_err);
-    printf("  %s\n", pass ? "ok" : "FAIL");
-    fflush(stdout);
+    report("conv_finish", f.what, r16, rbf, f.groups ? "stats+norm" : nullptr, 5e-4, 4e-3);
   }
   struct CatCase {
     const char* what;
@@ -340,12 +346,7 @@ int main() {
     const FinishResult r16 = cat_check<__half>(c.b, c.c1, c.c2, c.h, c.w, c.groups, seed),
                        rbf = cat_check<__nv_bfloat16>(c.b, c.c1, c.c2, c.h, c.w, c.groups, seed);
     ++seed;
-    const bool pass = r16.wrong == 0 && rbf.wrong == 0 && r16.stat_err <= 1e-5 && rbf.stat_err <= 1e-5;
-    ok &= pass;
-    printf("cat_channels     %-32s f16 %ld wrong  bf16 %ld wrong", c.what, r16.wrong, rbf.wrong);
-    if (c.groups) printf("  stats f16 %.2e  bf16 %.2e", r16.stat_err, rbf.stat_err);
-    printf("  %s\n", pass ? "ok" : "FAIL");
-    fflush(stdout);
+    report("cat_channels", c.what, r16, rbf, c.groups ? "stats" : nullptr, 1e-5, 1e-5);
   }
   return ok ? 0 : 1;
 }
