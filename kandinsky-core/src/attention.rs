@@ -190,6 +190,26 @@ fn concat_segments(kv: &[KvSegment<'_>]) -> Result<(Tensor, Tensor)> {
     Ok((Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?))
 }
 
+/// A key/value segment that many [`attention`] calls will read (a generation's image
+/// tokens, [`KvSegment`] `[B, H, L, D]`) in the layout the entry point reads on this device
+/// without converting it each call: f32 and contiguous for the fused CPU kernel; contiguous
+/// heads on CUDA (token-major under `KANDINSKY_FLASH_TOKEN_MAJOR`, still viewed as
+/// `[B, H, L, D]`). Same shape and values (f32 on the CPU, which every CPU path accepts
+/// beside a query of another dtype only through the fused kernel, so other dtypes stay).
+pub fn prepare_segment(k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    let f = |t: &Tensor| -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if t.device().is_cuda() && flash_token_major() && flash_kernel().reads_token_major() {
+            return Ok(t.transpose(1, 2)?.contiguous()?.transpose(1, 2)?);
+        }
+        if t.device().is_cpu() && crate::nn::use_fused_kernels() {
+            return Ok(t.to_dtype(DType::F32)?.contiguous()?);
+        }
+        Ok(t.contiguous()?)
+    };
+    Ok((f(k)?, f(v)?))
+}
+
 /// The reference path: full scores, softmax in f32 (on CUDA without a mask one fused kernel
 /// for the scale and the softmax, `cuda::softmax_scaled`).
 pub fn plain(

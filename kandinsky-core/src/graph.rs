@@ -21,12 +21,12 @@ pub struct GraphReplay {
 }
 
 /// What a graph is captured for: the caller's tag (which optional inputs are present) and
-/// every input's shape and dtype.
+/// every input's shape, dtype and strides (per-call inputs, then fixed ones).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 #[derive(Debug, Clone, PartialEq)]
 struct Key {
     tag: u32,
-    inputs: Vec<(Vec<usize>, DType)>,
+    inputs: Vec<(Vec<usize>, DType, Vec<usize>)>,
 }
 
 /// What is held for the last key: its graph, or the capture's failure (that key then runs
@@ -55,6 +55,27 @@ struct Captured {
     out: Tensor,
     graph: cudarc::driver::CudaGraph,
     inputs: Vec<Tensor>,
+    fixed: Vec<Tensor>,
+    /// The [`Fixed::id`] whose tensors `fixed` holds.
+    fixed_id: std::cell::Cell<u64>,
+}
+
+/// Inputs that stay the same over many calls (a prepared conditioning): copied into the
+/// graph's buffers only when `id` differs from the last call's.
+#[derive(Debug, Clone, Copy)]
+pub struct Fixed<'a> {
+    /// Equal ids promise equal tensors ([`crate::traits::PreparedCondition::id`]).
+    pub id: u64,
+    /// The tensors, on the device of the per-call inputs.
+    pub tensors: &'a [Tensor],
+}
+
+impl Fixed<'_> {
+    /// No fixed inputs.
+    pub const NONE: Fixed<'static> = Fixed {
+        id: 0,
+        tensors: &[],
+    };
 }
 
 impl GraphReplay {
@@ -85,25 +106,43 @@ impl GraphReplay {
         inputs: &[&Tensor],
         forward: impl Fn(&[Tensor]) -> Result<Tensor>,
     ) -> Result<Tensor> {
+        self.run_with_fixed(tag, inputs, Fixed::NONE, |inputs, _| forward(inputs))
+    }
+
+    /// [`Self::run`] with `fixed` inputs besides the per-call ones: `forward(inputs, fixed)`.
+    /// They belong to the key like the others, but a replay copies them only when
+    /// `fixed.id` is not the one of the tensors already in the graph's buffers. Fixed
+    /// tensors may be strided views of a dense buffer (a transposed copy): the graph's
+    /// buffers keep their layout.
+    pub fn run_with_fixed(
+        &self,
+        tag: u32,
+        inputs: &[&Tensor],
+        fixed: Fixed<'_>,
+        forward: impl Fn(&[Tensor], &[Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(candle_core::Device::Cuda(cuda)) = inputs.first().map(|t| t.device()) {
             let key = Key {
                 tag,
                 inputs: inputs
                     .iter()
-                    .map(|t| (t.dims().to_vec(), t.dtype()))
+                    .copied()
+                    .chain(fixed.tensors)
+                    .map(|t| (t.dims().to_vec(), t.dtype(), t.stride().to_vec()))
                     .collect(),
             };
             let mut slot = self.slot.borrow_mut();
             if slot.as_ref().is_none_or(|c| *c.key() != key) {
                 // Free the previous graph's memory before capturing the next.
                 *slot = None;
-                let own: Vec<Tensor> = inputs
-                    .iter()
-                    .map(|t| t.copy())
-                    .collect::<candle_core::Result<_>>()?;
+                let copies = |ts: &mut dyn Iterator<Item = &Tensor>| -> Result<Vec<Tensor>> {
+                    Ok(ts.map(|t| t.copy()).collect::<candle_core::Result<_>>()?)
+                };
+                let own = copies(&mut inputs.iter().copied())?;
+                let own_fixed = copies(&mut fixed.tensors.iter())?;
                 let captured = crate::cuda::capture_graph(cuda, || {
-                    forward(&own).map_err(candle_core::Error::wrap)
+                    forward(&own, &own_fixed).map_err(candle_core::Error::wrap)
                 });
                 *slot = Some(match captured {
                     Ok((graph, out)) => Slot::Captured(Captured {
@@ -111,6 +150,8 @@ impl GraphReplay {
                         out,
                         graph,
                         inputs: own,
+                        fixed: own_fixed,
+                        fixed_id: std::cell::Cell::new(fixed.id),
                     }),
                     Err(e) => {
                         tracing::warn!("CUDA graph capture failed, running eagerly: {e}");
@@ -120,10 +161,17 @@ impl GraphReplay {
             }
             let Some(Slot::Captured(c)) = slot.as_ref() else {
                 drop(slot);
-                return forward(&inputs.iter().map(|t| (*t).clone()).collect::<Vec<_>>());
+                let inputs: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
+                return forward(&inputs, fixed.tensors);
             };
             for (dst, src) in c.inputs.iter().zip(inputs) {
-                dst.slice_set(&src.contiguous()?, 0, 0)?;
+                copy_into(dst, src)?;
+            }
+            if c.fixed_id.get() != fixed.id {
+                for (dst, src) in c.fixed.iter().zip(fixed.tensors) {
+                    copy_into(dst, src)?;
+                }
+                c.fixed_id.set(fixed.id);
             }
             c.graph
                 .launch()
@@ -131,6 +179,67 @@ impl GraphReplay {
             return Ok(c.out.copy()?);
         }
         let _ = tag;
-        forward(&inputs.iter().map(|t| (*t).clone()).collect::<Vec<_>>())
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
+        forward(&inputs, fixed.tensors)
+    }
+}
+
+/// Copy `src` into `dst` (same shape and dtype), `dst` possibly a permuted view of a dense
+/// buffer: both are viewed in `dst`'s storage order, where `dst` is contiguous.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn copy_into(dst: &Tensor, src: &Tensor) -> Result<()> {
+    let order = storage_order(dst.stride());
+    let dst = dst.permute(order.clone())?;
+    let src = src.permute(order)?.contiguous()?;
+    Ok(dst.slice_set(&src, 0, 0)?)
+}
+
+/// The dimensions ordered from the largest stride to the smallest (ties keep their order):
+/// the permutation under which a permuted view of a dense buffer is contiguous.
+fn storage_order(stride: &[usize]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..stride.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(stride[i]));
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn copy_into_a_transposed_buffer() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        // A [B, H, L, D] view of a contiguous [B, L, H, D] buffer, as prepared for the
+        // token-major attention.
+        let buf = Tensor::zeros((2, 3, 4, 5), DType::F32, &dev)?;
+        let dst = buf.transpose(1, 2)?;
+        assert_eq!(storage_order(dst.stride()), vec![0, 2, 1, 3]);
+        let src = Tensor::arange(0f32, 120.0, &dev)?.reshape((2, 4, 3, 5))?;
+        copy_into(&dst, &src)?;
+        assert_eq!(
+            dst.flatten_all()?.to_vec1::<f32>()?,
+            src.flatten_all()?.to_vec1::<f32>()?
+        );
+        // The buffer, in its own (storage) order, holds src's heads swapped back.
+        assert_eq!(
+            buf.flatten_all()?.to_vec1::<f32>()?,
+            src.transpose(1, 2)?.flatten_all()?.to_vec1::<f32>()?
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn off_cuda_runs_forward_with_both_input_sets() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[1f32, 2.0], &dev)?;
+        let f = [Tensor::new(&[10f32, 20.0], &dev)?];
+        let replay = GraphReplay::new();
+        let out = replay.run_with_fixed(0, &[&x], Fixed { id: 7, tensors: &f }, |i, f| {
+            Ok((&i[0] + &f[0])?)
+        })?;
+        assert_eq!(out.to_vec1::<f32>()?, vec![11.0, 22.0]);
+        assert!(!replay.is_captured());
+        Ok(())
     }
 }

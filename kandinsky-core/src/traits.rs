@@ -82,6 +82,57 @@ pub struct DenoiserCondition {
     pub text_hidden_states: Option<Tensor>,
 }
 
+/// A [`DenoiserCondition`] prepared once for a whole generation
+/// ([`Denoiser::prepare`]): besides the conditioning itself, the tensors of a forward that
+/// depend on it alone (not on the noisy latents or the timestep), computed once instead of
+/// at every step. Which tensors, in which order, is the preparing model's business.
+///
+/// Each preparation has its own [`id`](Self::id) (clones share it), so a CUDA graph that
+/// holds copies of the tensors refreshes them only when another preparation comes.
+#[derive(Debug, Clone)]
+pub struct PreparedCondition {
+    id: u64,
+    condition: DenoiserCondition,
+    tensors: Vec<Tensor>,
+}
+
+impl PreparedCondition {
+    /// `condition` with the `tensors` a model computed from it; a fresh [`id`](Self::id).
+    pub fn new(condition: DenoiserCondition, tensors: Vec<Tensor>) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Self {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            condition,
+            tensors,
+        }
+    }
+
+    /// The same preparation (same id) reading `tensors` instead, e.g. a CUDA graph's
+    /// copies of them; the count and shapes must be those of [`Self::tensors`].
+    pub fn with_tensors(&self, tensors: Vec<Tensor>) -> Self {
+        Self {
+            id: self.id,
+            condition: self.condition.clone(),
+            tensors,
+        }
+    }
+
+    /// Identifies this preparation (and its clones) within the process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The conditioning it was prepared from.
+    pub fn condition(&self) -> &DenoiserCondition {
+        &self.condition
+    }
+
+    /// The model's prepared tensors (empty for a [`Denoiser`] that prepares nothing).
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.tensors
+    }
+}
+
 /// The decoder UNet: noisy latents + timestep + conditioning → prediction.
 pub trait Denoiser {
     /// `sample` `[B, in_channels, h, w]`, `timesteps` one per batch element → `[B, out_channels, h, w]`.
@@ -91,6 +142,21 @@ pub trait Denoiser {
         timesteps: &[f64],
         cond: &DenoiserCondition,
     ) -> Result<Tensor>;
+    /// Compute once what every step of a generation conditioned on `cond` shares (the
+    /// default prepares nothing). Checks `cond` as [`Self::predict`] would.
+    fn prepare(&self, cond: &DenoiserCondition) -> Result<PreparedCondition> {
+        Ok(PreparedCondition::new(cond.clone(), Vec::new()))
+    }
+    /// [`Self::predict`] with a conditioning from [`Self::prepare`] (of this model): the same
+    /// result, without recomputing the prepared part.
+    fn predict_prepared(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        prepared: &PreparedCondition,
+    ) -> Result<Tensor> {
+        self.predict(sample, timesteps, prepared.condition())
+    }
     /// Channels of `sample` (4, 9 for inpainting; the ControlNet variant takes 4 + a hint).
     fn sample_channels(&self) -> usize;
     /// Output channels (8: ε and the learned variance).

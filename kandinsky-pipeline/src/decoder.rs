@@ -257,6 +257,8 @@ fn denoise(
         text_embeds: inputs.text.as_ref().map(|t| t.text_embeds.clone()),
         text_hidden_states: inputs.text.as_ref().map(|t| t.hidden.clone()),
     };
+    // What every step shares (the image tokens' keys and values, the encoded hint, ...).
+    let cond = models.unet.prepare(&cond)?;
     let extra = match &inputs.inpaint {
         Some(st) => Some((dup(st.masked, cfg)?, dup(st.mask, cfg)?)),
         None => None,
@@ -270,7 +272,7 @@ fn denoise(
             None => model_in,
         };
         let ts = vec![t; model_in.dim(0)?];
-        let pred = models.unet.predict(&model_in, &ts, &cond)?;
+        let pred = models.unet.predict_prepared(&model_in, &ts, &cond)?;
         let pred = decoder_prediction(&pred, channels, cfg.then_some(guidance), keep_variance)?;
         latents = scheduler.step(&pred.to_dtype(latents.dtype())?, i, &latents, noise)?;
         if let Some(st) = inputs.inpaint.as_ref().filter(|st| st.paste) {

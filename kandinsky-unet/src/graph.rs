@@ -1,17 +1,18 @@
 //! The decoder UNet replayed from a CUDA graph: [`GraphedUNet`].
 
 use candle_core::{DType, Device, Tensor};
-use kandinsky_core::graph::GraphReplay;
-use kandinsky_core::traits::{Denoiser, DenoiserCondition};
+use kandinsky_core::graph::{Fixed, GraphReplay};
+use kandinsky_core::traits::{Denoiser, DenoiserCondition, PreparedCondition};
 use kandinsky_core::Result;
 
 use crate::UNet2DConditionModel;
 
 /// A [`Denoiser`] that replays `unet`'s forward from a CUDA graph on a CUDA device (with the
 /// `cuda` feature; [`GraphReplay`]) and calls it directly elsewhere. The graph is captured
-/// once per input shapes (sample, conditioning) and replayed with the sample, the timesteps'
-/// sinusoid ([`UNet2DConditionModel::predict_with_sinusoid`]) and the conditioning copied
-/// into its input buffers. Outputs equal the eager ones (the same kernels in the same order).
+/// once per input shapes (sample, prepared conditioning) and replayed with the sample and the
+/// timesteps' sinusoid ([`UNet2DConditionModel::predict_prepared_with_sinusoid`]) copied into
+/// its input buffers; the prepared conditioning ([`Denoiser::prepare`]) is copied only when
+/// another one comes. Outputs equal the eager ones (the same kernels in the same order).
 pub struct GraphedUNet<'a> {
     unet: &'a UNet2DConditionModel,
     replay: GraphReplay,
@@ -33,48 +34,48 @@ impl<'a> GraphedUNet<'a> {
 }
 
 impl Denoiser for GraphedUNet<'_> {
+    /// [`Self::prepare`] then [`Self::predict_prepared`]: the conditioning's share is
+    /// recomputed (eagerly) at every call; a loop should prepare once.
     fn predict(
         &self,
         sample: &Tensor,
         timesteps: &[f64],
         cond: &DenoiserCondition,
     ) -> Result<Tensor> {
+        self.predict_prepared(sample, timesteps, &self.prepare(cond)?)
+    }
+
+    fn prepare(&self, cond: &DenoiserCondition) -> Result<PreparedCondition> {
+        self.unet.prepare(cond)
+    }
+
+    fn predict_prepared(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        prepared: &PreparedCondition,
+    ) -> Result<Tensor> {
         // Off CUDA, and for inputs the UNet will refuse (its own errors), call it directly.
         if !self.unet.device().is_cuda()
             || sample.rank() != 4
             || timesteps.len() != sample.dim(0)?
         {
-            return self.unet.predict(sample, timesteps, cond);
+            return self.unet.predict_prepared(sample, timesteps, prepared);
         }
         let dev = self.unet.device();
-        let optional = [
-            &cond.image_embeds,
-            &cond.text_embeds,
-            &cond.text_hidden_states,
-            &cond.hint,
-        ];
-        // The tag says which conditioning tensors follow the sample and the sinusoid.
-        let tag = optional
-            .iter()
-            .enumerate()
-            .fold(0u32, |t, (i, c)| t | (u32::from(c.is_some()) << i));
-        let mut inputs = vec![sample.to_device(dev)?, self.unet.time_sinusoid(timesteps)?];
-        for c in optional.iter().copied().flatten() {
-            inputs.push(c.to_device(dev)?);
-        }
-        let refs: Vec<&Tensor> = inputs.iter().collect();
-        self.replay.run(tag, &refs, |inputs| {
-            let mut rest = inputs[2..].iter();
-            let mut next = |present: bool| if present { rest.next().cloned() } else { None };
-            let cond = DenoiserCondition {
-                image_embeds: next(tag & 1 != 0),
-                text_embeds: next(tag & 2 != 0),
-                text_hidden_states: next(tag & 4 != 0),
-                hint: next(tag & 8 != 0),
-            };
-            self.unet
-                .predict_with_sinusoid(&inputs[0], &inputs[1], &cond)
-        })
+        let inputs = [sample.to_device(dev)?, self.unet.time_sinusoid(timesteps)?];
+        let fixed = Fixed {
+            id: prepared.id(),
+            tensors: prepared.tensors(),
+        };
+        self.replay
+            .run_with_fixed(0, &[&inputs[0], &inputs[1]], fixed, |inputs, fixed| {
+                self.unet.predict_prepared_with_sinusoid(
+                    &inputs[0],
+                    &inputs[1],
+                    &prepared.with_tensors(fixed.to_vec()),
+                )
+            })
     }
 
     fn sample_channels(&self) -> usize {

@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use kandinsky_core::gpu_conv::{cat_channels, MapStats};
 use kandinsky_core::{Error, Result};
 
-use crate::attention_processor::Attention;
+use crate::attention_processor::{Attention, ImageKv};
 use crate::resnet::{Resample, ResnetBlock2D, ResnetSettings};
 
 /// Attention settings of the SimpleCrossAttn blocks.
@@ -126,6 +126,25 @@ fn resampler(
     )?))
 }
 
+/// Each attention with its image keys and values: one per attention, in order.
+fn paired<'a>(
+    attentions: &'a [Attention],
+    image_kv: &'a [ImageKv],
+) -> Result<impl Iterator<Item = (&'a Attention, &'a ImageKv)>> {
+    check_kv_count(attentions.len(), image_kv)?;
+    Ok(attentions.iter().zip(image_kv))
+}
+
+fn check_kv_count(attentions: usize, image_kv: &[ImageKv]) -> Result<()> {
+    if image_kv.len() != attentions {
+        return Err(Error::invalid(format!(
+            "a block with {attentions} attention layers was given image keys and values for {}",
+            image_kv.len()
+        )));
+    }
+    Ok(())
+}
+
 fn pop_cat(
     h: &Tensor,
     skips: &mut Vec<Tensor>,
@@ -203,19 +222,20 @@ impl SimpleCrossAttnDownBlock2D {
         })
     }
 
-    /// Run the block, pushing its skips.
+    /// Run the block, pushing its skips; `image_kv`: one per attention layer
+    /// ([`Attention::image_kv`]).
     pub fn forward(
         &self,
         x: &Tensor,
         temb: &Tensor,
-        encoder_hidden_states: &Tensor,
+        image_kv: &[ImageKv],
         skips: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
         let mut h = x.clone();
-        for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
+        for (resnet, (attn, kv)) in self.resnets.iter().zip(paired(&self.attentions, image_kv)?) {
             // The ResNet leaves its attention's norm statistics where the CUDA path can.
             let (r, stats) = resnet.forward_stats(&h, None, temb, true)?;
-            h = attn.forward_stats(&r, stats.as_ref(), encoder_hidden_states)?;
+            h = attn.forward_kv(&r, stats.as_ref(), kv)?;
             skips.push(h.clone());
         }
         if let Some(down) = &self.downsampler {
@@ -236,17 +256,29 @@ pub enum DownBlock {
 }
 
 impl DownBlock {
-    /// Run the block, pushing its skips.
+    /// The block's attention layers in forward order (none for a ResNet-only block).
+    pub fn attentions(&self) -> &[Attention] {
+        match self {
+            Self::ResnetDownsample(_) => &[],
+            Self::SimpleCrossAttn(b) => &b.attentions,
+        }
+    }
+
+    /// Run the block, pushing its skips; `image_kv`: one per attention layer
+    /// ([`Attention::image_kv`]).
     pub fn forward(
         &self,
         x: &Tensor,
         temb: &Tensor,
-        encoder_hidden_states: &Tensor,
+        image_kv: &[ImageKv],
         skips: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
         match self {
-            Self::ResnetDownsample(b) => b.forward(x, temb, skips),
-            Self::SimpleCrossAttn(b) => b.forward(x, temb, encoder_hidden_states, skips),
+            Self::ResnetDownsample(b) => {
+                check_kv_count(0, image_kv)?;
+                b.forward(x, temb, skips)
+            }
+            Self::SimpleCrossAttn(b) => b.forward(x, temb, image_kv, skips),
         }
     }
 }
@@ -286,19 +318,20 @@ impl UNetMidBlock2DSimpleCrossAttn {
         })
     }
 
-    /// Run the block.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        temb: &Tensor,
-        encoder_hidden_states: &Tensor,
-    ) -> Result<Tensor> {
+    /// The block's attention layers in forward order.
+    pub fn attentions(&self) -> &[Attention] {
+        &self.attentions
+    }
+
+    /// Run the block; `image_kv`: one per attention layer ([`Attention::image_kv`]).
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, image_kv: &[ImageKv]) -> Result<Tensor> {
         // Each ResNet followed by an attention leaves its norm statistics where the CUDA
         // path can.
         let (mut h, mut stats) = self.resnets[0].forward_stats(x, None, temb, true)?;
         let layers = self.attentions.len();
-        for (i, (attn, resnet)) in self.attentions.iter().zip(&self.resnets[1..]).enumerate() {
-            h = attn.forward_stats(&h, stats.as_ref(), encoder_hidden_states)?;
+        let attentions = paired(&self.attentions, image_kv)?;
+        for (i, ((attn, kv), resnet)) in attentions.zip(&self.resnets[1..]).enumerate() {
+            h = attn.forward_kv(&h, stats.as_ref(), kv)?;
             (h, stats) = resnet.forward_stats(&h, None, temb, i + 1 < layers)?;
         }
         Ok(h)
@@ -368,20 +401,21 @@ impl SimpleCrossAttnUpBlock2D {
         })
     }
 
-    /// Run the block, popping its skips.
+    /// Run the block, popping its skips; `image_kv`: one per attention layer
+    /// ([`Attention::image_kv`]).
     pub fn forward(
         &self,
         x: &Tensor,
         skips: &mut Vec<Tensor>,
         temb: &Tensor,
-        encoder_hidden_states: &Tensor,
+        image_kv: &[ImageKv],
     ) -> Result<Tensor> {
         let mut h = x.clone();
-        for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
+        for (resnet, (attn, kv)) in self.resnets.iter().zip(paired(&self.attentions, image_kv)?) {
             // The ResNet leaves its attention's norm statistics where the CUDA path can.
             let (cat, cat_stats) = pop_cat(&h, skips, resnet)?;
             let (r, stats) = resnet.forward_stats(&cat, cat_stats.as_ref(), temb, true)?;
-            h = attn.forward_stats(&r, stats.as_ref(), encoder_hidden_states)?;
+            h = attn.forward_kv(&r, stats.as_ref(), kv)?;
         }
         if let Some(up) = &self.upsampler {
             h = up.forward(&h, temb)?;
@@ -400,17 +434,29 @@ pub enum UpBlock {
 }
 
 impl UpBlock {
-    /// Run the block, popping one skip per ResNet from the end of `skips`.
+    /// The block's attention layers in forward order (none for a ResNet-only block).
+    pub fn attentions(&self) -> &[Attention] {
+        match self {
+            Self::SimpleCrossAttn(b) => &b.attentions,
+            Self::ResnetUpsample(_) => &[],
+        }
+    }
+
+    /// Run the block, popping one skip per ResNet from the end of `skips`; `image_kv`: one
+    /// per attention layer ([`Self::attentions`]).
     pub fn forward(
         &self,
         x: &Tensor,
         skips: &mut Vec<Tensor>,
         temb: &Tensor,
-        encoder_hidden_states: &Tensor,
+        image_kv: &[ImageKv],
     ) -> Result<Tensor> {
         match self {
-            Self::SimpleCrossAttn(b) => b.forward(x, skips, temb, encoder_hidden_states),
-            Self::ResnetUpsample(b) => b.forward(x, skips, temb),
+            Self::SimpleCrossAttn(b) => b.forward(x, skips, temb, image_kv),
+            Self::ResnetUpsample(b) => {
+                check_kv_count(0, image_kv)?;
+                b.forward(x, skips, temb)
+            }
         }
     }
 }

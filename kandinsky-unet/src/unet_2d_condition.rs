@@ -9,11 +9,12 @@ use candle_nn::{Module, VarBuilder};
 use kandinsky_core::embeddings::{timestep_embedding, TimestepEmbedding};
 use kandinsky_core::loading::load_component;
 use kandinsky_core::nn::{group_norm, Activation, Conv2dConfig, GroupNorm};
-use kandinsky_core::traits::{Denoiser, DenoiserCondition};
+use kandinsky_core::traits::{Denoiser, DenoiserCondition, PreparedCondition};
 use kandinsky_core::ModelConfig;
 use kandinsky_core::{Error, Result};
 use serde::Deserialize;
 
+use crate::attention_processor::{Attention, ImageKv};
 use crate::embeddings::{
     ImageHintTimeEmbedding, ImageProjection, ImageTimeEmbedding, TextImageProjection,
     TextImageTimeEmbedding,
@@ -953,7 +954,7 @@ impl UNet2DConditionModel {
 
     /// The sinusoidal embedding of `timesteps` (`[B, block_out_channels[0]]`, f32, on the
     /// model's device): computed on the host exactly as diffusers does, then uploaded. The
-    /// input of [`Self::predict_with_sinusoid`].
+    /// input of [`Self::predict_prepared_with_sinusoid`].
     pub fn time_sinusoid(&self, timesteps: &[f64]) -> Result<Tensor> {
         timestep_embedding(
             timesteps,
@@ -964,15 +965,23 @@ impl UNet2DConditionModel {
         )
     }
 
-    /// [`Denoiser::predict`] with the timesteps given as their sinusoidal embedding
+    /// The attention layers in forward order (down blocks, mid block, up blocks): the
+    /// order of the image keys and values in a [`PreparedCondition`].
+    fn attentions(&self) -> impl Iterator<Item = &Attention> {
+        let down = self.down_blocks.iter().flat_map(|b| b.attentions());
+        let up = self.up_blocks.iter().flat_map(|b| b.attentions());
+        down.chain(self.mid_block.attentions()).chain(up)
+    }
+
+    /// [`Denoiser::predict_prepared`] with the timesteps given as their sinusoidal embedding
     /// ([`Self::time_sinusoid`]), so that the forward issues no host-to-device copy of its
     /// own: the form a CUDA graph captures (`graph::GraphedUNet`), the sinusoid's buffer
     /// refilled before each replay.
-    pub fn predict_with_sinusoid(
+    pub fn predict_prepared_with_sinusoid(
         &self,
         sample: &Tensor,
         time_sinusoid: &Tensor,
-        cond: &DenoiserCondition,
+        prepared: &PreparedCondition,
     ) -> Result<Tensor> {
         let dim = self.config.block_out_channels[0];
         let rows = match time_sinusoid.dims() {
@@ -983,52 +992,63 @@ impl UNet2DConditionModel {
                 )))
             }
         };
-        self.run_with_sinusoid(sample, rows, time_sinusoid, Cond::of(cond))
+        self.run_prepared(sample, rows, time_sinusoid, prepared.tensors())
     }
 
-    fn run(&self, sample: &Tensor, timesteps: &[f64], cond: Cond<'_>) -> Result<Tensor> {
-        // Checked before the upload (the error names the timesteps).
-        self.check_inputs(sample, timesteps.len(), cond)?;
-        let t_sin = self.time_sinusoid(timesteps)?;
-        self.run_with_sinusoid(sample, timesteps.len(), &t_sin, cond)
+    /// [`Denoiser::prepare`]: the conditioning's share of a forward, computed once.
+    ///
+    /// The prepared tensors, in order: the additive time-embedding term `[B, T]`; each
+    /// attention layer's image keys and values ([`Attention::image_kv`], forward order);
+    /// for the ControlNet variant the encoded hint `[B, 4, h, w]`.
+    pub fn prepare_condition(&self, cond: &DenoiserCondition) -> Result<PreparedCondition> {
+        let version = if self.takes_text() { "2.1" } else { "2.2" };
+        let e = self.image_embed_dim();
+        let b = match cond.image_embeds.as_ref().map(|t| t.dims()) {
+            Some(&[b, _]) => b,
+            Some(dims) => {
+                return Err(Error::invalid(format!(
+                    "image_embeds must be [B, {e}] (batch, image-embedding width), got {dims:?}"
+                )))
+            }
+            None => {
+                return Err(Error::invalid(format!(
+                    "the Kandinsky {version} UNet needs image_embeds [B, {e}]"
+                )))
+            }
+        };
+        let tensors = self.prepared_tensors(Cond::of(cond), b, None)?;
+        Ok(PreparedCondition::new(cond.clone(), tensors))
     }
 
-    fn run_with_sinusoid(
+    /// The prepared tensors of [`Self::prepare_condition`] for a batch of `b`, with the
+    /// latents' `(h, w)` where known (the hint's size is then checked against it).
+    fn prepared_tensors(
         &self,
-        sample: &Tensor,
-        n_timesteps: usize,
-        t_sin: &Tensor,
         cond: Cond<'_>,
-    ) -> Result<Tensor> {
-        let checked = self.check_inputs(sample, n_timesteps, cond)?;
-        let (b, h, w) = (checked.batch, checked.height, checked.width);
+        b: usize,
+        latent_hw: Option<(usize, usize)>,
+    ) -> Result<Vec<Tensor>> {
+        let checked = self.check_cond(cond, b, latent_hw)?;
         let to_model =
             |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?) };
-        let mut sample = to_model(sample)?;
         let image_embeds = to_model(checked.image_embeds)?;
         let text = match checked.text {
             Some((pooled, hidden)) => Some((to_model(pooled)?, to_model(hidden)?)),
             None => None,
         };
-
-        // Time embedding: sinusoid and MLP in f32, then the model dtype.
-        let t_sin = t_sin.to_device(&self.device)?.to_dtype(DType::F32)?;
-        let emb = self.time_embedding.forward(&t_sin)?.to_dtype(self.dtype)?;
         let mismatch = || Error::invalid("the conditioning does not match this UNet's type");
-        let aug = match (&self.add_embedding, &text, checked.hint) {
-            (AddEmbedding::Image(e), None, None) => e.forward(&image_embeds)?,
+        let (aug, hint) = match (&self.add_embedding, &text, checked.hint) {
+            (AddEmbedding::Image(e), None, None) => (e.forward(&image_embeds)?, None),
             (AddEmbedding::ImageHint(e), None, Some(hint)) => {
                 let (aug, hint) = e.forward(&image_embeds, &to_model(hint)?)?;
-                sample = Tensor::cat(&[&sample, &hint], 1)?;
-                aug
+                (aug, Some(hint))
             }
             (AddEmbedding::TextImage(e), Some((pooled, _)), None) => {
-                e.forward(pooled, &image_embeds)?
+                (e.forward(pooled, &image_embeds)?, None)
             }
-            // check_inputs pairs the conditioning with the UNet type.
+            // check_cond pairs the conditioning with the UNet type.
             _ => return Err(mismatch()),
         };
-        let emb = (emb + aug)?;
         let encoder_hidden_states = match (&self.encoder_hid_proj, &text) {
             (EncoderHidProj::Image(p), None) => p.forward(&image_embeds)?,
             (EncoderHidProj::TextImage(p), Some((_, hidden))) => {
@@ -1036,16 +1056,95 @@ impl UNet2DConditionModel {
             }
             _ => return Err(mismatch()),
         };
+        let mut tensors = vec![aug];
+        for attn in self.attentions() {
+            let kv = attn.image_kv(&encoder_hidden_states)?;
+            tensors.extend([kv.k, kv.v]);
+        }
+        tensors.extend(hint);
+        Ok(tensors)
+    }
 
+    fn run(&self, sample: &Tensor, timesteps: &[f64], cond: Cond<'_>) -> Result<Tensor> {
+        // Checked before the upload (the error names the timesteps).
+        let (b, h, w) = self.check_sample(sample, timesteps.len())?;
+        let prepared = self.prepared_tensors(cond, b, Some((h, w)))?;
+        let t_sin = self.time_sinusoid(timesteps)?;
+        self.run_prepared(sample, timesteps.len(), &t_sin, &prepared)
+    }
+
+    fn run_prepared(
+        &self,
+        sample: &Tensor,
+        n_timesteps: usize,
+        t_sin: &Tensor,
+        prepared: &[Tensor],
+    ) -> Result<Tensor> {
+        let (b, h, w) = self.check_sample(sample, n_timesteps)?;
+        let n_attn = self.attentions().count();
+        let hint_feats = usize::from(self.takes_hint());
+        let stale = |what: String| {
+            Error::invalid(format!(
+                "the prepared conditioning does not fit this UNet and sample ({what}); \
+                 prepare it with this UNet for latents of this batch and size"
+            ))
+        };
+        let [aug, rest @ ..] = prepared else {
+            return Err(stale("no tensors".into()));
+        };
+        if rest.len() != 2 * n_attn + hint_feats {
+            return Err(stale(format!(
+                "{} tensors, expected {}",
+                prepared.len(),
+                1 + 2 * n_attn + hint_feats
+            )));
+        }
+        if aug.dim(0)? != b {
+            return Err(stale(format!(
+                "prepared for batch {}, the sample has batch {b}",
+                aug.dim(0)?
+            )));
+        }
+        let image_kv: Vec<ImageKv> = rest[..2 * n_attn]
+            .chunks(2)
+            .map(|kv| ImageKv {
+                k: kv[0].clone(),
+                v: kv[1].clone(),
+            })
+            .collect();
+        let mut sample = sample.to_device(&self.device)?.to_dtype(self.dtype)?;
+        if let Some(hint) = rest.get(2 * n_attn) {
+            let (_, _, hh, hw) = hint.dims4()?;
+            if (hh, hw) != (h, w) {
+                return Err(stale(format!(
+                    "a hint encoded to {hh}x{hw} latents, the sample is {h}x{w}"
+                )));
+            }
+            sample = Tensor::cat(&[&sample, hint], 1)?;
+        }
+
+        // Time embedding: sinusoid and MLP in f32, then the model dtype.
+        let t_sin = t_sin.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let emb = self.time_embedding.forward(&t_sin)?.to_dtype(self.dtype)?;
+        let emb = (emb + aug)?;
+
+        let mut kv = image_kv.as_slice();
+        let mut take = |n: usize| {
+            let (mine, others) = kv.split_at(n);
+            kv = others;
+            mine
+        };
         let mut x = self.conv_in.forward(&sample)?;
         let mut skips = Vec::with_capacity(1 + self.down_blocks.len() * 4);
         skips.push(x.clone());
         for block in &self.down_blocks {
-            x = block.forward(&x, &emb, &encoder_hidden_states, &mut skips)?;
+            x = block.forward(&x, &emb, take(block.attentions().len()), &mut skips)?;
         }
-        x = self.mid_block.forward(&x, &emb, &encoder_hidden_states)?;
+        x = self
+            .mid_block
+            .forward(&x, &emb, take(self.mid_block.attentions().len()))?;
         for block in &self.up_blocks {
-            x = block.forward(&x, &mut skips, &emb, &encoder_hidden_states)?;
+            x = block.forward(&x, &mut skips, &emb, take(block.attentions().len()))?;
         }
         debug_assert!(skips.is_empty());
         let x = match self.act {
@@ -1057,12 +1156,14 @@ impl UNet2DConditionModel {
         Ok(out)
     }
 
-    fn check_inputs<'a>(
-        &self,
-        sample: &Tensor,
-        n_timesteps: usize,
-        cond: Cond<'a>,
-    ) -> Result<Checked<'a>> {
+    /// Whether `n` latents is a usable side: a positive multiple of the down-scaling.
+    fn latent_side_ok(&self, n: usize) -> bool {
+        n > 0 && n % (1usize << self.config.num_upsamplers()) == 0
+    }
+
+    /// `sample` `[B, sample_channels, h, w]` with `h`, `w` multiples of the UNet's
+    /// down-scaling and one timestep per batch element → `(B, h, w)`.
+    fn check_sample(&self, sample: &Tensor, n_timesteps: usize) -> Result<(usize, usize, usize)> {
         let expected_c = self.sample_channels();
         let (b, c, h, w) = sample.dims4().map_err(|_| {
             Error::invalid(format!(
@@ -1080,8 +1181,8 @@ impl UNet2DConditionModel {
                 }
             )));
         }
-        let f = 1usize << self.config.num_upsamplers();
-        if h == 0 || w == 0 || h % f != 0 || w % f != 0 {
+        if !self.latent_side_ok(h) || !self.latent_side_ok(w) {
+            let f = 1usize << self.config.num_upsamplers();
             return Err(Error::invalid(format!(
                 "latent height and width must be positive multiples of {f} (image sides multiples \
                  of {}), got {h}x{w}",
@@ -1093,6 +1194,17 @@ impl UNet2DConditionModel {
                 "expected one timestep per batch element ({b}), got {n_timesteps}"
             )));
         }
+        Ok((b, h, w))
+    }
+
+    /// The conditioning of a batch of `b`, present and of the right shapes; the hint is
+    /// checked against the latents' `(h, w)` where known, else only for a usable size.
+    fn check_cond<'a>(
+        &self,
+        cond: Cond<'a>,
+        b: usize,
+        latent_hw: Option<(usize, usize)>,
+    ) -> Result<Checked<'a>> {
         let version = if self.takes_text() { "2.1" } else { "2.2" };
         let e = self.image_embed_dim();
         let image_embeds = cond.image_embeds.ok_or_else(|| {
@@ -1168,20 +1280,34 @@ impl UNet2DConditionModel {
             }
             (true, Some(hint)) => {
                 let d = ImageHintTimeEmbedding::HINT_DOWNSCALE;
-                let want = [b, ImageHintTimeEmbedding::HINT_CHANNELS, h * d, w * d];
-                if hint.dims() != want {
-                    return Err(Error::invalid(format!(
-                        "hint must be {want:?} (batch, RGB, {d}x the latent size), got {:?}",
-                        hint.dims()
-                    )));
+                let c = ImageHintTimeEmbedding::HINT_CHANNELS;
+                match (latent_hw, hint.dims()) {
+                    (Some((h, w)), dims) if dims != [b, c, h * d, w * d] => {
+                        return Err(Error::invalid(format!(
+                            "hint must be {:?} (batch, RGB, {d}x the latent size), got {dims:?}",
+                            [b, c, h * d, w * d]
+                        )))
+                    }
+                    (Some(_), _) => {}
+                    (None, &[hb, hc, hh, hw])
+                        if hb == b
+                            && hc == c
+                            && self.latent_side_ok(hh / d)
+                            && hh % d == 0
+                            && self.latent_side_ok(hw / d)
+                            && hw % d == 0 => {}
+                    (None, dims) => {
+                        let f = d << self.config.num_upsamplers();
+                        return Err(Error::invalid(format!(
+                            "hint must be [{b}, {c}, H, W] (batch, RGB, image sides positive \
+                             multiples of {f}), got {dims:?}"
+                        )));
+                    }
                 }
             }
             (false, None) => {}
         }
         Ok(Checked {
-            batch: b,
-            height: h,
-            width: w,
             image_embeds,
             text,
             hint: cond.hint,
@@ -1209,11 +1335,9 @@ impl<'a> Cond<'a> {
     }
 }
 
-/// The inputs after [`UNet2DConditionModel::check_inputs`]: present and of the right shapes.
+/// The conditioning after [`UNet2DConditionModel::check_cond`]: present and of the right
+/// shapes.
 struct Checked<'a> {
-    batch: usize,
-    height: usize,
-    width: usize,
     image_embeds: &'a Tensor,
     /// (pooled `text_embeds`, `text_hidden_states`), Kandinsky 2.1 only.
     text: Option<(&'a Tensor, &'a Tensor)>,
@@ -1231,6 +1355,24 @@ impl Denoiser for UNet2DConditionModel {
         cond: &DenoiserCondition,
     ) -> Result<Tensor> {
         self.run(sample, timesteps, Cond::of(cond))
+    }
+
+    /// The additive time-embedding term, every attention layer's image keys and values and
+    /// the encoded ControlNet hint ([`UNet2DConditionModel::prepare_condition`]).
+    fn prepare(&self, cond: &DenoiserCondition) -> Result<PreparedCondition> {
+        self.prepare_condition(cond)
+    }
+
+    fn predict_prepared(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        prepared: &PreparedCondition,
+    ) -> Result<Tensor> {
+        // Checked before the upload (the error names the timesteps).
+        self.check_sample(sample, timesteps.len())?;
+        let t_sin = self.time_sinusoid(timesteps)?;
+        self.run_prepared(sample, timesteps.len(), &t_sin, prepared.tensors())
     }
 
     fn sample_channels(&self) -> usize {

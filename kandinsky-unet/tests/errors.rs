@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use kandinsky_core::loading::read_json;
 use kandinsky_core::testing::fixtures_dir;
-use kandinsky_core::traits::{Denoiser, DenoiserCondition};
+use kandinsky_core::traits::{Denoiser, DenoiserCondition, PreparedCondition};
 use kandinsky_core::Error;
 use kandinsky_core::ModelConfig;
 use kandinsky_unet::{
@@ -373,4 +373,58 @@ fn kandinsky_22_refuses_text() {
         msg.contains("image embeddings only") && msg.contains("2.1"),
         "{msg}"
     );
+}
+
+fn invalid_prepared(r: kandinsky_core::Result<PreparedCondition>) -> String {
+    match r {
+        Err(Error::InvalidInput(msg)) => msg,
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+}
+
+/// A prepared conditioning is checked when prepared (without latents: the hint only for a
+/// usable size) and again against each sample: another batch, another latent size, another
+/// UNet's preparation or a preparation of nothing are typed errors, never a wrong image.
+#[test]
+fn bad_prepared_conditions() {
+    let controlnet = tiny("kandinsky-2-2-controlnet-depth");
+    let decoder = tiny("kandinsky-2-2-decoder");
+    let cond = |b: usize, hint: Option<&[usize]>| DenoiserCondition {
+        image_embeds: Some(zeros(&[b, 32])),
+        hint: hint.map(zeros),
+        ..Default::default()
+    };
+    let msg = invalid_prepared(controlnet.prepare(&DenoiserCondition::default()));
+    assert!(msg.contains("needs image_embeds [B, 32]"), "{msg}");
+    let msg = invalid_prepared(controlnet.prepare(&cond(2, None)));
+    assert!(msg.contains("needs a hint"), "{msg}");
+    // 60 px is no multiple of 64 (8x the tiny UNet's latent down-scaling of 8).
+    let msg = invalid_prepared(controlnet.prepare(&cond(2, Some(&[2, 3, 60, 64]))));
+    assert!(msg.contains("multiples of 64"), "{msg}");
+    let msg = invalid_prepared(controlnet.prepare(&cond(2, Some(&[1, 3, 64, 64]))));
+    assert!(msg.contains("[2, 3, H, W]"), "{msg}");
+
+    let prepared = controlnet.prepare(&cond(2, Some(&[2, 3, 64, 64]))).unwrap();
+    let t = [10.0, 20.0];
+    assert!(controlnet
+        .predict_prepared(&zeros(&[2, 4, 8, 8]), &t, &prepared)
+        .is_ok());
+    let msg = invalid(controlnet.predict_prepared(&zeros(&[1, 4, 8, 8]), &[1.0], &prepared));
+    assert!(msg.contains("batch 2, the sample has batch 1"), "{msg}");
+    let msg = invalid(controlnet.predict_prepared(&zeros(&[2, 4, 16, 8]), &t, &prepared));
+    assert!(msg.contains("8x8 latents, the sample is 16x8"), "{msg}");
+    // The sample's own checks come first.
+    let msg = invalid(controlnet.predict_prepared(&zeros(&[2, 4, 8, 8]), &[1.0], &prepared));
+    assert!(msg.contains("one timestep per batch element"), "{msg}");
+
+    // The decoder prepares no hint: its preparation does not fit the ControlNet, nor the
+    // reverse, nor a preparation holding nothing (another Denoiser's default).
+    let plain = decoder.prepare(&cond(2, None)).unwrap();
+    let msg = invalid(controlnet.predict_prepared(&zeros(&[2, 4, 8, 8]), &t, &plain));
+    assert!(msg.contains("does not fit this UNet"), "{msg}");
+    let msg = invalid(decoder.predict_prepared(&zeros(&[2, 4, 8, 8]), &t, &prepared));
+    assert!(msg.contains("does not fit this UNet"), "{msg}");
+    let empty = PreparedCondition::new(cond(2, None), Vec::new());
+    let msg = invalid(decoder.predict_prepared(&zeros(&[2, 4, 8, 8]), &t, &empty));
+    assert!(msg.contains("no tensors"), "{msg}");
 }

@@ -193,13 +193,14 @@ fn sinusoid_input_and_graph_wrapper_match_diffusers() -> anyhow::Result<()> {
     let (unet, fx, cond, ts) = controlnet_case_1()?;
     let sample = get(&fx, "sample_1")?;
     let reference = get(&fx, "output_1")?;
+    let prepared = unet.prepare(&cond)?;
     let t_sin = unet.time_sinusoid(&ts)?;
-    let out = unet.predict_with_sinusoid(sample, &t_sin, &cond)?;
+    let out = unet.predict_prepared_with_sinusoid(sample, &t_sin, &prepared)?;
     assert_close("sinusoid input", &out, reference, TOL_F32)?;
     // Other timesteps give another output: the sinusoid is used.
     let other = unet.time_sinusoid(&ts.iter().map(|t| t + 100.0).collect::<Vec<_>>())?;
     let moved = diff(
-        &unet.predict_with_sinusoid(sample, &other, &cond)?,
+        &unet.predict_prepared_with_sinusoid(sample, &other, &prepared)?,
         reference,
     )?;
     assert!(
@@ -207,10 +208,17 @@ fn sinusoid_input_and_graph_wrapper_match_diffusers() -> anyhow::Result<()> {
         "the sinusoid changed nothing: {moved:?}"
     );
     let graphed = kandinsky_unet::GraphedUNet::new(&unet);
+    let graphed_prepared = graphed.prepare(&cond)?;
     for _ in 0..2 {
         assert_close(
             "graph wrapper",
             &graphed.predict(sample, &ts, &cond)?,
+            reference,
+            TOL_F32,
+        )?;
+        assert_close(
+            "graph wrapper, prepared",
+            &graphed.predict_prepared(sample, &ts, &graphed_prepared)?,
             reference,
             TOL_F32,
         )?;
@@ -219,9 +227,53 @@ fn sinusoid_input_and_graph_wrapper_match_diffusers() -> anyhow::Result<()> {
     assert_eq!(Denoiser::out_channels(&graphed), 8);
     let wide = Tensor::zeros((t_sin.dim(0)?, t_sin.dim(1)? + 2), DType::F32, &Device::Cpu)?;
     let err = unet
-        .predict_with_sinusoid(sample, &wide, &cond)
+        .predict_prepared_with_sinusoid(sample, &wide, &prepared)
         .expect_err("a sinusoid of the wrong width");
     assert!(err.to_string().contains("time sinusoid"), "{err}");
+    Ok(())
+}
+
+/// A conditioning prepared once ([`Denoiser::prepare`]) serves every step: each variant's
+/// prepared prediction equals the unprepared one bit for bit (the same operations, only
+/// hoisted) at two timestep sets, and matches diffusers at the fixture's.
+#[test]
+fn prepared_condition_serves_every_step() -> anyhow::Result<()> {
+    for (variant, repo) in [
+        ("decoder", "kandinsky-2-2-decoder"),
+        ("inpaint", "kandinsky-2-2-decoder-inpaint"),
+        ("controlnet", "kandinsky-2-2-controlnet-depth"),
+        ("decoder21", "kandinsky-2-1"),
+        ("inpaint21", "kandinsky-2-1-inpaint"),
+    ] {
+        let unet = tiny(repo, DType::F32)?;
+        let fx = load_fixture(&format!("unet/{variant}.safetensors"))?;
+        let opt = |name: &str| fx.get(&format!("{name}_1")).cloned();
+        let cond = DenoiserCondition {
+            image_embeds: opt("image_embeds"),
+            hint: opt("hint"),
+            text_embeds: opt("text_embeds"),
+            text_hidden_states: opt("text_hidden_states"),
+        };
+        let prepared = unet.prepare(&cond)?;
+        // Additive term, two tensors per attention layer, and the ControlNet's hint.
+        assert!(prepared.tensors().len() >= 3, "{variant}: nothing prepared");
+        let sample = get(&fx, "sample_1")?;
+        let ts = timesteps(get(&fx, "timesteps_1")?)?;
+        let later: Vec<f64> = ts.iter().map(|t| t * 0.5).collect();
+        for t in [&ts, &later] {
+            let d = diff(
+                &unet.predict_prepared(sample, t, &prepared)?,
+                &unet.predict(sample, t, &cond)?,
+            )?;
+            assert_eq!(d.max_abs, 0.0, "{variant} at {t:?}: prepared ≠ unprepared");
+        }
+        assert_close(
+            &format!("{variant} prepared"),
+            &unet.predict_prepared(sample, &ts, &prepared)?,
+            get(&fx, "output_1")?,
+            TOL_F32,
+        )?;
+    }
     Ok(())
 }
 
