@@ -1,5 +1,7 @@
 //! One prior step (`PriorTransformer::forward`, batch 2 = CFG's [uncond, cond]) with the real
-//! kandinsky-2-2-prior config and random weights.
+//! kandinsky-2-2-prior config and random weights; also the step with the conditioning
+//! prepared (`EmbeddingPrior::predict_prepared`, as the pipeline runs it) and the
+//! preparation itself (once per generation).
 //!
 //! The 20 transformer blocks hold 1.007B of the model's 1.02B parameters (4 GB in f32), which
 //! is too much for a shared 2-core CI/dev machine; on the CPU the bench therefore builds the
@@ -11,6 +13,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use kandinsky_core::traits::{EmbeddingPrior, PriorCondition};
 use kandinsky_prior::{PriorTransformer, PriorTransformerConfig};
 
 fn real_config(layers: usize) -> PriorTransformerConfig {
@@ -66,6 +69,34 @@ fn prior_step(c: &mut Criterion) {
                     let out = model.forward(&x, &[500.0], &p, &enc, Some(&mask)).unwrap();
                     device.synchronize().unwrap();
                     out
+                })
+            },
+        );
+        // As the pipeline runs a step: the text tokens' keys and values prepared once per
+        // generation (`EmbeddingPrior::prepare`), the step runs the last 3 of 81 tokens.
+        let cond = PriorCondition {
+            proj_embedding: &p,
+            encoder_hidden_states: &enc,
+            attention_mask: &mask,
+        };
+        let prepared = model.prepare(&cond).expect("prepare the conditioning");
+        group.bench_function(
+            BenchmarkId::from_parameter(format!("{dtype:?}_b{b}_prepared")),
+            |bench| {
+                bench.iter(|| {
+                    let out = model.predict_prepared(&x, 500.0, &prepared).unwrap();
+                    device.synchronize().unwrap();
+                    out
+                })
+            },
+        );
+        group.bench_function(
+            BenchmarkId::from_parameter(format!("{dtype:?}_b{b}_prepare")),
+            |bench| {
+                bench.iter(|| {
+                    let prepared = model.prepare(&cond).unwrap();
+                    device.synchronize().unwrap();
+                    prepared
                 })
             },
         );

@@ -54,11 +54,79 @@ pub struct PriorCondition<'a> {
     pub attention_mask: &'a Tensor,
 }
 
+/// A [`PriorCondition`] prepared once for a whole generation ([`EmbeddingPrior::prepare`]):
+/// the conditioning (owned) and the tensors of a forward that depend on it alone, in the
+/// preparing model's order. Each preparation has its own [`id`](Self::id) (clones share it).
+#[derive(Debug, Clone)]
+pub struct PreparedPriorCondition {
+    id: u64,
+    proj_embedding: Tensor,
+    encoder_hidden_states: Tensor,
+    attention_mask: Tensor,
+    tensors: Vec<Tensor>,
+}
+
+impl PreparedPriorCondition {
+    /// `cond` with the `tensors` a model computed from it; a fresh [`id`](Self::id).
+    pub fn new(cond: &PriorCondition<'_>, tensors: Vec<Tensor>) -> Self {
+        Self {
+            id: fresh_preparation_id(),
+            proj_embedding: cond.proj_embedding.clone(),
+            encoder_hidden_states: cond.encoder_hidden_states.clone(),
+            attention_mask: cond.attention_mask.clone(),
+            tensors,
+        }
+    }
+
+    /// The same preparation (same id) reading `tensors` instead, e.g. a CUDA graph's
+    /// copies of them; the count and shapes must be those of [`Self::tensors`].
+    pub fn with_tensors(&self, tensors: Vec<Tensor>) -> Self {
+        Self {
+            tensors,
+            ..self.clone()
+        }
+    }
+
+    /// Identifies this preparation (and its clones) within the process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The conditioning it was prepared from.
+    pub fn condition(&self) -> PriorCondition<'_> {
+        PriorCondition {
+            proj_embedding: &self.proj_embedding,
+            encoder_hidden_states: &self.encoder_hidden_states,
+            attention_mask: &self.attention_mask,
+        }
+    }
+
+    /// The model's prepared tensors (empty for a prior that prepares nothing).
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.tensors
+    }
+}
+
 /// The diffusion prior: noisy image embedding + text → predicted (normalised) image embedding.
 pub trait EmbeddingPrior {
     /// One denoiser evaluation at `timestep` for every batch element.
     fn predict(&self, latents: &Tensor, timestep: f64, cond: &PriorCondition<'_>)
         -> Result<Tensor>;
+    /// Compute once what every step of a generation conditioned on `cond` shares (the
+    /// default prepares nothing). Checks `cond` as [`Self::predict`] would.
+    fn prepare(&self, cond: &PriorCondition<'_>) -> Result<PreparedPriorCondition> {
+        Ok(PreparedPriorCondition::new(cond, Vec::new()))
+    }
+    /// [`Self::predict`] with a conditioning from [`Self::prepare`] (of this model): the same
+    /// result up to rounding, without recomputing the prepared part.
+    fn predict_prepared(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        prepared: &PreparedPriorCondition,
+    ) -> Result<Tensor> {
+        self.predict(latents, timestep, &prepared.condition())
+    }
     /// Map the final latents from the normalised space to CLIP space (`z·std + mean`).
     fn post_process_latents(&self, latents: &Tensor) -> Result<Tensor>;
     /// Width of the image embedding.
@@ -96,12 +164,17 @@ pub struct PreparedCondition {
     tensors: Vec<Tensor>,
 }
 
+/// A process-wide fresh id for a preparation (never 0, which `graph::Fixed::NONE` uses).
+fn fresh_preparation_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 impl PreparedCondition {
     /// `condition` with the `tensors` a model computed from it; a fresh [`id`](Self::id).
     pub fn new(condition: DenoiserCondition, tensors: Vec<Tensor>) -> Self {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Self {
-            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            id: fresh_preparation_id(),
             condition,
             tensors,
         }

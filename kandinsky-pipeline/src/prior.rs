@@ -111,18 +111,19 @@ fn denoise(
 ) -> Result<Tensor> {
     let timesteps = scheduler.timesteps().to_vec();
     let total = timesteps.len() - start;
+    // What every step shares (the text tokens' keys and values at every layer).
+    let prepared = models.prior.prepare(&PriorCondition {
+        proj_embedding: &cond.text_embeds,
+        encoder_hidden_states: &cond.hidden,
+        attention_mask: &cond.mask,
+    })?;
     for (i, &t) in timesteps.iter().enumerate().skip(start) {
         let input = match guidance {
             Some(_) => cat0(&latents, &latents)?,
             None => latents.clone(),
         };
         let input = scheduler.scale_model_input(&input, i)?;
-        let pc = PriorCondition {
-            proj_embedding: &cond.text_embeds,
-            encoder_hidden_states: &cond.hidden,
-            attention_mask: &cond.mask,
-        };
-        let pred = models.prior.predict(&input, t, &pc)?;
+        let pred = models.prior.predict_prepared(&input, t, &prepared)?;
         let pred = match guidance {
             Some(g) => combine(&pred, g)?,
             None => pred,

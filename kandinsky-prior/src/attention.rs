@@ -3,6 +3,7 @@
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
+use kandinsky_core::attention::KvSegment;
 use kandinsky_core::nn::{layer_norm, layer_norm_f32, linear, LayerNorm, Linear};
 use kandinsky_core::Result;
 
@@ -80,6 +81,50 @@ impl BasicTransformerBlock {
     /// `x` `[B, L, dim]`, `mask` additive, broadcastable to `[B, H, L, L]`.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let h = self.attn1.forward(&layer_norm_f32(&self.norm1, x)?, mask)?;
+        self.finish(x, h)
+    }
+
+    /// The causal prefix `x` `[B, P, dim]` (tokens that attend only among themselves,
+    /// `mask` broadcastable to `[B, H, P, P]`): this layer's keys and values of it (the
+    /// later tokens attend to them, [`Self::forward_after`]) and, if `advance`, its output.
+    pub fn prefix(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        advance: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let n = layer_norm_f32(&self.norm1, x)?;
+        let (k, v) = self.attn1.key_values(&n)?;
+        let out = if advance {
+            let h = self
+                .attn1
+                .attend(&n, &[KvSegment { k: &k, v: &v }], Some(mask))?;
+            Some(self.finish(x, h)?)
+        } else {
+            None
+        };
+        Ok((k, v, out))
+    }
+
+    /// [`Self::forward`] of the tokens `x` `[B, S, dim]` that follow a prefix whose keys and
+    /// values at this layer are `prefix` ([`Self::prefix`]); `mask` covers every key,
+    /// `[B, H, S, P + S]` after broadcasting.
+    pub fn forward_after(
+        &self,
+        x: &Tensor,
+        prefix: KvSegment<'_>,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let n = layer_norm_f32(&self.norm1, x)?;
+        let (k, v) = self.attn1.key_values(&n)?;
+        let h = self
+            .attn1
+            .attend(&n, &[prefix, KvSegment { k: &k, v: &v }], Some(mask))?;
+        self.finish(x, h)
+    }
+
+    /// The residual add of the attention output `h`, then the feed-forward half.
+    fn finish(&self, x: &Tensor, h: Tensor) -> Result<Tensor> {
         let x = (h + x)?;
         let h = self.ff.forward(&layer_norm_f32(&self.norm3, &x)?)?;
         Ok((h + x)?)

@@ -34,10 +34,27 @@ impl Attention {
 
     /// `x` `[B, L, C]`; `mask` an additive mask broadcastable to `[B, H, L, L]`.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let (k, v) = self.key_values(x)?;
+        self.attend(x, &[KvSegment { k: &k, v: &v }], mask)
+    }
+
+    /// The keys and values of the tokens `x` `[B, L, C]`, split into heads `[B, H, L, D]`.
+    pub fn key_values(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let k = split_heads(&self.to_k.forward(x)?, self.heads)?;
         let v = split_heads(&self.to_v.forward(x)?, self.heads)?;
-        let out = attention(&q, &[KvSegment { k: &k, v: &v }], mask, self.scale)?;
+        Ok((k, v))
+    }
+
+    /// The queries of `x` `[B, Lq, C]` attending to the key/value segments `kv` (in
+    /// sequence order, [`Self::key_values`]); `mask` broadcastable to `[B, H, Lq, Lk]`.
+    pub fn attend(
+        &self,
+        x: &Tensor,
+        kv: &[KvSegment<'_>],
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let out = attention(&q, kv, mask, self.scale)?;
         Ok(self.to_out.forward(&merge_heads(&out)?)?)
     }
 }

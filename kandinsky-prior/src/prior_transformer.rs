@@ -5,10 +5,11 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
+use kandinsky_core::attention::{prepare_segment, KvSegment};
 use kandinsky_core::embeddings::{timestep_embedding, TimestepEmbedding};
 use kandinsky_core::loading::load_component;
 use kandinsky_core::nn::{layer_norm, layer_norm_f32, linear, Activation, LayerNorm, Linear};
-use kandinsky_core::traits::{EmbeddingPrior, PriorCondition};
+use kandinsky_core::traits::{EmbeddingPrior, PreparedPriorCondition, PriorCondition};
 use kandinsky_core::ModelConfig;
 use kandinsky_core::{Error, Result};
 use serde::Deserialize;
@@ -347,6 +348,13 @@ impl PriorTransformer {
         encoder_hidden_states: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> Result<usize> {
+        let b = self.check_latents(hidden_states)?;
+        self.check_cond(b, proj_embedding, encoder_hidden_states, attention_mask)?;
+        Ok(b)
+    }
+
+    /// `hidden_states` `[B, embedding_dim]`, B > 0 → B.
+    fn check_latents(&self, hidden_states: &Tensor) -> Result<usize> {
         let cfg = &self.cfg;
         let (b, e) = hidden_states.dims2().map_err(|_| {
             Error::invalid(format!(
@@ -364,6 +372,18 @@ impl PriorTransformer {
         if b == 0 {
             return Err(Error::invalid("prior input batch is empty"));
         }
+        Ok(b)
+    }
+
+    /// The conditioning of a batch of `b`.
+    fn check_cond(
+        &self,
+        b: usize,
+        proj_embedding: &Tensor,
+        encoder_hidden_states: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
         if proj_embedding.dims() != [b, cfg.proj_embedding_dim()] {
             return Err(Error::invalid(format!(
                 "prior proj_embedding must be [{b}, {}] (batch of hidden_states, embedding_proj_dim), got {:?}",
@@ -388,7 +408,7 @@ impl PriorTransformer {
                 )));
             }
         }
-        Ok(b)
+        Ok(())
     }
 
     fn check_timesteps(timesteps: &[f64], b: usize) -> Result<()> {
@@ -474,34 +494,9 @@ impl PriorTransformer {
                 time_sinusoid.dims()
             )));
         }
-        let dt = self.dtype;
-        let inner = self.cfg.inner_dim();
-        // The sinusoid is computed in f32 and cast, as diffusers does.
-        let t_proj = time_sinusoid.to_device(&self.device)?.to_dtype(dt)?;
-        let time_emb = self.time_embedding.forward(&t_proj)?;
-
-        let proj_embedding = proj_embedding.to_dtype(dt)?;
-        let proj_embedding = match &self.embedding_proj_norm {
-            Some(ln) => layer_norm_f32(ln, &proj_embedding)?,
-            None => proj_embedding,
-        };
-        let proj_emb = self.embedding_proj.forward(&proj_embedding)?;
-        let text = self
-            .encoder_hidden_states_proj
-            .forward(&encoder_hidden_states.to_dtype(dt)?)?;
-        let x = self.proj_in.forward(&hidden_states.to_dtype(dt)?)?;
-        let prd = self.prd_embedding.broadcast_as((b, 1, inner))?;
-        let tokens = Tensor::cat(
-            &[
-                &text,
-                &proj_emb.unsqueeze(1)?,
-                &time_emb.unsqueeze(1)?,
-                &x.unsqueeze(1)?,
-                &prd.contiguous()?,
-            ],
-            1,
-        )?;
-        let mut h = tokens.broadcast_add(&self.positional_embedding)?;
+        let prefix = self.prefix_tokens(proj_embedding, encoder_hidden_states)?;
+        let later = self.later_tokens(hidden_states, time_sinusoid, b)?;
+        let mut h = Tensor::cat(&[&prefix, &later], 1)?;
 
         let mask = attention_mask.map(|m| self.attention_bias(m)).transpose()?;
         if let Some(ln) = &self.norm_in {
@@ -510,10 +505,174 @@ impl PriorTransformer {
         for block in &self.transformer_blocks {
             h = block.forward(&h, mask.as_ref())?;
         }
+        self.output(&h)
+    }
+
+    /// The prediction from the last layer's tokens `h` `[B, L', inner]`, the prd token last.
+    fn output(&self, h: &Tensor) -> Result<Tensor> {
         // Only the last (prd) token is read: normalising it alone equals normalising all.
-        let last = h.narrow(1, self.cfg.seq_len() - 1, 1)?.squeeze(1)?;
+        let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?;
         let last = layer_norm_f32(&self.norm_out, &last)?;
         Ok(self.proj_to_clip_embeddings.forward(&last)?)
+    }
+
+    /// The text tokens and the pooled text token (`embedding_proj`), with their positional
+    /// embeddings: `[B, num_embeddings + 1, inner]`, the sequence's causal prefix.
+    fn prefix_tokens(
+        &self,
+        proj_embedding: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        let dt = self.dtype;
+        let proj_embedding = proj_embedding.to_device(&self.device)?.to_dtype(dt)?;
+        let proj_embedding = match &self.embedding_proj_norm {
+            Some(ln) => layer_norm_f32(ln, &proj_embedding)?,
+            None => proj_embedding,
+        };
+        let proj_emb = self.embedding_proj.forward(&proj_embedding)?;
+        let text = self.encoder_hidden_states_proj.forward(
+            &encoder_hidden_states
+                .to_device(&self.device)?
+                .to_dtype(dt)?,
+        )?;
+        let tokens = Tensor::cat(&[&text, &proj_emb.unsqueeze(1)?], 1)?;
+        let p = tokens.dim(1)?;
+        Ok(tokens.broadcast_add(&self.positional_embedding.narrow(1, 0, p)?)?)
+    }
+
+    /// The time token, the latent token (`proj_in`) and the `prd` token, with their
+    /// positional embeddings: `[B, 3, inner]`, what follows the prefix.
+    fn later_tokens(
+        &self,
+        hidden_states: &Tensor,
+        time_sinusoid: &Tensor,
+        b: usize,
+    ) -> Result<Tensor> {
+        let dt = self.dtype;
+        let inner = self.cfg.inner_dim();
+        // The sinusoid is computed in f32 and cast, as diffusers does.
+        let t_proj = time_sinusoid.to_device(&self.device)?.to_dtype(dt)?;
+        let time_emb = self.time_embedding.forward(&t_proj)?;
+        let x = self
+            .proj_in
+            .forward(&hidden_states.to_device(&self.device)?.to_dtype(dt)?)?;
+        let prd = self.prd_embedding.broadcast_as((b, 1, inner))?;
+        let tokens = Tensor::cat(
+            &[
+                &time_emb.unsqueeze(1)?,
+                &x.unsqueeze(1)?,
+                &prd.contiguous()?,
+            ],
+            1,
+        )?;
+        let (l, later) = (self.cfg.seq_len(), tokens.dim(1)?);
+        Ok(tokens.broadcast_add(&self.positional_embedding.narrow(1, l - later, later)?)?)
+    }
+
+    /// [`EmbeddingPrior::prepare`]: under the causal mask the text tokens and the pooled text
+    /// token (the first `num_embeddings + 1`) attend only among themselves, so their keys
+    /// and values at every layer are the same at every step. They are computed here once;
+    /// a prepared step then runs the three later tokens (time, latent, prd) alone
+    /// (KV caching, as in autoregressive decoding).
+    ///
+    /// The prepared tensors, in order: the mask rows of the three later tokens
+    /// `[B, 1, 3, L]` (f32), then each layer's prefix keys and values `[B, H, P, D]`.
+    pub fn prepare_condition(&self, cond: &PriorCondition<'_>) -> Result<PreparedPriorCondition> {
+        let b = match cond.proj_embedding.dims() {
+            &[b, _] => b,
+            dims => {
+                return Err(Error::invalid(format!(
+                "prior proj_embedding must be [B, {}] (batch, embedding_proj_dim), got {dims:?}",
+                self.cfg.proj_embedding_dim()
+            )))
+            }
+        };
+        self.check_cond(
+            b,
+            cond.proj_embedding,
+            cond.encoder_hidden_states,
+            Some(cond.attention_mask),
+        )?;
+        let mut h = self.prefix_tokens(cond.proj_embedding, cond.encoder_hidden_states)?;
+        if let Some(ln) = &self.norm_in {
+            h = layer_norm_f32(ln, &h)?;
+        }
+        let p = h.dim(1)?;
+        let mask = self.attention_bias(cond.attention_mask)?;
+        let prefix_mask = mask.narrow(2, 0, p)?.narrow(3, 0, p)?;
+        let later_mask = mask.narrow(2, p, self.cfg.seq_len() - p)?.contiguous()?;
+        let mut tensors = vec![later_mask];
+        let n = self.transformer_blocks.len();
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
+            // The last layer's prefix output is read by no one.
+            let (k, v, out) = block.prefix(&h, &prefix_mask, i + 1 < n)?;
+            let (k, v) = prepare_segment(&k, &v)?;
+            tensors.extend([k, v]);
+            if let Some(out) = out {
+                h = out;
+            }
+        }
+        Ok(PreparedPriorCondition::new(cond, tensors))
+    }
+
+    /// [`EmbeddingPrior::predict_prepared`] with the timesteps given as their sinusoid
+    /// ([`Self::time_sinusoid`]): the form a CUDA graph replays (`graph::GraphedPrior`).
+    /// Equals [`Self::forward_with_sinusoid`] with the prepared conditioning's mask up to
+    /// rounding (the same operations on fewer rows).
+    pub fn forward_prepared_with_sinusoid(
+        &self,
+        hidden_states: &Tensor,
+        time_sinusoid: &Tensor,
+        prepared: &PreparedPriorCondition,
+    ) -> Result<Tensor> {
+        let b = self.check_latents(hidden_states)?;
+        let inner = self.cfg.inner_dim();
+        if time_sinusoid.dims() != [b, inner] {
+            return Err(Error::invalid(format!(
+                "prior time sinusoid must be [{b}, {inner}], got {:?}",
+                time_sinusoid.dims()
+            )));
+        }
+        let l = self.cfg.seq_len();
+        let later = EXTRA_TOKENS - 1;
+        let layers = self.transformer_blocks.len();
+        let stale = |what: String| {
+            Error::invalid(format!(
+                "the prepared prior conditioning does not fit this prior and batch ({what}); \
+                 prepare it with this prior for latents of this batch"
+            ))
+        };
+        let [mask, kv @ ..] = prepared.tensors() else {
+            return Err(stale("no tensors".into()));
+        };
+        if kv.len() != 2 * layers {
+            return Err(stale(format!(
+                "{} tensors, expected {}",
+                prepared.tensors().len(),
+                1 + 2 * layers
+            )));
+        }
+        if mask.dims() != [b, 1, later, l] {
+            return Err(stale(format!(
+                "mask rows {:?}, expected [{b}, 1, {later}, {l}]",
+                mask.dims()
+            )));
+        }
+        let mut h = self.later_tokens(hidden_states, time_sinusoid, b)?;
+        if let Some(ln) = &self.norm_in {
+            h = layer_norm_f32(ln, &h)?;
+        }
+        for (block, kv) in self.transformer_blocks.iter().zip(kv.chunks(2)) {
+            h = block.forward_after(
+                &h,
+                KvSegment {
+                    k: &kv[0],
+                    v: &kv[1],
+                },
+                mask,
+            )?;
+        }
+        self.output(&h)
     }
 
     /// `z · clip_std + clip_mean`: from the prior's normalised space to CLIP space.
@@ -547,6 +706,23 @@ impl EmbeddingPrior for PriorTransformer {
             cond.encoder_hidden_states,
             Some(cond.attention_mask),
         )
+    }
+
+    /// The text tokens' keys and values at every layer and the later tokens' mask rows
+    /// ([`PriorTransformer::prepare_condition`]).
+    fn prepare(&self, cond: &PriorCondition<'_>) -> Result<PreparedPriorCondition> {
+        self.prepare_condition(cond)
+    }
+
+    fn predict_prepared(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        prepared: &PreparedPriorCondition,
+    ) -> Result<Tensor> {
+        let b = self.check_latents(latents)?;
+        Self::check_timesteps(&[timestep], b)?;
+        self.forward_prepared_with_sinusoid(latents, &self.time_sinusoid(&[timestep], b)?, prepared)
     }
 
     fn post_process_latents(&self, latents: &Tensor) -> Result<Tensor> {

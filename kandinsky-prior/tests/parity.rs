@@ -81,6 +81,47 @@ fn check_forwards(model: &PriorTransformer, f: &HashMap<String, Tensor>, what: &
         );
     }
 
+    // The text tokens' keys and values prepared once (KV caching under the causal mask):
+    // a step then runs the time, latent and prd tokens alone. Same tolerance.
+    let b = x.dim(0)?;
+    let cond = PriorCondition {
+        proj_embedding: p,
+        encoder_hidden_states: enc,
+        attention_mask: mask,
+    };
+    let prepared = model.prepare(&cond)?;
+    assert_eq!(prepared.tensors().len(), 1 + 2 * model.config().num_layers);
+    let out = model.forward_prepared_with_sinusoid(x, &model.time_sinusoid(&ts, b)?, &prepared)?;
+    assert_close(
+        &format!("{what} prepared, per-element timesteps"),
+        &out,
+        get(f, "out")?,
+        TOL_F32,
+    )?;
+    let out = model.predict_prepared(x, 42.0, &prepared)?;
+    assert_close(
+        &format!("{what} prepared, scalar timestep"),
+        &out,
+        get(f, "out_scalar_t")?,
+        TOL_F32,
+    )?;
+    // The padding reaches the prediction through the prepared keys and values too.
+    let unpadded_prepared = model.prepare(&PriorCondition {
+        attention_mask: &ones,
+        ..cond
+    })?;
+    let out = model.forward_prepared_with_sinusoid(
+        x,
+        &model.time_sinusoid(&ts, b)?,
+        &unpadded_prepared,
+    )?;
+    assert_close(
+        &format!("{what} prepared, unpadded"),
+        &out,
+        &unpadded,
+        TOL_F32,
+    )?;
+
     let post = model.post_process_latents(get(f, "post_in")?)?;
     // Post-processing is one multiply-add per element.
     assert_close(
@@ -192,9 +233,17 @@ fn sinusoid_input_and_graph_wrapper_match_diffusers() -> Result<()> {
         attention_mask: mask,
     };
     let graphed = kandinsky_prior::GraphedPrior::new(&model);
+    let prepared = graphed.prepare(&cond)?;
     for _ in 0..2 {
         let out = graphed.predict(x, 42.0, &cond)?;
         assert_close("graph wrapper", &out, get(&f, "out_scalar_t")?, TOL_F32)?;
+        let out = graphed.predict_prepared(x, 42.0, &prepared)?;
+        assert_close(
+            "graph wrapper, prepared",
+            &out,
+            get(&f, "out_scalar_t")?,
+            TOL_F32,
+        )?;
     }
     assert!(!graphed.is_captured(), "no graph off CUDA");
     let short = t_sin.narrow(0, 0, b - 1)?;

@@ -1255,6 +1255,29 @@ fn timings(dev: &Device, rows: &mut Vec<Row>, quick: bool) -> Result<()> {
         value: format!("{ms:.2} ms"),
         ok: None,
     });
+    // As the pipeline runs it: the text tokens' keys and values prepared once, a step runs
+    // 3 of the 81 tokens; eagerly and replayed from a graph. Checked against the full step.
+    {
+        let prepared = prior.prepare(&pc)?;
+        let graphed = kandinsky_prior::GraphedPrior::new(&prior);
+        let full = prior.predict(&lat, 500.0, &pc)?;
+        for (what, p) in [
+            ("prior step b2 F16, prepared", &prior as &dyn EmbeddingPrior),
+            ("prior step b2 F16, prepared, CUDA graph replay", &graphed),
+        ] {
+            let ms = time(dev, 2, iters, || {
+                p.predict_prepared(&lat, 500.0, &prepared)?;
+                Ok(())
+            })?;
+            let d = diff(&p.predict_prepared(&lat, 500.0, &prepared)?, &full)?;
+            rows.push(Row {
+                what: format!("{what}: ms / rel diff vs full step"),
+                value: format!("{ms:.2} ms / {:.1e}", d.rel),
+                // f16 through 20 layers, summed in another order: as the f16 checks allow.
+                ok: Some(d.rel <= 5e-3),
+            });
+        }
+    }
     drop(prior);
     let text_cfg: kandinsky_clip::ClipTextConfig = cfg("kandinsky-2-2-prior__text_encoder.json")?;
     let te = kandinsky_clip::ClipTextModelWithProjection::new(
