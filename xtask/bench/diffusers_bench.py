@@ -65,7 +65,12 @@ def proc_status_mib(field):
 
 
 CPU_WORKLOADS = ["unet_step_256", "unet_step_512", "movq_decode_256", "movq_decode_512",
-                 "prior_step", "clip_text", "attention_32x32", "attention_48x48"]
+                 "prior_step", "prior_loop_25", "clip_text", "attention_32x32",
+                 "attention_48x48"]
+
+# The prior's 25 timesteps of one generation (UnCLIP scheduler, 1000 training steps): both
+# sides run the same values.
+PRIOR_LOOP_TIMESTEPS = [999 - i * 999 // 24 for i in range(25)]
 
 
 def build_cpu_workload(name):
@@ -86,15 +91,20 @@ def build_cpu_workload(name):
         movq = VQModel(**REAL_MOVQ).eval()
         z = torch.randn(1, 4, px // 8, px // 8)
         return lambda: movq.decode(z, force_not_quantize=True)
-    if name == "prior_step":
+    if name in ("prior_step", "prior_loop_25"):
         from diffusers import PriorTransformer
         prior = PriorTransformer(**REAL_PRIOR_22).eval()
         x = torch.randn(2, 1280)
         pe = torch.randn(2, 1280)
         hs = torch.randn(2, 77, 1280)
         mask = torch.ones(2, 77, dtype=torch.bool)
-        return lambda: prior(x, 500, proj_embedding=pe, encoder_hidden_states=hs,
-                             attention_mask=mask)
+        step = lambda t: prior(x, t, proj_embedding=pe, encoder_hidden_states=hs,
+                               attention_mask=mask)
+        if name == "prior_step":
+            return lambda: step(500)
+        # The prior's share of one generation, as diffusers' prior pipeline runs it: the
+        # whole sequence through every layer at every step.
+        return lambda: [step(t) for t in PRIOR_LOOP_TIMESTEPS]
     if name == "clip_text":
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
         cfg_path = (Path(__file__).resolve().parents[2] / "fixtures" / "real-configs"

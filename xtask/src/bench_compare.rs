@@ -17,7 +17,8 @@ use anyhow::{bail, Context, Result};
 
 use crate::python::root;
 
-/// Workloads run by default, in order (`unet_step_512` only with `--large`).
+/// Workloads run by default, in order (`unet_step_512` and `prior_loop_25` only with
+/// `--large`).
 const DEFAULT: &[&str] = &[
     "attention_32x32",
     "attention_48x48",
@@ -27,7 +28,7 @@ const DEFAULT: &[&str] = &[
     "movq_decode_512",
     "unet_step_256",
 ];
-const LARGE: &[&str] = &["unet_step_512"];
+const LARGE: &[&str] = &["unet_step_512", "prior_loop_25"];
 
 /// The heading that starts the section this command owns in `benches/RESULTS.md`.
 pub const SECTION: &str = "## CPU comparison (CPU, f32)";

@@ -33,6 +33,10 @@ const WORKLOADS: &[(&str, &str)] = &[
     ("movq_decode_256", "MoVQ decode, batch 1, 256 px"),
     ("movq_decode_512", "MoVQ decode, batch 1, 512 px"),
     ("prior_step", "prior step, batch 2 (20 blocks)"),
+    (
+        "prior_loop_25",
+        "prior, the 25 steps of one generation, batch 2 (kandinsky-rs: prepared once, KV cache)",
+    ),
     ("clip_text", "CLIP bigG text encoder, batch 2 × 77 tokens"),
     (
         "attention_32x32",
@@ -91,7 +95,7 @@ fn build(name: &str, dev: &Device) -> Result<Job> {
                 Ok(())
             })
         }
-        "prior_step" => {
+        "prior_step" | "prior_loop_25" => {
             let c: kandinsky_prior::PriorTransformerConfig =
                 cfg("kandinsky-2-2-prior__prior.json")?;
             let prior = kandinsky_prior::PriorTransformer::new(random_var_builder(dt, dev), &c)?;
@@ -99,8 +103,24 @@ fn build(name: &str, dev: &Device) -> Result<Job> {
             let pe = Tensor::randn(0f32, 1.0, (2, 1280), dev)?;
             let hs = Tensor::randn(0f32, 1.0, (2, 77, 1280), dev)?;
             let mask = Tensor::ones((2, 77), DType::U8, dev)?;
+            if name == "prior_step" {
+                return Ok(Box::new(move || {
+                    prior.forward(&x, &[500.0], &pe, &hs, Some(&mask))?;
+                    Ok(())
+                }));
+            }
+            // The prior's share of one generation as the pipeline runs it: the conditioning
+            // prepared once, then 25 steps at the Python side's timesteps.
             Box::new(move || {
-                prior.forward(&x, &[500.0], &pe, &hs, Some(&mask))?;
+                use kandinsky_core::traits::{EmbeddingPrior, PriorCondition};
+                let prepared = prior.prepare(&PriorCondition {
+                    proj_embedding: &pe,
+                    encoder_hidden_states: &hs,
+                    attention_mask: &mask,
+                })?;
+                for i in 0..25u32 {
+                    prior.predict_prepared(&x, f64::from(999 - i * 999 / 24), &prepared)?;
+                }
                 Ok(())
             })
         }
