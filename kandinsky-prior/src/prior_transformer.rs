@@ -582,9 +582,10 @@ impl PriorTransformer {
             &[b, _] => b,
             dims => {
                 return Err(Error::invalid(format!(
-                "prior proj_embedding must be [B, {}] (batch, embedding_proj_dim), got {dims:?}",
-                self.cfg.proj_embedding_dim()
-            )))
+                    "prior proj_embedding must be [B, {}] (batch, embedding_proj_dim), \
+                     got {dims:?}",
+                    self.cfg.proj_embedding_dim()
+                )))
             }
         };
         self.check_cond(

@@ -145,3 +145,47 @@ fn checkpoint_config_mismatch_is_a_load_error() -> Result<()> {
     );
     Ok(())
 }
+
+/// A prepared conditioning is checked when prepared and against every step's latents:
+/// another batch, or a preparation of nothing (another prior's default), is a typed error.
+#[test]
+fn bad_prepared_conditions() -> Result<()> {
+    use kandinsky_core::traits::{EmbeddingPrior, PreparedPriorCondition, PriorCondition};
+    let model = tiny()?;
+    let (e, l) = (32, 77);
+    let i = inputs(2, e, l)?;
+    let cond = PriorCondition {
+        proj_embedding: &i.p,
+        encoder_hidden_states: &i.enc,
+        attention_mask: &i.mask,
+    };
+    let wide = Tensor::zeros((2, e + 1), DType::F32, &Device::Cpu)?;
+    match model.prepare(&PriorCondition {
+        proj_embedding: &wide,
+        ..cond
+    }) {
+        Err(Error::InvalidInput(msg)) => assert!(msg.contains("proj_embedding"), "{msg}"),
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+    let short_mask = Tensor::ones((2, l - 1), DType::F32, &Device::Cpu)?;
+    match model.prepare(&PriorCondition {
+        attention_mask: &short_mask,
+        ..cond
+    }) {
+        Err(Error::InvalidInput(msg)) => assert!(msg.contains("attention_mask"), "{msg}"),
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+    let prepared = model.prepare(&cond)?;
+    assert!(model.predict_prepared(&i.x, 10.0, &prepared).is_ok());
+    expect_invalid(
+        model.predict_prepared(&i.x.narrow(0, 0, 1)?, 10.0, &prepared),
+        "mask rows [2, 1, 3, 81], expected [1, 1, 3, 81]",
+    );
+    expect_invalid(
+        model.predict_prepared(&i.x, f64::NAN, &prepared),
+        "not finite",
+    );
+    let empty = PreparedPriorCondition::new(&cond, Vec::new());
+    expect_invalid(model.predict_prepared(&i.x, 10.0, &empty), "no tensors");
+    Ok(())
+}
