@@ -4,9 +4,10 @@
 //! took 19.0 ms against 21.2 ms eager on an H200 (benches/RESULTS.md, GPU run 9), and the
 //! prior's small step is host-bound. A denoising loop calls its network with inputs of the
 //! same shapes at every step, so the forward is captured once per key (a caller's tag and the
-//! inputs' shapes and dtypes) and replayed with the inputs — sample, timestep sinusoid and
-//! conditioning alike — copied into the graph's own input buffers. Off CUDA (or without the
-//! `cuda` feature) the forward is called directly.
+//! inputs' shapes, dtypes and strides) and replayed with the per-step inputs (sample,
+//! timestep sinusoid) copied into the graph's own input buffers, and the fixed ones (a
+//! prepared conditioning) copied only when another preparation comes. Off CUDA (or without
+//! the `cuda` feature) the forward is called directly.
 
 use candle_core::{DType, Tensor};
 
@@ -94,8 +95,8 @@ impl GraphReplay {
 
     /// `forward(inputs)`, where `inputs` are every tensor `forward` reads besides the
     /// network's weights, all on one device. On a CUDA device the graph captured for (`tag`,
-    /// the inputs' shapes and dtypes) is replayed after `inputs` are copied into its input
-    /// buffers; a new key first frees the previous graph and captures `forward` on copies of
+    /// the inputs' shapes, dtypes and strides) is replayed after `inputs` are copied into its
+    /// input buffers; a new key first frees the previous graph and captures `forward` on copies of
     /// `inputs` (`cuda::capture_graph`: `forward` must upload the same host data at
     /// every call and never read back). Returns a copy of the output, which the next replay
     /// overwrites. A capture that fails is reported (`tracing` warning) and that key runs
