@@ -72,10 +72,11 @@ pub struct PackedConv3x3 {
 /// around it, several seconds of loading a 1.2B-parameter UNet.)
 fn pack_taps(weight: &Tensor, cout: usize, cin: usize) -> Result<Arc<[f32]>> {
     use rayon::prelude::*;
-    let w = weight
-        .to_device(&candle_core::Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .contiguous()?;
+    let w = weight.to_device(&candle_core::Device::Cpu)?;
+    let w = match crate::loading::half_to_f32_parallel(&w, DType::F32) {
+        Some(w) => w,
+        None => w.to_dtype(DType::F32)?.contiguous()?,
+    };
     let guard = w.storage_and_layout();
     let src = crate::cpu_gemm::cpu_f32(&guard)?;
     let row = 9 * cin;
