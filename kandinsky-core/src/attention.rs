@@ -194,8 +194,9 @@ fn concat_segments(kv: &[KvSegment<'_>]) -> Result<(Tensor, Tensor)> {
 /// tokens, [`KvSegment`] `[B, H, L, D]`) in the layout the entry point reads on this device
 /// without converting it each call: f32 and contiguous for the fused CPU kernel; contiguous
 /// heads on CUDA (token-major under `KANDINSKY_FLASH_TOKEN_MAJOR`, still viewed as
-/// `[B, H, L, D]`). Same shape and values (f32 on the CPU, which every CPU path accepts
-/// beside a query of another dtype only through the fused kernel, so other dtypes stay).
+/// `[B, H, L, D]`). Same shape and values. The f32 conversion happens only where the fused
+/// CPU kernel runs (it reads every dtype as f32); with the fused kernels off the segment
+/// keeps its dtype, which the plain path needs to match the query's.
 pub fn prepare_segment(k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     let f = |t: &Tensor| -> Result<Tensor> {
         #[cfg(feature = "cuda")]
