@@ -3,11 +3,11 @@
 //! candle issues every op from the host: at 768 px a decoder UNet step replayed from a graph
 //! took 19.0 ms against 21.2 ms eager on an H200 (benches/RESULTS.md, GPU run 9), and the
 //! prior's small step is host-bound. A denoising loop calls its network with inputs of the
-//! same shapes at every step, so the forward is captured once per key (a caller's tag and the
-//! inputs' shapes, dtypes and strides) and replayed with the per-step inputs (sample,
-//! timestep sinusoid) copied into the graph's own input buffers, and the fixed ones (a
-//! prepared conditioning) copied only when another preparation comes. Off CUDA (or without
-//! the `cuda` feature) the forward is called directly.
+//! same shapes at every step, so the forward is captured once per key (a caller's tag, the
+//! inputs' shapes and dtypes, the fixed inputs' strides) and replayed with the per-step
+//! inputs (sample, timestep sinusoid) copied into the graph's own contiguous buffers, and
+//! the fixed ones (a prepared conditioning) copied only when another preparation comes. Off
+//! CUDA (or without the `cuda` feature) the forward is called directly.
 
 use candle_core::{DType, Tensor};
 
@@ -22,7 +22,8 @@ pub struct GraphReplay {
 }
 
 /// What a graph is captured for: the caller's tag (which optional inputs are present) and
-/// every input's shape, dtype and strides (per-call inputs, then fixed ones).
+/// every input's shape and dtype, and the fixed inputs' strides (per-call inputs, then fixed
+/// ones).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 #[derive(Debug, Clone, PartialEq)]
 struct Key {
@@ -95,10 +96,10 @@ impl GraphReplay {
 
     /// `forward(inputs)`, where `inputs` are every tensor `forward` reads besides the
     /// network's weights, all on one device. On a CUDA device the graph captured for (`tag`,
-    /// the inputs' shapes, dtypes and strides) is replayed after `inputs` are copied into its
-    /// input buffers; a new key first frees the previous graph and captures `forward` on copies of
-    /// `inputs` (`cuda::capture_graph`: `forward` must upload the same host data at
-    /// every call and never read back). Returns a copy of the output, which the next replay
+    /// the inputs' shapes and dtypes) is replayed after `inputs` are copied into its
+    /// (contiguous) input buffers; a new key first frees the previous graph and captures
+    /// `forward` on copies of `inputs` (`cuda::capture_graph`: `forward` must upload the
+    /// same host data at every call and never read back). Returns a copy of the output, which the next replay
     /// overwrites. A capture that fails is reported (`tracing` warning) and that key runs
     /// eagerly from then on.
     pub fn run(
@@ -124,24 +125,38 @@ impl GraphReplay {
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(candle_core::Device::Cuda(cuda)) = inputs.first().map(|t| t.device()) {
+            // Per-call inputs are captured from contiguous buffers whatever their layout
+            // (no recapture when one arrives as a view); fixed ones keep theirs.
+            let per_call = inputs
+                .iter()
+                .map(|t| (t.dims().to_vec(), t.dtype(), Vec::new()));
+            let kept = fixed
+                .tensors
+                .iter()
+                .map(|t| (t.dims().to_vec(), t.dtype(), t.stride().to_vec()));
             let key = Key {
                 tag,
-                inputs: inputs
-                    .iter()
-                    .copied()
-                    .chain(fixed.tensors)
-                    .map(|t| (t.dims().to_vec(), t.dtype(), t.stride().to_vec()))
-                    .collect(),
+                inputs: per_call.chain(kept).collect(),
             };
             let mut slot = self.slot.borrow_mut();
             if slot.as_ref().is_none_or(|c| *c.key() != key) {
                 // Free the previous graph's memory before capturing the next.
                 *slot = None;
-                let copies = |ts: &mut dyn Iterator<Item = &Tensor>| -> Result<Vec<Tensor>> {
-                    Ok(ts.map(|t| t.copy()).collect::<candle_core::Result<_>>()?)
-                };
-                let own = copies(&mut inputs.iter().copied())?;
-                let own_fixed = copies(&mut fixed.tensors.iter())?;
+                let own = inputs
+                    .iter()
+                    .map(|t| {
+                        if t.is_contiguous() {
+                            t.copy()
+                        } else {
+                            t.contiguous()
+                        }
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let own_fixed = fixed
+                    .tensors
+                    .iter()
+                    .map(|t| t.copy())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 let captured = crate::cuda::capture_graph(cuda, || {
                     forward(&own, &own_fixed).map_err(candle_core::Error::wrap)
                 });
