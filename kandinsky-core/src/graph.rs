@@ -11,6 +11,7 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::traits::Prepared;
 use crate::Result;
 
 /// The forward of one network, captured per key and replayed (see the module docs).
@@ -65,16 +66,17 @@ struct Captured {
 /// Inputs that stay the same over many calls (a prepared conditioning): copied into the
 /// graph's buffers only when `id` differs from the last call's.
 #[derive(Debug, Clone, Copy)]
-pub struct Fixed<'a> {
-    /// Equal ids promise equal tensors ([`crate::traits::PreparedCondition::id`]).
-    pub id: u64,
+struct Fixed<'a> {
+    /// Equal ids promise equal tensors ([`Prepared::id`]); read by the CUDA replay.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    id: u64,
     /// The tensors, on the device of the per-call inputs.
-    pub tensors: &'a [Tensor],
+    tensors: &'a [Tensor],
 }
 
 impl Fixed<'_> {
     /// No fixed inputs.
-    pub const NONE: Fixed<'static> = Fixed {
+    const NONE: Fixed<'static> = Fixed {
         id: 0,
         tensors: &[],
     };
@@ -111,12 +113,30 @@ impl GraphReplay {
         self.run_with_fixed(tag, inputs, Fixed::NONE, |inputs, _| forward(inputs))
     }
 
-    /// [`Self::run`] with `fixed` inputs besides the per-call ones: `forward(inputs, fixed)`.
-    /// They belong to the key like the others, but a replay copies them only when
-    /// `fixed.id` is not the one of the tensors already in the graph's buffers. Fixed
-    /// tensors may be strided views of a dense buffer (a transposed copy): the graph's
-    /// buffers keep their layout.
-    pub fn run_with_fixed(
+    /// [`Self::run`] with a prepared conditioning besides the per-call `inputs`:
+    /// `forward(inputs, prepared)`, `prepared` reading the graph's copies of its tensors.
+    /// They belong to the key like the inputs, but a replay copies them into the graph's
+    /// buffers only when `prepared` is another preparation than the one they hold (its
+    /// [`id`](Prepared::id)). Its tensors may be strided views of a dense buffer (a
+    /// transposed copy): the graph's buffers keep their layout.
+    pub fn run_prepared<C: Clone>(
+        &self,
+        inputs: &[&Tensor],
+        prepared: &Prepared<C>,
+        forward: impl Fn(&[Tensor], &Prepared<C>) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let fixed = Fixed {
+            id: prepared.id(),
+            tensors: prepared.tensors(),
+        };
+        self.run_with_fixed(0, inputs, fixed, |inputs, fixed| {
+            forward(inputs, &prepared.with_tensors(fixed.to_vec()))
+        })
+    }
+
+    /// [`Self::run`] with `fixed` inputs besides the per-call ones: `forward(inputs, fixed)`
+    /// (see [`Self::run_prepared`]).
+    fn run_with_fixed(
         &self,
         tag: u32,
         inputs: &[&Tensor],
@@ -249,10 +269,11 @@ mod tests {
     fn off_cuda_runs_forward_with_both_input_sets() -> anyhow::Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::new(&[1f32, 2.0], &dev)?;
-        let f = [Tensor::new(&[10f32, 20.0], &dev)?];
+        let prepared = Prepared::<()>::new((), vec![Tensor::new(&[10f32, 20.0], &dev)?]);
         let replay = GraphReplay::new();
-        let out = replay.run_with_fixed(0, &[&x], Fixed { id: 7, tensors: &f }, |i, f| {
-            Ok((&i[0] + &f[0])?)
+        let out = replay.run_prepared(&[&x], &prepared, |i, p| {
+            assert_eq!(p.id(), prepared.id(), "the same preparation");
+            Ok((&i[0] + &p.tensors()[0])?)
         })?;
         assert_eq!(out.to_vec1::<f32>()?, vec![11.0, 22.0]);
         assert!(!replay.is_captured());

@@ -574,18 +574,21 @@ pub(crate) fn half_to_f32_parallel(t: &Tensor, dtype: DType) -> Option<Tensor> {
     }
     let (guard, layout) = t.storage_and_layout();
     let (start, end) = layout.contiguous_offsets()?;
-    let mut out = vec![0f32; end - start];
-    match &*guard {
-        Storage::Cpu(CpuStorage::F16(v)) => out
-            .par_chunks_mut(CHUNK)
-            .zip(v.get(start..end)?.par_chunks(CHUNK))
-            .for_each(|(d, s)| s.convert_to_f32_slice(d)),
-        Storage::Cpu(CpuStorage::BF16(v)) => out
-            .par_chunks_mut(CHUNK)
-            .zip(v.get(start..end)?.par_chunks(CHUNK))
-            .for_each(|(d, s)| s.convert_to_f32_slice(d)),
-        _ => return None,
+    fn convert<T: Sync>(src: &[T]) -> Vec<f32>
+    where
+        [T]: HalfFloatSliceExt,
+    {
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| s.convert_to_f32_slice(d));
+        out
     }
+    let out = match &*guard {
+        Storage::Cpu(CpuStorage::F16(v)) => convert(v.get(start..end)?),
+        Storage::Cpu(CpuStorage::BF16(v)) => convert(v.get(start..end)?),
+        _ => return None,
+    };
     Tensor::from_vec(out, t.shape(), &Device::Cpu).ok()
 }
 

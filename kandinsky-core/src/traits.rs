@@ -54,58 +54,40 @@ pub struct PriorCondition<'a> {
     pub attention_mask: &'a Tensor,
 }
 
-/// A [`PriorCondition`] prepared once for a whole generation ([`EmbeddingPrior::prepare`]):
-/// the conditioning (owned) and the tensors of a forward that depend on it alone, in the
-/// preparing model's order. Each preparation has its own [`id`](Self::id) (clones share it).
+/// A [`PriorCondition`] owned, as a [`PreparedPriorCondition`] keeps it.
 #[derive(Debug, Clone)]
-pub struct PreparedPriorCondition {
-    id: u64,
-    proj_embedding: Tensor,
-    encoder_hidden_states: Tensor,
-    attention_mask: Tensor,
-    tensors: Vec<Tensor>,
+pub struct OwnedPriorCondition {
+    /// Pooled text embedding `[B, E]`.
+    pub proj_embedding: Tensor,
+    /// Text hidden states `[B, 77, E]`.
+    pub encoder_hidden_states: Tensor,
+    /// Tokenizer attention mask `[B, 77]`.
+    pub attention_mask: Tensor,
 }
 
-impl PreparedPriorCondition {
-    /// `cond` with the `tensors` a model computed from it; a fresh [`id`](Self::id).
-    pub fn new(cond: &PriorCondition<'_>, tensors: Vec<Tensor>) -> Self {
-        Self {
-            id: fresh_preparation_id(),
-            proj_embedding: cond.proj_embedding.clone(),
-            encoder_hidden_states: cond.encoder_hidden_states.clone(),
-            attention_mask: cond.attention_mask.clone(),
-            tensors,
-        }
-    }
-
-    /// The same preparation (same id) reading `tensors` instead, e.g. a CUDA graph's
-    /// copies of them; the count and shapes must be those of [`Self::tensors`].
-    pub fn with_tensors(&self, tensors: Vec<Tensor>) -> Self {
-        Self {
-            tensors,
-            ..self.clone()
-        }
-    }
-
-    /// Identifies this preparation (and its clones) within the process.
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// The conditioning it was prepared from.
-    pub fn condition(&self) -> PriorCondition<'_> {
+impl OwnedPriorCondition {
+    /// The borrowed form [`EmbeddingPrior::predict`] takes.
+    pub fn view(&self) -> PriorCondition<'_> {
         PriorCondition {
             proj_embedding: &self.proj_embedding,
             encoder_hidden_states: &self.encoder_hidden_states,
             attention_mask: &self.attention_mask,
         }
     }
+}
 
-    /// The model's prepared tensors (empty for a prior that prepares nothing).
-    pub fn tensors(&self) -> &[Tensor] {
-        &self.tensors
+impl From<&PriorCondition<'_>> for OwnedPriorCondition {
+    fn from(c: &PriorCondition<'_>) -> Self {
+        Self {
+            proj_embedding: c.proj_embedding.clone(),
+            encoder_hidden_states: c.encoder_hidden_states.clone(),
+            attention_mask: c.attention_mask.clone(),
+        }
     }
 }
+
+/// A prior conditioning prepared once for a whole generation ([`EmbeddingPrior::prepare`]).
+pub type PreparedPriorCondition = Prepared<OwnedPriorCondition>;
 
 /// The diffusion prior: noisy image embedding + text → predicted (normalised) image embedding.
 pub trait EmbeddingPrior {
@@ -125,7 +107,7 @@ pub trait EmbeddingPrior {
         timestep: f64,
         prepared: &PreparedPriorCondition,
     ) -> Result<Tensor> {
-        self.predict(latents, timestep, &prepared.condition())
+        self.predict(latents, timestep, &prepared.condition().view())
     }
     /// Map the final latents from the normalised space to CLIP space (`z·std + mean`).
     fn post_process_latents(&self, latents: &Tensor) -> Result<Tensor>;
@@ -150,19 +132,22 @@ pub struct DenoiserCondition {
     pub text_hidden_states: Option<Tensor>,
 }
 
-/// A [`DenoiserCondition`] prepared once for a whole generation
-/// ([`Denoiser::prepare`]): besides the conditioning itself, the tensors of a forward that
-/// depend on it alone (not on the noisy latents or the timestep), computed once instead of
-/// at every step. Which tensors, in which order, is the preparing model's business.
+/// A conditioning `C` prepared once for a whole generation ([`Denoiser::prepare`],
+/// [`EmbeddingPrior::prepare`]): besides the conditioning itself, the tensors of a forward
+/// that depend on it alone (not on the noisy latents or the timestep), computed once instead
+/// of at every step. Which tensors, in which order, is the preparing model's business.
 ///
 /// Each preparation has its own [`id`](Self::id) (clones share it), so a CUDA graph that
 /// holds copies of the tensors refreshes them only when another preparation comes.
 #[derive(Debug, Clone)]
-pub struct PreparedCondition {
+pub struct Prepared<C> {
     id: u64,
-    condition: DenoiserCondition,
+    condition: C,
     tensors: Vec<Tensor>,
 }
+
+/// A decoder conditioning prepared once for a whole generation ([`Denoiser::prepare`]).
+pub type PreparedCondition = Prepared<DenoiserCondition>;
 
 /// A process-wide fresh id for a preparation (never 0, which `graph::Fixed::NONE` uses).
 fn fresh_preparation_id() -> u64 {
@@ -170,12 +155,12 @@ fn fresh_preparation_id() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
-impl PreparedCondition {
+impl<C: Clone> Prepared<C> {
     /// `condition` with the `tensors` a model computed from it; a fresh [`id`](Self::id).
-    pub fn new(condition: DenoiserCondition, tensors: Vec<Tensor>) -> Self {
+    pub fn new(condition: impl Into<C>, tensors: Vec<Tensor>) -> Self {
         Self {
             id: fresh_preparation_id(),
-            condition,
+            condition: condition.into(),
             tensors,
         }
     }
@@ -196,11 +181,11 @@ impl PreparedCondition {
     }
 
     /// The conditioning it was prepared from.
-    pub fn condition(&self) -> &DenoiserCondition {
+    pub fn condition(&self) -> &C {
         &self.condition
     }
 
-    /// The model's prepared tensors (empty for a [`Denoiser`] that prepares nothing).
+    /// The model's prepared tensors (empty for a model that prepares nothing).
     pub fn tensors(&self) -> &[Tensor] {
         &self.tensors
     }

@@ -128,7 +128,7 @@ impl EmbeddingPrior for CountingPrior<'_> {
         if self.prepares {
             self.inner.predict_prepared(l, t, p)
         } else {
-            self.predict(l, t, &p.condition())
+            self.predict(l, t, &p.condition().view())
         }
     }
     fn post_process_latents(&self, l: &Tensor) -> kandinsky_core::Result<Tensor> {

@@ -1,7 +1,7 @@
 //! The prior replayed from a CUDA graph: [`GraphedPrior`].
 
 use candle_core::{DType, Device, Tensor};
-use kandinsky_core::graph::{Fixed, GraphReplay};
+use kandinsky_core::graph::GraphReplay;
 use kandinsky_core::traits::{EmbeddingPrior, PreparedPriorCondition, PriorCondition};
 use kandinsky_core::Result;
 
@@ -65,17 +65,10 @@ impl EmbeddingPrior for GraphedPrior<'_> {
             latents.to_device(dev)?,
             self.prior.time_sinusoid(&[timestep], latents.dim(0)?)?,
         ];
-        let fixed = Fixed {
-            id: prepared.id(),
-            tensors: prepared.tensors(),
-        };
         self.replay
-            .run_with_fixed(0, &[&inputs[0], &inputs[1]], fixed, |x, fixed| {
-                self.prior.forward_prepared_with_sinusoid(
-                    &x[0],
-                    &x[1],
-                    &prepared.with_tensors(fixed.to_vec()),
-                )
+            .run_prepared(&[&inputs[0], &inputs[1]], prepared, |x, prepared| {
+                self.prior
+                    .forward_prepared_with_sinusoid(&x[0], &x[1], prepared)
             })
     }
 

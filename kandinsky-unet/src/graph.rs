@@ -1,7 +1,7 @@
 //! The decoder UNet replayed from a CUDA graph: [`GraphedUNet`].
 
 use candle_core::{DType, Device, Tensor};
-use kandinsky_core::graph::{Fixed, GraphReplay};
+use kandinsky_core::graph::GraphReplay;
 use kandinsky_core::traits::{Denoiser, DenoiserCondition, PreparedCondition};
 use kandinsky_core::Result;
 
@@ -64,17 +64,10 @@ impl Denoiser for GraphedUNet<'_> {
         }
         let dev = self.unet.device();
         let inputs = [sample.to_device(dev)?, self.unet.time_sinusoid(timesteps)?];
-        let fixed = Fixed {
-            id: prepared.id(),
-            tensors: prepared.tensors(),
-        };
         self.replay
-            .run_with_fixed(0, &[&inputs[0], &inputs[1]], fixed, |inputs, fixed| {
-                self.unet.predict_prepared_with_sinusoid(
-                    &inputs[0],
-                    &inputs[1],
-                    &prepared.with_tensors(fixed.to_vec()),
-                )
+            .run_prepared(&[&inputs[0], &inputs[1]], prepared, |x, prepared| {
+                self.unet
+                    .predict_prepared_with_sinusoid(&x[0], &x[1], prepared)
             })
     }
 
