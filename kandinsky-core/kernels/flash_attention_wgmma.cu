@@ -4,11 +4,11 @@
 // in place, f32 softmax in the log2 domain, bf16 P split into P_hi + P_lo.
 //
 // Block: 2 warpgroups (256 threads), 64 query rows each (128 per block). Per tile of 64 keys,
-// each warpgroup issues S = Q·Kᵀ as 4 wgmma.m64n64k16 (Q in registers, K from shared memory),
-// waits, runs the online softmax on the accumulator registers, and issues O += P·V as 4 more
-// (P straight from the S registers: wgmma's accumulator layout is mma.m16n8k16's C, which is
-// its A layout in pairs; V from shared memory, N-major). K/V tiles are double-buffered with
-// cp.async in one of two layouts of wgmma_ops.cuh (template SW, both built: a GPU run picks):
+// each warpgroup issues S = Q·Kᵀ as 4 wgmma.m64n64k16 (Q in registers, K from shared memory)
+// and O += P·V as 4 more (P straight from the S registers: wgmma's accumulator layout is
+// mma.m16n8k16's C, which is its A layout in pairs; V from shared memory, N-major), the two
+// of consecutive tiles in flight together (FlashAttention-3's overlap, below). K/V tiles are
+// loaded with cp.async in one of two layouts of wgmma_ops.cuh (template SW, both built):
 //   SW = true, 128-byte swizzle: row r of 128 bytes at r·128, its 16-byte chunk c at
 //     (c ^ r % 8)·16 — a row's eight cp.async chunks hit distinct banks. K: K-major, SBO
 //     1024 B, a k16 step 32 B further; V: N-major, SBO 1024 B (8 keys), a step 2048 B.
@@ -17,11 +17,13 @@
 //     (K = keys); a row's chunks are 128 bytes apart, so the loader's lanes take eight rows
 //     of one chunk (load_rows_async's COLUMNS_FIRST) instead of one row's eight chunks,
 //     which would be an 8-way bank conflict per write.
-// Shared memory 32 KB; Q is staged once through the second K/V pair and read with ldmatrix.
+// Shared memory 40 KB; Q is staged once through two V buffers and read with ldmatrix.
 //
-// The kernel the mma.sync kernels could not be: at the UNet's 48×48 level they reach
-// 126 TFLOP/s (GPU run 9), PyTorch's SDPA 264, the goal 300. Checked so far only under the
-// host emulation (xtask/gpu/emu), which implements wgmma from the PTX ISA's description.
+// GPU run 10 (H200): 195 TFLOP/s f16 at the UNet's 48×48 level (the mma.sync kernel 125,
+// PyTorch's SDPA 247–264, the goal 300), relative error 2.6e-4 against f32. A one-tile-at-a-
+// time variant (S, wait, softmax, P·V, wait) passed the host emulation (xtask/gpu/emu) but
+// gave wrong outputs on the card (relative error 0.97) and was removed: the emulation is a
+// check of the indexing, not a proof.
 #include "flash_common.cuh"
 #include "wgmma_ops.cuh"
 
@@ -100,70 +102,6 @@ __device__ __forceinline__ void issue_pv(float (&acc)[D / 8][4], const uint32_t 
     wgmma_m64n64k16_rs<Mma<T>::split, 1>(&acc[0][0], pa[kk], dv, 1);
     if constexpr (Mma<T>::split) wgmma_m64n64k16_rs<Mma<T>::split, 1>(&acc[0][0], pl[kk], dv, 1);
   }
-}
-
-// One tile at a time: S, wait, softmax, O += P·V, wait.
-template <typename T, bool TOKEN_MAJOR, bool SW>
-__device__ void flash_wgmma(const T* __restrict__ q_, const T* __restrict__ k1_, const T* __restrict__ v1_, int l1,
-                            const T* __restrict__ k2_, const T* __restrict__ v2_, int l2, T* __restrict__ o_, int lq,
-                            float scale, int heads) {
-  // [buffer][K, V]; buffer 1's pair (128 rows) stages Q first.
-  __shared__ __align__(1024) T smem[2][2][TILE];
-  const flash::Head<T, TOKEN_MAJOR> hd(q_, k1_, v1_, l1, k2_, v2_, l2, o_, lq, heads);
-  const int q0 = blockIdx.x * BQ;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
-  const int row0 = (warp >> 2) * 64 + (warp & 3) * 16;  // the warp's first row in the block
-  const int lk = l1 + l2;
-
-  load_tile_async<BQ, SW>(smem[1][0], hd.q, lq, hd.q, 0, q0, hd.rs);
-  cp_async_commit();
-  load_tile_async<BK, SW>(smem[0][0], hd.k1, l1, hd.k2, l2, 0, hd.rs);
-  load_tile_async<BK, SW>(smem[0][1], hd.v1, l1, hd.v2, l2, 0, hd.rs);
-  cp_async_commit();
-  cp_async_wait<1>();
-  __syncthreads();
-  uint32_t qa[D / 16][4];
-  load_q<SW>(qa, smem[1][0], row0, lane);
-  __syncthreads();  // everyone has its Q before buffer 1 is refilled
-
-  float acc[BK / 8][4];
-  zero(acc);
-  float mx[2] = {-FLT_MAX, -FLT_MAX}, sum[2] = {0.f, 0.f};
-  const float sl2 = scale * 1.4426950408889634f;  // exp(x·scale) = 2^(x·scale·log2 e)
-
-  const int tiles = (lk + BK - 1) / BK;
-  for (int it = 0; it < tiles; ++it) {
-    const int buf = it & 1;
-    if (it + 1 < tiles) {
-      load_tile_async<BK, SW>(smem[buf ^ 1][0], hd.k1, l1, hd.k2, l2, (it + 1) * BK, hd.rs);
-      load_tile_async<BK, SW>(smem[buf ^ 1][1], hd.v1, l1, hd.v2, l2, (it + 1) * BK, hd.rs);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();  // this tile's copies have landed
-    fence_proxy_async();
-    __syncthreads();
-
-    float s[BK / 8][4];
-    zero(s);
-    wgmma_fence();
-    issue_s<T, SW>(s, qa, smem[buf][0]);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_all(s);
-
-    float alpha[2];
-    uint32_t pa[BK / 16][4], pl[BK / 16][4];
-    flash::softmax_tile<T>(s, it * BK, lk, t, sl2, mx, sum, alpha, pa, pl);
-    flash::rescale(acc, alpha);
-
-    wgmma_fence();
-    issue_pv<T, SW>(acc, pa, pl, smem[buf][1]);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_all(acc);
-    __syncthreads();  // this buffer is refilled two iterations on
-  }
-  flash::store_out<T>(acc, sum, hd.o, hd.rs, q0 + row0 + (lane >> 2), lq, t);
 }
 
 // FlashAttention-3's intra-warpgroup overlap: tile j's S = Q·K_jᵀ and the previous tile's
@@ -268,8 +206,7 @@ __device__ void flash_wgmma_pipe(const T* __restrict__ q_, const T* __restrict__
 }  // namespace wg
 
 // Entry points: flash_wgmma{SUF}_{f16,bf16} take [B, H, L, 64]; flash_wgmma{SUF}_tm_* take
-// [B, L, H, 64]. SUF "" is the 128-byte swizzled layout, "_ns" the unswizzled one; "_pipe"
-// and "_pipe_ns" the same with FlashAttention-3's intra-warpgroup overlap.
+// [B, L, H, 64]. SUF "_pipe" is the 128-byte swizzled layout, "_pipe_ns" the unswizzled one.
 #define FLASH_WGMMA_ENTRIES(F, SUF, SW)                                                                              \
   extern "C" __global__ void __launch_bounds__(256)                                                             \
       flash_wgmma##SUF##_f16(const __half* q, const __half* k1, const __half* v1, int l1, const __half* k2,    \
@@ -292,7 +229,5 @@ __device__ void flash_wgmma_pipe(const T* __restrict__ q_, const T* __restrict__
     KD_WGMMA_BODY(F, __nv_bfloat16, true, SW, heads)                                                               \
   }
 
-FLASH_WGMMA_ENTRIES(flash_wgmma, , true)
-FLASH_WGMMA_ENTRIES(flash_wgmma, _ns, false)
 FLASH_WGMMA_ENTRIES(flash_wgmma_pipe, _pipe, true)
 FLASH_WGMMA_ENTRIES(flash_wgmma_pipe, _pipe_ns, false)

@@ -29,10 +29,12 @@ __device__ float block_reduce(float v, int op) {
   return v;
 }
 
-template <typename T>
-__device__ void softmax_rows(const T *__restrict__ x, T *__restrict__ y, int ncols, float scale) {
-  const T *xr = x + (long long)blockIdx.x * ncols;
-  T *yr = y + (long long)blockIdx.x * ncols;
+// X: the scores' storage type, Y: the probabilities' (f32 scores from a GEMM with an f32
+// output give f16/bf16 probabilities without the scores ever being rounded to 8 bits).
+template <typename X, typename Y>
+__device__ void softmax_rows(const X *__restrict__ x, Y *__restrict__ y, int ncols, float scale) {
+  const X *xr = x + (long long)blockIdx.x * ncols;
+  Y *yr = y + (long long)blockIdx.x * ncols;
   float m = -INFINITY;
   for (int i = threadIdx.x; i < ncols; i += blockDim.x) m = fmaxf(m, scale * to_f(xr[i]));
   m = block_reduce(m, 0);
@@ -40,14 +42,16 @@ __device__ void softmax_rows(const T *__restrict__ x, T *__restrict__ y, int nco
   for (int i = threadIdx.x; i < ncols; i += blockDim.x) s += expf(scale * to_f(xr[i]) - m);
   const float inv = 1.f / block_reduce(s, 1);
   for (int i = threadIdx.x; i < ncols; i += blockDim.x)
-    yr[i] = from_f<T>(expf(scale * to_f(xr[i]) - m) * inv);
+    yr[i] = from_f<Y>(expf(scale * to_f(xr[i]) - m) * inv);
 }
 
-#define SOFTMAX_KERNEL(T, SUF)                                                                   \
-  extern "C" __global__ void softmax_rows_##SUF(const T *x, T *y, int ncols, float scale) {     \
-    softmax_rows<T>(x, y, ncols, scale);                                                         \
+#define SOFTMAX_KERNEL(X, Y, SUF)                                                                \
+  extern "C" __global__ void softmax_rows_##SUF(const X *x, Y *y, int ncols, float scale) {     \
+    softmax_rows<X, Y>(x, y, ncols, scale);                                                      \
   }
 
-SOFTMAX_KERNEL(float, f32)
-SOFTMAX_KERNEL(__half, f16)
-SOFTMAX_KERNEL(__nv_bfloat16, bf16)
+SOFTMAX_KERNEL(float, float, f32)
+SOFTMAX_KERNEL(__half, __half, f16)
+SOFTMAX_KERNEL(__nv_bfloat16, __nv_bfloat16, bf16)
+SOFTMAX_KERNEL(float, __half, f32_f16)
+SOFTMAX_KERNEL(float, __nv_bfloat16, f32_bf16)

@@ -48,30 +48,36 @@ fn use_flash() -> bool {
     *FLASH.get_or_init(|| std::env::var_os("KANDINSKY_NO_FLASH").is_none())
 }
 
-/// The CUDA kernel the entry point launches: the mma.sync one (10× the WMMA one at the
-/// 48×48 level on an H200, GPU run 5); `KANDINSKY_FLASH=wmma` the first, WMMA kernel;
-/// `wide` / `wide2` the 32-rows-per-warp ldmatrix kernel, `wgmma` / `wgmma-ns` /
-/// `wgmma-pipe` / `wgmma-pipe-ns` the Hopper warpgroup ones (none run on a GPU yet).
+/// The CUDA kernel the entry point launches for `dtype`, measured on an H200 at the UNet's
+/// three levels (GPU run 10, TFLOP/s at 48×48 / 24×24 / 12×12): f16 takes Hopper's pipelined
+/// wgmma kernel where the kernels were built for sm_90 (195 / 88 / 15 against the mma
+/// kernel's 125 / 72 / 15), otherwise the 32-rows-per-warp one (168 / 75 / 15); bf16 the
+/// 32-rows-per-warp one (136 / 66 / 13 against wgmma's 117 / 60 / 14 and mma's 104 / 59 /
+/// 13). `KANDINSKY_FLASH=<name>` ([`crate::cuda::FlashKernel::NAMED`]) picks one for both.
 #[cfg(feature = "cuda")]
-fn flash_kernel() -> crate::cuda::FlashKernel {
+fn flash_kernel(dtype: DType) -> crate::cuda::FlashKernel {
     use crate::cuda::FlashKernel;
-    static KERNEL: std::sync::OnceLock<FlashKernel> = std::sync::OnceLock::new();
-    *KERNEL.get_or_init(|| {
-        let Ok(name) = std::env::var("KANDINSKY_FLASH") else {
-            return FlashKernel::Mma;
-        };
-        FlashKernel::from_name(&name).unwrap_or_else(|| {
-            tracing::warn!("KANDINSKY_FLASH={name}: no such attention kernel, using mma");
-            FlashKernel::Mma
-        })
+    static CHOSEN: std::sync::OnceLock<Option<FlashKernel>> = std::sync::OnceLock::new();
+    let chosen = *CHOSEN.get_or_init(|| {
+        let name = std::env::var("KANDINSKY_FLASH").ok()?;
+        let kernel = FlashKernel::from_name(&name);
+        if kernel.is_none() {
+            tracing::warn!("KANDINSKY_FLASH={name}: no such attention kernel, using the default");
+        }
+        kernel
+    });
+    chosen.unwrap_or(match dtype {
+        DType::F16 if FlashKernel::WgmmaPipe.is_built() => FlashKernel::WgmmaPipe,
+        _ => FlashKernel::Wide4,
     })
 }
 
-/// `KANDINSKY_FLASH_TOKEN_MAJOR=1`: the kernel reads the heads in the projections'
-/// `[B, L, H, D]` layout (no split/merge copies). Opt-in until a GPU run has measured it.
+/// Whether the kernel reads the heads in the projections' `[B, L, H, D]` layout (no
+/// split/merge copies): the default since GPU run 10 (768 px UNet step 21.1 → 19.0 ms on an
+/// H200, same output); `KANDINSKY_FLASH_TOKEN_MAJOR=0` restores the head-major copies.
 #[cfg(feature = "cuda")]
 fn flash_token_major() -> bool {
-    env_switch!("KANDINSKY_FLASH_TOKEN_MAJOR")
+    env_switch!("KANDINSKY_FLASH_TOKEN_MAJOR", default on)
 }
 
 /// Choose the path for these shapes (masked or not: every path takes the additive mask).
@@ -79,7 +85,9 @@ pub fn choose_path(device: &Device, b: usize, h: usize, lq: usize, lk: usize) ->
     let score_bytes = b * h * lq * lk * 4;
     if device.is_cpu() && crate::nn::use_fused_kernels() {
         AttentionPath::FusedCpu
-    } else if device.is_cpu() && score_bytes > CHUNK_SCORE_BYTES && lq > 1 {
+    } else if score_bytes > CHUNK_SCORE_BYTES && lq > 1 {
+        // On CUDA too (MoVQ's one 512-wide head over 9216 tokens at 768 px: 340 MB of f32
+        // scores at once otherwise, 1.1 GB at 1024 px).
         AttentionPath::ChunkedQueries
     } else {
         AttentionPath::Plain
@@ -122,7 +130,8 @@ pub fn attention(
         && use_flash()
         && crate::cuda::flash_covers(q, kv.len(), mask.is_some())
     {
-        if flash_token_major() && flash_kernel().reads_token_major() {
+        let kernel = flash_kernel(q.dtype());
+        if flash_token_major() && kernel.reads_token_major() {
             // Heads split by `split_heads` are transposed views of the projections: back to
             // [B, L, H, D] they are contiguous, and the output goes back as a view.
             let tm = |t: &Tensor| t.transpose(1, 2);
@@ -131,17 +140,11 @@ pub fn attention(
                 .map(|s| Ok((tm(s.k)?, tm(s.v)?)))
                 .collect::<Result<Vec<_>>>()?;
             let segs: Vec<(&Tensor, &Tensor)> = kv_tm.iter().map(|(k, v)| (k, v)).collect();
-            let out =
-                crate::cuda::flash_attention_token_major(&tm(q)?, &segs, scale, flash_kernel())?;
+            let out = crate::cuda::flash_attention_token_major(&tm(q)?, &segs, scale, kernel)?;
             return Ok(out.transpose(1, 2)?);
         }
         let segs: Vec<(&Tensor, &Tensor)> = kv.iter().map(|s| (s.k, s.v)).collect();
-        return Ok(crate::cuda::flash_attention_with(
-            q,
-            &segs,
-            scale,
-            flash_kernel(),
-        )?);
+        return Ok(crate::cuda::flash_attention_with(q, &segs, scale, kernel)?);
     }
     let path = choose_path(q.device(), b, h, lq, lk);
     if path == AttentionPath::FusedCpu {
@@ -193,14 +196,17 @@ fn concat_segments(kv: &[KvSegment<'_>]) -> Result<(Tensor, Tensor)> {
 /// A key/value segment that many [`attention`] calls will read (a generation's image
 /// tokens, [`KvSegment`] `[B, H, L, D]`) in the layout the entry point reads on this device
 /// without converting it each call: f32 and contiguous for the fused CPU kernel; contiguous
-/// heads on CUDA (token-major under `KANDINSKY_FLASH_TOKEN_MAJOR`, still viewed as
+/// heads on CUDA (token-major unless `KANDINSKY_FLASH_TOKEN_MAJOR=0`, still viewed as
 /// `[B, H, L, D]`). Same shape and values. The f32 conversion happens only where the fused
 /// CPU kernel runs (it reads every dtype as f32); with the fused kernels off the segment
 /// keeps its dtype, which the plain path needs to match the query's.
 pub fn prepare_segment(k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     let f = |t: &Tensor| -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if t.device().is_cuda() && flash_token_major() && flash_kernel().reads_token_major() {
+        if t.device().is_cuda()
+            && flash_token_major()
+            && flash_kernel(t.dtype()).reads_token_major()
+        {
             return Ok(t.transpose(1, 2)?.contiguous()?.transpose(1, 2)?);
         }
         if t.device().is_cpu() && crate::nn::use_fused_kernels() {
@@ -222,14 +228,20 @@ pub fn plain(
 ) -> Result<Tensor> {
     let dtype = q.dtype();
     let q = q.contiguous()?;
-    let kt = k.transpose(2, 3)?.contiguous()?;
-    // On CUDA without a mask, one kernel scales, exponentiates in f32 and normalises the
-    // scores (candle's ops: a scale pass, an upcast, an f32 softmax and a downcast).
+    // On CUDA without a mask: f16/bf16 scores come out of the GEMM in f32, and one kernel
+    // scales, exponentiates in f32 and normalises them (candle's ops: 16-bit scores, a scale
+    // pass, an upcast, an f32 softmax and a downcast).
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() && mask.is_none() && crate::nn::use_fused_kernels() {
-        let probs = crate::cuda::softmax_scaled(&q.matmul(&kt)?, scale)?;
+        let probs = if matches!(dtype, DType::F16 | DType::BF16) {
+            let scores = crate::cuda::attention_scores_f32(&q, k)?;
+            crate::cuda::softmax_scaled_to(&scores, scale, dtype)?
+        } else {
+            crate::cuda::softmax_scaled(&q.matmul(&k.transpose(2, 3)?.contiguous()?)?, scale)?
+        };
         return Ok(probs.matmul(&v.contiguous()?)?);
     }
+    let kt = k.transpose(2, 3)?.contiguous()?;
     let scores = (q.matmul(&kt)? * scale)?;
     let scores = if dtype == DType::F32 {
         scores

@@ -25,44 +25,42 @@ pub enum FlashKernel {
     /// at the 48×48 level on an H200; kept for comparison, `KANDINSKY_FLASH=wmma`).
     Wmma,
     /// `flash_attention_mma.cu`: FlashAttention-2 style, mma.sync fragments in registers,
-    /// cp.async double buffering (121 TFLOP/s f16, 98 bf16 at the 48×48 level on an H200;
-    /// relative error 3.3e-4 / 2.2e-3 against f32). The one the entry point uses.
+    /// cp.async double buffering (125 TFLOP/s f16, 104 bf16 at the 48×48 level on an H200,
+    /// GPU run 10; relative error 2.8e-4 / 2.1e-3 against f32; `KANDINSKY_FLASH=mma`).
     Mma,
     /// `flash_attention_wide.cu`: the FlashAttention-2 division of work, 32 query rows per
     /// warp and ldmatrix fragment loads (a third of the mma kernel's shared-memory traffic
-    /// per tensor-core product), 4 warps per block. Checked on the CPU by the host emulation
-    /// (`xtask/gpu/emu/check.sh`), not yet on a GPU: opt-in, `KANDINSKY_FLASH=wide`.
+    /// per tensor-core product), 4 warps per block: 168 TFLOP/s f16, 136 bf16 at the 48×48
+    /// level (GPU run 10). The entry point's bf16 kernel, and its f16 one where the wgmma
+    /// kernels are not built (`KANDINSKY_FLASH=wide`).
     Wide4,
     /// [`FlashKernel::Wide4`] with 2 warps (64 queries) per block: twice the blocks, for
-    /// shapes where 128-query blocks leave SMs idle (`KANDINSKY_FLASH=wide2`).
+    /// shapes where 128-query blocks leave SMs idle (`KANDINSKY_FLASH=wide2`; slower than
+    /// `wide` at every UNet level in GPU run 10).
     Wide2,
     /// `flash_attention_wgmma.cu`: Hopper's warpgroup tensor cores (wgmma, sm_90a), two
-    /// warpgroups of 64 query rows per block, K/V tiles in the 128-byte swizzled layout.
-    /// Built only when `CUDA_COMPUTE_CAP` is 90 (it runs on sm_90 cards alone); checked on the
-    /// CPU by the host emulation, not yet on a GPU: opt-in, `KANDINSKY_FLASH=wgmma`.
-    Wgmma,
-    /// [`FlashKernel::Wgmma`] with the tiles in the unswizzled core-matrix layout (the other
-    /// reading of the PTX ISA's layouts, should the swizzled one fail on the GPU;
-    /// `KANDINSKY_FLASH=wgmma-ns`).
-    WgmmaNoSwizzle,
-    /// [`FlashKernel::Wgmma`] with FlashAttention-3's intra-warpgroup overlap: a tile's S and
-    /// the previous tile's P·V in flight together, the softmax running meanwhile (40 KB of
-    /// shared memory: V in three buffers; `KANDINSKY_FLASH=wgmma-pipe`).
+    /// warpgroups of 64 query rows per block, K/V tiles in the 128-byte swizzled layout, with
+    /// FlashAttention-3's intra-warpgroup overlap: a tile's S and the previous tile's P·V in
+    /// flight together, the softmax running meanwhile (40 KB of shared memory: V in three
+    /// buffers). Built only when `CUDA_COMPUTE_CAP` is 90 (it runs on sm_90 cards alone):
+    /// 195 TFLOP/s f16, 117 bf16 at the 48×48 level (GPU run 10), the entry point's f16
+    /// kernel there (`KANDINSKY_FLASH=wgmma-pipe`). Its one-tile-at-a-time sibling gave wrong
+    /// outputs on the card (relative error 0.97) where the host emulation passed it, and was
+    /// removed.
     WgmmaPipe,
-    /// [`FlashKernel::WgmmaPipe`] in the unswizzled layout (`KANDINSKY_FLASH=wgmma-pipe-ns`).
+    /// [`FlashKernel::WgmmaPipe`] in the unswizzled core-matrix layout (179 TFLOP/s f16;
+    /// `KANDINSKY_FLASH=wgmma-pipe-ns`).
     WgmmaPipeNoSwizzle,
 }
 
 impl FlashKernel {
     /// Every kernel under its name: the value of `KANDINSKY_FLASH` that selects it in the
     /// attention entry point, and `gpu_check`'s name for it.
-    pub const NAMED: [(&'static str, FlashKernel); 8] = [
+    pub const NAMED: [(&'static str, FlashKernel); 6] = [
         ("wmma", Self::Wmma),
         ("mma", Self::Mma),
         ("wide", Self::Wide4),
         ("wide2", Self::Wide2),
-        ("wgmma", Self::Wgmma),
-        ("wgmma-ns", Self::WgmmaNoSwizzle),
         ("wgmma-pipe", Self::WgmmaPipe),
         ("wgmma-pipe-ns", Self::WgmmaPipeNoSwizzle),
     ];
@@ -75,12 +73,15 @@ impl FlashKernel {
             .map(|&(_, k)| k)
     }
 
+    /// Whether this build has the kernel: every one but the wgmma kernels, which exist only
+    /// when the kernels were built for compute capability 9.0 (`CUDA_COMPUTE_CAP=90`).
+    pub fn is_built(self) -> bool {
+        !self.is_wgmma() || cfg!(kandinsky_wgmma)
+    }
+
     /// The `flash_attention_wgmma.cu` kernels (sm_90a only).
     fn is_wgmma(self) -> bool {
-        matches!(
-            self,
-            Self::Wgmma | Self::WgmmaNoSwizzle | Self::WgmmaPipe | Self::WgmmaPipeNoSwizzle
-        )
+        matches!(self, Self::WgmmaPipe | Self::WgmmaPipeNoSwizzle)
     }
 
     /// `(queries per block, threads per block)`.
@@ -113,7 +114,7 @@ impl FlashKernel {
         if self == Self::Wmma && token_major {
             candle_core::bail!("flash attention: the WMMA kernel reads [B, H, L, 64] only");
         }
-        if self.is_wgmma() && !cfg!(kandinsky_wgmma) {
+        if !self.is_built() {
             candle_core::bail!(
                 "flash attention: the wgmma kernels need the kernels built for compute \
                  capability 9.0 (CUDA_COMPUTE_CAP=90)"
@@ -129,8 +130,6 @@ impl FlashKernel {
             ),
             Self::Wide4 => ("flash_wide4", WIDE),
             Self::Wide2 => ("flash_wide2", WIDE),
-            Self::Wgmma => ("flash_wgmma", WGMMA),
-            Self::WgmmaNoSwizzle => ("flash_wgmma_ns", WGMMA),
             Self::WgmmaPipe => ("flash_wgmma_pipe", WGMMA),
             Self::WgmmaPipeNoSwizzle => ("flash_wgmma_pipe_ns", WGMMA),
         };
@@ -1752,9 +1751,11 @@ pub fn cat_channels_with_stats(
 
 const SOFTMAX_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
 
-/// `softmax(scale · x)` along the last dimension, in f32 whatever the storage type.
+/// `softmax(scale · x)` along the last dimension, in f32 whatever the storage type; the
+/// probabilities in `out` (f32 scores may give f16/bf16 probabilities; otherwise `x`'s type).
 struct SoftmaxOp {
     scale: f32,
+    out: DType,
 }
 
 impl candle_core::CustomOp1 for SoftmaxOp {
@@ -1782,9 +1783,12 @@ impl candle_core::CustomOp1 for SoftmaxOp {
         };
         let n32 = ncols as i32;
         macro_rules! launch {
-            ($t:ty, $suf:literal) => {{
+            ($t:ty, $suf:literal) => {
+                launch!($t, $t, $suf)
+            };
+            ($t:ty, $to:ty, $suf:literal) => {{
                 let x = xs.as_cuda_slice::<$t>()?.slice(xo..);
-                let mut out = unsafe { dev.alloc::<$t>(numel)? };
+                let mut out = unsafe { dev.alloc::<$to>(numel)? };
                 let f = dev.get_or_load_custom_func(
                     concat!("softmax_rows_", $suf),
                     "kandinsky_softmax",
@@ -1799,11 +1803,13 @@ impl candle_core::CustomOp1 for SoftmaxOp {
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
-        let out = match xs.dtype() {
-            DType::F32 => launch!(f32, "f32"),
-            DType::F16 => launch!(half::f16, "f16"),
-            DType::BF16 => launch!(half::bf16, "bf16"),
-            dt => candle_core::bail!("softmax kernel: unsupported dtype {dt:?}"),
+        let out = match (xs.dtype(), self.out) {
+            (DType::F32, DType::F32) => launch!(f32, "f32"),
+            (DType::F16, DType::F16) => launch!(half::f16, "f16"),
+            (DType::BF16, DType::BF16) => launch!(half::bf16, "bf16"),
+            (DType::F32, DType::F16) => launch!(f32, half::f16, "f32_f16"),
+            (DType::F32, DType::BF16) => launch!(f32, half::bf16, "f32_bf16"),
+            (dt, to) => candle_core::bail!("softmax kernel: unsupported dtypes {dt:?} -> {to:?}"),
         };
         Ok((out, xl.shape().clone()))
     }
@@ -1812,9 +1818,118 @@ impl candle_core::CustomOp1 for SoftmaxOp {
 /// `softmax(scale · x)` over the last dimension of a CUDA tensor: exponentials and sums in
 /// f32, one rounding to `x`'s dtype (the plain attention path's scores, unscaled).
 pub fn softmax_scaled(x: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    softmax_scaled_to(x, scale, x.dtype())
+}
+
+/// [`softmax_scaled`] with the probabilities in `out`: `x`'s dtype, or f16/bf16 from f32
+/// scores.
+pub fn softmax_scaled_to(x: &Tensor, scale: f64, out: DType) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&SoftmaxOp {
         scale: scale as f32,
+        out,
     })
+}
+
+/// `q · kᵀ` per batch in f32, for f16/bf16 `q` `[.., M, D]` and `k` `[.., N, D]` (one cuBLAS
+/// strided-batched GEMM, f32 accumulation and output, `k` read in place).
+struct ScoresOp;
+
+impl candle_core::CustomOp2 for ScoresOp {
+    fn name(&self) -> &'static str {
+        "kandinsky-scores-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("kandinsky-scores-f32 is a CUDA kernel")
+    }
+
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use cudarc::cublas::sys as cb;
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let (qd, kd) = (ql.shape().dims(), kl.shape().dims());
+        let r = qd.len();
+        if r < 2 || kd.len() != r || qd[..r - 2] != kd[..r - 2] || qd[r - 1] != kd[r - 1] {
+            candle_core::bail!("attention scores: q {qd:?} and k {kd:?} do not match");
+        }
+        let (m, n, d) = (qd[r - 2], kd[r - 2], qd[r - 1]);
+        let batch: usize = qd[..r - 2].iter().product();
+        if [m, n, d, batch].iter().any(|&v| v > i32::MAX as usize) {
+            candle_core::bail!("attention scores: {qd:?} x {kd:?} is too large for cuBLAS");
+        }
+        let qo = contiguous_start(ql, "attention scores: q")?;
+        let ko = contiguous_start(kl, "attention scores: k")?;
+        let dev = qs.device().clone();
+        let stream = dev.cuda_stream();
+        let blas = dev.cublas_handle();
+        let mut out = unsafe { dev.alloc::<f32>(batch * m * n)? };
+        macro_rules! gemm {
+            ($t:ty, $cuda_t:expr) => {{
+                let q = qs.as_cuda_slice::<$t>()?.slice(qo..);
+                let k = ks.as_cuda_slice::<$t>()?.slice(ko..);
+                let (qp, _g1) = q.device_ptr(&stream);
+                let (kp, _g2) = k.device_ptr(&stream);
+                let (op, _g3) = out.device_ptr_mut(&stream);
+                let (one, zero) = (1f32, 0f32);
+                // Column-major: Sᵀ (n × m, ld n) = K (kᵀ viewed n × d, op T) · Qᵀ (d × m).
+                unsafe {
+                    cudarc::cublas::result::gemm_strided_batched_ex(
+                        *blas.handle(),
+                        cb::cublasOperation_t::CUBLAS_OP_T,
+                        cb::cublasOperation_t::CUBLAS_OP_N,
+                        n as i32,
+                        m as i32,
+                        d as i32,
+                        (&one as *const f32).cast(),
+                        kp as *const _,
+                        $cuda_t,
+                        d as i32,
+                        (n * d) as i64,
+                        qp as *const _,
+                        $cuda_t,
+                        d as i32,
+                        (m * d) as i64,
+                        (&zero as *const f32).cast(),
+                        op as *mut _,
+                        cb::cudaDataType_t::CUDA_R_32F,
+                        n as i32,
+                        (m * n) as i64,
+                        batch as i32,
+                        cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+                    )
+                }
+                .map_err(|e| candle_core::Error::Msg(format!("attention scores: cuBLAS: {e:?}")))?;
+            }};
+        }
+        match (qs.dtype(), ks.dtype()) {
+            (DType::F16, DType::F16) => gemm!(half::f16, cb::cudaDataType_t::CUDA_R_16F),
+            (DType::BF16, DType::BF16) => gemm!(half::bf16, cb::cudaDataType_t::CUDA_R_16BF),
+            (a, b) => candle_core::bail!("attention scores: unsupported dtypes {a:?}, {b:?}"),
+        }
+        let mut shape = qd.to_vec();
+        shape[r - 1] = n;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(shape)))
+    }
+}
+
+/// `q · kᵀ` in f32 for f16/bf16 `q` `[.., M, D]` and `k` `[.., N, D]`: the plain attention
+/// path's scores, never rounded to 16 bits (bf16 scores lose ≈ 0.4 % of each logit: 1.4e-2
+/// relative error on MoVQ's 9216-key attention, GPU run 10).
+pub fn attention_scores_f32(q: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
+    q.contiguous()?
+        .apply_op2_no_bwd(&k.contiguous()?, &ScoresOp)
 }
 
 const TRANSPOSE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/transpose.ptx"));

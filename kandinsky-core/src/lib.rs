@@ -13,11 +13,17 @@
 #![warn(missing_docs)]
 
 /// Whether the environment variable `$name` is `1`, read once per call site: the on/off
-/// runtime switches (README's table). Expands to a `bool` expression.
+/// runtime switches (README's table). Expands to a `bool` expression. With `default on`
+/// the switch is on unless the variable is `0` (the switches a GPU run made the default,
+/// kept as opt-outs).
 macro_rules! env_switch {
     ($name:literal) => {{
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *ON.get_or_init(|| std::env::var($name).as_deref() == Ok("1"))
+    }};
+    ($name:literal, default on) => {{
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var($name).as_deref() != Ok("0"))
     }};
 }
 

@@ -7,15 +7,14 @@
 #   1. CHECK: gpu_check: tiny-fixture parity on CUDA, every kernel against candle's plain
 #      path, timings with peak pool memory;
 #   2. the opt-in switches, each part skipped with its variable set to 0, in this order:
-#      WIDE, the new attention kernels (32 query rows per warp; Hopper's wgmma; checked so
-#      far only under the host emulation, xtask/gpu/emu): their correctness and TFLOP/s
-#      beside the mma kernel's (`gpu_check --attention-only`, own processes: a kernel fault
-#      poisons the context), then the UNet with the fastest whose rows all passed;
+#      WIDE, the attention kernels (32 query rows per warp; Hopper's pipelined wgmma, the
+#      default f16 kernel since run 10): their correctness and TFLOP/s beside the mma kernel's (`gpu_check --attention-only`, own processes: a kernel fault
+#      poisons the context), then the UNet with the fastest whose rows all passed (unless it is the default);
 #      CONV_GEMM, the one-kernel convolution GEMMs (KANDINSKY_CONV_GEMM=mma, wgmma,
 #      mma-1copy, wgmma-1copy): their rows, then the UNet and MoVQ with the fastest;
-#      TRANSPOSE, the UNet with the attention blocks' tiled transposes
-#      (KANDINSKY_TILED_TRANSPOSE=1); TOKEN_MAJOR, the UNet with the token-major attention
-#      kernel (no head copies); CONV_NORM, the UNet and MoVQ with the ResNet norms inside
+#      TRANSPOSE, the UNet without the attention blocks' tiled transposes
+#      (KANDINSKY_TILED_TRANSPOSE=0; default since run 10); TOKEN_MAJOR, the UNet without the
+#      token-major attention kernel (KANDINSKY_FLASH_TOKEN_MAJOR=0; default since run 10); CONV_NORM, the UNet and MoVQ with the ResNet norms inside
 #      the convolutions' copy kernel (KANDINSKY_CONV_NORM=1); SUBPIXEL, the UNet and MoVQ
 #      with the upsampling convolutions as four 2×2 phase convolutions
 #      (KANDINSKY_CONV_SUBPIXEL=1); STATS, the UNet and MoVQ with the ResNets' conv1 leaving
@@ -79,12 +78,8 @@ ab() {
 # Own processes: a faulting kernel poisons its process's CUDA context, not the others'.
 ab WIDE KANDINSKY_FLASH=wide 40 rust-wide-kernels.log '^(attention|GPU_CHECK)' \
     --attention-only mma,mma-tm,wide,wide-tm,wide2,wide2-tm
-ab WIDE KANDINSKY_FLASH=wgmma 30 rust-wgmma-kernels.log '^(attention|GPU_CHECK)' \
-    --attention-only mma,wgmma,wgmma-tm
 ab WIDE KANDINSKY_FLASH=wgmma-pipe 30 rust-wgmma-pipe-kernels.log '^(attention|GPU_CHECK)' \
-    --attention-only wgmma-pipe,wgmma-pipe-tm
-ab WIDE KANDINSKY_FLASH=wgmma-ns 30 rust-wgmma-ns-kernels.log '^(attention|GPU_CHECK)' \
-    --attention-only wgmma-ns,wgmma-pipe-ns
+    --attention-only wgmma-pipe,wgmma-pipe-tm,wgmma-pipe-ns,wgmma-pipe-ns-tm
 # The attention kernel with the least f16 time over the UNet's three levels, among those whose
 # rows all passed (head-major rows; token-major is its own switch); the UNet is timed with it
 # unless the measured mma kernel stays the fastest.
@@ -100,7 +95,8 @@ ATTN_BEST=$(cat "$OUT"/rust-w*-kernels.log 2>/dev/null | awk '
         print best
     }')
 echo "== attention kernel with the least time: ${ATTN_BEST:-none}"
-if [ -n "$ATTN_BEST" ] && [ "$ATTN_BEST" != mma ]; then
+# wgmma-pipe is the default f16 kernel (run 10).
+if [ -n "$ATTN_BEST" ] && [ "$ATTN_BEST" != wgmma-pipe ]; then
     ab WIDE KANDINSKY_FLASH=$ATTN_BEST 60 rust-attn.log '^(unet|timings)' --timings-only --unet-only --quick
 fi
 # The one-kernel convolution GEMM (no f32 accumulator in memory): its rows against candle's
@@ -124,9 +120,11 @@ if [ -n "$GEMM_BEST" ]; then
         --timings-only --quick --no-text2img
 fi
 # The tiled transpose in the attention blocks (its rows against candle's are in part 1).
-ab TRANSPOSE KANDINSKY_TILED_TRANSPOSE=1 60 rust-transpose.log '^(unet|timings)' \
+# The tiled transposes and the token-major attention are the default since run 10: these
+# two measure the opt-outs (slower where the defaults still win; they never join ALL).
+ab TRANSPOSE KANDINSKY_TILED_TRANSPOSE=0 60 rust-transpose.log '^(unet|timings)' \
     --timings-only --unet-only --quick
-ab TOKEN_MAJOR KANDINSKY_FLASH_TOKEN_MAJOR=1 60 rust-token-major.log '^(unet|timings)' \
+ab TOKEN_MAJOR KANDINSKY_FLASH_TOKEN_MAJOR=0 60 rust-token-major.log '^(unet|timings)' \
     --timings-only --unet-only --quick
 ab CONV_NORM KANDINSKY_CONV_NORM=1 70 rust-conv-norm.log '^(unet step|movq|timings)' \
     --timings-only --quick --no-text2img
@@ -172,8 +170,7 @@ if [ -z "${ALL_ENV:-}" ]; then
     base=$(ms_of "$BASE_LOG")
     ALL_ENV=""
     for sw in KANDINSKY_FLASH=${ATTN_BEST:-}:rust-attn.log KANDINSKY_CONV_GEMM=${GEMM_BEST:-}:rust-conv-gemm.log \
-        KANDINSKY_FLASH_TOKEN_MAJOR=1:rust-token-major.log KANDINSKY_CONV_NORM=1:rust-conv-norm.log \
-        KANDINSKY_TILED_TRANSPOSE=1:rust-transpose.log KANDINSKY_CONV_SUBPIXEL=1:rust-subpixel.log \
+        KANDINSKY_CONV_NORM=1:rust-conv-norm.log KANDINSKY_CONV_SUBPIXEL=1:rust-subpixel.log \
         KANDINSKY_CONV_STATS=1:rust-stats.log; do
         log=${sw#*:}
         [ -f "$OUT/$log" ] || continue
@@ -192,6 +189,12 @@ ab ALL "$ALL_ENV" 60 rust-t2i-all.log '^(text2img|timings)' --text2img-only
 # With ALL's switches: the memory of the configuration that would become the default.
 ab BANDED "KANDINSKY_CONV_SCRATCH_MB=64 $ALL_ENV" 70 rust-banded.log '^(movq|unet step 768px b2 F16 |timings)' \
     --timings-only --quick --no-text2img
+# SCRATCH_MBS="96 160 256" (with BANDED=1): the banded scratch at other limits, the memory
+# goal's trade-off between peak memory and time.
+for mb in ${SCRATCH_MBS:-}; do
+    ab BANDED "KANDINSKY_CONV_SCRATCH_MB=$mb $ALL_ENV" 40 "rust-banded-$mb.log" \
+        '^(movq decode (768|1024)px|unet step (768|1024)px b2 F16 |timings)' --timings-only --quick --no-text2img
+done
 # The convolution copies' rows at the padded width, as runs 6–9 had them (the default now
 # keeps only the output's columns): what the narrow rows gained.
 ab PADDED_ROWS KANDINSKY_CONV_PADDED_ROWS=1 70 rust-padded-rows.log '^(unet step|movq|timings)' \

@@ -175,30 +175,35 @@ fn parity(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// The names of the fused attention kernels [`fast_attention`] can run that GPU runs have
-/// checked (head-major, and `-tm` token-major), or the entry point off CUDA.
-fn attention_kernels(dev: &Device) -> &'static [&'static str] {
-    if dev.is_cuda() {
-        &["wmma", "mma", "mma-tm"]
-    } else {
-        &["entry point"]
+/// The fused attention kernels [`fast_attention`] runs in the default checks (head-major,
+/// and `-tm` token-major): the entry point's defaults since run 10 (wide for bf16,
+/// wgmma-pipe for f16 where this build has it) beside the mma kernel; the entry point off
+/// CUDA.
+fn attention_kernels(dev: &Device) -> Vec<&'static str> {
+    if !dev.is_cuda() {
+        return vec!["entry point"];
     }
+    #[cfg(feature = "cuda")]
+    let wgmma = kandinsky_core::cuda::FlashKernel::WgmmaPipe.is_built();
+    #[cfg(not(feature = "cuda"))]
+    let wgmma = false;
+    let mut names = vec!["mma", "wide", "wide-tm"];
+    if wgmma {
+        names.extend(["wgmma-pipe", "wgmma-pipe-tm"]);
+    }
+    names
 }
 
-/// `--attention-only`: the mma kernel beside the wide and wgmma ones, which have run only
-/// under the host emulation (`xtask/gpu/emu`) so far. Separate processes in
-/// `xtask/gpu/run.sh`: a kernel fault poisons the CUDA context for everything after it.
-const NEW_ATTENTION_KERNELS: [&str; 14] = [
+/// `--attention-only`: the mma kernel beside the wide and wgmma ones (first run on a GPU in
+/// run 10). Separate processes in `xtask/gpu/run.sh`: a kernel fault poisons the CUDA
+/// context for everything after it.
+const NEW_ATTENTION_KERNELS: [&str; 10] = [
     "mma",
     "mma-tm",
     "wide",
     "wide-tm",
     "wide2",
     "wide2-tm",
-    "wgmma",
-    "wgmma-tm",
-    "wgmma-ns",
-    "wgmma-ns-tm",
     "wgmma-pipe",
     "wgmma-pipe-tm",
     "wgmma-pipe-ns",
@@ -907,7 +912,7 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             }
         }
     }
-    attention_rows(dev, rows, attention_kernels(dev))
+    attention_rows(dev, rows, &attention_kernels(dev))
 }
 
 /// The one-kernel convolution GEMM (`KANDINSKY_CONV_GEMM=mma`, `kernels/conv_gemm.cu`) against
@@ -1618,14 +1623,14 @@ fn main() -> Result<()> {
             Some(l) if !l.starts_with("--") => l.split(',').collect(),
             _ => Vec::new(),
         };
-        let kernels: &[&str] = if !dev.is_cuda() {
+        let kernels: Vec<&str> = if !dev.is_cuda() {
             attention_kernels(&dev)
         } else if listed.is_empty() {
-            &NEW_ATTENTION_KERNELS
+            NEW_ATTENTION_KERNELS.to_vec()
         } else {
-            &listed
+            listed
         };
-        let r = attention_rows(&dev, &mut rows, kernels);
+        let r = attention_rows(&dev, &mut rows, &kernels);
         record("attention", r, &mut rows);
     } else {
         if !only_timings && !kernels_only {

@@ -52,8 +52,6 @@ const Kernel KERNELS[] = {
     KD_KERNEL("mma", 64, 128, flash_mma),
     KD_KERNEL("wide4", 128, 128, flash_wide4),
     KD_KERNEL("wide2", 64, 64, flash_wide2),
-    KD_KERNEL("wgmma", 128, 256, flash_wgmma),
-    KD_KERNEL("wgmma-ns", 128, 256, flash_wgmma_ns),
     KD_KERNEL("wgmma-pipe", 128, 256, flash_wgmma_pipe),
     KD_KERNEL("wgmma-pipe-ns", 128, 256, flash_wgmma_pipe_ns),
 };
