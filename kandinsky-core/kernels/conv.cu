@@ -36,14 +36,15 @@ struct NormIn {
 };
 
 // Grid: x = one (b, dx, c) row of X3 (B·k·C rows), y = chunks of 8·blockDim positions of S;
-// each thread writes 8 consecutive positions (S is a multiple of 8). x: contiguous
-// [B, C, H, W]; the padded map is [Hp, Wp] with the (upsampled) input at rows
+// each thread writes 8 consecutive positions (S is a multiple of 8). x: [B, C, H, W] with
+// contiguous rows and `plane` elements from one (b, c) map to the next (H·W for a whole map;
+// the larger map's for a band of its rows, read in place); the padded map is [Hp, Wp] with the (upsampled) input at rows
 // [pt, pt + H << up), columns [pl, pl + W << up). 32-bit index arithmetic (one map of one
 // channel stays far below 2^31 elements), the divisions once per thread.
 template <typename T, bool NORM>
 __device__ void conv_shift(const T *__restrict__ x, T *__restrict__ x3, int C, int H, int W,
                            int up, int pt, int pl, int Hp, int Wp, long long S, int k,
-                           NormIn<T> nm) {
+                           long long plane, NormIn<T> nm) {
   const int row = blockIdx.x;  // (b·k + dx)·C + c
   const int c = row % C, bdx = row / C, dx = bdx % k, b = bdx / k;
   // The channel's normalisation, v = (x − mean)·mul + add, merged once per block (before any
@@ -72,7 +73,7 @@ __device__ void conv_shift(const T *__restrict__ x, T *__restrict__ x3, int C, i
   }
   const int i0 = 8 * (blockIdx.y * blockDim.x + threadIdx.x);
   if (i0 >= S) return;
-  const T *xc = x + ((long long)b * C + c) * H * W;
+  const T *xc = x + ((long long)b * C + c) * plane;
   const int hu = H << up, wu = W << up;
   int r = i0 / Wp, col = i0 - r * Wp;
   Vec8<T> out;
@@ -112,13 +113,15 @@ __device__ void conv_shift(const T *__restrict__ x, T *__restrict__ x3, int C, i
 // four are inside the row and the addresses aligned (OW a multiple of 4, a residual view
 // starting on a 4-element boundary): a quarter of the store instructions, and whole 32-byte
 // sectors per warp instead of 8-byte pieces of them. Same sums, same rounding either way.
-// With `st.per_group` > 0 it also leaves the output's GroupNorm statistics (welford.cuh's
+// The residual has `res_rows` rows per (b, co) map (OH, or the larger map's for a band of its
+// rows, read in place). With `st.per_group` > 0 it also leaves the output's GroupNorm statistics (welford.cuh's
 // StatsOut; the launcher makes ty divide a group's cpg·OH rows, so each block lies in one
 // group).
 template <typename T>
 __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__ bias,
                             const T *__restrict__ res, T *__restrict__ out, int rows, int Cout,
-                            int OH, int OW, int Wp, int has_bias, int has_res, StatsOut st) {
+                            int OH, int OW, int Wp, int has_bias, int has_res, int res_rows,
+                            StatsOut st) {
   const int row = blockIdx.x * blockDim.y + threadIdx.y;  // (b·Cout + co)·OH + y
   Welford w{0.f, 0.f, 0.f};
   // Not an early return: with statistics every thread of the block takes part in the merge.
@@ -127,16 +130,17 @@ __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__
     const float bv = has_bias ? to_f<T>(bias[co]) : 0.f;
     const float *a = acc + (long long)row * Wp;
     const long long o = (long long)row * OW;
+    const long long ro = ((long long)(row / OH) * res_rows + row % OH) * OW;
     constexpr unsigned long long kVec = sizeof(Vec4<T>) - 1;
     const bool vec = (reinterpret_cast<unsigned long long>(out + o) & kVec) == 0 &&
-                     (!has_res || (reinterpret_cast<unsigned long long>(res + o) & kVec) == 0) &&
+                     (!has_res || (reinterpret_cast<unsigned long long>(res + ro) & kVec) == 0) &&
                      (OW & 3) == 0;
     for (int x = 4 * threadIdx.x; x < OW; x += 4 * blockDim.x) {
       const float4 v = *reinterpret_cast<const float4 *>(a + x);
       const float vs[4] = {v.x, v.y, v.z, v.w};
       if (vec) {  // x + 3 < OW: OW and x are multiples of 4
         Vec4<T> rv, ov;
-        if (has_res) rv = *reinterpret_cast<const Vec4<T> *>(res + o + x);
+        if (has_res) rv = *reinterpret_cast<const Vec4<T> *>(res + ro + x);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float r = vs[e] + bv;
@@ -151,7 +155,7 @@ __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__
       for (int e = 0; e < 4; ++e) {
         if (x + e < OW) {
           float r = vs[e] + bv;
-          if (has_res) r += to_f<T>(res[o + x + e]);
+          if (has_res) r += to_f<T>(res[ro + x + e]);
           const T y = from_f<T>(r);
           out[o + x + e] = y;
           if (st.per_group) welford_add(w, to_f<T>(y));
@@ -165,25 +169,25 @@ __device__ void conv_finish(const float *__restrict__ acc, const T *__restrict__
 #define CONV_KERNELS(T, SUF)                                                                 \
   extern "C" __global__ void conv_shift_##SUF(const T *x, T *x3, int C, int H, int W, int up, \
                                                int pt, int pl, int Hp, int Wp, long long S,  \
-                                               int k) {                                      \
-    conv_shift<T, false>(x, x3, C, H, W, up, pt, pl, Hp, Wp, S, k, NormIn<T>{});             \
+                                               int k, long long plane) {                     \
+    conv_shift<T, false>(x, x3, C, H, W, up, pt, pl, Hp, Wp, S, k, plane, NormIn<T>{});      \
   }                                                                                          \
   extern "C" __global__ void conv_shift_norm_##SUF(                                          \
       const T *x, T *x3, int C, int H, int W, int up, int pt, int pl, int Hp, int Wp,        \
       long long S, int k, const T *gamma, const T *beta, const float *partial, int splits,   \
       int cpg, float eps, int silu, const T *mscale, const T *mshift, int mkind,             \
       long long ssb, long long ssc, long long tsb, long long tsc, int mh, int mw, int row0,  \
-      int hfull) {                                                                           \
-    conv_shift<T, true>(x, x3, C, H, W, up, pt, pl, Hp, Wp, S, k,                            \
+      int hfull, long long plane) {                                                          \
+    conv_shift<T, true>(x, x3, C, H, W, up, pt, pl, Hp, Wp, S, k, plane,                     \
                         NormIn<T>{gamma, beta, mscale, mshift, partial, splits, cpg, silu,   \
                                   mkind, mh, mw, row0, hfull, eps, ssb, ssc, tsb, tsc});     \
   }                                                                                          \
   extern "C" __global__ void conv_finish_##SUF(                                              \
       const float *acc, const T *bias, const T *res, T *out, int rows, int Cout, int OH,     \
-      int OW, int Wp, int has_bias, int has_res, float *stats, float *partial,               \
+      int OW, int Wp, int has_bias, int has_res, int res_rows, float *stats, float *partial, \
       unsigned *done, int per_group) {                                                       \
-    conv_finish<T>(acc, bias, res, out, rows, Cout, OH, OW, Wp, has_bias, has_res,           \
-                   StatsOut{stats, partial, done, per_group});                            \
+    conv_finish<T>(acc, bias, res, out, rows, Cout, OH, OW, Wp, has_bias, has_res, res_rows, \
+                   StatsOut{stats, partial, done, per_group});                               \
   }
 
 CONV_KERNELS(float, f32)

@@ -748,7 +748,8 @@ pub fn flash_covers(q: &Tensor, segments: usize, masked: bool) -> bool {
 }
 
 /// `softmax(q·kᵀ·scale)·v` with the keys/values of `kv` (one or two `(k, v)` segments,
-/// `[B, H, L_i, 64]`) read in place; `q` `[B, H, Lq, 64]`.
+/// `[B, H, L_i, 64]`) read in place; `q` `[B, H, Lq, 64]`; the mma kernel (the attention
+/// entry point picks its kernel by dtype and card).
 pub fn flash_attention(
     q: &Tensor,
     kv: &[(&Tensor, &Tensor)],
@@ -769,10 +770,9 @@ pub fn flash_attention_with(
 
 /// [`flash_attention_with`] with every tensor token-major, `[B, L, H, 64]` — the layout the
 /// projections produce, so neither the heads' split nor their merge is a copy (returns
-/// `[B, Lq, H, 64]`; every kernel but the WMMA one). Prepared in session 6 and checked on
-/// the CPU by the host emulation (`xtask/gpu/emu/check.sh`): opt-in through the entry point
-/// with `KANDINSKY_FLASH_TOKEN_MAJOR=1` until a GPU run has compared it with the f32
-/// reference (`gpu_check`).
+/// `[B, Lq, H, 64]`; every kernel but the WMMA one). The entry point's layout since GPU run
+/// 10 (same error against f32 as head-major; the 768 px UNet step 1.9 ms faster without the
+/// head copies); `KANDINSKY_FLASH_TOKEN_MAJOR=0` turns it off.
 pub fn flash_attention_token_major(
     q: &Tensor,
     kv: &[(&Tensor, &Tensor)],
@@ -1078,6 +1078,49 @@ fn contiguous_start(l: &Layout, what: &str) -> candle_core::Result<usize> {
         .ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))
 }
 
+/// The start offset and the plane stride (elements from one `(b, c)` map to the next) of a
+/// `[B, C, H, W]` layout whose rows are contiguous: a contiguous map (`H·W`), or a band of
+/// rows of a taller contiguous map (`narrow` on dimension 2: the taller map's `H·W`), which
+/// the convolution kernels read in place.
+fn row_band(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
+    let dims = l.shape().dims();
+    if let ([_, _, h, w], Some((o, _))) = (dims, l.contiguous_offsets()) {
+        return Ok((o, h * w));
+    }
+    if let ([b, c, h, w], s) = (dims, l.stride()) {
+        let (b, c, h, w) = (*b, *c, *h, *w);
+        // A dimension of size 1 has no meaningful stride.
+        let plane = if c > 1 { s[1] } else { s[0] };
+        if (w <= 1 || s[3] == 1)
+            && (h <= 1 || s[2] == w)
+            && plane >= h * w
+            && (b <= 1 || c <= 1 || s[0] == c * plane)
+        {
+            return Ok((l.start_offset(), plane));
+        }
+    }
+    candle_core::bail!(
+        "{what} must be a contiguous [B, C, H, W] map or a band of rows of one (shape {:?}, \
+         strides {:?})",
+        dims,
+        l.stride()
+    )
+}
+
+/// The CUDA data of a storage laid out as [`row_band`] allows, from its start, and the plane
+/// stride.
+fn cuda_band_view<'a, T: candle_core::cuda_backend::CudaDType>(
+    st: &'a candle_core::Storage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<(cudarc::driver::CudaView<'a, T>, usize)> {
+    let candle_core::Storage::Cuda(cs) = st else {
+        candle_core::bail!("{what} is not on the GPU");
+    };
+    let (o, plane) = row_band(l, what)?;
+    Ok((cs.as_cuda_slice::<T>()?.slice(o..), plane))
+}
+
 /// The contiguous CUDA data of a storage (an optional input riding along with an op).
 fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
     st: &'a candle_core::Storage,
@@ -1126,7 +1169,15 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 self.k
             );
         }
-        let xo = contiguous_start(xl, "shifted convolution: the input")?;
+        // A band of rows of a taller map is read in place (`plane`: its maps' stride); its
+        // norm on read needs the taller map's statistics, given.
+        let (xo, plane) = row_band(xl, "shifted convolution: the input")?;
+        if plane != h * w && self.norm.as_ref().is_some_and(|nm| nm.band.is_none()) {
+            candle_core::bail!(
+                "shifted convolution: a band of rows normalised on read needs the whole map's \
+                 statistics"
+            );
+        }
         let wo = contiguous_start(wl, "shifted convolution: the weight")?;
         let [pt, _, pl, _] = self.pad;
         let up = usize::from(self.upsample2x);
@@ -1164,6 +1215,23 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 Some(r.storage_and_layout())
             }
             None => None,
+        };
+        // Rows per (b, c) map of the residual: `oh`, or a taller map's for a band of its rows
+        // (read in place by the crop kernel; the fused GEMM kernels take contiguous ones).
+        let res_rows = match &residual {
+            Some((_, l)) => {
+                let plane = row_band(l, "shifted convolution: the residual")?.1;
+                if ow == 0 || plane % ow != 0 || (plane != oh * ow && self.gemm != ConvGemm::Cublas)
+                {
+                    candle_core::bail!(
+                        "shifted convolution: a residual with maps of {plane} elements, output \
+                         rows of {ow} on {:?}",
+                        self.gemm
+                    );
+                }
+                plane / ow
+            }
+            None => oh,
         };
         let bias = self.bias.as_ref().map(|t| t.storage_and_layout());
         // The normalisation on read: its statistics' plan and scalar arguments, its tensors
@@ -1255,11 +1323,15 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
         // A 1×1 convolution without padding, upsampling or norm over rows already a multiple
         // of 8 wide (the UNet's shortcuts): its copy would equal the input, so the GEMM reads
         // the input in place.
-        let direct = g.reads_input_in_place(k, self.pad, w) && norm.is_none() && b * c * s > 0;
+        let direct = g.reads_input_in_place(k, self.pad, w)
+            && norm.is_none()
+            && plane == h * w
+            && b * c * s > 0;
         let args_i32 = [c, h, w, up, pt, pl, hp, wp].map(|v| v as i32);
         let (s64, k32, copies32, c32) = (s as i64, k as i32, copies as i32, c as i32);
         let (rows32, cout32, oh32, ow32, wp32) =
             (rows as i32, cout as i32, oh as i32, ow as i32, wp as i32);
+        let (plane64, res_rows32) = (plane as i64, res_rows as i32);
         macro_rules! launch {
             ($t:ty, $suf:literal, $cuda_t:expr) => {{
                 let x = xs.as_cuda_slice::<$t>()?.slice(xo..);
@@ -1329,6 +1401,7 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                         a.arg(&ns.row0);
                         a.arg(&ns.hfull);
                     }
+                    a.arg(&plane64);
                     unsafe { a.launch(shift_cfg) }.w()?;
                     Some(x3)
                 };
@@ -1344,7 +1417,7 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 };
                 let res_v = match &residual {
                     Some((st, l)) => {
-                        Some(cuda_view::<$t>(st, l, "shifted convolution: the residual")?)
+                        Some(cuda_band_view::<$t>(st, l, "shifted convolution: the residual")?.0)
                     }
                     None => None,
                 };
@@ -1479,6 +1552,7 @@ impl candle_core::CustomOp2 for ShiftedConvOp {
                 a.arg(&wp32);
                 a.arg(&has_bias);
                 a.arg(&has_res);
+                a.arg(&res_rows32);
                 let stats_args = stats.as_ref().map(StatsOut::args);
                 match &stats_args {
                     Some(args) => {
@@ -1559,14 +1633,19 @@ pub fn shifted_conv_with_stats(
         input_norm,
         gemm,
     } = options;
-    let x = x.contiguous()?;
+    // A band of rows of a taller map (`in_bands`) is read in place, unless its norm on read
+    // would compute statistics from it (they must be the taller map's).
+    let band_ok = |t: &Tensor| row_band(t.layout(), "").is_ok();
+    let stats_given = input_norm.as_ref().is_none_or(|(_, band)| band.is_some());
+    let x = if stats_given && band_ok(x) {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
     let k = taps.dim(0)?;
     let taps = taps.to_dtype(x.dtype())?.contiguous()?;
     let bias = bias
         .map(|b| b.to_dtype(x.dtype())?.contiguous())
-        .transpose()?;
-    let residual = residual
-        .map(|r| r.to_dtype(x.dtype())?.contiguous())
         .transpose()?;
     let norm = match input_norm {
         Some((n, band)) => {
@@ -1587,6 +1666,17 @@ pub fn shifted_conv_with_stats(
         None => None,
     };
     let gemm = gemm.effective(x.dtype(), k, x.dim(1)?);
+    // The crop kernel reads a band of a taller residual in place; the fused GEMMs do not.
+    let residual = residual
+        .map(|r| {
+            let r = r.to_dtype(x.dtype())?;
+            if gemm == crate::gpu_conv::ConvGemm::Cublas && band_ok(&r) {
+                Ok(r)
+            } else {
+                r.contiguous()
+            }
+        })
+        .transpose()?;
     let cout = taps.dim(1)?;
     let stats_groups = stats_groups
         .filter(|&g| g > 0 && cout % g == 0 && gemm == crate::gpu_conv::ConvGemm::Cublas);

@@ -22,8 +22,9 @@ use candle_core::Tensor;
 use crate::nn::{GroupNorm, NormModulation};
 use crate::{Error, Result};
 
-/// `KANDINSKY_CONV_SCRATCH_MB` in bytes, read once (`None`: unset, no banding).
-fn scratch_limit() -> Option<usize> {
+/// `KANDINSKY_CONV_SCRATCH_MB` in bytes, read once (`None`: unset, each convolution's own
+/// limit applies; `Some(0)`: no banding).
+fn scratch_limit_env() -> Option<usize> {
     static LIMIT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     *LIMIT.get_or_init(|| {
         std::env::var("KANDINSKY_CONV_SCRATCH_MB")
@@ -34,7 +35,8 @@ fn scratch_limit() -> Option<usize> {
 }
 
 /// `KANDINSKY_CONV_NORM=1`, read once: [`ShiftedConv::forward_normed`] normalises the input
-/// inside the convolution's copy kernel on CUDA. Opt-in until a GPU run has measured it.
+/// inside the convolution's copy kernel on CUDA. Opt-in: correct on the card but slower
+/// (GPU run 10: 768 px UNet step 23.5 vs 21.1 ms, MoVQ decode 44.3 vs 30.2 ms).
 #[cfg(feature = "cuda")]
 fn norm_on_read() -> bool {
     env_switch!("KANDINSKY_CONV_NORM")
@@ -48,14 +50,15 @@ fn padded_rows() -> bool {
 
 /// `KANDINSKY_CONV_SUBPIXEL=1`, read once: a 3×3 convolution of a nearest-2×-upsampled map
 /// runs as four 2×2 convolutions of the map itself ([`ShiftedConv::forward_subpixel`]).
-/// Opt-in until a GPU run has measured it.
+/// Opt-in: faster alone at the UNet's 24² → 48² shape but no faster in the networks (GPU
+/// run 10: UNet step 21.3 vs 21.1 ms, MoVQ 30.6 vs 30.2 ms, and +130 MiB UNet peak).
 fn subpixel() -> bool {
     env_switch!("KANDINSKY_CONV_SUBPIXEL")
 }
 
 /// `KANDINSKY_CONV_STATS=1`, read once: [`ShiftedConv::forward_normed_stats`] has the crop
-/// kernel leave its output's GroupNorm statistics for the norm that reads it next. Opt-in
-/// until a GPU run has measured it.
+/// kernel leave its output's GroupNorm statistics for the norm that reads it next. Opt-in:
+/// slower on the card (GPU run 10: UNet step 21.6 vs 21.1 ms, MoVQ 31.2 vs 30.2 ms).
 #[cfg(feature = "cuda")]
 fn output_stats() -> bool {
     env_switch!("KANDINSKY_CONV_STATS")
@@ -93,7 +96,8 @@ impl ConvGemm {
     ];
 
     /// `KANDINSKY_CONV_GEMM` (a name of [`Self::NAMED`]; cuBLAS when unset, or unknown with
-    /// a warning), read once. Opt-in until a GPU run has measured the kernels.
+    /// a warning), read once. Opt-in: correct on the card but 2.5–3.5× slower than cuBLAS at
+    /// the UNet's shapes (GPU run 10: UNet step 32.3 vs 21.1 ms).
     pub fn selected() -> Self {
         static GEMM: std::sync::OnceLock<ConvGemm> = std::sync::OnceLock::new();
         *GEMM.get_or_init(|| {
@@ -345,6 +349,8 @@ pub struct ShiftedConv {
     padding: Padding4,
     /// The four 2×2 phase convolutions of [`Self::forward_subpixel`], made at first use.
     phases: std::sync::OnceLock<Vec<ShiftedConv>>,
+    /// Bytes of scratch above which a call runs in bands ([`Self::with_scratch_limit`]).
+    scratch_limit: Option<usize>,
 }
 
 impl ShiftedConv {
@@ -380,7 +386,18 @@ impl ShiftedConv {
             bias: bias.cloned(),
             padding,
             phases: std::sync::OnceLock::new(),
+            scratch_limit: None,
         })
+    }
+
+    /// Run calls whose scratch (the shifted copies and the f32 accumulator) would exceed
+    /// `bytes` in bands of output rows ([`Self::forward_banded`]); `None` (the default):
+    /// never. The networks set it from GPU measurements, to keep peak memory at or below
+    /// diffusers' (`KANDINSKY_CONV_SCRATCH_MB=N` overrides it for every convolution, `0`
+    /// turns banding off).
+    pub fn with_scratch_limit(mut self, bytes: Option<usize>) -> Self {
+        self.scratch_limit = bytes;
+        self
     }
 
     /// Whether [`Self::forward_subpixel`] applies: a 3×3 kernel padded by one on every side
@@ -470,6 +487,7 @@ impl ShiftedConv {
                     bias: self.bias.clone(),
                     padding: [1 - py, py, 1 - px, px],
                     phases: std::sync::OnceLock::new(),
+                    scratch_limit: self.scratch_limit,
                 });
             }
         }
@@ -490,10 +508,10 @@ impl ShiftedConv {
     /// (the upsampled map is never materialised), plus `residual` where given (same shape
     /// as the output), for `x` `[B, Cin, H, W]`: the CUDA kernels on a CUDA device (with the
     /// `cuda` feature), [`Self::forward_reference`] elsewhere. With
-    /// `KANDINSKY_CONV_SCRATCH_MB=N` (read once) a convolution whose scratch would exceed N MiB
-    /// runs in bands of output rows ([`Self::forward_banded`]), and with
-    /// `KANDINSKY_CONV_SUBPIXEL=1` an upsampling 3×3 one as [`Self::forward_subpixel`]; both
-    /// off by default until a GPU run has measured them.
+    /// a scratch limit ([`Self::with_scratch_limit`], or `KANDINSKY_CONV_SCRATCH_MB=N`, read
+    /// once) a convolution whose scratch would exceed it runs in bands of output rows
+    /// ([`Self::forward_banded`]), and with `KANDINSKY_CONV_SUBPIXEL=1` an upsampling 3×3
+    /// one as [`Self::forward_subpixel`] (off by default: slower in GPU run 10).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -509,10 +527,16 @@ impl ShiftedConv {
         }
     }
 
-    /// `Some(KANDINSKY_CONV_SCRATCH_MB in bytes)` when a whole-map call on `x` would take more
-    /// scratch than that (the convolution then runs in bands).
+    /// `Some(limit)` when a whole-map call on `x` would take more scratch than the limit
+    /// (`KANDINSKY_CONV_SCRATCH_MB`, else [`Self::with_scratch_limit`]'s): the convolution
+    /// then runs in bands.
     fn band_limit(&self, x: &Tensor, upsample2x: bool) -> Result<Option<usize>> {
-        Ok(match scratch_limit() {
+        let limit = match scratch_limit_env() {
+            Some(0) => None,
+            Some(env) => Some(env),
+            None => self.scratch_limit,
+        };
+        Ok(match limit {
             Some(limit) if self.scratch_bytes(x, upsample2x)? > limit => Some(limit),
             _ => None,
         })
@@ -605,7 +629,7 @@ impl ShiftedConv {
             upsample2x,
             residual,
             max_scratch_bytes,
-            |band, row0, padding| {
+            |band, row0, padding, res| {
                 Ok(crate::cuda::shifted_conv(
                     band,
                     &self.taps,
@@ -613,7 +637,7 @@ impl ShiftedConv {
                     crate::cuda::ConvOptions {
                         pad: padding,
                         upsample2x,
-                        residual: None,
+                        residual: res,
                         input_norm: Some((
                             input_norm,
                             Some(crate::cuda::NormBand {
@@ -838,19 +862,22 @@ impl ShiftedConv {
             upsample2x,
             residual,
             max_scratch_bytes,
-            |band, _, padding| self.run(band, upsample2x, None, padding),
+            |band, _, padding, res| self.run(band, upsample2x, res, padding),
         )
     }
 
     /// The banding of [`Self::forward_banded`], each band convolved by `run_band(input rows,
-    /// index of their first row in x, padding)`.
+    /// index of their first row in x, padding, the residual's rows for its output)`. The
+    /// input rows and the residual rows are views into `x` and `residual`, which the CUDA
+    /// kernels read in place (GPU run 10: copying them and adding the residual afterwards
+    /// with candle's strided kernels took 20 of a banded 768 px MoVQ decode's 55 ms).
     fn in_bands(
         &self,
         x: &Tensor,
         upsample2x: bool,
         residual: Option<&Tensor>,
         max_scratch_bytes: usize,
-        mut run_band: impl FnMut(&Tensor, usize, Padding4) -> Result<Tensor>,
+        mut run_band: impl FnMut(&Tensor, usize, Padding4, Option<&Tensor>) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let (k, cout, _) = self.taps.dims3()?;
@@ -877,10 +904,12 @@ impl ShiftedConv {
             );
             let (ca, ce) = (a.max(0) as usize, (e.min(hu as isize)).max(0) as usize);
             let (top, bottom) = ((ca as isize - a) as usize, (e - ce as isize) as usize);
-            let (lo, hi, extra_top) = if upsample2x {
-                (ca / 2, ce.div_ceil(2), ca % 2)
+            // With the upsampling folded in, a band starting or ending inside a low-resolution
+            // row computes one more output row there, cropped below.
+            let (lo, hi, extra_top, extra_bottom) = if upsample2x {
+                (ca / 2, ce.div_ceil(2), ca % 2, ce % 2)
             } else {
-                (ca, ce, 0)
+                (ca, ce, 0, 0)
             };
             if hi <= lo {
                 return Err(Error::invalid(format!(
@@ -890,9 +919,15 @@ impl ShiftedConv {
                 )));
             }
             let band_in = x.narrow(2, lo, hi - lo)?;
-            let y = run_band(&band_in, lo, [top, bottom, pl, pr])?;
+            // The residual's rows for every row the band computes, where they exist (the
+            // extra rows' sums are cropped); otherwise it is added after the crop.
+            let fused_res = residual
+                .filter(|_| r0 >= extra_top && r1 + extra_bottom <= oh)
+                .map(|r| r.narrow(2, r0 - extra_top, r1 - r0 + extra_top + extra_bottom))
+                .transpose()?;
+            let y = run_band(&band_in, lo, [top, bottom, pl, pr], fused_res.as_ref())?;
             let mut y = y.narrow(2, extra_top, r1 - r0)?;
-            if let Some(r) = residual {
+            if let (Some(r), None) = (residual, &fused_res) {
                 y = (y + r.narrow(2, r0, r1 - r0)?)?;
             }
             if r0 == 0 && r1 == oh {

@@ -2,8 +2,9 @@
 //! against `xtask/gpu/emu/warp_emu.h`, where host threads play the lanes of each warp, and
 //! compared with attention in double precision (f16 ≤ 5e-3, bf16 ≤ 1e-2 relative error,
 //! written in `check.cpp`). This checks the kernels' fragment layouts, tile offsets, masking
-//! and cp.async pipeline on a machine without a GPU; the mma kernel, which GPU runs 5–9
-//! measured on an H200, is in the set as the check of the emulation itself. Then the
+//! and cp.async pipeline on a machine without a GPU; the mma kernel, which GPU runs 5–10
+//! measured on an H200, is in the set as the check of the emulation itself. It is a check,
+//! not a proof: run 10 found a wgmma kernel it passed wrong on the card (since removed). Then the
 //! normalise-on-read convolution copy (`conv_shift_norm_*`, `KANDINSKY_CONV_NORM=1`) against
 //! the plain copy of a map normalised in double precision (`check_conv.cpp`, ≤ 1 ulp; there
 //! too the cuBLAS path's crop kernel `conv_finish_*` against its definition, exactly, and the
@@ -50,14 +51,15 @@ fn attention_kernels_under_host_emulation() -> anyhow::Result<()> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     anyhow::ensure!(out.status.success(), "{} failed", script.display());
-    // Every case printed a passing line: attention 7 kernels × 2 layouts × 4 shapes and its
-    // traffic verdict, then the normalise-on-read convolution copy's 5 cases and the crop
-    // kernel's 5 (3 of them with the statistics), the skip concatenation's 3, the four
-    // convolution GEMMs' 5 each and their traffic verdict, and the tiled transpose's 3.
+    // Every case printed a passing line: attention 5 kernels × 2 layouts × 4 shapes and its
+    // traffic verdict, then the normalise-on-read convolution copy's 5 cases (2 of them a
+    // band read in place) and the crop kernel's 7 (3 with the statistics, 2 with a band of a
+    // taller residual), the skip concatenation's 3, the four convolution GEMMs' 5 each and
+    // their traffic verdict, and the tiled transpose's 3.
     let passed = stdout.lines().filter(|l| l.ends_with(" ok")).count();
     anyhow::ensure!(
-        passed == 56 + 1 + 5 + 5 + 3 + 20 + 1 + 3,
-        "{passed} of 94 cases passed"
+        passed == 40 + 1 + 5 + 7 + 3 + 20 + 1 + 3,
+        "{passed} of 80 cases passed"
     );
     Ok(())
 }

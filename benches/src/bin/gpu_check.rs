@@ -488,10 +488,12 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
         for dt in [DType::F32, DType::F16, DType::BF16] {
             let (w, b, x, r, conv, reference) = case.at(dt, res)?;
             let res = if res { Some(&r) } else { None };
-            // Whole map, (MoVQ's large maps) bands of at most 64 MiB of scratch, or (the
-            // upsampling ones) the four 2×2 phase convolutions (KANDINSKY_CONV_SUBPIXEL=1).
+            // Whole map, in bands (KANDINSKY_CONV_SCRATCH_MB: at least three, each at most
+            // 64 MiB of scratch; the input and the residual read in place), or (the upsampling
+            // ones) the four 2×2 phase convolutions (KANDINSKY_CONV_SUBPIXEL=1).
+            let band_limit = (conv.scratch_bytes(&x, up)? / 3).min(64 << 20);
             let run = |mode: &str| match mode {
-                "banded" => conv.forward_banded(&x, up, res, 64 << 20),
+                "banded" => conv.forward_banded(&x, up, res, band_limit),
                 "subpixel" => conv.forward_subpixel(&x, res),
                 _ => conv.forward(&x, up, res),
             };
@@ -520,7 +522,7 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
             let tol = tolerance(dt);
             let flops = 2.0 * (batch * os * os) as f64 * (cout * cin * k * k) as f64;
             for mode in ["whole", "banded", "subpixel"] {
-                if (mode == "banded" && batch != 1) || (mode == "subpixel" && !(up && k == 3)) {
+                if (mode == "banded" && s < 24) || (mode == "subpixel" && !(up && k == 3)) {
                     continue;
                 }
                 let (value, ok) = kernel_row(check(mode), tol, flops, ms_candle);
@@ -530,7 +532,7 @@ fn kernels(dev: &Device, rows: &mut Vec<Row>) -> Result<()> {
                         if up { " up2x" } else { "" },
                         if res.is_some() { " +res" } else { "" },
                         match mode {
-                            "banded" => " banded 64MiB",
+                            "banded" => " banded",
                             "subpixel" => " subpixel",
                             _ => "",
                         }

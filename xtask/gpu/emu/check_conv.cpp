@@ -79,16 +79,19 @@ double run(const Case& cs, uint32_t seed) {
   const T* ms = cs.kind == 1 ? proj.data() : mscale.data();
   const T* mt = cs.kind == 1 ? proj.data() + C : mshift.data();
   const long long ssb = cs.kind == 1 ? 2 * C : 0, ssc = cs.kind == 1 ? 1 : 0;
-  // Through the entry points, so their argument order is checked too.
+  // Through the entry points, so their argument order is checked too. The band is read in
+  // place: its first row inside the whole map, one (b, c) map of HF·W to the next.
+  const T* band_in_place = full.data() + (size_t)cs.row0 * W;
+  const long long plane = (long long)HF * W;
   emu::launch({(unsigned)(B * k * C), gy, 1}, 32, [&] {
     if constexpr (F16)
-      conv_shift_norm_f16(band.data(), x3.data(), C, H, W, cs.up, pad, pad, Hp, Wp, S, k, gamma.data(), beta.data(),
+      conv_shift_norm_f16(band_in_place, x3.data(), C, H, W, cs.up, pad, pad, Hp, Wp, S, k, gamma.data(), beta.data(),
                           partial.data(), splits, cpg, eps, cs.silu, ms, mt, cs.kind, ssb, ssc, ssb, ssc, cs.mh, cs.mw,
-                          cs.row0, HF);
+                          cs.row0, HF, plane);
     else
-      conv_shift_norm_bf16(band.data(), x3.data(), C, H, W, cs.up, pad, pad, Hp, Wp, S, k, gamma.data(), beta.data(),
-                           partial.data(), splits, cpg, eps, cs.silu, ms, mt, cs.kind, ssb, ssc, ssb, ssc, cs.mh, cs.mw,
-                           cs.row0, HF);
+      conv_shift_norm_bf16(band_in_place, x3.data(), C, H, W, cs.up, pad, pad, Hp, Wp, S, k, gamma.data(),
+                           beta.data(), partial.data(), splits, cpg, eps, cs.silu, ms, mt, cs.kind, ssb, ssc, ssb, ssc,
+                           cs.mh, cs.mw, cs.row0, HF, plane);
   });
 
   // Reference: the band normalised in double (whole-map statistics), rounded once, copied by
@@ -119,8 +122,9 @@ double run(const Case& cs, uint32_t seed) {
           }
     }
   emu::launch({(unsigned)(B * k * C), gy, 1}, 32, [&] {
-    if constexpr (F16) conv_shift_f16(normed.data(), x3_ref.data(), C, H, W, cs.up, pad, pad, Hp, Wp, S, k);
-    else conv_shift_bf16(normed.data(), x3_ref.data(), C, H, W, cs.up, pad, pad, Hp, Wp, S, k);
+    if constexpr (F16)
+      conv_shift_f16(normed.data(), x3_ref.data(), C, H, W, cs.up, pad, pad, Hp, Wp, S, k, (long long)H * W);
+    else conv_shift_bf16(normed.data(), x3_ref.data(), C, H, W, cs.up, pad, pad, Hp, Wp, S, k, (long long)H * W);
   });
 
   double max_err = 0, max_ref = 0;
@@ -135,7 +139,8 @@ double run(const Case& cs, uint32_t seed) {
 
 // conv_finish (the cuBLAS path's crop, bias, residual and rounding) against its definition,
 // exactly: the 4-element path (OW a multiple of 4, an aligned residual) and the scalar one
-// (an odd width; a residual view one element off). With `groups` > 0 it also leaves the
+// (an odd width; a residual view one element off), with the residual a contiguous map or
+// (res_rows > OH) rows [res_row0, res_row0 + OH) of a taller one, read in place. With `groups` > 0 it also leaves the
 // output's GroupNorm statistics (blocks of rows as the launcher picks them: dividing a
 // group's rows, several blocks per group): those against the output's mean and variance in
 // double, then group_norm_apply reading them (one partial per group, its own work split in
@@ -147,17 +152,19 @@ struct FinishResult {
 };
 
 template <typename T>
-FinishResult finish(int B, int C, int OH, int OW, int Wp, int res_offset, bool bias_on, int groups, uint32_t seed) {
+FinishResult finish(int B, int C, int OH, int OW, int Wp, int res_offset, int res_rows, int res_row0, bool bias_on,
+                    int groups, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
   const int rows = B * C * OH;
   DeviceVec<float> acc((size_t)rows * Wp);
   // An offset mean, so that a variance taken as E[x²] − mean² would lose digits.
   for (auto& v : acc) v = 3.f + nd(rng);
-  DeviceVec<T> bias(C), res((size_t)rows * OW + res_offset), out((size_t)rows * OW, from_float<T>(NAN));
+  DeviceVec<T> bias(C), res((size_t)B * C * res_rows * OW + res_offset), out((size_t)rows * OW, from_float<T>(NAN));
   for (auto& v : bias) v = from_float<T>(nd(rng));
   for (auto& v : res) v = from_float<T>(nd(rng));
-  const T* r = res.data() + res_offset;
+  const T* r = res.data() + res_offset + (size_t)res_row0 * OW;
+  auto res_at = [&](int row, int x) { return r[((size_t)(row / OH) * res_rows + row % OH) * OW + x]; };
   // The launcher's block: 4 columns per thread, as many rows as fit in 256 threads, with
   // statistics halved until they divide a group's rows.
   const int quads = (OW + 3) / 4, cpg = groups ? C / groups : 0;
@@ -169,17 +176,17 @@ FinishResult finish(int B, int C, int OH, int OW, int Wp, int res_offset, bool b
   DeviceVec<unsigned> done((size_t)B * std::max(groups, 1), 0u);
   emu::launch({(unsigned)blocks, 1, 1}, EmuDim3{tx, ty, 1}, [&] {
     if constexpr (std::is_same<T, __half>::value)
-      conv_finish_f16(acc.data(), bias.data(), r, out.data(), rows, C, OH, OW, Wp, bias_on, 1, stats.data(),
-                      partial.data(), done.data(), per_group);
+      conv_finish_f16(acc.data(), bias.data(), r, out.data(), rows, C, OH, OW, Wp, bias_on, 1, res_rows,
+                      stats.data(), partial.data(), done.data(), per_group);
     else
-      conv_finish_bf16(acc.data(), bias.data(), r, out.data(), rows, C, OH, OW, Wp, bias_on, 1, stats.data(),
-                       partial.data(), done.data(), per_group);
+      conv_finish_bf16(acc.data(), bias.data(), r, out.data(), rows, C, OH, OW, Wp, bias_on, 1, res_rows,
+                       stats.data(), partial.data(), done.data(), per_group);
   });
   FinishResult res_{0, 0.0};
   for (int row = 0; row < rows; ++row)
     for (int x = 0; x < OW; ++x) {
       float v = acc[(size_t)row * Wp + x] + (bias_on ? to_float(bias[row / OH % C]) : 0.f);
-      v += to_float(r[(size_t)row * OW + x]);
+      v += to_float(res_at(row, x));
       const T want = from_float<T>(v);
       res_.wrong += memcmp(&want, &out[(size_t)row * OW + x], sizeof(T)) != 0;
     }
@@ -313,22 +320,26 @@ int main() {
   };
   struct FinishCase {
     const char* what;
-    int b, c, oh, ow, wp, res_offset, bias, groups;
+    int b, c, oh, ow, wp, res_offset, res_rows, res_row0, bias, groups;
   };
   // Statistics: rows of 12 (5 blocks of one row per group), 4-row blocks (3 per group), and
   // 136 columns (64-thread rows, 4-row blocks, 6 per group); plus the crop alone.
   const FinishCase finishes[] = {
-      {"12 of 16 columns, 4-wide, stats", 2, 3, 5, 12, 16, 0, 1, 3},
-      {"odd width 10 of 16, scalar", 1, 2, 4, 10, 16, 0, 1, 0},
-      {"residual one element off, scalar", 1, 2, 3, 8, 8, 1, 0, 0},
-      {"2 channels per group, stats", 2, 8, 6, 12, 16, 0, 1, 4},
-      {"136 wide, 4-row blocks, stats", 1, 4, 12, 136, 136, 0, 1, 2},
+      {"12 of 16 columns, 4-wide, stats", 2, 3, 5, 12, 16, 0, 5, 0, 1, 3},
+      {"odd width 10 of 16, scalar", 1, 2, 4, 10, 16, 0, 4, 0, 1, 0},
+      {"residual one element off, scalar", 1, 2, 3, 8, 8, 1, 3, 0, 0, 0},
+      {"2 channels per group, stats", 2, 8, 6, 12, 16, 0, 6, 0, 1, 4},
+      {"136 wide, 4-row blocks, stats", 1, 4, 12, 136, 136, 0, 12, 0, 1, 2},
+      {"residual: rows 3..8 of 11, 4-wide", 2, 3, 5, 12, 16, 0, 11, 3, 1, 0},
+      {"residual: rows 2..6 of 9, scalar", 2, 2, 4, 10, 16, 1, 9, 2, 0, 0},
   };
   // The statistics are f32 Welford merges of the stored values: 1e-5 of the spread; the norm
   // reading them rounds once (f16 5e-4, bf16 4e-3, as above).
   for (const FinishCase& f : finishes) {
-    const FinishResult r16 = finish<__half>(f.b, f.c, f.oh, f.ow, f.wp, f.res_offset, f.bias, f.groups, seed),
-                       rbf = finish<__nv_bfloat16>(f.b, f.c, f.oh, f.ow, f.wp, f.res_offset, f.bias, f.groups, seed);
+    const FinishResult r16 = finish<__half>(f.b, f.c, f.oh, f.ow, f.wp, f.res_offset, f.res_rows, f.res_row0, f.bias,
+                                            f.groups, seed),
+                       rbf = finish<__nv_bfloat16>(f.b, f.c, f.oh, f.ow, f.wp, f.res_offset, f.res_rows, f.res_row0,
+                                                   f.bias, f.groups, seed);
     ++seed;
     report("conv_finish", f.what, r16, rbf, f.groups ? "stats+norm" : nullptr, 5e-4, 4e-3);
   }

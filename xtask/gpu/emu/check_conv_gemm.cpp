@@ -69,8 +69,9 @@ double run(const Case& cs, uint32_t seed, bool wgmma, bool one) {
   constexpr bool F16 = std::is_same<T, __half>::value;
   const unsigned gy = (unsigned)((S + 8 * 32 - 1) / (8 * 32));
   emu::launch({(unsigned)(B * copies * C), gy, 1}, 32, [&] {
-    if constexpr (F16) conv_shift_f16(x.data(), x3.data(), C, cs.h, cs.w, cs.up, pad, pad, Hp, Wp, S, copies);
-    else conv_shift_bf16(x.data(), x3.data(), C, cs.h, cs.w, cs.up, pad, pad, Hp, Wp, S, copies);
+    const long long plane = (long long)cs.h * cs.w;
+    if constexpr (F16) conv_shift_f16(x.data(), x3.data(), C, cs.h, cs.w, cs.up, pad, pad, Hp, Wp, S, copies, plane);
+    else conv_shift_bf16(x.data(), x3.data(), C, cs.h, cs.w, cs.up, pad, pad, Hp, Wp, S, copies, plane);
   });
   // Through the entry point (grid as the launcher sets it), so the argument order is checked.
   const EmuDim3 grid{(unsigned)((N + conv_gemm::BN - 1) / conv_gemm::BN),
