@@ -27,10 +27,16 @@ use crate::{Error, Result};
 fn scratch_limit_env() -> Option<usize> {
     static LIMIT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     *LIMIT.get_or_init(|| {
-        std::env::var("KANDINSKY_CONV_SCRATCH_MB")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .map(|mb| mb << 20)
+        let v = std::env::var("KANDINSKY_CONV_SCRATCH_MB").ok()?;
+        match v.trim().parse::<usize>() {
+            Ok(mb) => Some(mb << 20),
+            Err(_) => {
+                tracing::warn!(
+                    "KANDINSKY_CONV_SCRATCH_MB={v}: not a number of MiB, using each network's limit"
+                );
+                None
+            }
+        }
     })
 }
 
