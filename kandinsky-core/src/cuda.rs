@@ -11,6 +11,55 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::nn::NormModulation;
 
+/// An op's `name` and a `cpu_fwd` that refuses (`n`: its number of inputs): every custom op
+/// here is a CUDA kernel, and its caller takes candle's ops off CUDA.
+macro_rules! cuda_only {
+    ($name:literal, $n:tt) => {
+        cuda_only!($name, $n, concat!($name, " is a CUDA kernel"));
+    };
+    ($name:literal, 1, $msg:expr) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!($msg)
+        }
+    };
+    ($name:literal, 2, $msg:expr) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!($msg)
+        }
+    };
+    ($name:literal, 3, $msg:expr) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!($msg)
+        }
+    };
+}
+
 const GROUP_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
 const FLASH_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
 const FLASH_MMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention_mma.ptx"));
@@ -353,23 +402,11 @@ impl StatsPlan {
 }
 
 impl CustomOp3 for GroupNormOp {
-    fn name(&self) -> &'static str {
-        "kandinsky-group-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!(
-            "kandinsky-group-norm is a CUDA kernel; the CPU uses nn::GroupNorm's plain path"
-        )
-    }
+    cuda_only!(
+        "kandinsky-group-norm",
+        3,
+        "kandinsky-group-norm is a CUDA kernel; the CPU uses nn::GroupNorm's plain path"
+    );
 
     fn cuda_fwd(
         &self,
@@ -625,21 +662,7 @@ fn cuda_ptr_check(l: &Layout, what: &str) -> candle_core::Result<usize> {
 }
 
 impl CustomOp3 for FlashOp {
-    fn name(&self) -> &'static str {
-        "kandinsky-flash-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kandinsky-flash-attention is a CUDA kernel")
-    }
+    cuda_only!("kandinsky-flash-attention", 3);
 
     fn cuda_fwd(
         &self,
@@ -1027,13 +1050,7 @@ struct GroupNormStatsOp {
 }
 
 impl candle_core::CustomOp1 for GroupNormStatsOp {
-    fn name(&self) -> &'static str {
-        "kandinsky-group-norm-stats"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kandinsky-group-norm-stats is a CUDA kernel")
-    }
+    cuda_only!("kandinsky-group-norm-stats", 1);
 
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let xo = contiguous_start(xl, "group-norm statistics: the input")?;
@@ -1135,19 +1152,7 @@ fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
 }
 
 impl candle_core::CustomOp2 for ShiftedConvOp {
-    fn name(&self) -> &'static str {
-        "kandinsky-shifted-conv"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kandinsky-shifted-conv is a CUDA kernel")
-    }
+    cuda_only!("kandinsky-shifted-conv", 2);
 
     fn cuda_fwd(
         &self,
@@ -1706,19 +1711,11 @@ struct CatChannelsOp {
 }
 
 impl candle_core::CustomOp2 for CatChannelsOp {
-    fn name(&self) -> &'static str {
-        "kandinsky-cat-channels"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kandinsky-cat-channels is a CUDA kernel; the CPU uses Tensor::cat")
-    }
+    cuda_only!(
+        "kandinsky-cat-channels",
+        2,
+        "kandinsky-cat-channels is a CUDA kernel; the CPU uses Tensor::cat"
+    );
 
     fn cuda_fwd(
         &self,
@@ -1849,13 +1846,7 @@ struct SoftmaxOp {
 }
 
 impl candle_core::CustomOp1 for SoftmaxOp {
-    fn name(&self) -> &'static str {
-        "kandinsky-softmax"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kandinsky-softmax is a CUDA kernel")
-    }
+    cuda_only!("kandinsky-softmax", 1);
 
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let xo = contiguous_start(xl, "softmax kernel: the input")?;
@@ -1925,19 +1916,7 @@ pub fn softmax_scaled_to(x: &Tensor, scale: f64, out: DType) -> candle_core::Res
 struct ScoresOp;
 
 impl candle_core::CustomOp2 for ScoresOp {
-    fn name(&self) -> &'static str {
-        "kandinsky-scores-f32"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kandinsky-scores-f32 is a CUDA kernel")
-    }
+    cuda_only!("kandinsky-scores-f32", 2);
 
     fn cuda_fwd(
         &self,
@@ -2030,13 +2009,7 @@ struct TransposeOp {
 }
 
 impl candle_core::CustomOp1 for TransposeOp {
-    fn name(&self) -> &'static str {
-        "kandinsky-transpose"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kandinsky-transpose is a CUDA kernel")
-    }
+    cuda_only!("kandinsky-transpose", 1);
 
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let (b, m, n) = xl.shape().dims3()?;
@@ -2132,21 +2105,7 @@ fn blas_lt(
 struct LinearBiasOp;
 
 impl CustomOp3 for LinearBiasOp {
-    fn name(&self) -> &'static str {
-        "kandinsky-linear-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("kandinsky-linear-bias is a CUDA kernel")
-    }
+    cuda_only!("kandinsky-linear-bias", 3);
 
     fn cuda_fwd(
         &self,
