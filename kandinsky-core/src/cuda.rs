@@ -18,43 +18,20 @@ macro_rules! cuda_only {
         cuda_only!($name, $n, concat!($name, " is a CUDA kernel"));
     };
     ($name:literal, 1, $msg:expr) => {
-        fn name(&self) -> &'static str {
-            $name
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!($msg)
-        }
+        cuda_only!(@fns $name, $msg, CpuStorage, Layout);
     };
     ($name:literal, 2, $msg:expr) => {
-        fn name(&self) -> &'static str {
-            $name
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!($msg)
-        }
+        cuda_only!(@fns $name, $msg, CpuStorage, Layout, CpuStorage, Layout);
     };
     ($name:literal, 3, $msg:expr) => {
+        cuda_only!(@fns $name, $msg, CpuStorage, Layout, CpuStorage, Layout, CpuStorage, Layout);
+    };
+    (@fns $name:literal, $msg:expr, $($ty:ty),+) => {
         fn name(&self) -> &'static str {
             $name
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(&self, $(_: &$ty),+) -> candle_core::Result<(CpuStorage, Shape)> {
             candle_core::bail!($msg)
         }
     };
