@@ -8,14 +8,15 @@
 #      path, timings with peak pool memory;
 #   2. the opt-in switches, each part skipped with its variable set to 0, in this order:
 #      WIDE, the attention kernels (32 query rows per warp; Hopper's pipelined wgmma, the
-#      default f16 kernel since run 10): their correctness and TFLOP/s beside the mma kernel's (`gpu_check --attention-only`, own processes: a kernel fault
-#      poisons the context), then the UNet with the fastest whose rows all passed (unless it is the default);
+#      default f16 kernel since run 10): their correctness and TFLOP/s beside the mma
+#      kernel's (`gpu_check --attention-only`, own processes: a kernel fault poisons the
+#      context), then the UNet with the fastest whose rows all passed (unless the default);
 #      CONV_GEMM, the one-kernel convolution GEMMs (KANDINSKY_CONV_GEMM=mma, wgmma,
 #      mma-1copy, wgmma-1copy): their rows, then the UNet and MoVQ with the fastest;
 #      TRANSPOSE, the UNet without the attention blocks' tiled transposes
 #      (KANDINSKY_TILED_TRANSPOSE=0; default since run 10); TOKEN_MAJOR, the UNet without the
-#      token-major attention kernel (KANDINSKY_FLASH_TOKEN_MAJOR=0; default since run 10); CONV_NORM, the UNet and MoVQ with the ResNet norms inside
-#      the convolutions' copy kernel (KANDINSKY_CONV_NORM=1); SUBPIXEL, the UNet and MoVQ
+#      token-major attention kernel (KANDINSKY_FLASH_TOKEN_MAJOR=0; default since run 10);
+#      CONV_NORM, the UNet and MoVQ with the ResNet norms inside the convolutions' copy kernel (KANDINSKY_CONV_NORM=1); SUBPIXEL, the UNet and MoVQ
 #      with the upsampling convolutions as four 2×2 phase convolutions
 #      (KANDINSKY_CONV_SUBPIXEL=1); STATS, the UNet and MoVQ with the ResNets' conv1 leaving
 #      norm2's GroupNorm statistics in its crop kernel (KANDINSKY_CONV_STATS=1); BOTH (only
@@ -82,7 +83,7 @@ ab WIDE KANDINSKY_FLASH=wgmma-pipe 30 rust-wgmma-pipe-kernels.log '^(attention|G
     --attention-only wgmma-pipe,wgmma-pipe-tm,wgmma-pipe-ns,wgmma-pipe-ns-tm
 # The attention kernel with the least f16 time over the UNet's three levels, among those whose
 # rows all passed (head-major rows; token-major is its own switch); the UNet is timed with it
-# unless the measured mma kernel stays the fastest.
+# unless it is the default f16 kernel.
 ATTN_BEST=$(cat "$OUT"/rust-w*-kernels.log 2>/dev/null | awk '
     /^attention / { k = $5; sub(/:$/, "", k) }
     /^attention / && / FAIL/ { bad[k] = 1 }
