@@ -23,7 +23,9 @@
 #      with BOTH=1), the
 #      UNet and the whole text2img with it and token-major; ALL, the UNet and the
 #      text2img with every switch that won on its own (or ALL_ENV); BANDED, the timings with
-#      those switches and the convolution scratch banded at 64 MiB (peak memory);
+#      those switches and the convolution scratch not banded (KANDINSKY_CONV_SCRATCH_MB=0:
+#      what the per-network banding defaults of run 10 cost in time and save in memory), then
+#      at each limit of SCRATCH_MBS;
 #      PADDED_ROWS, the UNet and MoVQ with the convolution copies' rows at the padded width
 #      (KANDINSKY_CONV_PADDED_ROWS=1, the layout of runs 6–9, against the narrow default); PLAIN,
 #      the UNet with candle's own kernels (KANDINSKY_PLAIN_KERNELS=1, measured before: run
@@ -33,7 +35,8 @@
 #   4. with DIFFUSERS=1, diffusers/PyTorch on the same card (fp16), from the carried wheels.
 # A switch joins ALL only if its 768 px UNet output's fingerprint agrees with the default's
 # (part 1's, or a short BASE run where part 1 was skipped or cut short).
-# Two calls fit a session's device time: `NCU=0 BANDED=0 DEADLINE=560 bash xtask/gpu/run.sh`,
+# Two calls fit a session's device time: `NCU=0 DEADLINE=560 bash xtask/gpu/run.sh` (107 s in
+# run 10 without BANDED),
 # then `CHECK=0 WIDE=0 CONV_GEMM=0 TRANSPOSE=0 TOKEN_MAJOR=0 CONV_NORM=0 SUBPIXEL=0 STATS=0 PADDED_ROWS=0 ALL_ENV="…"
 # DIFFUSERS=1 DEADLINE=300 bash xtask/gpu/run.sh` with the first call's "== ALL" switches.
 set -uo pipefail
@@ -187,8 +190,8 @@ if [ -z "$ALL_ENV" ]; then ALL=0; fi
 ab ALL "$ALL_ENV" 60 rust-all.log '^(unet|timings)' --timings-only --unet-only --quick
 [ "${ALL:-1}" = 1 ] && echo "== ALL: output vs default $(fp_diff "$(fp_of rust-all.log)" "$(fp_of "$BASE_LOG")")"
 ab ALL "$ALL_ENV" 60 rust-t2i-all.log '^(text2img|timings)' --text2img-only
-# With ALL's switches: the memory of the configuration that would become the default.
-ab BANDED "KANDINSKY_CONV_SCRATCH_MB=64 $ALL_ENV" 70 rust-banded.log '^(movq|unet step 768px b2 F16 |timings)' \
+# With ALL's switches and no banding: against part 1, what the banding defaults cost and save.
+ab BANDED "KANDINSKY_CONV_SCRATCH_MB=0 $ALL_ENV" 70 rust-unbanded.log '^(movq|unet step 768px b2 F16 |timings)' \
     --timings-only --quick --no-text2img
 # SCRATCH_MBS="96 160 256" (with BANDED=1): the banded scratch at other limits, the memory
 # goal's trade-off between peak memory and time.
